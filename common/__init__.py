@@ -1,0 +1,1 @@
+"""Small pieces every part of acceld shares (logging, digests, process helpers)."""

@@ -1,0 +1,68 @@
+"""Typed registry errors.
+
+Callers decide between "fall back to a full pull", "ask for credentials" and "retry
+later" by the error's type, so each failure the distribution spec distinguishes gets
+its own class, and every message names the registry object it is about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RegistryError(Exception):
+    """Base of every error the registry client raises."""
+
+    message: str
+    status: int | None = None
+    url: str | None = None
+    codes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.status is not None:
+            parts.append(f"(HTTP {self.status})")
+        if self.codes:
+            parts.append(f"[{', '.join(self.codes)}]")
+        return " ".join(parts)
+
+
+class NotFoundError(RegistryError):
+    """Repository, manifest, tag or blob does not exist."""
+
+
+class UnauthorizedError(RegistryError):
+    """Authentication failed or is missing (401 after trying the credentials we have)."""
+
+
+class ForbiddenError(UnauthorizedError):
+    """Authenticated, but not allowed to do this (403 / DENIED)."""
+
+
+class DigestMismatchError(RegistryError):
+    """Bytes received do not hash to the digest they were asked for by."""
+
+
+class UnsupportedMediaTypeError(RegistryError):
+    """A manifest or layer of a kind acceld cannot handle (e.g. Docker schema 1)."""
+
+
+class ManifestError(RegistryError):
+    """A manifest or index that is not valid JSON or breaks the OCI image spec."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The registry kept failing (resets, 5xx, 429, timeouts) until retries ran out."""
+
+
+class RangeNotSupportedError(RegistryError):
+    """The registry ignored a Range request; lazy loading needs ranges."""
+
+
+class InvalidReferenceError(ValueError):
+    """An image reference that does not parse."""
+
+
+class CredentialsError(ValueError):
+    """A credentials file that cannot be read or parsed (never echoes secret values)."""

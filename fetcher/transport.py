@@ -1,0 +1,325 @@
+"""HTTP transport to registries: pooling, authentication, retries and redirect reuse.
+
+Every registry call goes through `RegistryTransport.send`, so there is one place that
+knows how to answer a 401 challenge, when a failure is worth retrying, and that a blob
+redirect (e.g. a pre-signed storage URL) can be reused until it expires instead of
+costing a registry round trip per range request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+import aiohttp
+
+from common.logging import get_logger
+from fetcher.auth import Challenge, TokenCache, basic_header, parse_challenge, repository_scope
+from fetcher.credentials import CredentialStore
+from fetcher.errors import (
+    ForbiddenError,
+    NotFoundError,
+    RegistryError,
+    RegistryUnavailableError,
+    UnauthorizedError,
+)
+from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
+
+log = get_logger(__name__)
+
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+DEFAULT_REDIRECT_TTL = 60.0
+REDIRECT_EXPIRY_MARGIN = 5.0
+BodyFactory = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request is about: the registry host, repository and whether it writes."""
+
+    registry: str
+    repository: str
+    push: bool = False
+
+
+def redirect_expiry(url: str, now: float, default_ttl: float = DEFAULT_REDIRECT_TTL) -> float:
+    """When a redirect URL stops working, from the signature parameters storage services use.
+
+    S3 (`X-Amz-Date` + `X-Amz-Expires`), CloudFront/GCS v2 (`Expires` epoch) and Azure
+    (`se` ISO time); otherwise ``default_ttl``. Returned on the monotonic clock.
+    """
+    query = {k.lower(): v[0] for k, v in parse_qs(urlsplit(url).query).items()}
+    wall_expiry: float | None = None
+    try:
+        if "x-amz-date" in query and "x-amz-expires" in query:
+            signed = datetime.strptime(query["x-amz-date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            wall_expiry = signed.timestamp() + float(query["x-amz-expires"])
+        elif "expires" in query:
+            wall_expiry = float(query["expires"])
+        elif "se" in query:
+            wall_expiry = datetime.fromisoformat(query["se"].replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        wall_expiry = None
+    if wall_expiry is None:
+        return now + default_ttl
+    return now + (wall_expiry - time.time()) - REDIRECT_EXPIRY_MARGIN
+
+
+def error_codes(body: Any) -> list[str]:
+    """The `errors[].code` values of a distribution error body, if it is one."""
+    if isinstance(body, dict) and isinstance(body.get("errors"), list):
+        return [str(e.get("code")) for e in body["errors"] if isinstance(e, dict)]
+    return []
+
+
+class RegistryTransport:
+    """Pooled, authenticated, retrying HTTP to any number of registries."""
+
+    def __init__(
+        self,
+        credentials: CredentialStore | None = None,
+        plain_http_hosts: set[str] | frozenset[str] = frozenset(),
+        retry: RetryPolicy | None = None,
+        max_connections_per_host: int = 8,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 30.0,
+        redirect_ttl: float = DEFAULT_REDIRECT_TTL,
+    ) -> None:
+        self.credentials = credentials or CredentialStore()
+        self.plain_http_hosts = set(plain_http_hosts)
+        self.retry = retry or RetryPolicy()
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
+        self._max_per_host = max_connections_per_host
+        self._redirect_ttl = redirect_ttl
+        self._session: aiohttp.ClientSession | None = None
+        self._challenges: dict[str, Challenge] = {}
+        self._tokens = TokenCache()
+        self._redirects: dict[tuple[str, str], tuple[str, float]] = {}
+
+    async def open(self) -> None:
+        """Create the pooled session (it must be created inside the running loop)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._max_per_host)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self.timeout,
+                headers={"User-Agent": "acceld/0.1"},
+                auto_decompress=False,
+            )
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled session; `open()` must have run."""
+        if self._session is None:
+            raise RuntimeError("RegistryTransport used before open()")
+        return self._session
+
+    def base_url(self, registry: str) -> str:
+        """`http(s)://host` for a registry: plain HTTP only where configured or on loopback."""
+        host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
+        plain = (
+            registry in self.plain_http_hosts
+            or host in ("localhost", "[::1]")
+            or (host.startswith("127."))
+        )
+        return f"{'http' if plain else 'https'}://{registry}"
+
+    def _auth_header(self, target: Target) -> str | None:
+        challenge = self._challenges.get(target.registry)
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            credential = self.credentials.lookup(target.registry)
+            return basic_header(credential) if credential and credential.username else None
+        if challenge.scheme == "bearer":
+            scope = repository_scope(target.repository, target.push)
+            token = self._tokens.get(
+                challenge.params.get("realm", ""), challenge.params.get("service", ""), scope
+            )
+            return f"Bearer {token}" if token else None
+        return None
+
+    async def _authorize(self, target: Target, header: str) -> str:
+        """Answer a 401 challenge: remember it and return the Authorization to retry with."""
+        challenge = parse_challenge(header)
+        self._challenges[target.registry] = challenge
+        credential = self.credentials.lookup(target.registry)
+        if challenge.scheme == "basic":
+            if credential is None or not credential.username:
+                raise UnauthorizedError(
+                    f"{target.registry} needs credentials, none configured", status=401
+                )
+            return basic_header(credential)
+        if challenge.scheme == "bearer":
+            scope = repository_scope(target.repository, target.push)
+            token = await self._tokens.fetch(
+                self.session, challenge, scope, credential, self.timeout
+            )
+            return f"Bearer {token}"
+        raise UnauthorizedError(f"unsupported auth scheme {challenge.scheme!r}", status=401)
+
+    def cached_redirect(self, target: Target, digest: str) -> str | None:
+        """A still-valid redirect URL previously given for this blob."""
+        entry = self._redirects.get((target.registry, digest))
+        if entry and entry[1] > time.monotonic():
+            return entry[0]
+        self._redirects.pop((target.registry, digest), None)
+        return None
+
+    def forget_redirect(self, target: Target, digest: str) -> None:
+        """Drop a redirect that failed, so the next request asks the registry again."""
+        self._redirects.pop((target.registry, digest), None)
+
+    async def send(
+        self,
+        method: str,
+        target: Target,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        body: BodyFactory | None = None,
+        attempts: int | None = None,
+        blob_digest: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send one request with auth, redirects and retries; return the open response.
+
+        Retries connection failures and RETRYABLE_STATUS (honouring Retry-After). Other
+        statuses are returned for the caller to map. ``body`` is a factory so a retry
+        can resend it. ``blob_digest`` enables redirect caching for blob GET/HEAD.
+        """
+        attempts = attempts or self.retry.attempts
+        last_error: str = "no attempt made"
+        for attempt in range(attempts):
+            try:
+                resp = await self._send_once(method, target, url, headers, body, blob_digest)
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+                last_error = f"{exc.__class__.__name__}: {exc}"
+                retry_after = None
+            else:
+                if resp.status not in RETRYABLE_STATUS:
+                    return resp
+                last_error = f"HTTP {resp.status}"
+                retry_after = resp.headers.get("Retry-After")
+                resp.release()
+            if attempt + 1 < attempts:
+                delay = self.retry.delay(attempt, retry_after)
+                log.warning(
+                    "registry.retry",
+                    method=method,
+                    url=url,
+                    error=last_error,
+                    attempt=attempt + 1,
+                    delay=round(delay, 3),
+                )
+                await asyncio.sleep(delay)
+        raise RegistryUnavailableError(
+            f"{method} {url} failed after {attempts} attempts: {last_error}", url=url
+        )
+
+    async def _send_once(
+        self,
+        method: str,
+        target: Target,
+        url: str,
+        headers: Mapping[str, str] | None,
+        body: BodyFactory | None,
+        blob_digest: str | None,
+    ) -> aiohttp.ClientResponse:
+        if blob_digest:
+            cached = self.cached_redirect(target, blob_digest)
+            if cached:
+                resp = await self._follow(method, cached, headers, MAX_REDIRECTS)
+                if resp.status < 400 or resp.status in RETRYABLE_STATUS:
+                    return resp
+                resp.release()
+                log.info("registry.redirect_expired", status=resp.status)
+                self.forget_redirect(target, blob_digest)
+        request_headers = dict(headers or {})
+        auth = self._auth_header(target)
+        if auth:
+            request_headers["Authorization"] = auth
+        resp = await self.session.request(
+            method,
+            url,
+            headers=request_headers,
+            data=body() if body else None,
+            allow_redirects=False,
+        )
+        if resp.status == 401 and "WWW-Authenticate" in resp.headers:
+            challenge = resp.headers["WWW-Authenticate"]
+            resp.release()
+            if auth and auth.startswith("Bearer "):
+                old = parse_challenge(challenge)
+                self._tokens.invalidate(
+                    old.params.get("realm", ""),
+                    old.params.get("service", ""),
+                    repository_scope(target.repository, target.push),
+                )
+            request_headers["Authorization"] = await self._authorize(target, challenge)
+            resp = await self.session.request(
+                method,
+                url,
+                headers=request_headers,
+                data=body() if body else None,
+                allow_redirects=False,
+            )
+        if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
+            location = urljoin(url, resp.headers["Location"])
+            resp.release()
+            if blob_digest:
+                self._redirects[(target.registry, blob_digest)] = (
+                    location,
+                    redirect_expiry(location, time.monotonic(), self._redirect_ttl),
+                )
+            return await self._follow(method, location, headers, MAX_REDIRECTS - 1)
+        return resp
+
+    async def _follow(
+        self, method: str, url: str, headers: Mapping[str, str] | None, hops: int
+    ) -> aiohttp.ClientResponse:
+        """Follow a redirect without our registry credentials (they are not the CDN's)."""
+        resp = await self.session.request(
+            method, url, headers=dict(headers or {}), allow_redirects=False
+        )
+        if resp.status in REDIRECT_STATUS and "Location" in resp.headers and hops > 0:
+            location = urljoin(url, resp.headers["Location"])
+            resp.release()
+            return await self._follow(method, location, headers, hops - 1)
+        return resp
+
+
+async def raise_for_status(resp: aiohttp.ClientResponse, what: str) -> None:
+    """Map a failed response to a typed error naming ``what`` (e.g. 'blob sha256:..')."""
+    if resp.status < 400:
+        return
+    try:
+        body = await resp.json(content_type=None)
+    except (ValueError, aiohttp.ClientError):
+        body = None
+    finally:
+        resp.release()
+    codes = error_codes(body)
+    url = str(resp.url.with_query(None))
+    if resp.status == 404:
+        raise NotFoundError(f"{what} not found", resp.status, url, codes)
+    if resp.status == 401:
+        raise UnauthorizedError(f"not authorized for {what}", resp.status, url, codes)
+    if resp.status == 403:
+        raise ForbiddenError(f"access to {what} denied", resp.status, url, codes)
+    if resp.status in RETRYABLE_STATUS:
+        raise RegistryUnavailableError(f"registry failed on {what}", resp.status, url, codes)
+    raise RegistryError(f"registry refused {what}", resp.status, url, codes)

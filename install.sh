@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs everything acceld needs on a fresh Debian 12 machine, unattended, as root.
+# Idempotent: each step checks what is already there, so a second run takes seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${ACCELD_VENV:-$ROOT/.venv}"
+PYTHON="${ACCELD_PYTHON:-python3}"
+
+APT_PACKAGES=(
+  containerd runc pigz docker-registry fuse3 libfuse3-dev pkg-config python3-bpfcc
+  skopeo umoci iproute2 stargz-snapshotter apache2-utils ca-certificates busybox-static
+)
+
+log() { printf '[install] %s\n' "$*"; }
+
+install_apt_packages() {
+  local missing=()
+  for pkg in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+      missing+=("$pkg")
+    fi
+  done
+  if ((${#missing[@]} == 0)); then
+    log "apt packages present"
+    return
+  fi
+  log "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+install_virtualenv() {
+  local stamp="$VENV/.acceld-install-stamp"
+  local want
+  want="$(cat "$ROOT/pyproject.toml" "$ROOT/install.sh" | sha256sum | cut -d' ' -f1)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+    log "virtualenv up to date ($VENV)"
+    return
+  fi
+  log "building virtualenv in $VENV"
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  echo "$want" >"$stamp"
+}
+
+# Debian's bcc is pure Python over libbcc; link just that package into the venv so the
+# rest of /usr/lib/python3/dist-packages stays out of it.
+link_bcc() {
+  local site
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  if [[ ! -e "$site/bcc" ]]; then
+    ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+  fi
+  "$VENV/bin/python" -c 'import bcc' && log "bcc importable from the virtualenv"
+}
+
+install_apt_packages
+install_virtualenv
+link_bcc
+log "done"
