@@ -1,1 +1,1 @@
-"""agent."""
+"""The node agent: daemon, containerd proxy snapshotter and the FUSE file system."""

@@ -1,0 +1,27 @@
+"""Entry point of `accelctl`: a click group whose commands live in their own modules."""
+
+from __future__ import annotations
+
+import click
+
+from accelctl.demo import demo
+from accelctl.inspect_image import inspect_image
+from common.logging import configure_logging
+from common.version import VERSION
+
+
+@click.group()
+@click.version_option(VERSION, prog_name="accelctl")
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING...")
+def cli(log_level: str) -> None:
+    """Operate acceld: inspect, convert and lazily pull container images."""
+    configure_logging(log_level)
+
+
+cli.add_command(inspect_image)
+cli.add_command(demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

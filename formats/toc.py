@@ -1,0 +1,154 @@
+"""The file table of a layer: every tar entry with its metadata and where its data lies.
+
+Both accelerated forms describe a layer by such a table (eStargz in its JSON TOC, the
+index-only artifact in msgpack), and the agent builds its FUSE tree from it. Names are
+normalized and checked here, once, so that no later part can be handed a path that
+escapes the layer (`..`, absolute paths, NUL bytes) or an absurd size.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO
+
+MAX_NAME_BYTES = 4096
+MAX_ENTRY_SIZE = 1 << 44  # 16 TiB: bigger than any real layer file, small enough to be sane
+MAX_XATTR_BYTES = 64 * 1024
+
+ENTRY_TYPES = ("reg", "dir", "symlink", "hardlink", "char", "block", "fifo")
+_TAR_TYPES = {
+    tarfile.REGTYPE: "reg",
+    tarfile.AREGTYPE: "reg",
+    tarfile.CONTTYPE: "reg",
+    tarfile.DIRTYPE: "dir",
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hardlink",
+    tarfile.CHRTYPE: "char",
+    tarfile.BLKTYPE: "block",
+    tarfile.FIFOTYPE: "fifo",
+}
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+
+
+class HostileLayerError(ValueError):
+    """A layer entry that would escape the layer or break an invariant; never served."""
+
+
+def normalize_name(raw: str) -> str:
+    """A tar member name as a clean relative path (`./a//b/` -> `a/b`); refuse escapes.
+
+    The root directory itself normalizes to ``""``.
+    """
+    if "\0" in raw:
+        raise HostileLayerError(f"entry name contains NUL: {raw!r}")
+    if len(raw.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise HostileLayerError(f"entry name longer than {MAX_NAME_BYTES} bytes")
+    if raw.startswith("/"):
+        raise HostileLayerError(f"absolute entry name: {raw!r}")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise HostileLayerError(f"entry name escapes the layer: {raw!r}")
+    return "/".join(parts)
+
+
+@dataclass
+class TocEntry:
+    """One tar entry. ``offset`` is where its data starts in the form that describes it:
+    the uncompressed tar stream (index-only) or the compressed blob (eStargz)."""
+
+    name: str
+    type: str
+    size: int = 0
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    uname: str = ""
+    gname: str = ""
+    mtime: float = 0.0
+    link_name: str = ""
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    offset: int = 0
+    digest: str = ""
+
+    @property
+    def is_whiteout(self) -> bool:
+        """An OCI whiteout (`.wh.<name>`): deletes <name> from lower layers."""
+        base = posixpath.basename(self.name)
+        return base.startswith(WHITEOUT_PREFIX) and base != OPAQUE_MARKER
+
+    @property
+    def is_opaque_marker(self) -> bool:
+        """An OCI opaque-directory marker: hides everything below its dir in lower layers."""
+        return posixpath.basename(self.name) == OPAQUE_MARKER
+
+    @property
+    def whiteout_target(self) -> str:
+        """The path a whiteout deletes."""
+        head, base = posixpath.split(self.name)
+        return posixpath.join(head, base[len(WHITEOUT_PREFIX) :])
+
+
+def entry_from_tarinfo(info: tarfile.TarInfo) -> TocEntry:
+    """Translate and validate one tar header; raise HostileLayerError on anything unsafe."""
+    kind = _TAR_TYPES.get(info.type)
+    if kind is None:
+        raise HostileLayerError(f"unsupported tar entry type {info.type!r} for {info.name!r}")
+    name = normalize_name(info.name)
+    if info.size < 0 or info.size > MAX_ENTRY_SIZE:
+        raise HostileLayerError(f"absurd size {info.size} for {info.name!r}")
+    link = info.linkname or ""
+    if kind == "hardlink":
+        link = normalize_name(link)
+        if not link:
+            raise HostileLayerError(f"hardlink {info.name!r} has no target")
+    elif kind == "symlink" and ("\0" in link or len(link) > MAX_NAME_BYTES):
+        raise HostileLayerError(f"invalid symlink target for {info.name!r}")
+    xattrs: dict[str, bytes] = {}
+    for key, value in (info.pax_headers or {}).items():
+        if key.startswith(XATTR_PAX_PREFIX):
+            raw = value.encode("utf-8", "surrogateescape")
+            if len(raw) > MAX_XATTR_BYTES:
+                raise HostileLayerError(f"xattr {key} of {info.name!r} is too large")
+            xattrs[key[len(XATTR_PAX_PREFIX) :]] = raw
+    return TocEntry(
+        name=name,
+        type=kind,
+        size=info.size if kind == "reg" else 0,
+        mode=info.mode & 0o7777,
+        uid=info.uid,
+        gid=info.gid,
+        uname=info.uname or "",
+        gname=info.gname or "",
+        mtime=float(info.mtime),
+        link_name=link,
+        dev_major=info.devmajor if kind in ("char", "block") else 0,
+        dev_minor=info.devminor if kind in ("char", "block") else 0,
+        xattrs=xattrs,
+        offset=info.offset_data,
+    )
+
+
+def iter_tar_entries(
+    stream: IO[bytes],
+) -> Iterator[tuple[TocEntry, tarfile.TarInfo, IO[bytes] | None]]:
+    """Walk an uncompressed tar stream once, front to back (no seeking).
+
+    Yields each entry with its tarinfo and, for regular files, a reader for its data
+    that must be consumed (or ignored) before the next iteration. Entry ``offset`` is
+    the data's offset in the uncompressed tar stream.
+    """
+    try:
+        with tarfile.open(fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT) as tar:
+            for info in tar:
+                entry = entry_from_tarinfo(info)
+                reader = tar.extractfile(info) if entry.type == "reg" else None
+                yield entry, info, reader
+    except tarfile.TarError as exc:
+        raise HostileLayerError(f"malformed tar stream: {exc}") from None
