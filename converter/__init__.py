@@ -1,1 +1,1 @@
-"""converter."""
+"""Registry-side acceleration: full mode (eStargz image) and index-only mode (artifact)."""

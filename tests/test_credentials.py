@@ -80,5 +80,5 @@ def test_bad_config_is_a_clear_error_without_secrets(tmp_path, content, message)
 def test_wrong_secret_type(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("kind: Secret\ntype: Opaque\ndata: {}\n")
-    with pytest.raises(CredentialsError, match="need kubernetes.io/dockerconfigjson"):
+    with pytest.raises(CredentialsError, match=r"need kubernetes\.io/dockerconfigjson"):
         CredentialStore().load_kubernetes_secret(path)
