@@ -1,0 +1,406 @@
+"""Read an eStargz layer lazily: footer -> TOC -> per-chunk byte ranges -> verified data.
+
+Everything here comes from a registry and may have been written by anyone, so the TOC is
+treated as hostile: names go through ``normalize_name``, every number is range-checked,
+chunks must tile their file exactly, and data offsets must lie before the TOC in blob
+order (the order real writers use, and what lets a chunk's compressed range end where
+the next one starts). The agent gets back plain ``TocEntry`` objects plus, per regular
+file, the chunk ranges to fetch; it never needs to look at the JSON itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from formats.estargz_toc import (
+    GZIP_WBITS,
+    LANDMARK_NAMES,
+    MAX_CHUNK_BYTES,
+    MAX_TOC_ENTRIES,
+    MAX_TOC_JSON_BYTES,
+    PREFETCH_LANDMARK,
+    TAR_BLOCK,
+    TAR_END_OF_ARCHIVE,
+    TOC_TAR_NAME,
+    TOC_VERSION,
+    ZLIB,
+    ChunkDigestError,
+    EstargzFormatError,
+    TocDigestError,
+    is_sha256_digest,
+)
+from formats.toc import (
+    ENTRY_TYPES,
+    MAX_ENTRY_SIZE,
+    MAX_NAME_BYTES,
+    MAX_XATTR_BYTES,
+    HostileLayerError,
+    TocEntry,
+    normalize_name,
+)
+
+_MAX_ID = (1 << 32) - 1
+# A pax header, the TOC's header, the JSON, its padding and the end-of-archive blocks.
+_MAX_TOC_TAR_BYTES = 4 * TAR_BLOCK + MAX_TOC_JSON_BYTES + len(TAR_END_OF_ARCHIVE)
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One chunk of a regular file and the compressed byte range that holds it.
+
+    Fetch ``[blob_offset, blob_end)`` from the blob, inflate from its start, skip
+    ``inner_offset`` bytes, and the next ``size`` bytes are the file's bytes at
+    ``file_offset``; their sha256 must be ``digest``.
+    """
+
+    name: str
+    file_offset: int
+    size: int
+    blob_offset: int
+    blob_end: int
+    inner_offset: int
+    digest: str
+
+
+@dataclass
+class EstargzToc:
+    """A validated TOC. ``entries`` keep blob order and tar semantics (a later entry of
+    the same name wins); landmark files are not entries but ``prefetch_end``."""
+
+    entries: list[TocEntry]
+    chunks: dict[str, list[ChunkRef]]
+    """Per regular file name, its chunks in file order (the last entry of a name wins)."""
+    toc_digest: str
+    toc_offset: int
+    prefetch_end: int | None
+    """Blob offset where the prioritized area ends; None when the layer has none."""
+
+
+@dataclass
+class _OpenFile:
+    entry: TocEntry
+    chunks: list[_PendingChunk] = field(default_factory=list)
+    covered: int = 0
+
+
+@dataclass
+class _PendingChunk:
+    file_offset: int
+    size: int
+    offset: int
+    inner_offset: int
+    digest: str
+
+
+def parse_toc(toc_member: bytes, toc_offset: int, expected_digest: str | None = None) -> EstargzToc:
+    """Parse and validate the TOC gzip member (``blob[toc_offset : size - FOOTER_SIZE]``).
+
+    ``expected_digest`` is the layer's ``containerd.io/snapshot/stargz/toc.digest``
+    annotation; without it the TOC is unverified and only its structure is checked.
+    """
+    toc_json = _toc_json(toc_member)
+    digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
+    if expected_digest is not None and digest != expected_digest:
+        raise TocDigestError(f"TOC digest {digest} does not match {expected_digest}")
+    try:
+        document = json.loads(toc_json.decode("utf-8"))  # strict: no lone surrogates
+    except (ValueError, RecursionError) as exc:
+        raise EstargzFormatError(f"TOC is not valid JSON: {exc}") from None
+    if not isinstance(document, dict) or document.get("version") != TOC_VERSION:
+        raise EstargzFormatError(f"TOC is not a version {TOC_VERSION} eStargz TOC")
+    records = document.get("entries")
+    if not isinstance(records, list):
+        raise EstargzFormatError("TOC has no entries list")
+    if len(records) > MAX_TOC_ENTRIES:
+        raise EstargzFormatError(f"TOC has {len(records)} entries, more than {MAX_TOC_ENTRIES}")
+    return _TocValidator(toc_offset).run(records, digest)
+
+
+def read_chunk(chunk: ChunkRef, data: bytes) -> bytes:
+    """The chunk's bytes from its compressed range (which starts at ``blob_offset``),
+    inflated and checked against its digest: never hand unverified bytes to a reader."""
+    wanted = chunk.inner_offset + chunk.size
+    inflater = ZLIB.decompressobj(GZIP_WBITS)
+    try:
+        plain = inflater.decompress(data, wanted)
+    except ZLIB.error as exc:
+        raise ChunkDigestError(f"{chunk.name}@{chunk.file_offset}: corrupt gzip: {exc}") from None
+    if len(plain) < wanted:
+        raise ChunkDigestError(
+            f"{chunk.name}@{chunk.file_offset}: inflated {len(plain)} bytes, need {wanted}"
+        )
+    payload = plain[chunk.inner_offset :]
+    actual = "sha256:" + hashlib.sha256(payload).hexdigest()
+    if actual != chunk.digest:
+        raise ChunkDigestError(
+            f"{chunk.name}@{chunk.file_offset}: chunk digest {actual}, TOC says {chunk.digest}"
+        )
+    return payload
+
+
+def _toc_json(toc_member: bytes) -> bytes:
+    """The JSON bytes of the TOC tar entry inside the (bounded) TOC gzip member."""
+    inflater = ZLIB.decompressobj(GZIP_WBITS)
+    try:
+        toc_tar = inflater.decompress(toc_member, _MAX_TOC_TAR_BYTES)
+    except ZLIB.error as exc:
+        raise EstargzFormatError(f"TOC member is not valid gzip: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise EstargzFormatError(f"TOC inflates to more than {_MAX_TOC_TAR_BYTES} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise EstargzFormatError("TOC is not exactly one complete gzip member")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(toc_tar), mode="r:") as tar:
+            info = tar.next()
+            if info is None or info.name != TOC_TAR_NAME or not info.isreg():
+                raise EstargzFormatError(f"TOC member does not hold {TOC_TAR_NAME}")
+            if info.size > MAX_TOC_JSON_BYTES:
+                raise EstargzFormatError(f"TOC JSON of {info.size} bytes is too large")
+            reader = tar.extractfile(info)
+            assert reader is not None
+            toc_json = reader.read()
+    except tarfile.TarError as exc:
+        raise EstargzFormatError(f"TOC member is not a tar entry: {exc}") from None
+    if len(toc_json) != info.size:
+        raise EstargzFormatError("TOC JSON is truncated")
+    return toc_json
+
+
+class _TocValidator:
+    """One pass over the TOC records; every rule it enforces is one the agent relies on."""
+
+    def __init__(self, toc_offset: int) -> None:
+        self.toc_offset = toc_offset
+        self.entries: list[TocEntry] = []
+        self.chunks: dict[str, list[ChunkRef]] = {}
+        self.kinds: dict[str, str] = {}
+        self.owner_names: dict[tuple[str, int], str] = {}
+        self.open_file: _OpenFile | None = None
+        self.files: list[_OpenFile] = []
+        self.data: list[_PendingChunk] = []
+        self.prefetch_end: int | None = None
+
+    def run(self, records: list[Any], digest: str) -> EstargzToc:
+        for index, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise EstargzFormatError(f"TOC entry {index} is not an object")
+            try:
+                self._record(record)
+            except (HostileLayerError, UnicodeError) as exc:
+                raise EstargzFormatError(f"TOC entry {index}: {exc}") from None
+        self._close_file()
+        self._resolve_ranges()
+        return EstargzToc(self.entries, self.chunks, digest, self.toc_offset, self.prefetch_end)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        kind = record.get("type")
+        raw_name = record.get("name")
+        if not isinstance(raw_name, str):
+            raise EstargzFormatError("entry has no name")
+        if kind == "chunk":
+            self._chunk(record, normalize_name(raw_name))
+            return
+        if kind not in ENTRY_TYPES:
+            raise EstargzFormatError(f"unknown entry type {kind!r}")
+        self._close_file()
+        name = normalize_name(raw_name)
+        if not name and kind != "dir":
+            raise EstargzFormatError(f"a {kind} entry replaces the root directory")
+        if name in LANDMARK_NAMES and kind == "reg":
+            self._landmark(record, name)
+            return
+        entry = self._entry(record, name, kind)
+        self.entries.append(entry)
+        self.kinds[name] = kind
+        if kind == "reg":
+            self._open_file(record, entry)
+
+    def _entry(self, record: dict[str, Any], name: str, kind: str) -> TocEntry:
+        uid = _uint(record, "uid", _MAX_ID)
+        gid = _uint(record, "gid", _MAX_ID)
+        entry = TocEntry(
+            name=name,
+            type=kind,
+            size=_uint(record, "size", MAX_ENTRY_SIZE) if kind == "reg" else 0,
+            mode=_uint(record, "mode", _MAX_ID) & 0o7777,
+            uid=uid,
+            gid=gid,
+            uname=self._owner_name(record, "userName", uid),
+            gname=self._owner_name(record, "groupName", gid),
+            mtime=_modtime(record),
+            link_name=self._link_name(record, kind),
+            dev_major=_uint(record, "devMajor", _MAX_ID) if kind in ("char", "block") else 0,
+            dev_minor=_uint(record, "devMinor", _MAX_ID) if kind in ("char", "block") else 0,
+            xattrs=_xattrs(record),
+            digest=_optional_digest(record, "digest"),
+        )
+        return entry
+
+    def _owner_name(self, record: dict[str, Any], key: str, id_: int) -> str:
+        """Writers record an owner name only when it changes for an id; fill the rest."""
+        value = record.get(key)
+        if value is None or value == "":
+            return self.owner_names.get((key, id_), "")
+        if not isinstance(value, str) or len(value) > 256 or "\0" in value:
+            raise EstargzFormatError(f"invalid {key}")
+        self.owner_names[key, id_] = value
+        return value
+
+    def _link_name(self, record: dict[str, Any], kind: str) -> str:
+        if kind not in ("symlink", "hardlink"):
+            return ""
+        link = record.get("linkName", "")
+        if not isinstance(link, str) or "\0" in link or len(link.encode()) > MAX_NAME_BYTES:
+            raise EstargzFormatError("invalid linkName")
+        if kind == "symlink":
+            return link
+        target = normalize_name(link)
+        if self.kinds.get(target, "dir") == "dir":
+            raise EstargzFormatError(f"hardlink to {link!r}, which is no earlier non-directory")
+        return target
+
+    def _open_file(self, record: dict[str, Any], entry: TocEntry) -> None:
+        self.open_file = _OpenFile(entry)
+        self.files.append(self.open_file)
+        if entry.size:
+            if _uint(record, "chunkOffset", 0) != 0:
+                raise EstargzFormatError("a file's first chunk must start at 0")
+            self._add_chunk(record, 0)
+            entry.offset = self.open_file.chunks[0].offset
+
+    def _chunk(self, record: dict[str, Any], name: str) -> None:
+        open_file = self.open_file
+        if open_file is None or open_file.entry.name != name:
+            raise EstargzFormatError(f"chunk of {name!r} does not follow that file's entry")
+        chunk_offset = _uint(record, "chunkOffset", MAX_ENTRY_SIZE)
+        if chunk_offset != open_file.covered:
+            raise EstargzFormatError(
+                f"chunk of {name!r} at {chunk_offset}, expected {open_file.covered}"
+            )
+        self._add_chunk(record, chunk_offset)
+
+    def _add_chunk(self, record: dict[str, Any], chunk_offset: int) -> None:
+        open_file = self.open_file
+        assert open_file is not None
+        remaining = open_file.entry.size - chunk_offset
+        size = _uint(record, "chunkSize", remaining) or remaining
+        if size > MAX_CHUNK_BYTES:
+            raise EstargzFormatError(f"chunk of {size} bytes exceeds {MAX_CHUNK_BYTES}")
+        digest = _optional_digest(record, "chunkDigest")
+        if not digest:
+            raise EstargzFormatError("chunk without chunkDigest")
+        chunk = _PendingChunk(
+            file_offset=chunk_offset,
+            size=size,
+            offset=self._data_offset(record),
+            inner_offset=_uint(record, "innerOffset", MAX_CHUNK_BYTES),
+            digest=digest,
+        )
+        open_file.chunks.append(chunk)
+        open_file.covered += size
+        self.data.append(chunk)
+
+    def _data_offset(self, record: dict[str, Any]) -> int:
+        """A data member's offset: inside the blob before the TOC, after the previous one."""
+        offset = _uint(record, "offset", self.toc_offset - 1)
+        if offset == 0:
+            raise EstargzFormatError("data entry without an offset")
+        inner = _uint(record, "innerOffset", MAX_CHUNK_BYTES)
+        if self.data:
+            previous = self.data[-1]
+            if (offset, inner) <= (previous.offset, previous.inner_offset):
+                raise EstargzFormatError(f"data offset {offset} is not after {previous.offset}")
+        return offset
+
+    def _close_file(self) -> None:
+        open_file, self.open_file = self.open_file, None
+        if open_file is None:
+            return
+        entry = open_file.entry
+        if open_file.covered != entry.size:
+            raise EstargzFormatError(
+                f"chunks of {entry.name!r} cover {open_file.covered} of {entry.size} bytes"
+            )
+
+    def _landmark(self, record: dict[str, Any], name: str) -> None:
+        if _uint(record, "size", 1) == 0:
+            return
+        landmark = _PendingChunk(0, 1, self._data_offset(record), 0, "")
+        self.data.append(landmark)
+        if name == PREFETCH_LANDMARK:
+            self.prefetch_end = landmark.offset
+
+    def _resolve_ranges(self) -> None:
+        """End each chunk's range at the next larger data offset (or the TOC)."""
+        ends: dict[int, int] = {}
+        end, current = self.toc_offset, self.toc_offset
+        for chunk in reversed(self.data):
+            if chunk.offset != current:
+                end, current = current, chunk.offset
+            ends[chunk.offset] = end
+        for open_file in self.files:
+            self.chunks[open_file.entry.name] = [
+                ChunkRef(
+                    name=open_file.entry.name,
+                    file_offset=chunk.file_offset,
+                    size=chunk.size,
+                    blob_offset=chunk.offset,
+                    blob_end=ends[chunk.offset],
+                    inner_offset=chunk.inner_offset,
+                    digest=chunk.digest,
+                )
+                for chunk in open_file.chunks
+            ]
+
+
+def _uint(record: dict[str, Any], key: str, maximum: int) -> int:
+    value = record.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+        raise EstargzFormatError(f"{key} must be an integer in [0, {maximum}], got {value!r}")
+    return value
+
+
+def _optional_digest(record: dict[str, Any], key: str) -> str:
+    value = record.get(key, "")
+    if value and not is_sha256_digest(value):
+        raise EstargzFormatError(f"{key} is not a sha256 digest: {value!r}")
+    return str(value)
+
+
+def _modtime(record: dict[str, Any]) -> float:
+    value = record.get("modtime", "")
+    if value == "":
+        return 0.0
+    if not isinstance(value, str) or len(value) > 64:
+        raise EstargzFormatError("modtime is not a string")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise EstargzFormatError(f"modtime is not RFC 3339: {value!r}") from None
+    if moment.tzinfo is None:
+        raise EstargzFormatError(f"modtime has no time zone: {value!r}")
+    return moment.timestamp()
+
+
+def _xattrs(record: dict[str, Any]) -> dict[str, bytes]:
+    raw = record.get("xattrs", {})
+    if not isinstance(raw, dict):
+        raise EstargzFormatError("xattrs is not an object")
+    xattrs: dict[str, bytes] = {}
+    for key, value in raw.items():
+        if not key or "\0" in key or len(key) > 255 or not isinstance(value, str):
+            raise EstargzFormatError(f"invalid xattr {key!r}")
+        if len(value) > MAX_XATTR_BYTES * 4 // 3 + 4:
+            raise EstargzFormatError(f"xattr {key!r} is too large")
+        try:
+            xattrs[key] = base64.b64decode(value, validate=True)
+        except ValueError:  # binascii.Error, or non-ASCII text
+            raise EstargzFormatError(f"xattr {key!r} is not base64") from None
+    return xattrs
