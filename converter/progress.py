@@ -77,8 +77,12 @@ class LayerProgress:
         now = time.monotonic()
         if now - self._last_log.get(digest, 0.0) >= LOG_INTERVAL:
             self._last_log[digest] = now
-            log.info("convert.layer_progress", layer=digest, done=self._done[digest],
-                     total=self._totals.get(digest))
+            log.info(
+                "convert.layer_progress",
+                layer=digest,
+                done=self._done[digest],
+                total=self._totals.get(digest),
+            )
 
     def finish_layer(self, digest: str) -> None:
         """Mark the layer complete."""

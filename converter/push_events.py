@@ -1,0 +1,137 @@
+"""Which registry push notifications should trigger a conversion, and how.
+
+The distribution registry POSTs an envelope of events for every blob and manifest
+push. Only a manifest pushed under a tag is an image someone will run; accelerated
+forms and referrers-fallback tags are our own output and must never be converted again
+(that would loop forever).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from converter.prefetch import PrefetchList
+from fetcher import mediatypes as mt
+from formats.accelerated import MODE_FULL, MODE_INDEX, is_accelerated_tag
+
+EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
+_REFERRERS_TAG_RE = re.compile(r"^sha(256|512)-[a-f0-9]{64,128}$")
+
+
+class ServerConfigError(ValueError):
+    """A convert-server configuration that cannot be used."""
+
+
+@dataclass(frozen=True)
+class RepositoryRule:
+    """How to convert the repositories whose name matches ``match`` (fnmatch)."""
+
+    match: str
+    mode: str
+    prefetch: PrefetchList
+
+
+@dataclass(frozen=True)
+class PushedImage:
+    """A tag that was just pushed."""
+
+    registry: str
+    repository: str
+    tag: str
+    digest: str
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """convert-server settings (YAML file)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8089
+    registry: str | None = None
+    rules: tuple[RepositoryRule, ...] = ()
+    webhook_url: str | None = None
+    plain_http: tuple[str, ...] = ()
+    docker_config: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> ServerConfig:
+        """Parse and validate a YAML config file."""
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ServerConfigError(f"{path}: {exc}") from None
+        return cls.from_dict(doc, str(path))
+
+    @classmethod
+    def from_dict(cls, doc: Any, source: str = "config") -> ServerConfig:
+        """Validate a parsed config document."""
+        if not isinstance(doc, dict):
+            raise ServerConfigError(f"{source}: expected a mapping")
+        rules = []
+        for i, raw in enumerate(doc.get("repositories") or []):
+            if not isinstance(raw, dict) or not isinstance(raw.get("match"), str):
+                raise ServerConfigError(f"{source}: repositories[{i}] needs a 'match' pattern")
+            mode = raw.get("mode", MODE_INDEX)
+            if mode not in (MODE_FULL, MODE_INDEX):
+                raise ServerConfigError(f"{source}: repositories[{i}]: mode must be full/index")
+            prefetch = PrefetchList(())
+            if raw.get("prefetch_list"):
+                prefetch = PrefetchList.load(Path(raw["prefetch_list"]))
+            elif raw.get("prefetch"):
+                prefetch = PrefetchList.parse_lines(raw["prefetch"], f"{source}: prefetch")
+            rules.append(RepositoryRule(raw["match"], mode, prefetch))
+        host, _, port = str(doc.get("listen", "127.0.0.1:8089")).rpartition(":")
+        if not port.isdigit():
+            raise ServerConfigError(f"{source}: listen must be host:port")
+        return cls(
+            listen_host=host or "127.0.0.1",
+            listen_port=int(port),
+            registry=doc.get("registry"),
+            rules=tuple(rules),
+            webhook_url=doc.get("webhook"),
+            plain_http=tuple(doc.get("plain_http") or ()),
+            docker_config=Path(doc["docker_config"]) if doc.get("docker_config") else None,
+        )
+
+    def rule_for(self, repository: str) -> RepositoryRule | None:
+        """The first rule matching ``repository``; None means: do not convert it."""
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(repository, rule.match):
+                return rule
+        return None
+
+
+def images_to_convert(envelope: Any, registry_override: str | None) -> list[PushedImage]:
+    """The tagged image pushes of a notification envelope that we may convert."""
+    events = envelope.get("events") if isinstance(envelope, dict) else None
+    if not isinstance(events, list):
+        raise ValueError("notification envelope without an 'events' list")
+    pushed: list[PushedImage] = []
+    for event in events:
+        if not isinstance(event, dict) or event.get("action") != "push":
+            continue
+        target = event.get("target")
+        if not isinstance(target, dict):
+            continue
+        tag = target.get("tag")
+        if not isinstance(tag, str) or not tag:
+            continue
+        if is_accelerated_tag(tag) or _REFERRERS_TAG_RE.match(tag):
+            continue
+        if target.get("mediaType") not in mt.ALL_MANIFESTS:
+            continue
+        repository, digest = target.get("repository"), target.get("digest")
+        if not isinstance(repository, str) or not isinstance(digest, str):
+            continue
+        registry = registry_override or urlsplit(str(target.get("url", ""))).netloc
+        if not registry:
+            continue
+        pushed.append(PushedImage(registry, repository, tag, digest))
+    return pushed
