@@ -1,0 +1,370 @@
+"""The node's on-disk cache of verified chunks, one file per chunk.
+
+Layout under ``root``::
+
+    sha256/<hex>/<chunk key>   verified chunk content (only ever created by rename)
+    tmp/                       writes in progress and layers being deleted
+
+Everything the FUSE layer reads comes from here, so a file under a layer directory must
+be complete and verified: chunks are written to ``tmp/``, fsynced and renamed into place.
+A crash can lose a chunk that was just renamed (the directory is not fsynced: the chunk
+is simply fetched again), but never exposes a torn one. ``tmp/`` is emptied on open.
+
+Eviction is whole layers, least recently used first, because pins are per layer (a
+snapshot in use needs all of its layer) and per-chunk bookkeeping on disk would cost a
+metadata write per read. Pins live in memory: after a restart the agent re-pins the
+layers of its snapshots; opening the cache never evicts, only a later ``put`` does.
+One process owns a cache root at a time. All methods are thread-safe, since the
+fetcher stores chunks from worker threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.digest import validate_digest
+from common.logging import get_logger
+from fetcher.chunks import validate_chunk_key
+
+log = get_logger(__name__)
+
+BLOCK = 4096
+"""Chunks are charged in filesystem blocks: many tiny chunks use more disk than their sum."""
+TOUCH_INTERVAL = 60.0
+"""How stale a layer directory's mtime may get before a use refreshes it (restart LRU)."""
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class CacheFullError(OSError):
+    """The cache's filesystem has no room for a chunk even after evicting what it could."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+def charged_size(length: int) -> int:
+    """Bytes a chunk of ``length`` counts against the cap (whole blocks)."""
+    return -(-length // BLOCK) * BLOCK
+
+
+@dataclass
+class CacheStats:
+    """A snapshot of the cache's accounting and counters (for metrics and `accelctl`)."""
+
+    bytes: int
+    max_bytes: int
+    layers: int
+    chunks: int
+    pinned_layers: int
+    hits: int
+    misses: int
+    evicted_layers: int
+    evicted_bytes: int
+
+
+@dataclass
+class _Layer:
+    chunks: dict[str, int] = field(default_factory=dict)
+    bytes: int = 0
+    last_used: float = 0.0
+    touched: float = 0.0
+
+
+class ChunkCache:
+    """Verified chunks on disk under a byte cap, with per-layer pins and LRU eviction."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"cache cap must be positive, not {max_bytes}")
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.tmp_dir = self.root / "tmp"
+        self._lock = threading.Lock()
+        self._layers: dict[str, _Layer] = {}
+        self._pins: dict[str, int] = {}
+        self._bytes = 0
+        self._hits = 0
+        self._misses = 0
+        self._evicted_layers = 0
+        self._evicted_bytes = 0
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._clean_tmp()
+        self._scan()
+
+    # -- opening ------------------------------------------------------------------
+
+    def _clean_tmp(self) -> None:
+        """Remove writes a crash interrupted and layers whose deletion it interrupted."""
+        if self.tmp_dir.exists():
+            for entry in os.scandir(self.tmp_dir):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+        self.tmp_dir.mkdir(exist_ok=True)
+
+    def _scan(self) -> None:
+        """Rebuild the accounting from the files present (the cache survives restarts)."""
+        for algorithm_dir in os.scandir(self.root):
+            if algorithm_dir.name == "tmp" or not algorithm_dir.is_dir(follow_symlinks=False):
+                continue
+            for layer_dir in os.scandir(algorithm_dir.path):
+                digest = f"{algorithm_dir.name}:{layer_dir.name}"
+                try:
+                    validate_digest(digest)
+                except ValueError:
+                    log.warning("chunk_cache.foreign_entry", path=layer_dir.path)
+                    continue
+                self._scan_layer(digest, Path(layer_dir.path))
+
+    def _scan_layer(self, digest: str, directory: Path) -> None:
+        layer = _Layer()
+        for entry in os.scandir(directory):
+            if entry.name.startswith("."):
+                os.unlink(entry.path)  # a temporary file from an older layout or by hand
+                continue
+            try:
+                validate_chunk_key(entry.name)
+            except ValueError:
+                log.warning("chunk_cache.foreign_entry", path=entry.path)
+                continue
+            if entry.is_file(follow_symlinks=False):
+                size = charged_size(entry.stat(follow_symlinks=False).st_size)
+                layer.chunks[entry.name] = size
+                layer.bytes += size
+        layer.last_used = layer.touched = directory.stat().st_mtime
+        self._layers[digest] = layer
+        self._bytes += layer.bytes
+
+    # -- lookups ------------------------------------------------------------------
+
+    def _layer_dir(self, blob_digest: str) -> Path:
+        algorithm, hexpart = validate_digest(blob_digest).split(":", 1)
+        return self.root / algorithm / hexpart
+
+    def _used(self, blob_digest: str, layer: _Layer) -> None:
+        """Mark a use; persist it to the directory mtime now and then (caller holds lock)."""
+        now = time.time()
+        layer.last_used = now
+        if now - layer.touched > TOUCH_INTERVAL:
+            layer.touched = now
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self._layer_dir(blob_digest))
+
+    def path(self, blob_digest: str, key: str) -> Path | None:
+        """The cached chunk's file, or None when it is not cached."""
+        validate_chunk_key(key)
+        with self._lock:
+            layer = self._layers.get(blob_digest)
+            if layer is None or key not in layer.chunks:
+                return None
+            self._used(blob_digest, layer)
+        return self._layer_dir(blob_digest) / key
+
+    def _forget(self, blob_digest: str, key: str) -> None:
+        """Drop a chunk whose file vanished (deleted by hand, or evicted meanwhile)."""
+        with self._lock:
+            layer = self._layers.get(blob_digest)
+            if layer is not None and key in layer.chunks:
+                size = layer.chunks.pop(key)
+                layer.bytes -= size
+                self._bytes -= size
+
+    def read(self, blob_digest: str, key: str, offset: int, length: int) -> bytes | None:
+        """Up to ``length`` bytes at ``offset`` of a cached chunk, or None on a miss."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"invalid read offset={offset} length={length}")
+        path = self.path(blob_digest, key)
+        data: bytes | None = None
+        if path is not None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._forget(blob_digest, key)
+            else:
+                try:
+                    data = os.pread(fd, length, offset)
+                finally:
+                    os.close(fd)
+        self._count(data is not None)
+        return data
+
+    def load(self, blob_digest: str, key: str) -> bytes | None:
+        """A cached chunk's whole content, or None on a miss."""
+        path = self.path(blob_digest, key)
+        data: bytes | None = None
+        if path is not None:
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                self._forget(blob_digest, key)
+        self._count(data is not None)
+        return data
+
+    def _count(self, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self._hits += 1
+            else:
+                self._misses += 1
+
+    # -- storing ------------------------------------------------------------------
+
+    def put(self, blob_digest: str, key: str, data: bytes) -> Path:
+        """Store a verified chunk atomically and return its file.
+
+        Makes room first when the cap would be exceeded. A full filesystem evicts
+        unpinned layers and tries once more, then raises CacheFullError with nothing
+        of the chunk left on disk. Storing a chunk that is already cached is a no-op.
+        """
+        validate_chunk_key(key)
+        final = self._layer_dir(blob_digest) / key
+        charge = charged_size(len(data))
+        with self._lock:
+            layer = self._layers.setdefault(blob_digest, _Layer())
+            self._used(blob_digest, layer)
+            if key in layer.chunks:
+                return final
+            over_cap = self._bytes + charge > self.max_bytes
+        if over_cap:
+            self._evict_until(self.max_bytes - charge, keep=blob_digest)
+        try:
+            tmp = self._write_tmp(data)
+        except CacheFullError:
+            if not self._room_after_eviction(charge, keep=blob_digest):
+                raise
+            with self._lock:
+                target = self._bytes - charge
+            self._evict_until(target, keep=blob_digest)
+            tmp = self._write_tmp(data)
+        try:
+            with self._lock:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(tmp, final)
+                layer = self._layers.setdefault(blob_digest, _Layer())
+                if key not in layer.chunks:
+                    layer.chunks[key] = charge
+                    layer.bytes += charge
+                    self._bytes += charge
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in _DISK_FULL:
+                raise CacheFullError(f"no room to store {blob_digest} chunk {key}") from exc
+            raise
+        return final
+
+    def _room_after_eviction(self, charge: int, keep: str) -> bool:
+        """Whether evicting every unpinned layer could make room for ``charge`` bytes, so
+        a chunk that cannot fit anyway does not wipe the cache on its way to failing."""
+        fs = os.statvfs(self.root)
+        with self._lock:
+            evictable = sum(
+                layer.bytes
+                for digest, layer in self._layers.items()
+                if digest not in self._pins and digest != keep
+            )
+        return evictable > 0 and fs.f_bavail * fs.f_frsize + evictable >= charge
+
+    def _write_tmp(self, data: bytes) -> Path:
+        """Write and fsync ``data`` to a new file in tmp/ (removed again on any failure)."""
+        tmp = self.tmp_dir / uuid.uuid4().hex
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in _DISK_FULL:
+                raise CacheFullError(
+                    f"cache filesystem full writing {len(data)} bytes under {self.root}"
+                ) from exc
+            raise
+        return tmp
+
+    # -- pins and eviction -----------------------------------------------------------
+
+    def pin(self, blob_digest: str) -> None:
+        """Keep a layer from eviction (counted: each pin needs its own unpin)."""
+        validate_digest(blob_digest)
+        with self._lock:
+            self._pins[blob_digest] = self._pins.get(blob_digest, 0) + 1
+
+    def unpin(self, blob_digest: str) -> None:
+        """Release one pin; the layer becomes evictable when none are left."""
+        with self._lock:
+            count = self._pins.get(blob_digest, 0)
+            if count == 0:
+                raise ValueError(f"layer {blob_digest} is not pinned")
+            if count == 1:
+                del self._pins[blob_digest]
+            else:
+                self._pins[blob_digest] = count - 1
+
+    def evict(self) -> int:
+        """Evict least recently used unpinned layers until under the cap; bytes freed."""
+        return self._evict_until(self.max_bytes)
+
+    def _evict_until(self, target: int, keep: str | None = None) -> int:
+        """Evict LRU unpinned layers (never ``keep``) until at most ``target`` bytes."""
+        doomed: list[tuple[str, Path, int]] = []
+        with self._lock:
+            candidates = sorted(
+                (
+                    (layer.last_used, digest)
+                    for digest, layer in self._layers.items()
+                    if digest not in self._pins and digest != keep and layer.bytes > 0
+                ),
+            )
+            for _, digest in candidates:
+                if self._bytes <= target:
+                    break
+                layer = self._layers.pop(digest)
+                self._bytes -= layer.bytes
+                grave = self.tmp_dir / f"evicted-{uuid.uuid4().hex}"
+                try:
+                    os.rename(self._layer_dir(digest), grave)
+                except FileNotFoundError:
+                    continue
+                doomed.append((digest, grave, layer.bytes))
+            self._evicted_layers += len(doomed)
+            freed = sum(size for _, _, size in doomed)
+            self._evicted_bytes += freed
+        for digest, grave, size in doomed:
+            shutil.rmtree(grave, ignore_errors=True)
+            log.info("chunk_cache.evicted", digest=digest, bytes=size)
+        return freed
+
+    # -- accounting ---------------------------------------------------------------
+
+    def size(self) -> int:
+        """Bytes charged for every cached chunk."""
+        with self._lock:
+            return self._bytes
+
+    def stats(self) -> CacheStats:
+        """Current accounting and counters."""
+        with self._lock:
+            return CacheStats(
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                layers=sum(1 for layer in self._layers.values() if layer.chunks),
+                chunks=sum(len(layer.chunks) for layer in self._layers.values()),
+                pinned_layers=len(self._pins),
+                hits=self._hits,
+                misses=self._misses,
+                evicted_layers=self._evicted_layers,
+                evicted_bytes=self._evicted_bytes,
+            )

@@ -1,0 +1,430 @@
+"""The prioritized, coalescing, single-flight chunk fetcher behind every lazy read.
+
+A process blocked in read(2) waits on the network, so its chunk (DEMAND) goes ahead of
+profile prefetch, which goes ahead of background fill. Each registry host gets its own
+queue and a bounded number of concurrent Range GETs; a demand read therefore never
+waits behind more than the requests already on the wire, and while urgent work is
+running, background fill keeps to its share of the connections so that the next demand
+read finds one free. Every chunk is fetched once however many readers want it, decoded
+(inflated and digest-checked) off the event loop, and stored in the ChunkCache before
+any reader sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from common.logging import get_logger
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import (
+    BlobSource,
+    ChunkSpec,
+    CorruptChunkError,
+    FetcherClosedError,
+    FetchTimeoutError,
+    Priority,
+)
+from fetcher.coalesce import RangeQueue
+from fetcher.registry import RegistryClient
+from fetcher.transport import Target
+
+log = get_logger(__name__)
+
+RequestObserver = Callable[[Priority, int, float], None]
+"""Called after each Range GET with (priority, bytes received, seconds taken)."""
+
+
+def _per_priority() -> dict[Priority, int]:
+    return dict.fromkeys(Priority, 0)
+
+
+@dataclass
+class FetchStats:
+    """Counters for metrics; ``in_flight`` is a gauge of Range GETs on the wire."""
+
+    requests: dict[Priority, int] = field(default_factory=_per_priority)
+    bytes_fetched: dict[Priority, int] = field(default_factory=_per_priority)
+    chunks_fetched: dict[Priority, int] = field(default_factory=_per_priority)
+    in_flight: dict[Priority, int] = field(default_factory=_per_priority)
+    cache_hits: int = 0
+    shared_fetches: int = 0
+    priority_upgrades: int = 0
+    corrupt_refetches: int = 0
+    corrupt_chunks: int = 0
+    request_errors: int = 0
+    demand_timeouts: int = 0
+    cache_write_errors: int = 0
+    _observers: list[RequestObserver] = field(default_factory=list, repr=False)
+
+    def add_observer(self, observer: RequestObserver) -> None:
+        """Call ``observer`` for every completed Range GET (e.g. a latency histogram)."""
+        self._observers.append(observer)
+
+    def record_request(self, priority: Priority, nbytes: int, seconds: float) -> None:
+        """Count one completed Range GET and tell the observers."""
+        self.requests[priority] += 1
+        self.bytes_fetched[priority] += nbytes
+        for observer in self._observers:
+            try:
+                observer(priority, nbytes, seconds)
+            except Exception:
+                log.exception("fetcher.observer_failed", observer=repr(observer))
+
+
+@dataclass(eq=False)
+class _Job:
+    """One chunk being fetched, shared by every reader that wants it."""
+
+    blob: BlobSource
+    chunk: ChunkSpec
+    priority: Priority
+    seq: int
+    future: asyncio.Future[bytes]
+    queued: bool = False
+    refetched: bool = False
+
+    @property
+    def fetch_start(self) -> int:
+        return self.chunk.fetch_start
+
+    @property
+    def fetch_end(self) -> int:
+        return self.chunk.fetch_end
+
+
+@dataclass
+class _Decoded:
+    """What became of one chunk of a response: its content, or why it was rejected."""
+
+    content: bytes | None
+    problem: str | None = None
+    cache_error: str | None = None
+
+
+class _HostQueue:
+    """Queued jobs of one registry host: a priority heap plus per-blob range order."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, int, _Job]] = []
+        self._entries = itertools.count()
+        self._blobs: dict[str, RangeQueue[_Job]] = {}
+        self.in_flight = _per_priority()
+
+    def add(self, job: _Job) -> None:
+        job.queued = True
+        self._blobs.setdefault(job.blob.digest, RangeQueue()).add(job)
+        self.reprioritize(job)
+
+    def reprioritize(self, job: _Job) -> None:
+        """Make the heap see the job's (new) priority; the old entry goes stale."""
+        heapq.heappush(self._heap, (job.priority, job.seq, next(self._entries), job))
+
+    def peek(self) -> _Job | None:
+        """The most urgent, oldest queued job, dropping stale heap entries on the way."""
+        while self._heap:
+            priority, _, _, job = self._heap[0]
+            if job.queued and job.priority == priority:
+                return job
+            heapq.heappop(self._heap)
+        return None
+
+    def take(self, lead: _Job, gap: int, max_bytes: int) -> list[_Job]:
+        """Dequeue ``lead`` and the neighbours one request should fetch with it."""
+        ranges = self._blobs[lead.blob.digest]
+        run = ranges.take_run(lead, gap, max_bytes)
+        if not ranges:
+            del self._blobs[lead.blob.digest]
+        for job in run:
+            job.queued = False
+        return run
+
+    @property
+    def urgent_in_flight(self) -> int:
+        return self.in_flight[Priority.DEMAND] + self.in_flight[Priority.PREFETCH]
+
+
+class ChunkFetcher:
+    """Fetches, verifies and caches chunks for the FUSE layer. Use within one event loop."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        cache: ChunkCache,
+        *,
+        max_connections_per_registry: int = 8,
+        coalesce_gap: int = 256 << 10,
+        max_request_bytes: int = 16 << 20,
+        background_share: float = 0.25,
+        decode_in_thread: bool = True,
+        demand_timeout: float | None = None,
+    ) -> None:
+        if max_connections_per_registry < 1:
+            raise ValueError("max_connections_per_registry must be at least 1")
+        if not 0.0 <= background_share <= 1.0:
+            raise ValueError(f"background_share must be within [0, 1], not {background_share}")
+        self._client = client
+        self._cache = cache
+        self._max_connections = max_connections_per_registry
+        self._gap = coalesce_gap
+        self._max_request = max_request_bytes
+        self._background_slots = (
+            max(1, int(max_connections_per_registry * background_share))
+            if background_share > 0
+            else 0
+        )
+        self._decode_in_thread = decode_in_thread
+        self._demand_timeout = demand_timeout
+        self.stats = FetchStats()
+        self._hosts: dict[str, _HostQueue] = {}
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._seq = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+
+    # -- public API -----------------------------------------------------------------
+
+    async def get(
+        self, blob: BlobSource, chunk: ChunkSpec, priority: Priority = Priority.DEMAND
+    ) -> bytes:
+        """The chunk's verified content, from the cache or fetched (once, however many
+        callers ask concurrently). Registry errors propagate with their own types."""
+        return (await self.get_many(blob, [chunk], priority))[0]
+
+    async def get_many(
+        self, blob: BlobSource, chunks: Sequence[ChunkSpec], priority: Priority = Priority.DEMAND
+    ) -> list[bytes]:
+        """Several chunks of one blob (e.g. every chunk one read(2) spans), queued together
+        so that neighbours share a request; the contents in the order asked for."""
+        self._check_open()
+        found: list[bytes | None] = [self._cache.load(blob.digest, c.key) for c in chunks]
+        self.stats.cache_hits += sum(1 for data in found if data is not None)
+        jobs = {
+            i: self._submit(blob, chunk, priority, waiting=True)
+            for i, (chunk, data) in enumerate(zip(chunks, found, strict=True))
+            if data is None
+        }
+        if jobs:
+            self._pump(blob.ref.api_host)
+            await self._wait(blob, list(jobs.values()), priority)
+        return [
+            data if data is not None else jobs[i].future.result() for i, data in enumerate(found)
+        ]
+
+    async def _wait(self, blob: BlobSource, jobs: list[_Job], priority: Priority) -> None:
+        """Until every job is done, or FetchTimeoutError once a demand read waited too long.
+
+        asyncio.wait neither cancels the shared futures on timeout nor when this caller is
+        cancelled: the fetch goes on for the other waiters and for the cache.
+        """
+        timeout = self._demand_timeout if priority == Priority.DEMAND else None
+        _, pending = await asyncio.wait([job.future for job in jobs], timeout=timeout)
+        if pending:
+            self.stats.demand_timeouts += 1
+            assert timeout is not None
+            late = next(job for job in jobs if job.future in pending)
+            raise FetchTimeoutError(blob.digest, late.chunk.key, timeout)
+
+    def enqueue(self, blob: BlobSource, chunks: Sequence[ChunkSpec], priority: Priority) -> None:
+        """Fetch ``chunks`` into the cache in the background (call from the event loop).
+
+        All chunks are queued before any request is issued, so neighbours coalesce.
+        """
+        self._check_open()
+        for chunk in chunks:
+            if self._cache.path(blob.digest, chunk.key) is None:
+                self._submit(blob, chunk, priority, waiting=False)
+        self._pump(blob.ref.api_host)
+
+    def has(self, blob: BlobSource, chunk: ChunkSpec) -> bool:
+        """Whether the chunk is in the cache (reading it then needs no network)."""
+        return self._cache.path(blob.digest, chunk.key) is not None
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued or in flight."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Stop fetching; readers still waiting get FetcherClosedError."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for job in list(self._jobs.values()):
+            self._finish(job, error=FetcherClosedError("chunk fetcher closed"))
+
+    # -- queueing -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FetcherClosedError("chunk fetcher closed")
+
+    def _submit(
+        self, blob: BlobSource, chunk: ChunkSpec, priority: Priority, *, waiting: bool
+    ) -> _Job:
+        """The job for this chunk: the one already queued or in flight, else a new one."""
+        job = self._jobs.get((blob.digest, chunk.key))
+        if job is not None:
+            if waiting:
+                self.stats.shared_fetches += 1
+            if priority < job.priority:
+                job.priority = priority
+                if job.queued:
+                    self.stats.priority_upgrades += 1
+                    self._host(blob).reprioritize(job)
+            return job
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # Background jobs may fail with no reader awaiting them; that is logged instead.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        job = _Job(blob, chunk, priority, next(self._seq), future)
+        self._jobs[(blob.digest, chunk.key)] = job
+        self._idle.clear()
+        self._host(blob).add(job)
+        return job
+
+    def _host(self, blob: BlobSource) -> _HostQueue:
+        return self._hosts.setdefault(blob.ref.api_host, _HostQueue())
+
+    def _pump(self, host: str) -> None:
+        """Start requests for the host's most urgent work while connections are free."""
+        queue = self._hosts.get(host)
+        if queue is None:
+            return
+        while not self._closed and sum(queue.in_flight.values()) < self._max_connections:
+            lead = queue.peek()
+            if lead is None:
+                return
+            if (
+                lead.priority == Priority.BACKGROUND
+                and queue.urgent_in_flight
+                and queue.in_flight[Priority.BACKGROUND] >= self._background_slots
+            ):
+                return
+            batch = queue.take(lead, self._gap, self._max_request)
+            priority = lead.priority
+            queue.in_flight[priority] += 1
+            self.stats.in_flight[priority] += 1
+            task = asyncio.get_running_loop().create_task(self._run(host, batch, priority))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _finish(
+        self, job: _Job, content: bytes | None = None, error: BaseException | None = None
+    ) -> None:
+        self._jobs.pop((job.blob.digest, job.chunk.key), None)
+        if not job.future.done():
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                assert content is not None
+                job.future.set_result(content)
+        if not self._jobs:
+            self._idle.set()
+
+    # -- fetching -----------------------------------------------------------------
+
+    async def _run(self, host: str, batch: list[_Job], priority: Priority) -> None:
+        try:
+            await self._fetch(batch, priority)
+        finally:
+            self._hosts[host].in_flight[priority] -= 1
+            self.stats.in_flight[priority] -= 1
+            self._pump(host)
+
+    async def _fetch(self, batch: list[_Job], priority: Priority) -> None:
+        """One Range GET for the batch, then decode, store and hand out each chunk."""
+        blob = batch[0].blob
+        start = min(job.fetch_start for job in batch)
+        end = max(job.fetch_end for job in batch)
+        if blob.size > start:
+            end = min(end, blob.size)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        try:
+            data = await self._client.get_range(blob.ref, blob.digest, start, end - start)
+        except Exception as exc:
+            self.stats.request_errors += 1
+            log.warning(
+                "fetcher.range_failed",
+                digest=blob.digest,
+                start=start,
+                length=end - start,
+                chunks=len(batch),
+                priority=priority.name,
+                error=str(exc),
+            )
+            for job in batch:
+                self._finish(job, error=exc)
+            return
+        self.stats.record_request(priority, len(data), loop.time() - began)
+        specs = [job.chunk for job in batch]
+        if self._decode_in_thread:
+            outcomes = await asyncio.to_thread(self._decode_and_store, blob, specs, start, data)
+        else:
+            outcomes = self._decode_and_store(blob, specs, start, data)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if outcome.cache_error is not None:
+                self.stats.cache_write_errors += 1
+                log.warning(
+                    "fetcher.cache_write_failed",
+                    digest=blob.digest,
+                    chunk=job.chunk.key,
+                    error=outcome.cache_error,
+                )
+            if outcome.content is not None:
+                self.stats.chunks_fetched[priority] += 1
+                self._finish(job, content=outcome.content)
+            else:
+                assert outcome.problem is not None
+                self._reject(job, outcome.problem)
+
+    def _decode_and_store(
+        self, blob: BlobSource, specs: list[ChunkSpec], start: int, data: bytes
+    ) -> list[_Decoded]:
+        """Decode every chunk of a response and cache the good ones (CPU and disk bound:
+        runs in a worker thread)."""
+        outcomes = []
+        for spec in specs:
+            raw = data[spec.fetch_start - start : spec.fetch_end - start]
+            try:
+                content = spec.decode(raw)
+            except Exception as exc:
+                # Anything decode raises means these bytes cannot be trusted.
+                outcomes.append(_Decoded(None, problem=f"{type(exc).__name__}: {exc}"))
+                continue
+            try:
+                self._cache.put(blob.digest, spec.key, content)
+            except OSError as exc:
+                # The reader still gets verified bytes; only the cache misses out.
+                outcomes.append(_Decoded(content, cache_error=str(exc)))
+                continue
+            outcomes.append(_Decoded(content))
+        return outcomes
+
+    def _reject(self, job: _Job, problem: str) -> None:
+        """A chunk failed verification: fetch it once more, afresh, then give up."""
+        blob = job.blob
+        if not job.refetched:
+            job.refetched = True
+            self.stats.corrupt_refetches += 1
+            log.warning(
+                "fetcher.corrupt_chunk_refetch",
+                digest=blob.digest,
+                chunk=job.chunk.key,
+                problem=problem,
+            )
+            # A redirect to a bad CDN copy must not serve the retry too.
+            self._client.transport.forget_redirect(
+                Target(blob.ref.api_host, blob.ref.repository), blob.digest
+            )
+            self._host(blob).add(job)
+            return
+        self.stats.corrupt_chunks += 1
+        log.error("fetcher.corrupt_chunk", digest=blob.digest, chunk=job.chunk.key, problem=problem)
+        self._finish(job, error=CorruptChunkError(blob.digest, job.chunk.key, problem))

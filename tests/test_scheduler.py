@@ -1,0 +1,351 @@
+"""The chunk fetcher against the real registry, through the rig's fault proxy.
+
+Blobs are concatenated gzip members, one per chunk, decoded by inflating and checking
+each member's sha256: the same shape as eStargz chunks. Requests are counted where the
+proxy saw them, so single flight and coalescing are measured on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import os
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import (
+    BlobSource,
+    ChunkSpec,
+    CorruptChunkError,
+    FetcherClosedError,
+    FetchTimeoutError,
+    Priority,
+)
+from fetcher.coalesce import RangeQueue
+from fetcher.errors import NotFoundError, RegistryUnavailableError
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from fetcher.retry import RetryPolicy
+from fetcher.scheduler import ChunkFetcher
+from formats.estargz_toc import ChunkDigestError
+from rig.fault_proxy import Fault, FaultProxy
+
+FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.02, max_delay=0.1)
+
+
+class Layer(NamedTuple):
+    """A pushed blob as the fetcher sees it, with what each chunk must decode to."""
+
+    blob: BlobSource
+    chunks: list[ChunkSpec]
+    contents: list[bytes]
+
+
+def _decode_member(expected_sha256: str, raw: bytes) -> bytes:
+    """Inflate one gzip member (bytes after it are ignored) and verify it."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        content = inflater.decompress(raw)
+    except zlib.error as exc:
+        raise ChunkDigestError(f"corrupt gzip member: {exc}") from None
+    if not inflater.eof:
+        raise ChunkDigestError("gzip member is truncated")
+    if hashlib.sha256(content).hexdigest() != expected_sha256:
+        raise ChunkDigestError("chunk content does not match its digest")
+    return content
+
+
+def _chunked_blob(count: int, size: int, overlap: bool = False) -> tuple[bytes, list[Any]]:
+    """``count`` gzip members of random data, and (start, end, content) for each.
+
+    With ``overlap`` every range also takes the next member's first byte, as
+    index-only spans that end mid-byte do."""
+    parts, layout, offset = [], [], 0
+    for _ in range(count):
+        content = os.urandom(size)
+        member = gzip.compress(content, mtime=0)
+        parts.append(member)
+        layout.append((offset, offset + len(member), content))
+        offset += len(member)
+    if overlap:
+        layout = [(s, min(e + 1, offset), c) for s, e, c in layout]
+    return b"".join(parts), layout
+
+
+@pytest.fixture(scope="module")
+def proxy(registry) -> Iterator[FaultProxy]:
+    with FaultProxy(registry.url) as server:
+        yield server
+
+
+@pytest.fixture
+def fault_proxy(proxy: FaultProxy):
+    yield proxy
+    proxy.clear()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[RegistryClient]:
+    async with RegistryClient(retry=FAST_RETRY) as registry_client:
+        yield registry_client
+
+
+@pytest.fixture
+def push(registry, fault_proxy: FaultProxy, repo_name: str, client: RegistryClient):
+    """Push a chunked blob straight to the registry; read it back through the proxy."""
+
+    async def push_layer(count: int, size: int = 16 << 10, overlap: bool = False) -> Layer:
+        data, layout = _chunked_blob(count, size, overlap)
+        digest = await client.push_blob(ImageReference.parse(f"{registry.host}/{repo_name}"), data)
+        ref = ImageReference.parse(f"{fault_proxy.host}/{repo_name}")
+        chunks = [
+            ChunkSpec(
+                f"c{i:06d}", start, end, partial(_decode_member, hashlib.sha256(c).hexdigest())
+            )
+            for i, (start, end, c) in enumerate(layout)
+        ]
+        return Layer(BlobSource(ref, digest, len(data)), chunks, [c for _, _, c in layout])
+
+    return push_layer
+
+
+@pytest.fixture
+async def make_fetcher(
+    client: RegistryClient, tmp_path: Path
+) -> AsyncIterator[Callable[..., ChunkFetcher]]:
+    made: list[ChunkFetcher] = []
+
+    def make(**options: Any) -> ChunkFetcher:
+        cache = ChunkCache(tmp_path / f"cache-{len(made)}", max_bytes=256 << 20)
+        fetcher = ChunkFetcher(client, cache, **options)
+        made.append(fetcher)
+        return fetcher
+
+    yield make
+    for fetcher in made:
+        await fetcher.close()
+
+
+def _range_gets(proxy: FaultProxy, digest: str) -> int:
+    return sum(1 for method, path, _ in proxy.requests if method == "GET" and digest in path)
+
+
+async def test_chunks_arrive_verified_and_are_served_from_cache_after(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(8)
+    fetcher = make_fetcher()
+    for chunk, content in zip(layer.chunks, layer.contents, strict=True):
+        assert await fetcher.get(layer.blob, chunk) == content
+        assert fetcher.has(layer.blob, chunk)
+    fetched = _range_gets(fault_proxy, layer.blob.digest)
+    assert fetched == 8
+    assert await fetcher.get(layer.blob, layer.chunks[3]) == layer.contents[3]
+    assert _range_gets(fault_proxy, layer.blob.digest) == fetched
+    assert fetcher.stats.cache_hits == 1
+    assert fetcher.stats.bytes_fetched[Priority.DEMAND] == layer.blob.size
+
+
+async def test_concurrent_gets_of_one_chunk_share_one_request(push, make_fetcher, fault_proxy):
+    layer = await push(6)
+    fetcher = make_fetcher()
+    results = await asyncio.gather(*(fetcher.get(layer.blob, layer.chunks[4]) for _ in range(10)))
+    assert results == [layer.contents[4]] * 10
+    assert _range_gets(fault_proxy, layer.blob.digest) == 1
+    assert fetcher.stats.shared_fetches == 9
+
+
+async def test_queued_neighbours_are_fetched_with_few_requests(push, make_fetcher, fault_proxy):
+    layer = await push(20, overlap=True)
+    fetcher = make_fetcher()
+    fetcher.enqueue(layer.blob, layer.chunks, Priority.PREFETCH)
+    await fetcher.wait_idle()
+    assert _range_gets(fault_proxy, layer.blob.digest) == 1
+    for chunk, content in zip(layer.chunks, layer.contents, strict=True):
+        assert await fetcher.get(layer.blob, chunk) == content
+    assert fetcher.stats.requests[Priority.PREFETCH] == 1
+    assert fetcher.stats.chunks_fetched[Priority.PREFETCH] == 20
+
+
+async def test_one_read_spanning_chunks_is_one_request(push, make_fetcher, fault_proxy):
+    layer = await push(8)
+    fetcher = make_fetcher()
+    assert await fetcher.get(layer.blob, layer.chunks[2]) == layer.contents[2]
+    wanted = layer.chunks[1:6]
+    assert await fetcher.get_many(layer.blob, wanted) == layer.contents[1:6]
+    assert _range_gets(fault_proxy, layer.blob.digest) == 2  # chunk 2 came from the cache
+    assert fetcher.stats.cache_hits == 1
+
+
+async def test_request_size_cap_splits_a_run(push, make_fetcher, fault_proxy):
+    layer = await push(20)
+    longest = max(c.fetch_length for c in layer.chunks)
+    fetcher = make_fetcher(max_request_bytes=4 * longest)
+    fetcher.enqueue(layer.blob, layer.chunks, Priority.BACKGROUND)
+    await fetcher.wait_idle()
+    assert _range_gets(fault_proxy, layer.blob.digest) == 5
+    assert all(fetcher.has(layer.blob, c) for c in layer.chunks)
+
+
+@pytest.mark.parametrize(("gap", "expected"), [(0, 10), (64 << 10, 1)])
+async def test_holes_wider_than_the_gap_split_requests(
+    push, make_fetcher, fault_proxy, gap, expected
+):
+    layer = await push(20)
+    fetcher = make_fetcher(coalesce_gap=gap)
+    fetcher.enqueue(layer.blob, layer.chunks[::2], Priority.PREFETCH)
+    await fetcher.wait_idle()
+    assert _range_gets(fault_proxy, layer.blob.digest) == expected
+    assert [fetcher.has(layer.blob, c) for c in layer.chunks] == [True, False] * 10
+
+
+async def test_demand_reads_overtake_queued_background_fill(push, make_fetcher):
+    background = await push(50, size=4 << 10)
+    other = await push(2, size=4 << 10)
+    fetcher = make_fetcher(max_connections_per_registry=1, max_request_bytes=1)
+    order: list[Priority] = []
+    fetcher.stats.add_observer(lambda priority, nbytes, seconds: order.append(priority))
+    fetcher.enqueue(background.blob, background.chunks, Priority.BACKGROUND)
+    upgraded, fresh = await asyncio.gather(
+        fetcher.get(background.blob, background.chunks[45]),
+        fetcher.get(other.blob, other.chunks[1]),
+    )
+    assert (upgraded, fresh) == (background.contents[45], other.contents[1])
+    await fetcher.wait_idle()
+    assert len(order) == 51
+    # Only the one request already on the wire may finish before the demand reads.
+    assert [i for i, p in enumerate(order) if p == Priority.DEMAND] == [1, 2]
+    assert fetcher.stats.priority_upgrades == 1
+
+
+async def test_background_fill_keeps_to_its_share_while_prefetch_runs(push, make_fetcher):
+    prefetch = await push(16, size=32 << 10)
+    background = await push(24, size=32 << 10)
+    fetcher = make_fetcher(
+        max_connections_per_registry=4, background_share=0.25, max_request_bytes=1
+    )
+    samples: list[dict[Priority, int]] = []
+    fetcher.stats.add_observer(lambda *_: samples.append(dict(fetcher.stats.in_flight)))
+    fetcher.enqueue(prefetch.blob, prefetch.chunks, Priority.PREFETCH)
+    fetcher.enqueue(background.blob, background.chunks, Priority.BACKGROUND)
+    await fetcher.wait_idle()
+    assert len(samples) == 40
+    while_urgent = [s[Priority.BACKGROUND] for s in samples if s[Priority.PREFETCH]]
+    alone = [s[Priority.BACKGROUND] for s in samples if not s[Priority.PREFETCH]]
+    assert max(while_urgent) <= 1
+    assert max(alone) == 4  # with nothing urgent, background may use every connection
+    assert all(fetcher.has(background.blob, c) for c in background.chunks)
+
+
+async def test_a_corrupted_response_is_refetched(push, make_fetcher, fault_proxy):
+    layer = await push(3)
+    fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))
+    fetcher = make_fetcher()
+    assert await fetcher.get(layer.blob, layer.chunks[1]) == layer.contents[1]
+    assert _range_gets(fault_proxy, layer.blob.digest) == 2
+    assert (fetcher.stats.corrupt_refetches, fetcher.stats.corrupt_chunks) == (1, 0)
+
+
+async def test_persistent_corruption_fails_clearly_and_caches_nothing(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(3)
+    flips = fault_proxy.add(
+        Fault("flip", path_contains=layer.blob.digest, after_bytes=100, times=2)
+    )
+    fetcher = make_fetcher()
+    with pytest.raises(CorruptChunkError) as caught:
+        await fetcher.get(layer.blob, layer.chunks[2])
+    message = str(caught.value)
+    assert layer.blob.digest in message and layer.chunks[2].key in message
+    assert "ChunkDigestError" in message
+    assert flips.hits == 2 and _range_gets(fault_proxy, layer.blob.digest) == 2
+    assert not fetcher.has(layer.blob, layer.chunks[2])
+    assert fetcher.stats.corrupt_chunks == 1
+    assert await fetcher.get(layer.blob, layer.chunks[2]) == layer.contents[2]
+
+
+async def test_registry_errors_reach_every_waiter_with_their_own_type(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(2)
+    missing = BlobSource(layer.blob.ref, "sha256:" + "0" * 64, layer.blob.size)
+    fetcher = make_fetcher()
+    fetcher.enqueue(missing, layer.chunks, Priority.BACKGROUND)
+    with pytest.raises(NotFoundError):
+        await fetcher.get(missing, layer.chunks[0])
+    await fetcher.wait_idle()
+    assert not fetcher.has(missing, layer.chunks[1])
+
+    fault_proxy.add(Fault("status", path_contains=layer.blob.digest, status=503, times=3))
+    results = await asyncio.gather(
+        *(fetcher.get(layer.blob, layer.chunks[0]) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, RegistryUnavailableError) for r in results)
+    assert fetcher.stats.request_errors == 2
+
+
+async def test_a_stalled_demand_read_times_out_but_the_fetch_completes(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(2)
+    fault_proxy.add(Fault("stall", path_contains=layer.blob.digest, stall_seconds=1.0))
+    fetcher = make_fetcher(demand_timeout=0.3)
+    began = time.monotonic()
+    with pytest.raises(FetchTimeoutError) as caught:
+        await fetcher.get(layer.blob, layer.chunks[0])
+    assert time.monotonic() - began < 0.9
+    assert layer.chunks[0].key in str(caught.value)
+    assert fetcher.stats.demand_timeouts == 1
+    await fetcher.wait_idle()
+    assert fetcher.has(layer.blob, layer.chunks[0])
+
+
+async def test_close_releases_waiting_readers(push, make_fetcher, fault_proxy):
+    layer = await push(2)
+    stall = fault_proxy.add(Fault("stall", path_contains=layer.blob.digest, stall_seconds=0.5))
+    fetcher = make_fetcher()
+    reader = asyncio.create_task(fetcher.get(layer.blob, layer.chunks[1]))
+    await asyncio.sleep(0.2)
+    assert stall.hits == 1, "the request should be stalled in the proxy by now"
+    await fetcher.close()
+    with pytest.raises(FetcherClosedError):
+        await reader
+    with pytest.raises(FetcherClosedError):
+        fetcher.enqueue(layer.blob, layer.chunks, Priority.PREFETCH)
+
+
+@dataclass(eq=False)
+class _Range:
+    fetch_start: int
+    fetch_end: int
+    priority: int
+
+
+def test_only_same_priority_neighbours_grow_a_run() -> None:
+    queue: RangeQueue[_Range] = RangeQueue()
+    items = [
+        _Range(0, 100, 1),
+        _Range(100, 200, 0),  # lead
+        _Range(150, 180, 2),  # inside the final run: rides along
+        _Range(200, 300, 2),  # lower priority: does not grow the run, but ends up inside
+        _Range(210, 400, 0),  # same priority, within the gap of the lead
+        _Range(1000, 1100, 0),  # beyond the gap
+    ]
+    for item in items:
+        queue.add(item)
+    run = queue.take_run(items[1], gap=20, max_bytes=10_000)
+    assert run == [items[1], items[2], items[3], items[4]]
+    assert len(queue) == 2
+    assert queue.take_run(items[5], gap=20, max_bytes=10_000) == [items[5]]
+    assert queue.take_run(items[0], gap=1000, max_bytes=50) == [items[0]]
+    assert len(queue) == 0
