@@ -1,0 +1,100 @@
+"""acceld's configuration: a YAML file, overridden by command-line flags.
+
+Defaults suit a node: state under /var/lib/acceld, the snapshotter socket where the
+shipped containerd drop-in expects it, metrics on loopback only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Every knob of the node agent."""
+
+    root: Path = Path("/var/lib/acceld")
+    socket: Path = Path("/run/acceld/snapshotter.sock")
+    mountpoint: Path | None = None
+    cache_max_bytes: int = 20 << 30
+    metrics_address: str = "127.0.0.1:9797"
+    plain_http: tuple[str, ...] = ()
+    docker_config: Path | None = None
+    pull_secrets: tuple[Path, ...] = ()
+    allowed_registries: tuple[str, ...] = ()
+    prefetch: bool = True
+    background_fill: bool = True
+    discover_referrers: bool = True
+    max_connections_per_registry: int = 8
+    demand_timeout: float = 60.0
+    log_level: str = "INFO"
+
+    @property
+    def fuse_mountpoint(self) -> Path:
+        """Where the node's FUSE mount lives."""
+        return self.mountpoint or self.root / "mnt"
+
+    @property
+    def cache_dir(self) -> Path:
+        """The on-disk chunk cache."""
+        return self.root / "cache"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Snapshot metadata and upper/work directories."""
+        return self.root / "snapshotter"
+
+    @classmethod
+    def load(cls, path: Path | None, overrides: dict[str, Any] | None = None) -> AgentConfig:
+        """Defaults, then the YAML file (if any), then non-None ``overrides``."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                doc = yaml.safe_load(path.read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+            if not isinstance(doc, dict):
+                raise ConfigError(f"{path}: expected a mapping")
+            values.update(doc)
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AgentConfig:
+        """Validate keys and coerce types."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
+        config = cls()
+        coerced: dict[str, Any] = {}
+        for name, value in values.items():
+            default = getattr(config, name)
+            try:
+                if name in ("root", "socket", "mountpoint", "docker_config"):
+                    coerced[name] = Path(value) if value is not None else None
+                elif name == "pull_secrets":
+                    coerced[name] = tuple(Path(v) for v in value)
+                elif isinstance(default, tuple):
+                    coerced[name] = tuple(str(v) for v in value)
+                elif isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise TypeError("expected true or false")
+                    coerced[name] = value
+                elif isinstance(default, int | float):
+                    coerced[name] = type(default)(value)
+                else:
+                    coerced[name] = str(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"configuration key {name!r}: {exc}") from None
+        if coerced.get("cache_max_bytes", 1) <= 0:
+            raise ConfigError("cache_max_bytes must be positive")
+        return replace(config, **coerced)

@@ -1,0 +1,280 @@
+"""pyfuse3 operations for the node's single read-only mount.
+
+The root directory holds one entry per mounted lazy layer; below it is that layer's
+tree. Layer data is immutable (content-addressed), so entries and attributes get long
+kernel cache timeouts and opened files keep their page cache: after the first read of a
+page, the kernel never asks again. Reads are answered from the chunk cache or by
+awaiting the fetcher; a fetch that fails or times out becomes EIO, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from agent import metrics
+from agent.fs.tree import InodeAllocator, LayerTree, Node
+from agent.layers.lazy_layer import LazyLayer
+from common.logging import get_logger
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import ChunkFetchError, Priority
+from fetcher.errors import RegistryError
+from fetcher.scheduler import ChunkFetcher
+from formats.toc import TocEntry
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+IMMUTABLE_TIMEOUT = 86400.0
+ROOT_TIMEOUT = 1.0
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+
+
+@dataclass
+class MountedLayer:
+    """A layer placed under the mount root."""
+
+    name: str
+    layer: LazyLayer
+    tree: LayerTree
+    mounted_at: float
+    first_byte_seen: bool = False
+
+
+def _errno_of(exc: BaseException) -> int:
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    return errno.EIO
+
+
+class LayerFS(pyfuse3.Operations):
+    """Read-only FUSE tree over lazily fetched layers."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        fetcher: ChunkFetcher,
+        cache: ChunkCache,
+        on_demand: Callable[[MountedLayer, TocEntry, int, int], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.fetcher = fetcher
+        self.cache = cache
+        self._inodes = InodeAllocator(first=pyfuse3.ROOT_INODE + 1)
+        self._layers: dict[bytes, MountedLayer] = {}
+        self._owner: dict[int, tuple[Node, MountedLayer]] = {}
+        self._on_demand = on_demand
+        self._root_mtime = time.time_ns()
+
+    # -- layer management ---------------------------------------------------------
+
+    def add_layer(self, name: str, layer: LazyLayer) -> MountedLayer:
+        """Place ``layer`` at `<mount>/<name>`; idempotent for the same name."""
+        key = name.encode()
+        existing = self._layers.get(key)
+        if existing is not None:
+            return existing
+        tree = LayerTree(layer.entries, self._inodes)
+        mounted = MountedLayer(name, layer, tree, time.monotonic())
+        for node in tree.nodes.values():
+            self._owner[node.inode] = (node, mounted)
+        self._layers[key] = mounted
+        self._root_mtime = time.time_ns()
+        metrics.LAZY_LAYERS_MOUNTED.set(len(self._layers))
+        log.info("fs.layer_added", layer=name, kind=layer.kind, files=len(tree.nodes))
+        return mounted
+
+    def remove_layer(self, name: str) -> None:
+        """Take a layer out of the tree (its snapshot was removed)."""
+        mounted = self._layers.pop(name.encode(), None)
+        if mounted is None:
+            return
+        for inode in mounted.tree.nodes:
+            self._owner.pop(inode, None)
+        self._root_mtime = time.time_ns()
+        metrics.LAZY_LAYERS_MOUNTED.set(len(self._layers))
+
+    def layer(self, name: str) -> MountedLayer | None:
+        """The mounted layer called ``name``."""
+        return self._layers.get(name.encode())
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _timed(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        started = time.perf_counter()
+        metrics.FUSE_OPS.labels(op).inc()
+        try:
+            return await call()
+        except BaseException as exc:
+            metrics.FUSE_ERRORS.labels(op, errno.errorcode.get(_errno_of(exc), "?")).inc()
+            raise
+        finally:
+            metrics.FUSE_SECONDS.labels(op).observe(time.perf_counter() - started)
+
+    def _node(self, inode: int) -> tuple[Node, MountedLayer]:
+        found = self._owner.get(inode)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = pyfuse3.ROOT_INODE
+        attrs.st_mode = stat.S_IFDIR | 0o755
+        attrs.st_nlink = 2 + len(self._layers)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._root_mtime
+        attrs.entry_timeout = attrs.attr_timeout = ROOT_TIMEOUT
+        return attrs
+
+    @staticmethod
+    def _attrs(node: Node) -> pyfuse3.EntryAttributes:
+        entry = node.entry
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.st_mode = node.mode
+        attrs.st_nlink = node.nlink + (1 if node.is_dir else 0)
+        attrs.st_uid = entry.uid
+        attrs.st_gid = entry.gid
+        if entry.type in ("char", "block"):
+            attrs.st_rdev = os.makedev(entry.dev_major, entry.dev_minor)
+        size = entry.size if entry.type in ("reg", "hardlink") else 0
+        if entry.type == "symlink":
+            size = len(entry.link_name.encode("utf-8", "surrogateescape"))
+        attrs.st_size = size
+        attrs.st_blksize = 4096
+        attrs.st_blocks = math.ceil(size / 512)
+        mtime = int(entry.mtime * 1_000_000_000)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
+        attrs.entry_timeout = attrs.attr_timeout = IMMUTABLE_TIMEOUT
+        return attrs
+
+    # -- pyfuse3 operations ---------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Any = None
+    ) -> pyfuse3.EntryAttributes:
+        async def run() -> pyfuse3.EntryAttributes:
+            if parent_inode == pyfuse3.ROOT_INODE:
+                mounted = self._layers.get(name)
+                if mounted is None:
+                    raise pyfuse3.FUSEError(errno.ENOENT)
+                return self._attrs(mounted.tree.root)
+            node, _ = self._node(parent_inode)
+            child = (node.children or {}).get(name)
+            if child is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(child)
+
+        return await self._timed("lookup", run)
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        async def run() -> pyfuse3.EntryAttributes:
+            if inode == pyfuse3.ROOT_INODE:
+                return self._root_attrs()
+            return self._attrs(self._node(inode)[0])
+
+        return await self._timed("getattr", run)
+
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        node, _ = self._node(inode)
+        if node.entry.type != "symlink":
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        metrics.FUSE_OPS.labels("readlink").inc()
+        return node.entry.link_name.encode("utf-8", "surrogateescape")
+
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        if inode != pyfuse3.ROOT_INODE and not self._node(inode)[0].is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        async def run() -> None:
+            if fh == pyfuse3.ROOT_INODE:
+                items = [(name, m.tree.root) for name, m in sorted(self._layers.items())]
+            else:
+                node, _ = self._node(fh)
+                items = sorted((node.children or {}).items())
+            for index in range(start_id, len(items)):
+                name, child = items[index]
+                if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):
+                    break
+
+        await self._timed("readdir", run)
+
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node, _ = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        metrics.FUSE_OPS.labels("open").inc()
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._timed("read", lambda: self._read(fh, off, size))
+
+    async def _read(self, inode: int, offset: int, size: int) -> bytes:
+        node, mounted = self._node(inode)
+        plan = mounted.layer.read_plan(node.entry, offset, size)
+        blob = mounted.layer.blob
+        parts: list[bytes | None] = [
+            self.cache.read(blob.digest, piece.chunk.key, piece.start, piece.length)
+            for piece in plan
+        ]
+        missing = [i for i, part in enumerate(parts) if part is None]
+        metrics.CACHE_HITS.inc(len(plan) - len(missing))
+        if missing:
+            metrics.CACHE_MISSES.inc(len(missing))
+            if self._on_demand is not None:
+                self._on_demand(mounted, node.entry, offset, size)
+            try:
+                chunks = await self.fetcher.get_many(
+                    blob, [plan[i].chunk for i in missing], Priority.DEMAND
+                )
+            except (ChunkFetchError, RegistryError, ValueError, OSError) as exc:
+                log.error(
+                    "fs.read_failed",
+                    layer=mounted.name,
+                    path=node.entry.name,
+                    offset=offset,
+                    error=str(exc),
+                )
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            for i, chunk in zip(missing, chunks, strict=True):
+                piece = plan[i]
+                parts[i] = chunk[piece.start : piece.start + piece.length]
+        if not mounted.first_byte_seen:
+            mounted.first_byte_seen = True
+            metrics.FIRST_BYTE_SECONDS.observe(time.monotonic() - mounted.mounted_at)
+        return b"".join(p for p in parts if p is not None)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        node, _ = self._node(inode)
+        value = node.xattrs.get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        if inode == pyfuse3.ROOT_INODE:
+            return []
+        return list(self._node(inode)[0].xattrs)
+
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_namemax = 255
+        return data

@@ -1,0 +1,174 @@
+"""A layer's file tree as overlayfs must see it as a lower directory.
+
+Built from the layer's TOC. The tar's OCI whiteouts become what overlayfs itself uses:
+`.wh.<name>` turns into a character device 0/0 called `<name>`, and `.wh..wh..opq`
+turns into the `trusted.overlay.opaque=y` xattr on its directory. Later tar entries of
+the same name replace earlier ones (tar semantics), hardlinks share one inode, and
+directories the tar only implies are created with containerd's defaults (0755, root).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+from dataclasses import dataclass, field
+
+from formats.toc import TocEntry
+
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+_TYPE_BITS = {
+    "reg": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "hardlink": stat.S_IFREG,
+    "char": stat.S_IFCHR,
+    "block": stat.S_IFBLK,
+    "fifo": stat.S_IFIFO,
+}
+
+
+@dataclass
+class Node:
+    """One inode of a layer tree. ``entry`` carries metadata and, for files, the data's
+    location (interpreted by the layer's reader)."""
+
+    inode: int
+    entry: TocEntry
+    children: dict[bytes, Node] | None = None
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    nlink: int = 1
+    parent: Node | None = None
+
+    @property
+    def mode(self) -> int:
+        """st_mode: file type bits plus permission bits."""
+        return _TYPE_BITS[self.entry.type] | (self.entry.mode & 0o7777)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+
+class InodeAllocator:
+    """Inode numbers unique across every layer of the mount (the kernel needs that)."""
+
+    def __init__(self, first: int = 2) -> None:
+        self._next = first
+
+    def take(self) -> int:
+        """A fresh inode number."""
+        value = self._next
+        self._next += 1
+        return value
+
+
+def _visible_xattrs(entry: TocEntry) -> dict[bytes, bytes]:
+    """The xattrs a container sees: containerd refuses `trusted.*` ("admin attributes")
+    from archives, so must we; otherwise a layer could forge overlayfs's own
+    `trusted.overlay.*` metadata."""
+    return {k.encode(): v for k, v in entry.xattrs.items() if not k.startswith("trusted.")}
+
+
+def _implied_dir(name: str) -> TocEntry:
+    return TocEntry(name=name, type="dir", mode=0o755)
+
+
+class LayerTree:
+    """Builds and holds the node table of one layer."""
+
+    def __init__(self, entries: list[TocEntry], inodes: InodeAllocator) -> None:
+        self._inodes = inodes
+        self.root = Node(inodes.take(), _implied_dir(""), children={})
+        self.nodes: dict[int, Node] = {self.root.inode: self.root}
+        self._by_path: dict[str, Node] = {"": self.root}
+        pending_links: list[TocEntry] = []
+        for entry in entries:
+            if entry.type == "hardlink":
+                pending_links.append(entry)
+            elif entry.is_opaque_marker:
+                self._directory(posixpath.dirname(entry.name)).xattrs[OPAQUE_XATTR] = b"y"
+            elif entry.is_whiteout:
+                whiteout = TocEntry(
+                    name=entry.whiteout_target,
+                    type="char",
+                    mode=0,
+                    uid=entry.uid,
+                    gid=entry.gid,
+                    mtime=entry.mtime,
+                )
+                self._place(whiteout)
+            elif entry.name == "":
+                self._update_root(entry)
+            else:
+                self._place(entry)
+        for link in pending_links:
+            self._link(link)
+
+    def _update_root(self, entry: TocEntry) -> None:
+        self.root.entry = entry
+        self.root.xattrs.update(_visible_xattrs(entry))
+
+    def _directory(self, path: str) -> Node:
+        """The directory node at ``path``, creating implied parents; a non-directory in
+        the way is replaced, as unpacking the tar would do."""
+        node = self._by_path.get(path)
+        if node is not None and node.is_dir:
+            return node
+        return self._place(_implied_dir(path))
+
+    def _place(self, entry: TocEntry) -> Node:
+        parent = self._directory(posixpath.dirname(entry.name))
+        assert parent.children is not None
+        base = posixpath.basename(entry.name).encode("utf-8", "surrogateescape")
+        existing = parent.children.get(base)
+        if existing is not None and existing.is_dir and entry.type == "dir":
+            existing.entry = entry  # a later header for a directory updates its metadata
+            existing.xattrs.update(_visible_xattrs(entry))
+            return existing
+        if existing is not None:
+            self._drop(existing)
+        node = Node(
+            self._inodes.take(),
+            entry,
+            children={} if entry.type == "dir" else None,
+            xattrs=_visible_xattrs(entry),
+            parent=parent,
+        )
+        parent.children[base] = node
+        self.nodes[node.inode] = node
+        self._by_path[entry.name] = node
+        return node
+
+    def _drop(self, node: Node) -> None:
+        """Forget a replaced node and, for a directory, everything below it."""
+        node.nlink -= 1
+        if node.nlink > 0:
+            return
+        self.nodes.pop(node.inode, None)
+        self._by_path.pop(node.entry.name, None)
+        for child in (node.children or {}).values():
+            self._drop(child)
+
+    def _link(self, link: TocEntry) -> None:
+        target = self._by_path.get(link.link_name)
+        if target is None or target.is_dir:
+            return  # a dangling hardlink: unpacking fails on it too, so serve nothing
+        parent = self._directory(posixpath.dirname(link.name))
+        assert parent.children is not None
+        base = posixpath.basename(link.name).encode("utf-8", "surrogateescape")
+        existing = parent.children.get(base)
+        if existing is target:
+            return
+        if existing is not None:
+            self._drop(existing)
+        parent.children[base] = target
+        target.nlink += 1
+        self._by_path[link.name] = target
+
+    def lookup(self, path: str) -> Node | None:
+        """The node at a normalized relative path (first name of hardlinked files)."""
+        return self._by_path.get(path)
+
+    def regular_files(self) -> list[Node]:
+        """Every distinct regular-file node (hardlinks counted once)."""
+        return [n for n in self.nodes.values() if n.entry.type in ("reg", "hardlink")]

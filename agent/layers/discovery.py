@@ -1,0 +1,213 @@
+"""Find a lazily servable form of a layer, given what containerd tells us about it.
+
+containerd's Prepare labels name the image (as the user wrote it), its manifest digest
+and the layer digest. In order of preference we serve the layer from:
+1. the layer itself, when it is eStargz (a full-mode image, or one made by other tools:
+   recognised by the TOC-digest annotation, or failing that by the eStargz footer);
+2. the full-mode twin published as `<tag>_accelerated` from this very manifest, whose
+   layer at the same position holds the same files as eStargz (per-file chunks are
+   cheaper to serve than inflating checkpoint spans);
+3. an index-only artifact that refers to the image's manifest (referrers API or the
+   tag-schema fallback).
+Anything else is a NoAccelerationError whose ``reason`` feeds the fallback metric.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.layers.estargz_layer import EstargzLayer
+from agent.layers.indexed_layer import IndexedLayer
+from common.logging import get_logger
+from fetcher import mediatypes as mt
+from fetcher.chunks import BlobSource
+from fetcher.errors import NotFoundError, RegistryError
+from fetcher.manifest import Descriptor, ImageIndex, ImageManifest, Platform
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from formats import layer_index
+from formats.accelerated import (
+    ANNOTATION_LAYER_DIGEST,
+    ANNOTATION_PREFETCH,
+    ANNOTATION_SOURCE_DIGEST,
+    ARTIFACT_TYPE_INDEX,
+    MEDIA_TYPE_LAYER_INDEX,
+    accelerated_tag,
+    is_accelerated_tag,
+)
+from formats.estargz_reader import parse_toc
+from formats.estargz_toc import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, EstargzFormatError, parse_footer
+
+log = get_logger(__name__)
+MAX_INDEX_BLOB = 256 << 20
+MAX_TOC_MEMBER = 64 << 20
+
+
+class NoAccelerationError(Exception):
+    """This layer cannot be served lazily; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class DiscoveredLayer:
+    """A lazily servable layer plus what the image's publisher said startup needs."""
+
+    layer: EstargzLayer | IndexedLayer
+    prefetch_paths: list[str]
+
+
+async def open_estargz(
+    client: RegistryClient, blob: BlobSource, toc_digest: str | None
+) -> EstargzLayer:
+    """Read footer and TOC (two small range reads) and build the layer reader."""
+    if blob.size < FOOTER_SIZE:
+        raise EstargzFormatError("blob too small to be eStargz")
+    tail = await client.get_range(blob.ref, blob.digest, blob.size - FOOTER_SIZE, FOOTER_SIZE)
+    toc_offset = parse_footer(tail, blob.size)
+    toc_length = blob.size - FOOTER_SIZE - toc_offset
+    if toc_length <= 0 or toc_length > MAX_TOC_MEMBER:
+        raise EstargzFormatError(f"implausible TOC length {toc_length}")
+    member = await client.get_range(blob.ref, blob.digest, toc_offset, toc_length)
+    return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest))
+
+
+def _prefetch_from(annotations: dict[str, str]) -> list[str]:
+    import json
+
+    raw = annotations.get(ANNOTATION_PREFETCH)
+    if not raw:
+        return []
+    try:
+        paths = json.loads(raw)
+    except ValueError:
+        return []
+    return [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+
+
+class LayerDiscovery:
+    """Looks up accelerated forms in the registry (cached per manifest)."""
+
+    def __init__(self, client: RegistryClient, use_referrers: bool = True) -> None:
+        self.client = client
+        self.use_referrers = use_referrers
+        self._manifests: dict[str, ImageManifest] = {}
+
+    async def _manifest(self, ref: ImageReference, digest: str | None) -> tuple[str, ImageManifest]:
+        if digest and digest in self._manifests:
+            return digest, self._manifests[digest]
+        if digest:
+            fetched = await self.client.get_manifest(ref.with_digest(digest))
+            if not isinstance(fetched.parsed, ImageManifest):
+                raise NoAccelerationError("bad-manifest", f"{digest} is not an image manifest")
+            self._manifests[digest] = fetched.parsed
+            return digest, fetched.parsed
+        resolved = await self.client.resolve(ref)
+        self._manifests[resolved.manifest_digest] = resolved.manifest
+        return resolved.manifest_digest, resolved.manifest
+
+    async def discover(
+        self, image_ref: str, manifest_digest: str | None, layer_digest: str
+    ) -> DiscoveredLayer:
+        """The best lazy form of ``layer_digest`` of ``image_ref``; NoAccelerationError if none."""
+        try:
+            ref = ImageReference.parse(image_ref)
+        except ValueError as exc:
+            raise NoAccelerationError("bad-reference", str(exc)) from None
+        try:
+            digest, manifest = await self._manifest(ref, manifest_digest)
+            position = next(
+                (i for i, d in enumerate(manifest.layers) if d.digest == layer_digest), None
+            )
+            if position is None:
+                raise NoAccelerationError("layer-not-in-manifest", layer_digest)
+            descriptor = manifest.layers[position]
+            blob = BlobSource(ref, descriptor.digest, descriptor.size)
+            prefetch = _prefetch_from(manifest.annotations)
+            if TOC_DIGEST_ANNOTATION in descriptor.annotations:
+                layer = await open_estargz(
+                    self.client, blob, descriptor.annotations[TOC_DIGEST_ANNOTATION]
+                )
+                return DiscoveredLayer(layer, prefetch)
+            if ref.tag and not is_accelerated_tag(ref.tag):
+                found = await self._from_full_twin(ref, digest, position)
+                if found is not None:
+                    return found
+            if self.use_referrers:
+                found = await self._from_index_artifact(ref, digest, descriptor)
+                if found is not None:
+                    return found
+            if descriptor.media_type in mt.GZIP_LAYERS:
+                try:
+                    return DiscoveredLayer(await open_estargz(self.client, blob, None), prefetch)
+                except EstargzFormatError:
+                    pass
+        except RegistryError as exc:
+            raise NoAccelerationError("registry-error", str(exc)) from None
+        except (EstargzFormatError, layer_index.IndexFormatError) as exc:
+            raise NoAccelerationError("bad-index", str(exc)) from None
+        raise NoAccelerationError("not-accelerated", f"{image_ref} layer {layer_digest}")
+
+    async def _from_index_artifact(
+        self, ref: ImageReference, manifest_digest: str, layer: Descriptor
+    ) -> DiscoveredLayer | None:
+        for desc in await self.client.referrers(ref, manifest_digest, ARTIFACT_TYPE_INDEX):
+            artifact = await self.client.get_manifest(ref.with_digest(desc.digest))
+            parsed = artifact.parsed
+            if (
+                not isinstance(parsed, ImageManifest)
+                or parsed.subject is None
+                or (parsed.subject.digest != manifest_digest)
+            ):
+                continue
+            for blob_desc in parsed.layers:
+                if (
+                    blob_desc.media_type == MEDIA_TYPE_LAYER_INDEX
+                    and blob_desc.annotations.get(ANNOTATION_LAYER_DIGEST) == layer.digest
+                ):
+                    raw = await self.client.get_blob(ref, blob_desc.digest, MAX_INDEX_BLOB)
+                    index = layer_index.parse(raw)
+                    if index.layer_digest != layer.digest or index.compressed_size != layer.size:
+                        raise layer_index.IndexFormatError("index describes another layer")
+                    blob = BlobSource(ref, layer.digest, layer.size)
+                    return DiscoveredLayer(
+                        IndexedLayer(blob, index), _prefetch_from(parsed.annotations)
+                    )
+        return None
+
+    async def _from_full_twin(
+        self, ref: ImageReference, manifest_digest: str, position: int
+    ) -> DiscoveredLayer | None:
+        assert ref.tag is not None
+        twin_ref = ref.with_tag(accelerated_tag(ref.tag))
+        try:
+            fetched = await self.client.get_manifest(twin_ref)
+        except NotFoundError:
+            return None
+        candidates: list[ImageManifest] = []
+        if isinstance(fetched.parsed, ImageIndex):
+            for desc in fetched.parsed.manifests:
+                if desc.platform is None or Platform.host().matches(desc.platform):
+                    sub = await self.client.get_manifest(twin_ref.with_digest(desc.digest))
+                    if isinstance(sub.parsed, ImageManifest):
+                        candidates.append(sub.parsed)
+        else:
+            candidates.append(fetched.parsed)
+        for twin in candidates:
+            if (
+                twin.annotations.get(ANNOTATION_SOURCE_DIGEST) != manifest_digest
+                or twin.artifact_type is not None
+                or position >= len(twin.layers)
+            ):
+                continue
+            descriptor = twin.layers[position]
+            if TOC_DIGEST_ANNOTATION not in descriptor.annotations:
+                continue
+            blob = BlobSource(ref, descriptor.digest, descriptor.size)
+            layer = await open_estargz(
+                self.client, blob, descriptor.annotations[TOC_DIGEST_ANNOTATION]
+            )
+            return DiscoveredLayer(layer, _prefetch_from(twin.annotations))
+        return None

@@ -1,0 +1,89 @@
+"""Index-only layers: the original gzip (or plain tar) blob read in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from fetcher.chunks import BlobSource, ChunkSpec
+
+from agent.layers.lazy_layer import ChunkSlice
+from formats.layer_index import LayerIndex
+from formats.toc import TocEntry
+
+PLAIN_TAR_CHUNK = 4 << 20
+
+
+class IndexedLayer:
+    """Serves files from checkpoint spans of the tar stream, each inflated and verified."""
+
+    kind = "index"
+
+    def __init__(self, blob: BlobSource, index: LayerIndex) -> None:
+        self.blob = blob
+        self.index = index
+        self.entries: list[TocEntry] = index.entries
+        self._bounds = self._span_bounds()
+        self._specs: dict[int, ChunkSpec] = {}
+
+    def _span_bounds(self) -> list[tuple[int, int]]:
+        """Uncompressed (start, end) of every span."""
+        if self.index.is_gzip:
+            return [self.index.span_range(i) for i in range(len(self.index.checkpoints))]
+        size, step = self.index.uncompressed_size, PLAIN_TAR_CHUNK
+        return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+    def _span_of(self, tar_offset: int) -> int:
+        if self.index.is_gzip:
+            lo, hi = 0, len(self._bounds) - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._bounds[mid][0] <= tar_offset:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            return lo
+        return tar_offset // PLAIN_TAR_CHUNK
+
+    def _spec(self, number: int) -> ChunkSpec:
+        spec = self._specs.get(number)
+        if spec is None:
+            start, end = self._bounds[number]
+            plan = self.index.plan_read(start, end - start)
+            decode: Callable[[bytes], bytes]
+            if self.index.is_gzip:
+                decode = partial(self.index.read_span, number)
+            else:
+                decode = partial(self.index.read_plain_span, number)
+            spec = ChunkSpec(f"s{number:08d}", plan.fetch_start, plan.fetch_end, decode)
+            self._specs[number] = spec
+        return spec
+
+    def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
+        """Span slices holding the file's bytes [offset, offset+length) (clipped at EOF)."""
+        end = min(offset + length, entry.size)
+        if offset >= end:
+            return []
+        position = entry.offset + offset
+        stop = entry.offset + end
+        plan = []
+        number = self._span_of(position)
+        while position < stop:
+            span_start, span_end = self._bounds[number]
+            take = min(span_end, stop) - position
+            plan.append(ChunkSlice(self._spec(number), position - span_start, take))
+            position += take
+            number += 1
+        return plan
+
+    def file_chunks(self, entry: TocEntry) -> list[ChunkSpec]:
+        """Every span holding part of the file."""
+        return [s.chunk for s in self.read_plan(entry, 0, entry.size)]
+
+    def all_chunks(self) -> list[ChunkSpec]:
+        """Every span of the layer, in order."""
+        return [self._spec(i) for i in range(len(self._bounds))]
+
+    def prefetch_chunks(self) -> list[ChunkSpec]:
+        """Index-only layers keep their prefetch list in the artifact, not the blob."""
+        return []

@@ -1,0 +1,148 @@
+"""The snapshotter's remote-layer hook: lazy layers mounted in the agent's FUSE tree.
+
+On a Prepare that carries CRI's labels, this finds the layer's accelerated form, puts
+its tree under the FUSE mount, and starts fetching in the background: first what the
+image says startup needs (prefetch), then the whole layer (background fill), so the
+node converges to holding the full image while the container is already running.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import ChunkSpec, Priority
+from fetcher.scheduler import ChunkFetcher
+
+from agent import metrics
+from agent.fs.operations import LayerFS
+from agent.layers.discovery import LayerDiscovery, NoAccelerationError
+from agent.layers.lazy_layer import LazyLayer
+from common.logging import get_logger
+from formats.toc import HostileLayerError, normalize_name
+
+log = get_logger(__name__)
+
+LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+
+
+def layer_name(kind: str, digest: str) -> str:
+    """The directory of a layer under the mount root (stable across restarts)."""
+    return f"{kind}-{digest.replace(':', '-')}"
+
+
+def prefetch_chunks(layer: LazyLayer, paths: list[str]) -> list[ChunkSpec]:
+    """Chunks of the files a prefetch list names (a trailing `/` takes a whole tree)."""
+    wanted_files: set[str] = set()
+    wanted_dirs: list[str] = []
+    for path in paths:
+        try:
+            name = normalize_name(path.lstrip("/"))
+        except HostileLayerError:
+            continue
+        if path.endswith("/"):
+            wanted_dirs.append(name + "/" if name else "")
+        else:
+            wanted_files.add(name)
+    chunks: list[ChunkSpec] = []
+    seen: set[str] = set()
+    for entry in layer.entries:
+        if entry.type != "reg":
+            continue
+        if entry.name in wanted_files or any(entry.name.startswith(d) for d in wanted_dirs):
+            for chunk in layer.file_chunks(entry):
+                if chunk.key not in seen:
+                    seen.add(chunk.key)
+                    chunks.append(chunk)
+    return chunks
+
+
+class LazyLayerProvider:
+    """Implements the snapshotter's RemoteLayers protocol with FUSE + the fetcher."""
+
+    def __init__(
+        self,
+        discovery: LayerDiscovery,
+        fs: LayerFS,
+        fetcher: ChunkFetcher,
+        cache: ChunkCache,
+        mountpoint: Path,
+        prefetch: bool = True,
+        background_fill: bool = True,
+    ) -> None:
+        self.discovery = discovery
+        self.fs = fs
+        self.fetcher = fetcher
+        self.cache = cache
+        self.mountpoint = mountpoint
+        self.prefetch = prefetch
+        self.background_fill = background_fill
+
+    async def prepare_layer(
+        self, key: str, parent: str | None, labels: dict[str, str]
+    ) -> Path | None:
+        """Mount the layer lazily, or return None (and count why) to fall back."""
+        image_ref = labels.get(LABEL_IMAGE_REF)
+        layer_digest = labels.get(LABEL_LAYER_DIGEST)
+        if not image_ref or not layer_digest:
+            metrics.FALLBACKS.labels("no-cri-labels").inc()
+            metrics.LAYERS.labels("fallback").inc()
+            return None
+        try:
+            found = await self.discovery.discover(
+                image_ref, labels.get(LABEL_MANIFEST_DIGEST), layer_digest
+            )
+        except NoAccelerationError as exc:
+            log.info(
+                "agent.layer_fallback",
+                image=image_ref,
+                layer=layer_digest,
+                reason=exc.reason,
+                detail=str(exc),
+            )
+            metrics.FALLBACKS.labels(exc.reason).inc()
+            metrics.LAYERS.labels("fallback").inc()
+            return None
+        layer = found.layer
+        name = layer_name(layer.kind, layer.blob.digest)
+        self.fs.add_layer(name, layer)
+        self.cache.pin(layer.blob.digest)
+        if self.prefetch:
+            chunks = layer.prefetch_chunks() + prefetch_chunks(layer, found.prefetch_paths)
+            if chunks:
+                self.fetcher.enqueue(layer.blob, chunks, Priority.PREFETCH)
+        if self.background_fill:
+            self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
+        metrics.LAYERS.labels("lazy").inc()
+        log.info(
+            "agent.layer_lazy",
+            image=image_ref,
+            layer=layer_digest,
+            kind=layer.kind,
+            files=len(layer.entries),
+            key=key,
+        )
+        return self.mountpoint / name
+
+    async def restore_layer(self, labels: dict[str, str]) -> Path | None:
+        """After a restart: mount a committed remote snapshot's layer again."""
+        return await self.prepare_layer("restore", None, labels)
+
+    async def release_layer(self, labels: dict[str, str], path: Path) -> None:
+        """The snapshot is gone: unmount the layer and let the cache evict its chunks."""
+        name = posixpath.basename(str(path))
+        mounted = self.fs.layer(name)
+        if mounted is not None:
+            self.cache.unpin(mounted.layer.blob.digest)
+            self.fs.remove_layer(name)
+
+    def layer_usage(self, path: Path) -> tuple[int, int]:
+        """(bytes, inodes) a lazy layer occupies: its file sizes, as a full unpack would."""
+        mounted = self.fs.layer(posixpath.basename(str(path)))
+        if mounted is None:
+            return 0, 0
+        nodes = mounted.tree.nodes.values()
+        return sum(n.entry.size for n in nodes), len(mounted.tree.nodes)

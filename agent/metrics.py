@@ -1,0 +1,84 @@
+"""The agent's Prometheus metrics: one registry, one definition of every series.
+
+The Grafana dashboard and alerts query these names, so they are defined in one module
+(and tested against the dashboard) rather than wherever they are incremented.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry()
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+
+FETCH_BYTES = Counter(
+    "acceld_fetch_bytes_total",
+    "Compressed bytes fetched from registries",
+    ["priority"],
+    registry=REGISTRY,
+)
+RANGE_REQUESTS = Counter(
+    "acceld_range_requests_total", "HTTP Range requests sent", ["priority"], registry=REGISTRY
+)
+RANGE_SECONDS = Histogram(
+    "acceld_range_request_seconds",
+    "Latency of one Range request",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+CORRUPT_CHUNKS = Counter(
+    "acceld_corrupt_chunks_total", "Chunks whose bytes failed verification", registry=REGISTRY
+)
+FUSE_OPS = Counter("acceld_fuse_ops_total", "FUSE operations served", ["op"], registry=REGISTRY)
+FUSE_ERRORS = Counter(
+    "acceld_fuse_errors_total",
+    "FUSE operations answered with an error",
+    ["op", "errno"],
+    registry=REGISTRY,
+)
+FUSE_SECONDS = Histogram(
+    "acceld_fuse_op_seconds",
+    "Latency of FUSE operations",
+    ["op"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+CACHE_HITS = Counter(
+    "acceld_cache_hits_total", "Reads served from the chunk cache", registry=REGISTRY
+)
+CACHE_MISSES = Counter(
+    "acceld_cache_misses_total", "Reads that waited for a fetch", registry=REGISTRY
+)
+CACHE_BYTES = Gauge("acceld_cache_bytes", "Bytes in the on-disk chunk cache", registry=REGISTRY)
+LAYERS = Counter(
+    "acceld_layers_total", "Layers prepared, lazily or by fallback", ["mode"], registry=REGISTRY
+)
+FALLBACKS = Counter(
+    "acceld_fallbacks_total", "Layers that fell back to a full pull", ["reason"], registry=REGISTRY
+)
+FIRST_BYTE_SECONDS = Histogram(
+    "acceld_prepare_to_first_byte_seconds",
+    "Time from a layer's Prepare to its first byte served",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+LAZY_LAYERS_MOUNTED = Gauge(
+    "acceld_lazy_layers_mounted", "Lazy layers currently mounted", registry=REGISTRY
+)
