@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from accelctl.convert_cmd import convert
+from accelctl.convert_server_cmd import convert_server
 from accelctl.demo import demo
 from accelctl.inspect_image import inspect_image
 from common.logging import configure_logging
@@ -20,6 +22,8 @@ def cli(log_level: str) -> None:
 
 cli.add_command(inspect_image)
 cli.add_command(demo)
+cli.add_command(convert)
+cli.add_command(convert_server)
 
 
 def main() -> None:

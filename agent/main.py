@@ -26,8 +26,9 @@ def check() -> None:
     checks = run_checks()
     table = Table("capability", "ok", "detail", "needed for")
     for item in checks:
-        table.add_row(item.name, "yes" if item.ok else "[red]NO[/red]", item.detail,
-                      item.needed_for)
+        table.add_row(
+            item.name, "yes" if item.ok else "[red]NO[/red]", item.detail, item.needed_for
+        )
     Console().print(table)
     sys.exit(0 if all(item.ok for item in checks) else 1)
 

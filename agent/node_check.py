@@ -38,19 +38,39 @@ def run_checks() -> list[Check]:
     fuse_dev = Path("/dev/fuse")
     btf = Path("/sys/kernel/btf/vmlinux")
     checks = [
-        Check("fuse device", fuse_dev.exists() and os.access(fuse_dev, os.R_OK | os.W_OK),
-              str(fuse_dev), "lazy layers"),
+        Check(
+            "fuse device",
+            fuse_dev.exists() and os.access(fuse_dev, os.R_OK | os.W_OK),
+            str(fuse_dev),
+            "lazy layers",
+        ),
         Check("fuse filesystem", "fuse" in fs, "fuse in /proc/filesystems", "lazy layers"),
         Check("overlayfs", "overlay" in fs, "overlay in /proc/filesystems", "containers"),
-        Check("fusermount3", shutil.which("fusermount3") is not None,
-              shutil.which("fusermount3") or "not on PATH", "unmounting as non-root"),
-        Check("containerd", shutil.which("containerd") is not None,
-              shutil.which("containerd") or "not on PATH", "containers"),
-        Check("runc", shutil.which("runc") is not None, shutil.which("runc") or "not on PATH",
-              "containers"),
+        Check(
+            "fusermount3",
+            shutil.which("fusermount3") is not None,
+            shutil.which("fusermount3") or "not on PATH",
+            "unmounting as non-root",
+        ),
+        Check(
+            "containerd",
+            shutil.which("containerd") is not None,
+            shutil.which("containerd") or "not on PATH",
+            "containers",
+        ),
+        Check(
+            "runc",
+            shutil.which("runc") is not None,
+            shutil.which("runc") or "not on PATH",
+            "containers",
+        ),
         Check("kernel BTF", btf.exists(), str(btf), "startup tracing (eBPF)"),
-        Check("bcc", importlib.util.find_spec("bcc") is not None,
-              "python bcc module (Debian python3-bpfcc)", "startup tracing (eBPF)"),
+        Check(
+            "bcc",
+            importlib.util.find_spec("bcc") is not None,
+            "python bcc module (Debian python3-bpfcc)",
+            "startup tracing (eBPF)",
+        ),
         Check("root", os.geteuid() == 0, f"euid {os.geteuid()}", "mounts and eBPF"),
     ]
     return checks
