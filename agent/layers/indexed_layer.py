@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from fetcher.chunks import BlobSource, ChunkSpec
-
 from agent.layers.lazy_layer import ChunkSlice
+from fetcher.chunks import BlobSource, ChunkSpec
 from formats.layer_index import LayerIndex
 from formats.toc import TocEntry
-
-PLAIN_TAR_CHUNK = 4 << 20
 
 
 class IndexedLayer:
@@ -30,7 +27,7 @@ class IndexedLayer:
         """Uncompressed (start, end) of every span."""
         if self.index.is_gzip:
             return [self.index.span_range(i) for i in range(len(self.index.checkpoints))]
-        size, step = self.index.uncompressed_size, PLAIN_TAR_CHUNK
+        size, step = self.index.uncompressed_size, self.index.span_size
         return [(start, min(start + step, size)) for start in range(0, size, step)]
 
     def _span_of(self, tar_offset: int) -> int:
@@ -43,7 +40,7 @@ class IndexedLayer:
                 else:
                     hi = mid - 1
             return lo
-        return tar_offset // PLAIN_TAR_CHUNK
+        return tar_offset // self.index.span_size
 
     def _spec(self, number: int) -> ChunkSpec:
         spec = self._specs.get(number)

@@ -1,0 +1,626 @@
+"""The index-only artifact for one layer: gzip checkpoints, span digests and file table.
+
+With it the agent serves a layer's files straight from the untouched registry blob: the
+file table says where a file's bytes lie in the uncompressed tar, the checkpoints say
+which compressed byte range to fetch and where to start inflating, and the span and file
+digests prove what was inflated. The artifact arrives from the registry, so parsing
+treats it as hostile: every count, offset and name is checked before anything trusts it.
+
+Encoding: a msgpack map. The file table, which repeats itself a lot (paths, owners,
+small offset gaps), is a zlib-compressed msgpack array of per-entry arrays, with each
+offset stored as the gap after the previous entry's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import queue
+import threading
+import zlib
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, cast
+
+import msgpack
+
+from fetcher.mediatypes import GZIP_LAYERS, TAR_LAYERS
+from formats.gzip_index import (
+    DEFAULT_SPAN,
+    WINDOW_SIZE,
+    Checkpoint,
+    CorruptSpanError,
+    GzipCheckpointer,
+    GzipIndexError,
+    RangePlan,
+    decompress_window,
+    inflate_range,
+    inflate_span,
+    plan_range,
+)
+from formats.toc import (
+    ENTRY_TYPES,
+    MAX_ENTRY_SIZE,
+    MAX_NAME_BYTES,
+    MAX_XATTR_BYTES,
+    HostileLayerError,
+    TocEntry,
+    iter_tar_entries,
+    normalize_name,
+)
+
+MAGIC = "acceld.layer-index"
+VERSION = 1
+MIN_SPAN = WINDOW_SIZE
+MAX_SPAN = 1 << 30
+MAX_LAYER_SIZE = 1 << 44
+MAX_CHECKPOINTS = 1 << 22
+MAX_ENTRIES = 1 << 22
+MAX_TOC_BYTES = 1 << 28
+MAX_ARTIFACT_BYTES = 1 << 30
+_DIGEST_BYTES = 32
+_READ_CHUNK = 1 << 20
+# How far behind the tar walker's read position file data may start (tarfile reads
+# ahead by at most one 10 KiB record).
+_TYPE_CODES = {name: code for code, name in enumerate(ENTRY_TYPES)}
+_ENTRY_FIELDS = 15
+# Tar names are bytes; toc.py carries undecodable ones as surrogate escapes, and so
+# does the file table, so such a name survives the round trip unchanged.
+_NAME_ERRORS = "surrogateescape"
+
+
+class IndexFormatError(ValueError):
+    """The bytes are not a valid layer index: never use any part of them."""
+
+
+class UnsupportedLayerError(ValueError):
+    """The layer's media type has no random-access index form (zstd, unknown)."""
+
+
+@dataclass
+class LayerIndex:
+    """Everything the agent needs to serve one untouched layer lazily.
+
+    ``checkpoints``, ``windows`` (zlib-compressed; empty where the span needs no history,
+    e.g. at a gzip member start) and ``span_digests`` run in parallel; all three are
+    empty for an uncompressed tar, whose bytes are read directly at the entries' offsets.
+    """
+
+    layer_digest: str
+    media_type: str
+    compressed_size: int
+    uncompressed_size: int
+    span_size: int
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    windows: list[bytes] = field(default_factory=list)
+    span_digests: list[bytes] = field(default_factory=list)
+    entries: list[TocEntry] = field(default_factory=list)
+
+    @property
+    def is_gzip(self) -> bool:
+        return self.media_type in GZIP_LAYERS
+
+    def window(self, number: int) -> bytes:
+        return decompress_window(self.windows[number])
+
+    def plan_read(self, offset: int, length: int) -> RangePlan:
+        """Which checkpoint to inflate from and which blob bytes to fetch for
+        uncompressed ``[offset, offset + length)`` (checkpoint -1 for a plain tar: the
+        bytes are fetched as they are)."""
+        if offset < 0 or length < 0 or offset + length > self.uncompressed_size:
+            raise ValueError(f"range {offset}+{length} outside the layer")
+        if not self.is_gzip:
+            return RangePlan(-1, offset, offset + length)
+        return plan_range(self.checkpoints, self.compressed_size, offset, length)
+
+    def read(self, plan: RangePlan, fetched: bytes, offset: int, length: int) -> bytes:
+        """Uncompressed ``[offset, offset + length)`` from the bytes ``plan`` fetched."""
+        if not self.is_gzip:
+            return bytes(fetched[offset - plan.fetch_start : offset - plan.fetch_start + length])
+        number = plan.checkpoint
+        return inflate_range(self.checkpoints[number], self.window(number), fetched, offset, length)
+
+    def span_range(self, number: int) -> tuple[int, int]:
+        """Uncompressed ``(start, end)`` of span ``number``."""
+        start = self.checkpoints[number].uncompressed_offset
+        if number + 1 < len(self.checkpoints):
+            return start, self.checkpoints[number + 1].uncompressed_offset
+        return start, self.uncompressed_size
+
+    def read_plain_span(self, number: int, fetched: bytes) -> bytes:
+        """Span ``number`` of an uncompressed tar layer (the fetched bytes themselves),
+        checked against its digest."""
+        start = number * self.span_size
+        expected = min(self.span_size, self.uncompressed_size - start)
+        if (
+            len(fetched) != expected
+            or hashlib.sha256(fetched).digest() != (self.span_digests[number])
+        ):
+            raise CorruptSpanError(f"span {number} of {self.layer_digest} fails its digest")
+        return fetched
+
+    def read_span(self, number: int, fetched: bytes) -> bytes:
+        """The whole span ``number``, digest-checked (CorruptSpanError otherwise), from
+        the blob bytes ``plan_read(*span)`` says to fetch."""
+        return inflate_span(
+            self.checkpoints,
+            self.span_digests,
+            self.uncompressed_size,
+            number,
+            self.window(number),
+            fetched,
+        )
+
+
+def build_layer_index(
+    source: IO[bytes] | Iterable[bytes],
+    *,
+    layer_digest: str,
+    media_type: str,
+    span: int = DEFAULT_SPAN,
+) -> LayerIndex:
+    """Index a layer in one streaming pass over its blob (a stream or chunks, e.g. a
+    registry download): checkpoints and span digests while inflating, and the file
+    table while walking the tar (plain tar layers get span digests of their own)."""
+    if not MIN_SPAN <= span <= MAX_SPAN:
+        raise ValueError(f"span must be within {MIN_SPAN}..{MAX_SPAN}")
+    compressed = _Counted(_iter_chunks(source) if isinstance(source, io.IOBase) else source)
+    checkpointer: GzipCheckpointer | None = None
+    plain_spans: _PlainSpans | None = None
+    uncompressed: Iterable[bytes] = compressed
+    if media_type in TAR_LAYERS:
+        plain_spans = _PlainSpans(span)
+        uncompressed = plain_spans.hash(compressed)
+    elif media_type in GZIP_LAYERS:
+        checkpointer = GzipCheckpointer(span)
+        uncompressed = _in_background(checkpointer.inflate(compressed))
+    else:
+        raise UnsupportedLayerError(
+            f"layer {layer_digest} has media type {media_type!r}: only gzip or plain tar "
+            "layers can be read in place"
+        )
+    tar_stream = _ChunkReader(iter(uncompressed))
+    try:
+        entries = _walk_tar(tar_stream)
+        tar_stream.drain(max((e.offset + e.size for e in entries if e.type == "reg"), default=0))
+    finally:
+        if isinstance(uncompressed, Generator):
+            uncompressed.close()  # stops the inflating thread if the walk failed
+    index = LayerIndex(
+        layer_digest=layer_digest,
+        media_type=media_type,
+        compressed_size=compressed.total,
+        uncompressed_size=tar_stream.position,
+        span_size=span,
+        entries=entries,
+    )
+    if checkpointer is not None:
+        found = checkpointer.result()
+        index.checkpoints = found.checkpoints
+        index.windows = found.stored_windows
+        index.span_digests = found.span_digests
+    if plain_spans is not None:
+        index.span_digests = plain_spans.finish()
+    return index
+
+
+class _PlainSpans:
+    """sha256 of every ``span`` bytes of a plain tar stream, so reads of an uncompressed
+    layer are verified like inflated spans are."""
+
+    def __init__(self, span: int) -> None:
+        self.span = span
+        self.digests: list[bytes] = []
+        self._hash = hashlib.sha256()
+        self._filled = 0
+
+    def hash(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), self.span - self._filled)
+                self._hash.update(view[:take])
+                self._filled += take
+                view = view[take:]
+                if self._filled == self.span:
+                    self.digests.append(self._hash.digest())
+                    self._hash, self._filled = hashlib.sha256(), 0
+            yield chunk
+
+    def finish(self) -> list[bytes]:
+        if self._filled:
+            self.digests.append(self._hash.digest())
+        return self.digests
+
+
+def _walk_tar(stream: _ChunkReader) -> list[TocEntry]:
+    entries: list[TocEntry] = []
+    for entry, _info, _reader in iter_tar_entries(cast(IO[bytes], stream)):
+        entries.append(entry)
+    return entries
+
+
+def _in_background(
+    chunks: Generator[bytes, None, None], depth: int = 4
+) -> Generator[bytes, None, None]:
+    """Run a generator in a worker thread and hand its chunks over through a bounded
+    queue. Inflating (zlib through ctypes) and hashing release the GIL, so on two cores
+    the inflate pass and the Python-heavy tar walk overlap instead of adding up."""
+    handoff: queue.Queue[bytes | BaseException | None] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    break
+                handoff.put(chunk)
+            else:
+                handoff.put(None)
+        except BaseException as exc:
+            handoff.put(exc)
+        finally:
+            chunks.close()
+
+    worker = threading.Thread(target=produce, name="layer-index-inflate", daemon=True)
+    worker.start()
+    try:
+        while (item := handoff.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            with contextlib.suppress(queue.Empty):
+                handoff.get(timeout=0.05)
+        worker.join()
+
+
+def _iter_chunks(stream: io.IOBase) -> Iterator[bytes]:
+    while chunk := stream.read(_READ_CHUNK):
+        yield chunk
+
+
+class _Counted:
+    """Counts the compressed bytes going by: the blob size, without a second pass."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self.total = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self.total += len(chunk)
+            yield chunk
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only stream over an iterator of chunks.
+
+    ``read`` hands out slices of the current chunk rather than filling a caller buffer:
+    tarfile reads in small records, and avoiding a copy per record matters at GB scale.
+    """
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._current = b""
+        self._pos = 0
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(_READ_CHUNK), b""))
+        while self._pos >= len(self._current):
+            if not self._advance():
+                return b""
+        piece = self._current[self._pos : self._pos + size]
+        self._pos += len(piece)
+        self.position += len(piece)
+        return piece
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self, required_end: int) -> None:
+        """Consume what the tar walker left (end-of-archive padding), so the whole
+        stream is inflated and counted; the stream must reach ``required_end``."""
+        self.position += len(self._current) - self._pos
+        self._pos = len(self._current)
+        while self._advance():
+            self.position += len(self._current)
+            self._pos = len(self._current)
+        if self.position < required_end:
+            raise HostileLayerError("the layer ends inside a file's data")
+
+    def _advance(self) -> bool:
+        nxt = next(self._chunks, None)
+        if nxt is None:
+            return False
+        self._current, self._pos = nxt, 0
+        return True
+
+
+def serialize(index: LayerIndex) -> bytes:
+    """The artifact bytes for ``index``."""
+    toc: list[list[Any]] = []
+    previous_end = 0
+    for entry in index.entries:
+        toc.append(_encode_entry(entry, entry.offset - previous_end))
+        previous_end = entry.offset + entry.size
+    document = {
+        "magic": MAGIC,
+        "version": VERSION,
+        "layer_digest": index.layer_digest,
+        "media_type": index.media_type,
+        "compressed_size": index.compressed_size,
+        "uncompressed_size": index.uncompressed_size,
+        "span_size": index.span_size,
+        "checkpoints": [
+            [c.compressed_offset, c.bit_offset, c.uncompressed_offset] for c in index.checkpoints
+        ],
+        "windows": index.windows,
+        "span_digests": b"".join(index.span_digests),
+        "entry_count": len(index.entries),
+        "toc": zlib.compress(msgpack.packb(toc, use_bin_type=True, unicode_errors=_NAME_ERRORS), 9),
+    }
+    packed: bytes = msgpack.packb(document, use_bin_type=True)
+    return packed
+
+
+def _encode_entry(entry: TocEntry, offset_gap: int) -> list[Any]:
+    mtime: int | float = int(entry.mtime) if entry.mtime.is_integer() else entry.mtime
+    digest = b""  # span digests verify every byte served; per-file ones would double the TOC
+    return [
+        entry.name,
+        _TYPE_CODES[entry.type],
+        entry.size,
+        entry.mode,
+        entry.uid,
+        entry.gid,
+        entry.uname,
+        entry.gname,
+        mtime,
+        entry.link_name,
+        entry.dev_major,
+        entry.dev_minor,
+        entry.xattrs,
+        offset_gap,
+        digest,
+    ]
+
+
+def parse(data: bytes) -> LayerIndex:
+    """Parse and fully validate artifact bytes; IndexFormatError on anything off."""
+    if len(data) > MAX_ARTIFACT_BYTES:
+        raise IndexFormatError("layer index is too large")
+    document = _unpack(data, "layer index")
+    if not isinstance(document, dict):
+        raise IndexFormatError("layer index is not a msgpack map")
+    if document.get("magic") != MAGIC:
+        raise IndexFormatError("not an acceld layer index (bad magic)")
+    version = document.get("version")
+    if version != VERSION:
+        raise IndexFormatError(f"unsupported layer index version {version!r}")
+    expected = {
+        "magic",
+        "version",
+        "layer_digest",
+        "media_type",
+        "compressed_size",
+        "uncompressed_size",
+        "span_size",
+        "checkpoints",
+        "windows",
+        "span_digests",
+        "entry_count",
+        "toc",
+    }
+    if set(document) != expected:
+        raise IndexFormatError(f"unexpected fields {sorted(set(document) ^ expected)}")
+    index = LayerIndex(
+        layer_digest=_digest_string(document["layer_digest"]),
+        media_type=_media_type(document["media_type"]),
+        compressed_size=_int(document["compressed_size"], "compressed_size", MAX_LAYER_SIZE),
+        uncompressed_size=_int(document["uncompressed_size"], "uncompressed_size", MAX_LAYER_SIZE),
+        span_size=_int(document["span_size"], "span_size", MAX_SPAN, MIN_SPAN),
+    )
+    _parse_checkpoints(index, document)
+    index.entries = _parse_toc(document, index.uncompressed_size)
+    return index
+
+
+def _unpack(data: bytes, what: str, unicode_errors: str = "strict") -> Any:
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            unicode_errors=unicode_errors,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError) as exc:
+        raise IndexFormatError(f"{what} is not valid msgpack: {exc}") from None
+    except msgpack.StackError:
+        raise IndexFormatError(f"{what} nests too deeply") from None
+
+
+def _int(value: Any, name: str, maximum: int, minimum: int = 0) -> int:
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise IndexFormatError(f"{name} must be an integer in {minimum}..{maximum}")
+    return value
+
+
+def _str(value: Any, name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    if not isinstance(value, str) or len(value) > max_bytes or "\0" in value:
+        raise IndexFormatError(f"{name} must be a string without NUL, at most {max_bytes}")
+    return value
+
+
+def _digest_string(value: Any) -> str:
+    text = _str(value, "layer_digest", 200)
+    algorithm, _, hexpart = text.partition(":")
+    if algorithm != "sha256" or len(hexpart) != 64 or hexpart.strip("0123456789abcdef"):
+        raise IndexFormatError(f"layer_digest {text!r} is not a sha256 digest")
+    return text
+
+
+def _media_type(value: Any) -> str:
+    text = _str(value, "media_type", 200)
+    if text not in GZIP_LAYERS | TAR_LAYERS:
+        raise IndexFormatError(f"media type {text!r} cannot be indexed")
+    return text
+
+
+def _parse_checkpoints(index: LayerIndex, document: dict[str, Any]) -> None:
+    raw_points, windows, digests = (
+        document["checkpoints"],
+        document["windows"],
+        document["span_digests"],
+    )
+    if not isinstance(raw_points, list) or not isinstance(windows, list):
+        raise IndexFormatError("checkpoints and windows must be arrays")
+    if not isinstance(digests, bytes) or len(digests) % _DIGEST_BYTES:
+        raise IndexFormatError("span_digests must be whole sha256 digests")
+    count = len(raw_points)
+    if not index.is_gzip:
+        if count or windows:
+            raise IndexFormatError("a plain tar layer has no checkpoints")
+        if index.compressed_size != index.uncompressed_size:
+            raise IndexFormatError("a plain tar layer's two sizes must be equal")
+        spans = -(-index.uncompressed_size // index.span_size)
+        if len(digests) != spans * _DIGEST_BYTES:
+            raise IndexFormatError(f"a plain tar layer of this size has {spans} span digests")
+        index.span_digests = [
+            digests[i : i + _DIGEST_BYTES] for i in range(0, len(digests), _DIGEST_BYTES)
+        ]
+        return
+    limit = min(MAX_CHECKPOINTS, index.uncompressed_size // index.span_size + 1)
+    if not 1 <= count <= limit:
+        raise IndexFormatError(f"{count} checkpoints for this layer size (1..{limit} allowed)")
+    if len(windows) != count or len(digests) != count * _DIGEST_BYTES:
+        raise IndexFormatError("checkpoints, windows and span digests differ in number")
+    previous: Checkpoint | None = None
+    for number, raw in enumerate(raw_points):
+        point = _checkpoint(raw, number, index)
+        if previous is None and point.uncompressed_offset != 0:
+            raise IndexFormatError("the first checkpoint must be at uncompressed offset 0")
+        if previous is not None and (
+            point.uncompressed_offset - previous.uncompressed_offset < index.span_size
+            or point.compressed_offset <= previous.compressed_offset
+        ):
+            raise IndexFormatError(f"checkpoint {number} is not a span after the one before")
+        index.checkpoints.append(point)
+        previous = point
+    for number, stored in enumerate(windows):
+        if not isinstance(stored, bytes):
+            raise IndexFormatError(f"window {number} is not bytes")
+        try:
+            decompress_window(stored)
+        except GzipIndexError as exc:
+            raise IndexFormatError(f"window {number}: {exc}") from None
+        index.windows.append(stored)
+    index.span_digests = [
+        digests[i : i + _DIGEST_BYTES] for i in range(0, len(digests), _DIGEST_BYTES)
+    ]
+
+
+def _checkpoint(raw: Any, number: int, index: LayerIndex) -> Checkpoint:
+    if not isinstance(raw, list) or len(raw) != 3:
+        raise IndexFormatError(f"checkpoint {number} is not a 3-element array")
+    name = f"checkpoint {number}"
+    return Checkpoint(
+        compressed_offset=_int(raw[0], f"{name} compressed offset", index.compressed_size - 1),
+        bit_offset=_int(raw[1], f"{name} bit offset", 7),
+        uncompressed_offset=_int(raw[2], f"{name} uncompressed offset", index.uncompressed_size),
+    )
+
+
+def _parse_toc(document: dict[str, Any], uncompressed_size: int) -> list[TocEntry]:
+    count = _int(document["entry_count"], "entry_count", MAX_ENTRIES)
+    blob = document["toc"]
+    if not isinstance(blob, bytes):
+        raise IndexFormatError("toc must be bytes")
+    inflater = zlib.decompressobj()
+    try:
+        packed = inflater.decompress(blob, MAX_TOC_BYTES + 1)
+    except zlib.error as exc:
+        raise IndexFormatError(f"toc does not decompress: {exc}") from None
+    if len(packed) > MAX_TOC_BYTES or not inflater.eof or inflater.unused_data:
+        raise IndexFormatError("toc is not one zlib stream of a sane size")
+    rows = _unpack(packed, "toc", _NAME_ERRORS)
+    if not isinstance(rows, list) or len(rows) != count:
+        raise IndexFormatError(f"toc must be an array of entry_count ({count}) entries")
+    entries: list[TocEntry] = []
+    previous_end = 0
+    for number, row in enumerate(rows):
+        entry = _entry(row, number, previous_end)
+        if entry.offset + entry.size > uncompressed_size:
+            raise IndexFormatError(f"entry {entry.name!r} lies past the end of the layer")
+        previous_end = entry.offset + entry.size
+        entries.append(entry)
+    return entries
+
+
+def _entry(row: Any, number: int, previous_end: int) -> TocEntry:
+    """One decoded file-table row, held to the same rules as a tar header in toc.py."""
+    if not isinstance(row, list) or len(row) != _ENTRY_FIELDS:
+        raise IndexFormatError(f"toc entry {number} is not a {_ENTRY_FIELDS}-element array")
+    where = f"toc entry {number}"
+    name = _str(row[0], f"{where} name")
+    try:
+        if normalize_name(name) != name:
+            raise IndexFormatError(f"{where} name {name!r} is not normalized")
+    except HostileLayerError as exc:
+        raise IndexFormatError(f"{where}: {exc}") from None
+    kind_code = _int(row[1], f"{where} type", len(ENTRY_TYPES) - 1)
+    kind = ENTRY_TYPES[kind_code]
+    size = _int(row[2], f"{where} size", MAX_ENTRY_SIZE if kind == "reg" else 0)
+    mtime = row[8]
+    if type(mtime) not in (int, float) or not -(1 << 62) < mtime < 1 << 62:
+        raise IndexFormatError(f"{where} mtime must be a number")
+    link = _str(row[9], f"{where} link name")
+    if kind == "hardlink":
+        try:
+            if not link or normalize_name(link) != link:
+                raise IndexFormatError(f"{where} hardlink target {link!r} is not normalized")
+        except HostileLayerError as exc:
+            raise IndexFormatError(f"{where}: {exc}") from None
+    elif kind != "symlink" and link:
+        raise IndexFormatError(f"{where}: only links have a link name")
+    device = kind in ("char", "block")
+    xattrs = row[12]
+    if not isinstance(xattrs, dict) or not all(
+        isinstance(k, str) and isinstance(v, bytes) and len(v) <= MAX_XATTR_BYTES
+        for k, v in xattrs.items()
+    ):
+        raise IndexFormatError(f"{where} xattrs must map names to at most 64 KiB of bytes")
+    offset = previous_end + _int(row[13], f"{where} offset gap", MAX_LAYER_SIZE)
+    digest = row[14]
+    if not isinstance(digest, bytes) or len(digest) not in (
+        (0, _DIGEST_BYTES) if kind == "reg" else (0,)
+    ):
+        raise IndexFormatError(f"{where}: only a regular file may carry a sha256 digest")
+    return TocEntry(
+        name=name,
+        type=kind,
+        size=size,
+        mode=_int(row[3], f"{where} mode", 0o7777),
+        uid=_int(row[4], f"{where} uid", (1 << 32) - 1),
+        gid=_int(row[5], f"{where} gid", (1 << 32) - 1),
+        uname=_str(row[6], f"{where} uname", 256),
+        gname=_str(row[7], f"{where} gname", 256),
+        mtime=float(mtime),
+        link_name=link,
+        dev_major=_int(row[10], f"{where} device major", (1 << 32) - 1 if device else 0),
+        dev_minor=_int(row[11], f"{where} device minor", (1 << 32) - 1 if device else 0),
+        xattrs=xattrs,
+        offset=offset,
+        digest="sha256:" + digest.hex() if digest else "",
+    )

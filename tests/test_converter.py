@@ -1,0 +1,259 @@
+"""Both conversion modes against the real registry: round trips, refusals, idempotence."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+
+import pytest
+
+from agent.layers.discovery import LayerDiscovery, open_estargz
+from agent.layers.indexed_layer import IndexedLayer
+from converter.convert import ConvertOptions, convert_image
+from converter.errors import ConversionError
+from converter.prefetch import PrefetchList
+from fetcher import mediatypes as mt
+from fetcher.chunks import BlobSource
+from fetcher.errors import NotFoundError
+from fetcher.manifest import ImageIndex, ImageManifest
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient, referrers_tag
+from formats import layer_index
+from formats.accelerated import (
+    ANNOTATION_LAYER_DIGEST,
+    ANNOTATION_PREFETCH,
+    ANNOTATION_SOURCE_DIGEST,
+    ARTIFACT_TYPE_INDEX,
+)
+from formats.estargz import TOC_DIGEST_ANNOTATION
+from rig.images import HELLO_PATH, ImageSpec, build_image
+from rig.layers import File, LayerSpec
+from tests.layer_check import assert_layer_matches
+
+SMALL = {"chunk_size": 256 << 10, "span": 1 << 20}
+
+
+async def _tags(client: RegistryClient, ref: ImageReference) -> list[str]:
+    try:
+        return await client.list_tags(ref)
+    except NotFoundError:
+        return []
+
+
+async def test_index_mode_round_trip(pushed_features, registry):
+    ref = ImageReference.parse(pushed_features.reference)
+    built = pushed_features.built
+    async with RegistryClient() as client:
+        result = await convert_image(client, ref, ConvertOptions(mode="index", **SMALL))
+        assert not result.skipped
+        assert result.output_bytes < 0.01 * result.source_bytes
+        artifact = (await client.get_manifest(result.target)).parsed
+        assert isinstance(artifact, ImageManifest)
+        assert artifact.artifact_type == ARTIFACT_TYPE_INDEX
+        assert artifact.subject is not None and artifact.subject.digest == built.digest
+        found = await client.referrers(ref, built.digest, ARTIFACT_TYPE_INDEX)
+        assert [d.digest for d in found] == [result.result_digest]
+        for desc, source in zip(artifact.layers, built.layers, strict=True):
+            assert desc.annotations[ANNOTATION_LAYER_DIGEST] == source.digest
+            index = layer_index.parse(await client.get_blob(ref, desc.digest))
+            layer = IndexedLayer(BlobSource(ref, source.digest, source.size), index)
+            await assert_layer_matches(
+                client, layer, built.blob_path(source.digest), source.media_type
+            )
+        again = await convert_image(client, ref, ConvertOptions(mode="index", **SMALL))
+        assert again.skipped and again.result_digest == result.result_digest
+
+
+async def test_full_mode_round_trip_and_discovery(pushed_features):
+    ref = ImageReference.parse(pushed_features.reference)
+    built = pushed_features.built
+    async with RegistryClient() as client:
+        result = await convert_image(client, ref, ConvertOptions(mode="full", **SMALL))
+        manifest = (await client.get_manifest(result.target)).parsed
+        assert isinstance(manifest, ImageManifest)
+        assert manifest.annotations[ANNOTATION_SOURCE_DIGEST] == built.digest
+        assert result.output_bytes <= 1.10 * result.source_bytes
+        config = json.loads(await client.get_blob(ref, manifest.config.digest))
+        assert len(config["rootfs"]["diff_ids"]) == len(manifest.layers)
+        for desc, source in zip(manifest.layers, built.layers, strict=True):
+            blob = BlobSource(result.target, desc.digest, desc.size)
+            layer = await open_estargz(client, blob, desc.annotations[TOC_DIGEST_ANNOTATION])
+            await assert_layer_matches(
+                client, layer, built.blob_path(source.digest), source.media_type
+            )
+        # The agent finds the twin for the original image's layers.
+        discovery = LayerDiscovery(client)
+        source_layer = built.layers[1]
+        found = await discovery.discover(str(ref), built.digest, source_layer.digest)
+        assert found.layer.kind == "estargz"
+        assert found.layer.blob.digest == manifest.layers[1].digest
+
+
+async def test_full_mode_image_runs_with_overlayfs(pushed_busybox, containerd, registry):
+    ref = ImageReference.parse(pushed_busybox.reference)
+    async with RegistryClient() as client:
+        result = await convert_image(client, ref, ConvertOptions(mode="full"))
+    target = str(result.target)
+    containerd.ctr("images", "pull", "--plain-http", target)
+    out = containerd.run_container(target, "converted-full")
+    assert out.stdout.strip() == "hello from acceld"
+
+
+async def test_zstd_refused_in_index_mode_and_converted_in_full(image_pusher, built_features_zstd):
+    pushed = await image_pusher.push(built_features_zstd)
+    ref = ImageReference.parse(pushed.reference)
+    async with RegistryClient() as client:
+        with pytest.raises(ConversionError, match=r"layer \d+ \(sha256:.*zstd"):
+            await convert_image(client, ref, ConvertOptions(mode="index"))
+        assert not [t for t in await _tags(client, ref) if t != "latest"]
+        result = await convert_image(client, ref, ConvertOptions(mode="full", **SMALL))
+        manifest = (await client.get_manifest(result.target)).parsed
+        assert isinstance(manifest, ImageManifest)
+        assert all(layer.media_type == mt.OCI_LAYER_GZIP for layer in manifest.layers)
+
+
+async def test_uncompressed_layers_index_holds_only_the_toc(
+    image_pusher, built_features_uncompressed
+):
+    pushed = await image_pusher.push(built_features_uncompressed)
+    ref = ImageReference.parse(pushed.reference)
+    built = pushed.built
+    async with RegistryClient() as client:
+        result = await convert_image(client, ref, ConvertOptions(mode="index"))
+        artifact = (await client.get_manifest(result.target)).parsed
+        for desc, source in zip(artifact.layers, built.layers, strict=True):
+            index = layer_index.parse(await client.get_blob(ref, desc.digest))
+            assert index.checkpoints == []
+            layer = IndexedLayer(BlobSource(ref, source.digest, source.size), index)
+            await assert_layer_matches(
+                client, layer, built.blob_path(source.digest), source.media_type
+            )
+
+
+async def test_multiplatform_index_converts_per_platform(image_pusher, built_busybox_index):
+    pushed = await image_pusher.push(built_busybox_index)
+    ref = ImageReference.parse(pushed.reference)
+    async with RegistryClient() as client:
+        result = await convert_image(client, ref, ConvertOptions(mode="index"))
+        assert len(result.platforms) == 2
+        top = (await client.get_manifest(result.target)).parsed
+        assert isinstance(top, ImageIndex)
+        assert {str(d.platform) for d in top.manifests} == {
+            str(p.platform) for p in result.platforms
+        }
+
+
+async def test_prefetch_list_recorded_and_missing_paths_reported(pushed_busybox, tmp_path):
+    ref = ImageReference.parse(pushed_busybox.reference)
+    plist = PrefetchList.parse_lines(["/" + HELLO_PATH.lstrip("/"), "/bin/", "/no/such/file"])
+    async with RegistryClient() as client:
+        for mode in ("index", "full"):
+            result = await convert_image(
+                client, ref, ConvertOptions(mode=mode, prefetch=plist, force=True)
+            )
+            assert result.platforms[0].missing_prefetch == ["/no/such/file"]
+            doc = (await client.get_manifest(result.target)).parsed
+            assert json.loads(doc.annotations[ANNOTATION_PREFETCH]) == plist.as_paths()
+        full = (await client.get_manifest(result.target)).parsed
+        layer = await open_estargz(
+            client,
+            BlobSource(ref, full.layers[1].digest, full.layers[1].size),
+            full.layers[1].annotations[TOC_DIGEST_ANNOTATION],
+        )
+        assert layer.toc.prefetch_end is not None
+
+
+def _hostile_layer(name: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    return gzip.compress(buf.getvalue())
+
+
+async def _push_single_layer(
+    client: RegistryClient, ref: ImageReference, layer: bytes, media_type: str = mt.OCI_LAYER_GZIP
+) -> str:
+    config = json.dumps(
+        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}
+    ).encode()
+    config_digest = await client.push_blob(ref, config)
+    layer_digest = await client.push_blob(ref, layer)
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_MANIFEST,
+            "config": {"mediaType": mt.OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": media_type, "digest": layer_digest, "size": len(layer)}],
+        }
+    ).encode()
+    await client.push_manifest(ref, manifest, mt.OCI_MANIFEST)
+    return layer_digest
+
+
+@pytest.mark.parametrize("mode", ["index", "full"])
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("dotdot", "escapes the layer"),
+        ("absolute", "absolute entry name"),
+        ("corrupt-gzip", "layer sha256:"),
+        ("not-gzip", "layer sha256:"),
+        ("storage-corrupted", "hash"),
+        ("truncated", "hash|bytes"),
+    ],
+)
+async def test_hostile_input_refused_nothing_pushed(registry, repo_name, mode, case, match):
+    ref = ImageReference.parse(f"{registry.host}/{repo_name}:v1")
+    layer = _hostile_layer("ok.txt")
+    if case == "dotdot":
+        layer = _hostile_layer("../../etc/evil")
+    elif case == "absolute":
+        layer = _hostile_layer("/etc/evil")
+    elif case == "corrupt-gzip":
+        layer = layer[:20] + bytes(b ^ 0x55 for b in layer[20:40]) + layer[40:]
+    elif case == "not-gzip":
+        layer = b"this is not gzip at all" * 100
+    async with RegistryClient() as client:
+        digest = await _push_single_layer(client, ref, layer)
+        if case in ("storage-corrupted", "truncated"):
+            path = registry.storage_dir / (
+                "docker/registry/v2/blobs/sha256/" + digest[7:9] + "/" + digest[7:] + "/data"
+            )
+            data = path.read_bytes()
+            path.write_bytes(
+                data[: len(data) // 2] if case == "truncated" else data[:-30] + bytes(30)
+            )
+        with pytest.raises(ConversionError, match=match):
+            await convert_image(client, ref, ConvertOptions(mode=mode))
+        assert await _tags(client, ref) == ["v1"]
+        manifest_digest = await client.manifest_digest(ref)
+        assert manifest_digest is not None
+        with pytest.raises(NotFoundError):
+            await client.get_manifest(ref.with_tag(referrers_tag(manifest_digest)))
+
+
+async def test_accelerated_tags_are_not_converted_again(registry, repo_name):
+    ref = ImageReference.parse(f"{registry.host}/{repo_name}:v1_accelerated")
+    async with RegistryClient() as client:
+        with pytest.raises(ConversionError, match="already an accelerated form"):
+            await convert_image(client, ref, ConvertOptions())
+
+
+async def test_docker_schema2_source(image_pusher, built_busybox_docker):
+    pushed = await image_pusher.push(built_busybox_docker)
+    ref = ImageReference.parse(pushed.reference)
+    async with RegistryClient() as client:
+        for mode in ("index", "full"):
+            result = await convert_image(client, ref, ConvertOptions(mode=mode))
+            assert result.platforms[0].layers
+
+
+def test_build_image_with_layer_spec(tmp_path):
+    """The hostile-input cases above build layers by hand; make sure the rig agrees on
+    what a normal single-file layer looks like, so the refusals are about the input."""
+    built = build_image(ImageSpec(layers=[LayerSpec([File("ok.txt", b"ok")])]), tmp_path / "layout")
+    assert len(built.layers) == 1

@@ -1,0 +1,345 @@
+"""The layer index artifact: built in one pass from a real layer, it reproduces what
+tarfile sees, reads any range through the planned slice, survives serialization, and
+refuses hostile bytes with IndexFormatError only."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import gzip
+import io
+import random
+import tarfile
+import threading
+import zlib
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fetcher.mediatypes import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
+from formats.gzip_index import CorruptSpanError, GzipFormatError
+from formats.layer_index import (
+    IndexFormatError,
+    LayerIndex,
+    UnsupportedLayerError,
+    build_layer_index,
+    parse,
+    serialize,
+)
+from formats.toc import HostileLayerError
+
+SPAN = 64 * 1024
+DIGEST = "sha256:" + "ab" * 32
+
+
+def _layer_tar(files: int = 60) -> bytes:
+    rnd = random.Random(11)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("bin", "usr", "usr/share"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tar.addfile(info)
+        for number in range(files):
+            size = rnd.choice([0, 1, 511, 512, 513, 5000, 70_000, 200_000])
+            data = rnd.randbytes(size) if number % 3 == 0 else bytes(rnd.choices(b"abc \n", k=size))
+            info = tarfile.TarInfo(f"usr/share/f{number}.txt")
+            info.size, info.mode, info.uid, info.gid = len(data), 0o640, 1000 + number, 50
+            info.uname, info.gname, info.mtime = "user", "staff", 1_700_000_000 + number
+            if number == 5:
+                info.pax_headers = {"SCHILY.xattr.user.note": "hello"}
+            tar.addfile(info, io.BytesIO(data))
+        symlink = tarfile.TarInfo("bin/sh")
+        symlink.type, symlink.linkname = tarfile.SYMTYPE, "/usr/share/f1.txt"
+        tar.addfile(symlink)
+        hardlink = tarfile.TarInfo("usr/share/hard")
+        hardlink.type, hardlink.linkname = tarfile.LNKTYPE, "usr/share/f2.txt"
+        tar.addfile(hardlink)
+        device = tarfile.TarInfo("dev-null")
+        device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
+        tar.addfile(device)
+        whiteout = tarfile.TarInfo("usr/.wh.old")
+        tar.addfile(whiteout, io.BytesIO(b""))
+    return buf.getvalue()
+
+
+RAW = _layer_tar()
+GZ = gzip.compress(RAW, 6)
+
+
+def _build(blob: bytes, media_type: str = OCI_LAYER_GZIP, chunk: int = 10_000) -> LayerIndex:
+    chunks = [blob[i : i + chunk] for i in range(0, len(blob), chunk)]
+    return build_layer_index(chunks, layer_digest=DIGEST, media_type=media_type, span=SPAN)
+
+
+@pytest.fixture(scope="module")
+def index() -> LayerIndex:
+    return _build(GZ)
+
+
+def test_toc_matches_what_tarfile_reads(index: LayerIndex) -> None:
+    with tarfile.open(fileobj=io.BytesIO(RAW)) as tar:
+        members = tar.getmembers()
+        expected = []
+        for member in members:
+            expected.append((member.name, member.size if member.isreg() else 0,
+                             member.offset_data))
+    got = [(e.name, e.size, e.offset) for e in index.entries]
+    assert got == expected
+    by_name = {e.name: e for e in index.entries}
+    assert by_name["usr/share/f5.txt"].xattrs == {"user.note": b"hello"}
+    assert by_name["usr/share/hard"].type == "hardlink"
+    assert by_name["bin/sh"].link_name == "/usr/share/f1.txt"
+    assert (by_name["dev-null"].dev_major, by_name["dev-null"].dev_minor) == (1, 3)
+    assert by_name["usr/.wh.old"].is_whiteout
+    assert index.compressed_size == len(GZ)
+    assert index.uncompressed_size == len(RAW)
+
+
+def test_every_file_reads_back_through_its_planned_slice(index: LayerIndex) -> None:
+    with tarfile.open(fileobj=io.BytesIO(RAW)) as tar:
+        for entry in index.entries:
+            if entry.type != "reg":
+                continue
+            plan = index.plan_read(entry.offset, entry.size)
+            data = index.read(plan, GZ[plan.fetch_start : plan.fetch_end], entry.offset, entry.size)
+            reader = tar.extractfile(entry.name)
+            assert reader is not None
+            assert data == reader.read()
+
+
+def test_spans_verify_and_corruption_is_refused(index: LayerIndex) -> None:
+    for number in range(len(index.checkpoints)):
+        start, end = index.span_range(number)
+        plan = index.plan_read(start, end - start)
+        fetched = GZ[plan.fetch_start : plan.fetch_end]
+        assert index.read_span(number, fetched) == RAW[start:end]
+        damaged = bytearray(fetched)
+        damaged[len(damaged) // 2] ^= 0x01
+        with pytest.raises(CorruptSpanError):
+            index.read_span(number, bytes(damaged))
+
+
+def test_serialization_round_trip_and_parsed_index_reads(index: LayerIndex) -> None:
+    blob = serialize(index)
+    parsed = parse(blob)
+    assert parsed == index
+    assert serialize(parsed) == blob
+    entry = max(index.entries, key=lambda e: e.size)
+    plan = parsed.plan_read(entry.offset, entry.size)
+    data = parsed.read(plan, GZ[plan.fetch_start : plan.fetch_end], entry.offset, entry.size)
+    assert data == RAW[entry.offset : entry.offset + entry.size]
+
+
+def test_stream_and_chunks_give_the_same_index(index: LayerIndex) -> None:
+    from_stream = build_layer_index(
+        io.BufferedReader(io.BytesIO(GZ)), layer_digest=DIGEST, media_type=OCI_LAYER_GZIP, span=SPAN
+    )
+    assert from_stream == index == _build(GZ, chunk=1 << 20)
+
+
+def test_plain_tar_layer_has_a_toc_and_span_digests() -> None:
+    plain = _build(RAW, OCI_LAYER_TAR)
+    assert not plain.checkpoints and not plain.windows
+    assert len(plain.span_digests) == -(-len(RAW) // SPAN)
+    assert plain.compressed_size == plain.uncompressed_size == len(RAW)
+    assert [e.name for e in plain.entries] == [e.name for e in _build(GZ).entries]
+    last = len(plain.span_digests) - 1
+    tail = RAW[last * SPAN :]
+    assert plain.read_plain_span(last, tail) == tail
+    with pytest.raises(CorruptSpanError):
+        plain.read_plain_span(last, tail[:-1] + bytes([tail[-1] ^ 1]))
+    entry = plain.entries[10]
+    plan = plain.plan_read(entry.offset, entry.size)
+    assert (plan.fetch_start, plan.fetch_end) == (entry.offset, entry.offset + entry.size)
+    fetched = RAW[plan.fetch_start : plan.fetch_end]
+    assert plain.read(plan, fetched, entry.offset, entry.size) == fetched
+    assert parse(serialize(plain)) == plain
+
+
+def test_empty_tar_and_multi_member_layers() -> None:
+    empty = io.BytesIO()
+    tarfile.open(fileobj=empty, mode="w").close()
+    indexed = _build(gzip.compress(empty.getvalue()), DOCKER_LAYER_GZIP)
+    assert indexed.entries == [] and len(indexed.checkpoints) == 1
+    assert parse(serialize(indexed)) == indexed
+    multi = gzip.compress(RAW[:300_000], 1) + gzip.compress(RAW[300_000:], 9)
+    assert _build(multi).entries == _build(GZ).entries
+
+
+def test_names_that_are_not_utf8_survive_the_round_trip() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("caf\udce9.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    assert b"caf\xe9.txt" in buf.getvalue()
+    indexed = _build(gzip.compress(buf.getvalue()))
+    assert [e.name for e in indexed.entries] == ["caf\udce9.txt"]
+    assert parse(serialize(indexed)) == indexed
+
+
+def test_unsupported_and_broken_layers_are_refused() -> None:
+    with pytest.raises(UnsupportedLayerError, match="zstd"):
+        _build(GZ, OCI_LAYER_ZSTD)
+    with pytest.raises(GzipFormatError, match="truncated"):
+        _build(GZ[: len(GZ) // 2])
+    with pytest.raises(GzipFormatError):
+        _build(GZ + b"junk")
+    with pytest.raises(HostileLayerError):
+        _build(gzip.compress(RAW[: len(RAW) // 2]))
+    escaping = io.BytesIO()
+    with tarfile.open(fileobj=escaping, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("../escape"))
+        tar.addfile(tarfile.TarInfo("after"), io.BytesIO(b""))
+    with pytest.raises(HostileLayerError, match="escapes"):
+        _build(gzip.compress(escaping.getvalue() + RAW))
+    assert not [t for t in threading.enumerate() if t.name == "layer-index-inflate"]
+
+
+def _document(index: LayerIndex) -> dict[str, Any]:
+    document: dict[str, Any] = msgpack.unpackb(serialize(index), raw=False)
+    return document
+
+
+def _toc_rows(document: dict[str, Any]) -> list[list[Any]]:
+    rows: list[list[Any]] = msgpack.unpackb(zlib.decompress(document["toc"]), raw=False)
+    return rows
+
+
+def _with_toc(document: dict[str, Any], rows: list[list[Any]]) -> dict[str, Any]:
+    document["toc"] = zlib.compress(msgpack.packb(rows, use_bin_type=True))
+    document["entry_count"] = len(rows)
+    return document
+
+
+def _mutations(index: LayerIndex) -> dict[str, dict[str, Any]]:
+    base = _document(index)
+    rows = _toc_rows(base)
+    reg = next(i for i, r in enumerate(rows) if r[1] == 0 and r[2] > 0)
+
+    def changed(**fields: Any) -> dict[str, Any]:
+        document = copy.deepcopy(base)
+        document.update(fields)
+        return document
+
+    def row_changed(column: int, value: Any) -> dict[str, Any]:
+        new_rows = copy.deepcopy(rows)
+        new_rows[reg][column] = value
+        return _with_toc(copy.deepcopy(base), new_rows)
+
+    points = base["checkpoints"]
+    return {
+        "bad magic": changed(magic="estargz"),
+        "future version": changed(version=2),
+        "extra field": changed(extra=1),
+        "string size": changed(compressed_size="12"),
+        "negative size": changed(uncompressed_size=-1),
+        "absurd size": changed(uncompressed_size=1 << 60),
+        "tiny span": changed(span_size=1),
+        "bad digest": changed(layer_digest="md5:1234"),
+        "zstd media type": changed(media_type=OCI_LAYER_ZSTD),
+        "bit offset 8": changed(checkpoints=[[*points[0][:1], 8, 0], *points[1:]]),
+        "non-monotonic": changed(checkpoints=[points[0], points[2], points[1], *points[3:]]),
+        "first not at zero": changed(checkpoints=[[points[0][0], 0, 5], *points[1:]]),
+        "offset past end": changed(checkpoints=[*points[:-1], [len(GZ) + 10, 0, points[-1][2]]]),
+        "checkpoint shape": changed(checkpoints=[[1, 2], *points[1:]]),
+        "too many checkpoints": changed(checkpoints=points * 1000),
+        "window bomb": changed(windows=[zlib.compress(bytes(40_000)), *base["windows"][1:]]),
+        "window garbage": changed(windows=[b"\x00garbage", *base["windows"][1:]]),
+        "window not bytes": changed(windows=["text", *base["windows"][1:]]),
+        "missing window": changed(windows=base["windows"][1:]),
+        "digest count": changed(span_digests=base["span_digests"][:-32]),
+        "digest ragged": changed(span_digests=base["span_digests"][:-1]),
+        "entry count": changed(entry_count=len(rows) + 1),
+        "toc garbage": changed(toc=b"not zlib"),
+        "toc bomb": changed(toc=zlib.compress(bytes(1 << 20)), entry_count=1),
+        "escaping name": row_changed(0, "../etc/passwd"),
+        "absolute name": row_changed(0, "/etc/passwd"),
+        "unnormalized name": row_changed(0, "usr//share/x"),
+        "nul name": row_changed(0, "a\x00b"),
+        "type code": row_changed(1, 99),
+        "huge size": row_changed(2, 1 << 50),
+        "mode bits": row_changed(3, 0o170000),
+        "uid type": row_changed(4, "root"),
+        "mtime type": row_changed(8, "yesterday"),
+        "link on file": row_changed(9, "elsewhere"),
+        "device on file": row_changed(10, 7),
+        "xattr value": row_changed(12, {"user.x": "text"}),
+        "negative gap": row_changed(13, -1),
+        "data past end": row_changed(13, len(RAW)),
+        "short digest": row_changed(14, b"\x01" * 31),
+        "short row": _with_toc(copy.deepcopy(base), [r[:5] for r in rows]),
+    }
+
+
+def test_hostile_documents_are_refused(index: LayerIndex) -> None:
+    for name, document in _mutations(index).items():
+        blob = msgpack.packb(document, use_bin_type=True)
+        with pytest.raises(IndexFormatError):
+            parse(blob)
+            pytest.fail(f"accepted: {name}")
+
+
+@pytest.mark.parametrize("blob", [b"", b"\xc1", b"\x92\x01", msgpack.packb([1, 2]), b"\x81" * 5000])
+def test_garbage_is_refused(blob: bytes) -> None:
+    with pytest.raises(IndexFormatError):
+        parse(blob)
+
+
+_LEAF = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+    st.binary(max_size=40),
+)
+_VALUE = st.recursive(
+    _LEAF,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@functools.cache
+def _small_index() -> LayerIndex:
+    return _build(gzip.compress(_layer_tar(files=8)))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_documents_parse_or_raise_index_format_error(data: st.DataObject) -> None:
+    document = _document(_small_index())
+    rows = _toc_rows(document)
+    target = data.draw(st.sampled_from(["top", "checkpoint", "row"]))
+    value = data.draw(_VALUE)
+    if target == "top":
+        document[data.draw(st.sampled_from(sorted(document)))] = value
+    elif target == "checkpoint":
+        point = data.draw(st.sampled_from(document["checkpoints"]))
+        point[data.draw(st.integers(0, 2))] = value
+    else:
+        row = data.draw(st.sampled_from(rows))
+        row[data.draw(st.integers(0, len(row) - 1))] = value
+        _with_toc(document, rows)
+    try:
+        parsed = parse(msgpack.packb(document, use_bin_type=True))
+    except IndexFormatError:
+        return
+    assert parse(serialize(parsed)) == parsed
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=300))
+def test_fuzzed_bytes_parse_or_raise_index_format_error(blob: bytes) -> None:
+    real = serialize(_small_index())
+    for candidate in (blob, real[: len(blob)], blob + real[len(blob) :]):
+        with contextlib.suppress(IndexFormatError):
+            parse(candidate)
