@@ -8,6 +8,7 @@ from accelctl.convert_cmd import convert
 from accelctl.convert_server_cmd import convert_server
 from accelctl.demo import demo
 from accelctl.inspect_image import inspect_image
+from accelctl.pull_run import pull, run
 from common.logging import configure_logging
 from common.version import VERSION
 
@@ -24,6 +25,8 @@ cli.add_command(inspect_image)
 cli.add_command(demo)
 cli.add_command(convert)
 cli.add_command(convert_server)
+cli.add_command(pull)
+cli.add_command(run)
 
 
 def main() -> None:

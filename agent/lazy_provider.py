@@ -11,15 +11,14 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from fetcher.chunk_cache import ChunkCache
-from fetcher.chunks import ChunkSpec, Priority
-from fetcher.scheduler import ChunkFetcher
-
 from agent import metrics
 from agent.fs.operations import LayerFS
 from agent.layers.discovery import LayerDiscovery, NoAccelerationError
 from agent.layers.lazy_layer import LazyLayer
 from common.logging import get_logger
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import ChunkSpec, Priority
+from fetcher.scheduler import ChunkFetcher
 from formats.toc import HostileLayerError, normalize_name
 
 log = get_logger(__name__)
@@ -80,6 +79,7 @@ class LazyLayerProvider:
         self.mountpoint = mountpoint
         self.prefetch = prefetch
         self.background_fill = background_fill
+        self._users: dict[str, int] = {}
 
     async def prepare_layer(
         self, key: str, parent: str | None, labels: dict[str, str]
@@ -108,6 +108,9 @@ class LazyLayerProvider:
             return None
         layer = found.layer
         name = layer_name(layer.kind, layer.blob.digest)
+        self._users[name] = self._users.get(name, 0) + 1
+        if self._users[name] > 1:
+            return self.mountpoint / name  # already mounted for another snapshot
         self.fs.add_layer(name, layer)
         self.cache.pin(layer.blob.digest)
         if self.prefetch:
@@ -132,8 +135,14 @@ class LazyLayerProvider:
         return await self.prepare_layer("restore", None, labels)
 
     async def release_layer(self, labels: dict[str, str], path: Path) -> None:
-        """The snapshot is gone: unmount the layer and let the cache evict its chunks."""
+        """The snapshot is gone: once no snapshot uses the layer, unmount it and let the
+        cache evict its chunks (one layer can back snapshots of several chains)."""
         name = posixpath.basename(str(path))
+        remaining = self._users.get(name, 0) - 1
+        if remaining > 0:
+            self._users[name] = remaining
+            return
+        self._users.pop(name, None)
         mounted = self.fs.layer(name)
         if mounted is not None:
             self.cache.unpin(mounted.layer.blob.digest)

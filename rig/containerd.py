@@ -18,12 +18,13 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
+import tomli_w
 
+from accelctl.cri.client import CRIError, CRIImageClient
 from common.logging import get_logger
 
 log = get_logger(__name__)
@@ -107,7 +108,7 @@ class ContainerdServer:
             (self.workdir / "cni" / cni_dir).mkdir(parents=True, exist_ok=True)
         try:
             self._mount_root_tmpfs()
-            self.config_path.write_text(_to_toml(self._config()))
+            self.config_path.write_text(tomli_w.dumps(self._config()))
             with self.log_path.open("ab") as log_file:
                 self._process = subprocess.Popen(
                     ["containerd", "--config", str(self.config_path)],
@@ -190,6 +191,7 @@ class ContainerdServer:
         snapshotter: str | None = None,
         timeout: float = 120.0,
         check: bool = True,
+        namespace: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """`ctr run --rm` to completion, with runc state and IO FIFOs in the work dir.
 
@@ -199,7 +201,14 @@ class ContainerdServer:
         if snapshotter:
             options += ["--snapshotter", snapshotter]
         return self.ctr(
-            "run", *options, image, container_id, *command, timeout=timeout, check=check
+            "run",
+            *options,
+            image,
+            container_id,
+            *command,
+            timeout=timeout,
+            check=check,
+            namespace=namespace,
         )
 
     def allow_insecure_registry(self, host: str, endpoint: str | None = None) -> Path:
@@ -215,7 +224,7 @@ class ContainerdServer:
         host_dir.mkdir(parents=True, exist_ok=True)
         path = host_dir / "hosts.toml"
         path.write_text(
-            _to_toml({"server": url, "host": {url: {"capabilities": ["pull", "resolve"]}}})
+            tomli_w.dumps({"server": url, "host": {url: {"capabilities": ["pull", "resolve"]}}})
         )
         return path
 
@@ -225,18 +234,11 @@ class ContainerdServer:
         Only the CRI path hands a snapshotter the remote-snapshot labels that lazy
         pulling needs (`ctr images pull` does not), so lazy-pull tests pull here.
         """
-        request = _pb_bytes_field(1, _pb_bytes_field(1, image.encode()))
-        with grpc.insecure_channel(f"unix://{self.address}") as channel:
-            pull = channel.unary_unary(
-                "/runtime.v1.ImageService/PullImage",
-                request_serializer=_identity,
-                response_deserializer=_identity,
-            )
+        with CRIImageClient(str(self.address), timeout=timeout) as cri:
             try:
-                response = pull(request, timeout=timeout)
-            except grpc.RpcError as exc:
-                raise ContainerdError(f"CRI pull of {image} failed: {exc}") from exc
-        return _pb_first_string_field(response, 1)
+                return cri.pull(image)
+            except CRIError as exc:
+                raise ContainerdError(str(exc)) from exc
 
     def _config(self) -> dict[str, Any]:
         cri_runtime_options = {"Root": str(self.runc_root), "SystemdCgroup": False}
@@ -391,77 +393,6 @@ def _shared_fifo_dirs_held_by(pids: list[int]) -> set[Path]:
             if target.parent.parent == _DEFAULT_FIFO_ROOT:
                 dirs.add(target.parent)
     return dirs
-
-
-def _to_toml(table: Mapping[str, Any], prefix: str = "") -> str:
-    """Render nested dicts as TOML: plain keys first, then one [section] per sub-dict."""
-    lines = [
-        f"{json.dumps(key)} = {_toml_value(value)}"
-        for key, value in table.items()
-        if not isinstance(value, Mapping)
-    ]
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            name = f"{prefix}.{json.dumps(key)}" if prefix else json.dumps(key)
-            lines.append(f"\n[{name}]\n{_to_toml(value, name)}")
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"no TOML form for {value!r}")
-
-
-def _pb_bytes_field(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field: all a CRI PullImageRequest needs here."""
-    return _pb_varint(number << 3 | 2) + _pb_varint(len(payload)) + payload
-
-
-def _pb_varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _pb_first_string_field(message: bytes, number: int) -> str:
-    """Decode field ``number`` (a string) from a message, skipping the others."""
-    position = 0
-    while position < len(message):
-        key, position = _pb_read_varint(message, position)
-        wire_type = key & 7
-        if wire_type == 0:
-            _, position = _pb_read_varint(message, position)
-        elif wire_type == 2:
-            length, position = _pb_read_varint(message, position)
-            if key >> 3 == number:
-                return message[position : position + length].decode()
-            position += length
-        else:
-            raise ContainerdError(f"unexpected protobuf wire type {wire_type}")
-    raise ContainerdError(f"protobuf field {number} missing")
-
-
-def _pb_read_varint(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, position
-
-
-def _identity(data: bytes) -> bytes:
-    return data
 
 
 def _run(command: list[str]) -> None:

@@ -86,8 +86,7 @@ def test_toc_matches_what_tarfile_reads(index: LayerIndex) -> None:
         members = tar.getmembers()
         expected = []
         for member in members:
-            expected.append((member.name, member.size if member.isreg() else 0,
-                             member.offset_data))
+            expected.append((member.name, member.size if member.isreg() else 0, member.offset_data))
     got = [(e.name, e.size, e.offset) for e in index.entries]
     assert got == expected
     by_name = {e.name: e for e in index.entries}

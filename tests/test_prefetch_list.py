@@ -24,8 +24,16 @@ def _layers():
 
 def test_parse_and_missing():
     plist = PrefetchList.parse_lines(
-        ["# startup", "/usr/bin/python3", "/usr/lib/", "", "/etc/old.conf", "/opt/app/x",
-         "/opt/app/y", "/usr/bin/python3/"]
+        [
+            "# startup",
+            "/usr/bin/python3",
+            "/usr/lib/",
+            "",
+            "/etc/old.conf",
+            "/opt/app/x",
+            "/opt/app/y",
+            "/usr/bin/python3/",
+        ]
     )
     assert plist.as_paths()[:2] == ["/usr/bin/python3", "/usr/lib/"]
     assert plist.missing(_layers()) == ["/etc/old.conf", "/opt/app/x", "/usr/bin/python3/"]

@@ -90,9 +90,15 @@ def _prefetch_from(annotations: dict[str, str]) -> list[str]:
 class LayerDiscovery:
     """Looks up accelerated forms in the registry (cached per manifest)."""
 
-    def __init__(self, client: RegistryClient, use_referrers: bool = True) -> None:
+    def __init__(
+        self,
+        client: RegistryClient,
+        use_referrers: bool = True,
+        allowed_registries: frozenset[str] = frozenset(),
+    ) -> None:
         self.client = client
         self.use_referrers = use_referrers
+        self.allowed_registries = allowed_registries
         self._manifests: dict[str, ImageManifest] = {}
 
     async def _manifest(self, ref: ImageReference, digest: str | None) -> tuple[str, ImageManifest]:
@@ -116,6 +122,8 @@ class LayerDiscovery:
             ref = ImageReference.parse(image_ref)
         except ValueError as exc:
             raise NoAccelerationError("bad-reference", str(exc)) from None
+        if self.allowed_registries and ref.registry not in self.allowed_registries:
+            raise NoAccelerationError("registry-not-allowed", ref.registry)
         try:
             digest, manifest = await self._manifest(ref, manifest_digest)
             position = next(

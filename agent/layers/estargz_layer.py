@@ -5,9 +5,8 @@ from __future__ import annotations
 import bisect
 from functools import partial
 
-from fetcher.chunks import BlobSource, ChunkSpec
-
 from agent.layers.lazy_layer import ChunkSlice
+from fetcher.chunks import BlobSource, ChunkSpec
 from formats.estargz_reader import ChunkRef, EstargzToc, read_chunk
 from formats.toc import TocEntry
 

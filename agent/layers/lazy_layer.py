@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fetcher.chunks import BlobSource, ChunkSpec
-
 from formats.toc import TocEntry
 
 

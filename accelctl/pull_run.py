@@ -1,0 +1,112 @@
+"""`accelctl pull` and `accelctl run`: lazy pulls for people without Kubernetes.
+
+`pull` asks containerd's CRI plugin to pull, as the kubelet would, so acceld's
+snapshotter is offered each layer with the labels it needs to serve it lazily.
+`run` then starts a container with containerd's own `ctr`, on acceld's snapshots.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import click
+
+from accelctl.cri.client import CRIError, CRIImageClient
+from fetcher.credentials import CredentialStore
+
+DEFAULT_CONTAINERD = "/run/containerd/containerd.sock"
+CRI_NAMESPACE = "k8s.io"
+
+
+def _credentials(docker_config: Path | None, pull_secret: tuple[Path, ...]) -> CredentialStore:
+    store = CredentialStore() if docker_config else CredentialStore.from_environment()
+    if docker_config:
+        store.load_docker_config(docker_config)
+    for secret in pull_secret:
+        store.load_kubernetes_secret(secret)
+    return store
+
+
+def lazy_pull(address: str, image: str, credentials: CredentialStore) -> tuple[str, float]:
+    """CRI-pull ``image``; returns (image id, seconds)."""
+    started = time.monotonic()
+    with CRIImageClient(address) as cri:
+        image_id = cri.pull(image, credentials)
+    return image_id, time.monotonic() - started
+
+
+_address = click.option(
+    "--address", default=DEFAULT_CONTAINERD, show_default=True, help="containerd's socket."
+)
+_docker_config = click.option(
+    "--docker-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Docker config.json with registry credentials.",
+)
+_pull_secret = click.option(
+    "--pull-secret",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A kubernetes.io/dockerconfigjson secret.",
+)
+
+
+@click.command("pull")
+@click.argument("image")
+@_address
+@_docker_config
+@_pull_secret
+def pull(
+    image: str, address: str, docker_config: Path | None, pull_secret: tuple[Path, ...]
+) -> None:
+    """Pull IMAGE into containerd through CRI (lazily, where acceld can serve it)."""
+    try:
+        image_id, seconds = lazy_pull(address, image, _credentials(docker_config, pull_secret))
+    except CRIError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"pulled {image} ({image_id}) in {seconds:.2f}s")
+
+
+@click.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_address
+@_docker_config
+@_pull_secret
+@click.option("--snapshotter", default="acceld", show_default=True)
+def run(
+    image: str,
+    command: tuple[str, ...],
+    address: str,
+    docker_config: Path | None,
+    pull_secret: tuple[Path, ...],
+    snapshotter: str,
+) -> None:
+    """Pull IMAGE lazily and run it to completion (optionally with COMMAND)."""
+    try:
+        _, seconds = lazy_pull(address, image, _credentials(docker_config, pull_secret))
+    except CRIError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"pulled {image} in {seconds:.2f}s", err=True)
+    container = f"accelctl-{uuid.uuid4().hex[:12]}"
+    result = subprocess.run(
+        [
+            "ctr",
+            "--address",
+            address,
+            "--namespace",
+            CRI_NAMESPACE,
+            "run",
+            "--rm",
+            "--snapshotter",
+            snapshotter,
+            image,
+            container,
+            *command,
+        ],
+        check=False,
+    )
+    raise SystemExit(result.returncode)

@@ -1,0 +1,173 @@
+"""The node agent process: FUSE mount, fetcher, snapshotter and metrics in one event loop.
+
+Start order matters: the FUSE mount and fetcher must be ready before the snapshotter
+restores remote snapshots and opens its socket, so containerd never sees a lowerdir
+that is not served. Stop runs in reverse and always unmounts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import generate_latest
+
+from agent import metrics
+from agent.config import AgentConfig
+from agent.fs.mount import FuseMount
+from agent.fs.operations import LayerFS
+from agent.layers.discovery import LayerDiscovery
+from agent.lazy_provider import LazyLayerProvider
+from agent.snapshotter.server import SnapshotterServer
+from common.logging import get_logger
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import Priority
+from fetcher.credentials import CredentialStore
+from fetcher.registry import RegistryClient
+from fetcher.scheduler import ChunkFetcher
+
+log = get_logger(__name__)
+CACHE_GAUGE_INTERVAL = 5.0
+
+
+def load_credentials(config: AgentConfig) -> CredentialStore:
+    """Docker config and pull secrets named by the config (later sources win)."""
+    store = CredentialStore() if config.docker_config else CredentialStore.from_environment()
+    if config.docker_config:
+        store.load_docker_config(config.docker_config)
+    for secret in config.pull_secrets:
+        store.load_kubernetes_secret(secret)
+    return store
+
+
+class Agent:
+    """One acceld instance."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.client = RegistryClient(
+            credentials=load_credentials(config),
+            plain_http_hosts=frozenset(config.plain_http),
+            max_connections_per_host=config.max_connections_per_registry,
+        )
+        self.cache = ChunkCache(config.cache_dir, config.cache_max_bytes)
+        self.fetcher: ChunkFetcher | None = None
+        self.fs: LayerFS | None = None
+        self.mount: FuseMount | None = None
+        self.snapshotter: SnapshotterServer | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._gauge_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Bring every part up; on failure, tear down what already started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        await self.client.__aenter__()
+        self.fetcher = ChunkFetcher(
+            self.client,
+            self.cache,
+            max_connections_per_registry=config.max_connections_per_registry,
+            demand_timeout=config.demand_timeout,
+        )
+        self.fetcher.stats.add_observer(_observe_request)
+        self.fs = LayerFS(self.fetcher, self.cache)
+        self.mount = FuseMount(self.fs, config.fuse_mountpoint)
+        await self.mount.start()
+        discovery = LayerDiscovery(
+            self.client, config.discover_referrers, frozenset(config.allowed_registries)
+        )
+        provider = LazyLayerProvider(
+            discovery,
+            self.fs,
+            self.fetcher,
+            self.cache,
+            config.fuse_mountpoint,
+            config.prefetch,
+            config.background_fill,
+        )
+        self.snapshotter = SnapshotterServer(config.snapshots_dir, config.socket, provider)
+        await self.snapshotter.start()
+        await self._start_metrics()
+        self._gauge_task = asyncio.create_task(self._update_cache_gauge())
+        log.info(
+            "agent.started",
+            root=str(config.root),
+            socket=str(config.socket),
+            mountpoint=str(config.fuse_mountpoint),
+            metrics=config.metrics_address,
+        )
+
+    async def _start_metrics(self) -> None:
+        async def serve_metrics(_request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(metrics.REGISTRY), content_type="text/plain")
+
+        async def healthz(_request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        app = web.Application()
+        app.router.add_get("/metrics", serve_metrics)
+        app.router.add_get("/healthz", healthz)
+        self._metrics_runner = web.AppRunner(app, access_log=None)
+        await self._metrics_runner.setup()
+        host, _, port = self.config.metrics_address.rpartition(":")
+        await web.TCPSite(self._metrics_runner, host or "127.0.0.1", int(port)).start()
+
+    async def _update_cache_gauge(self) -> None:
+        while True:
+            metrics.CACHE_BYTES.set(self.cache.size())
+            await asyncio.sleep(CACHE_GAUGE_INTERVAL)
+
+    async def stop(self) -> None:
+        """Stop in reverse order; every step runs even if an earlier one fails."""
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauge_task
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
+        if self.snapshotter is not None:
+            await self.snapshotter.stop()
+            self.snapshotter = None
+        if self.fetcher is not None:
+            await self.fetcher.close()
+            self.fetcher = None
+        if self.mount is not None:
+            await self.mount.stop()
+            self.mount = None
+        await self.client.__aexit__(None, None, None)
+        log.info("agent.stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+
+def _observe_request(priority: Priority, nbytes: int, seconds: float) -> None:
+    label = priority.name.lower()
+    metrics.FETCH_BYTES.labels(label).inc(nbytes)
+    metrics.RANGE_REQUESTS.labels(label).inc()
+    metrics.RANGE_SECONDS.observe(seconds)
+
+
+def run(config: AgentConfig) -> None:
+    """Run an agent in a fresh event loop (the `acceld run` command)."""
+    Path(config.root).mkdir(parents=True, exist_ok=True)
+    asyncio.run(Agent(config).run_until_signalled())

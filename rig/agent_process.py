@@ -1,0 +1,130 @@
+"""Run acceld as a real separate process, the way a node runs it.
+
+Tests, the demo and benchmarks start the agent with its own root, socket and metrics
+port, wait until containerd can dial it, and stop it with SIGTERM (clean shutdown) or
+SIGKILL (crash). Its log is kept for failure reports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from rig.ports import free_port
+
+
+class AgentProcess:
+    """`acceld run` in a subprocess."""
+
+    def __init__(
+        self, workdir: Path, plain_http: Sequence[str] = (), extra_args: Sequence[str] = ()
+    ) -> None:
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.socket = workdir / "run" / "snapshotter.sock"
+        self.metrics_port = free_port()
+        self.log_path = workdir / "acceld.log"
+        self.plain_http = list(plain_http)
+        self.extra_args = list(extra_args)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def mountpoint(self) -> Path:
+        """The agent's FUSE mount."""
+        return self.root / "mnt"
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the Prometheus endpoint answers."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self, timeout: float = 30.0) -> AgentProcess:
+        """Start and wait until the snapshotter socket and metrics endpoint answer."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "agent.main",
+            "run",
+            "--root",
+            str(self.root),
+            "--socket",
+            str(self.socket),
+            "--metrics-address",
+            f"127.0.0.1:{self.metrics_port}",
+            *self.extra_args,
+        ]
+        for host in self.plain_http:
+            command += ["--plain-http", host]
+        env = dict(os.environ, ACCELD_LOG_FORMAT="json")
+        log = self.log_path.open("ab")
+        self._process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"acceld exited {self._process.returncode}:\n{self.log_tail()}")
+            if self.socket.exists() and self._metrics_ready():
+                return self
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"acceld did not become ready:\n{self.log_tail()}")
+
+    def _metrics_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        """The current Prometheus exposition text."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def metric(self, name: str) -> float:
+        """Sum of every sample of series ``name`` (all label sets)."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith(name) and (line[len(name)] in " {"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM and wait: the agent unmounts and closes its socket."""
+        if self._process is None or self._process.poll() is not None:
+            return None if self._process is None else self._process.returncode
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            return self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would; the FUSE mount is left behind, dead."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(10)
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of the agent's log."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)

@@ -1,0 +1,121 @@
+"""acceld end to end: real containerd (CRI pull, as the kubelet does), real registry,
+the agent as its own process; containers start from lazily served layers."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from converter.convert import ConvertOptions, convert_image
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from rig.agent_process import AgentProcess
+from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE
+from rig.rootfs_digest import describe_tree, tree_differences
+from rig.snapshot_view import image_chain_id, mounted_view
+
+SMALL = {"chunk_size": 256 << 10, "span": 1 << 20}
+
+
+@pytest.fixture
+def agent(tmp_path, registry):
+    with AgentProcess(
+        tmp_path / "agent", plain_http=[registry.host], extra_args=["--no-background-fill"]
+    ) as process:
+        yield process
+
+
+@pytest.fixture
+def lazy_containerd(containerd_factory, agent):
+    return containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+
+
+def _layer_gets(registry, digests: set[str], since: int) -> list[tuple[str, int]]:
+    """(path, status) of every GET of one of ``digests`` after request number ``since``."""
+    return [
+        (r.path, r.status)
+        for r in registry.requests()[since:]
+        if r.method == "GET" and any(d in r.path for d in digests)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["index", "full"])
+async def test_cri_pull_is_lazy_and_container_runs(
+    mode, registry, image_pusher, built_busybox, agent, lazy_containerd
+):
+    pushed = await image_pusher.push(built_busybox)
+    ref = ImageReference.parse(pushed.reference)
+    async with RegistryClient() as client:
+        result = await convert_image(client, ref, ConvertOptions(mode=mode, **SMALL))
+    served_digests = {layer.digest for layer in built_busybox.layers}
+    if mode == "full":
+        served_digests = {
+            layer.estargz.blob_digest
+            for p in result.platforms
+            for layer in p.layers
+            if layer.estargz
+        }
+    before = len(registry.requests())
+    await asyncio.to_thread(lazy_containerd.cri_pull_image, pushed.reference)
+    whole = [(p, s) for p, s in _layer_gets(registry, served_digests, before) if s == 200]
+    assert whole == [], "layer blobs were downloaded whole"
+    assert agent.metric("acceld_layers_total") >= len(built_busybox.layers)
+    out = await asyncio.to_thread(
+        lazy_containerd.run_container,
+        pushed.reference,
+        f"lazy-{uuid.uuid4().hex[:8]}",
+        snapshotter=ACCELD_SNAPSHOTTER,
+        namespace=CRI_NAMESPACE,
+    )
+    assert out.stdout.strip() == "hello from acceld"
+    assert agent.metric("acceld_fuse_ops_total") > 0
+
+
+async def test_lazy_rootfs_equals_overlayfs(
+    registry, image_pusher, built_features, agent, lazy_containerd, containerd, tmp_path
+):
+    pushed = await image_pusher.push(built_features)
+    ref = ImageReference.parse(pushed.reference)
+    async with RegistryClient() as client:
+        await convert_image(client, ref, ConvertOptions(mode="index", **SMALL))
+    containerd.ctr("images", "pull", "--plain-http", pushed.reference)
+    top = image_chain_id(built_features.config_bytes)
+
+    def reference_tree() -> dict:
+        with mounted_view(containerd, top, tmp_path / "reference") as root:
+            return describe_tree(root)
+
+    def lazy_tree() -> dict:
+        lazy_containerd.cri_pull_image(pushed.reference)
+        with mounted_view(
+            lazy_containerd,
+            top,
+            tmp_path / "lazy",
+            snapshotter=ACCELD_SNAPSHOTTER,
+            namespace=CRI_NAMESPACE,
+        ) as root:
+            return describe_tree(root)
+
+    expected = await asyncio.to_thread(reference_tree)
+    actual = await asyncio.to_thread(lazy_tree)
+    problems = tree_differences(expected, actual)
+    assert problems == [], "\n".join(problems)
+    assert agent.metric("acceld_fallbacks_total") == 0
+
+
+async def test_image_without_accelerated_form_falls_back_and_runs(
+    image_pusher, built_busybox, agent, lazy_containerd
+):
+    pushed = await image_pusher.push(built_busybox)
+    await asyncio.to_thread(lazy_containerd.cri_pull_image, pushed.reference)
+    assert agent.metric("acceld_fallbacks_total") >= len(built_busybox.layers)
+    out = await asyncio.to_thread(
+        lazy_containerd.run_container,
+        pushed.reference,
+        f"fallback-{uuid.uuid4().hex[:8]}",
+        snapshotter=ACCELD_SNAPSHOTTER,
+        namespace=CRI_NAMESPACE,
+    )
+    assert out.stdout.strip() == "hello from acceld"
