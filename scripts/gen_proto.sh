@@ -15,3 +15,9 @@ cd "$repo"
     --pyi_out=. \
     agent/snapshotter/proto/mount.proto \
     agent/snapshotter/proto/snapshots.proto
+"$python" -m grpc_tools.protoc \
+    --proto_path=. \
+    --python_out=. \
+    --pyi_out=. \
+    --grpc_python_out=. \
+    accelctl/cri/cri_images.proto
