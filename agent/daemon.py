@@ -79,6 +79,9 @@ class Agent:
             demand_timeout=config.demand_timeout,
         )
         self.fetcher.stats.add_observer(_observe_request)
+        metrics.REGISTRY.register(
+            metrics.FetcherCollector(lambda: self.fetcher.stats if self.fetcher else None)
+        )
         self.fs = LayerFS(self.fetcher, self.cache)
         self.mount = FuseMount(self.fs, config.fuse_mountpoint)
         await self.mount.start()

@@ -6,7 +6,13 @@ The Grafana dashboard and alerts query these names, so they are defined in one m
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fetcher.scheduler import FetchStats
 
 REGISTRY = CollectorRegistry()
 
@@ -82,3 +88,55 @@ FIRST_BYTE_SECONDS = Histogram(
 LAZY_LAYERS_MOUNTED = Gauge(
     "acceld_lazy_layers_mounted", "Lazy layers currently mounted", registry=REGISTRY
 )
+
+
+class FetcherCollector(Collector):
+    """Exports the fetcher's own counters at scrape time (they live in `FetchStats`, so
+    the fetcher stays free of Prometheus)."""
+
+    _COUNTERS = (
+        (
+            "acceld_corrupt_chunks_total",
+            "corrupt_chunks",
+            "Chunks that failed verification twice and were never served",
+        ),
+        (
+            "acceld_corrupt_refetches_total",
+            "corrupt_refetches",
+            "Chunks refetched after failing verification once",
+        ),
+        ("acceld_fetch_errors_total", "request_errors", "Range requests that failed"),
+        (
+            "acceld_demand_timeouts_total",
+            "demand_timeouts",
+            "Blocked reads that gave up waiting (answered EIO)",
+        ),
+        (
+            "acceld_cache_write_errors_total",
+            "cache_write_errors",
+            "Chunks served but not cached (disk full)",
+        ),
+        (
+            "acceld_shared_fetches_total",
+            "shared_fetches",
+            "Reads that joined a fetch already in flight",
+        ),
+    )
+
+    def __init__(self, stats: Callable[[], FetchStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        for name, attribute, help_text in self._COUNTERS:
+            yield CounterMetricFamily(
+                name.removesuffix("_total"), help_text, value=getattr(stats, attribute)
+            )
+        in_flight = GaugeMetricFamily(
+            "acceld_fetch_in_flight", "Range GETs on the wire", labels=["priority"]
+        )
+        for priority, value in stats.in_flight.items():
+            in_flight.add_metric([priority.name.lower()], value)
+        yield in_flight

@@ -1,0 +1,225 @@
+"""The agent under registry faults and its own crash: correct bytes or a clean error,
+never wrong bytes and never a hang; state survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from converter.convert import ConvertOptions, convert_image
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from rig.agent_process import AgentProcess
+from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE
+from rig.fault_proxy import Fault, FaultProxy
+
+SMALL = {"chunk_size": 256 << 10, "span": 1 << 20}
+BUSYBOX_MD5 = hashlib.md5(Path("/bin/busybox").read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def proxy(registry):
+    with FaultProxy(registry.url) as fault_proxy:
+        yield fault_proxy
+
+
+@pytest.fixture
+def agent(tmp_path):
+    with AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]) as process:
+        yield process
+
+
+@pytest.fixture
+def lazy_containerd(containerd_factory, agent):
+    return containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+
+
+async def _converted(image_pusher, built, mode: str, proxy: FaultProxy) -> str:
+    pushed = await image_pusher.push(built)
+    async with RegistryClient() as client:
+        await convert_image(
+            client, ImageReference.parse(pushed.reference), ConvertOptions(mode=mode, **SMALL)
+        )
+    repository = ImageReference.parse(pushed.reference).repository
+    return f"{proxy.host}/{repository}:latest"
+
+
+def _run(containerd, image: str, *command: str, check: bool = True):
+    return containerd.run_container(
+        image,
+        f"c-{uuid.uuid4().hex[:8]}",
+        *command,
+        snapshotter=ACCELD_SNAPSHOTTER,
+        namespace=CRI_NAMESPACE,
+        check=check,
+        timeout=120,
+    )
+
+
+def _wait_for_snapshotter(containerd, timeout: float = 20.0) -> None:
+    """containerd redials a restarted proxy snapshotter with backoff (up to ~3 s here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = containerd.ctr(
+            "snapshots",
+            "--snapshotter",
+            ACCELD_SNAPSHOTTER,
+            "ls",
+            namespace=CRI_NAMESPACE,
+            check=False,
+        )
+        if listed.returncode == 0 or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("mode", ["index", "full"])
+async def test_resets_503s_and_stalls_still_give_a_correct_container(
+    mode, image_pusher, built_busybox, proxy, agent, lazy_containerd
+):
+    image = await _converted(image_pusher, built_busybox, mode, proxy)
+    proxy.add(Fault("reset", path_contains="/blobs/", after_bytes=500, times=3))
+    proxy.add(Fault("status", path_contains="/blobs/", status=503, retry_after="0", times=3))
+    proxy.add(Fault("stall", path_contains="/blobs/", after_bytes=100, stall_seconds=2, times=1))
+    await asyncio.to_thread(lazy_containerd.cri_pull_image, image)
+    out = await asyncio.to_thread(_run, lazy_containerd, image, "md5sum", "/bin/busybox")
+    assert out.stdout.split()[0] == BUSYBOX_MD5
+    assert sum(f.hits for f in proxy.faults) >= 4
+    assert agent.metric("acceld_fallbacks_total") == 0
+
+
+async def test_corrupt_chunk_is_refused_then_served_once_the_registry_heals(
+    image_pusher, built_busybox, proxy, agent, lazy_containerd
+):
+    image = await _converted(image_pusher, built_busybox, "index", proxy)
+    await asyncio.to_thread(lazy_containerd.cri_pull_image, image)
+    busybox_layer = built_busybox.layers[0].digest
+    proxy.add(Fault("flip", path_contains=busybox_layer, after_bytes=100, times=10_000))
+    broken = await asyncio.to_thread(
+        _run, lazy_containerd, image, "md5sum", "/bin/busybox", check=False
+    )
+    assert broken.returncode != 0 or BUSYBOX_MD5 not in broken.stdout
+    assert BUSYBOX_MD5 not in broken.stdout  # wrong bytes are never served
+    assert agent.metric("acceld_corrupt_chunks_total") >= 1
+    assert "fs.read_failed" in agent.log_tail(400)
+    proxy.clear()
+    healed = await asyncio.to_thread(_run, lazy_containerd, image, "md5sum", "/bin/busybox")
+    assert healed.stdout.split()[0] == BUSYBOX_MD5
+
+
+async def test_agent_killed_and_restarted_keeps_snapshots_and_cache(
+    image_pusher, built_busybox, proxy, tmp_path, containerd_factory
+):
+    image = await _converted(image_pusher, built_busybox, "index", proxy)
+    first = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
+    containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=first.socket)
+    try:
+        await asyncio.to_thread(containerd.cri_pull_image, image)
+        out = await asyncio.to_thread(_run, containerd, image, "md5sum", "/bin/busybox")
+        assert out.stdout.split()[0] == BUSYBOX_MD5
+        cached = sorted(p.name for p in (first.root / "cache").rglob("*") if p.is_file())
+        assert cached
+        first.kill()
+    finally:
+        first.kill()
+    second = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
+    try:
+        await asyncio.to_thread(_wait_for_snapshotter, containerd)
+        assert sorted(p.name for p in (second.root / "cache").rglob("*") if p.is_file()) == cached
+        requests_before = len(proxy.requests)
+        out = await asyncio.to_thread(_run, containerd, image, "md5sum", "/bin/busybox")
+        assert out.stdout.split()[0] == BUSYBOX_MD5
+        layer_gets = [
+            p
+            for m, p, _ in proxy.requests[requests_before:]
+            if m == "GET" and built_busybox.layers[0].digest in p
+        ]
+        assert layer_gets == [], "cached chunks were fetched again after the restart"
+        listed = containerd.ctr(
+            "snapshots", "--snapshotter", ACCELD_SNAPSHOTTER, "ls", namespace=CRI_NAMESPACE
+        ).stdout
+        assert "Committed" in listed
+    finally:
+        second.stop()
+
+
+async def test_running_container_when_the_agent_dies(
+    image_pusher, built_busybox, proxy, tmp_path, containerd_factory
+):
+    """What a running container sees when the agent is killed and restarted (measured
+    here): its overlay mount keeps pointing at the dead FUSE connection, so every new
+    lookup in the lazily served layers fails (even `exec` of a binary it already ran
+    reports "executable file not found"), also after the agent is back. Nothing hangs
+    and no wrong bytes are returned; processes already running keep the pages they
+    have. New containers start normally on the restarted agent."""
+    image = await _converted(image_pusher, built_busybox, "index", proxy)
+    agent = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
+    containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+    name = f"long-{uuid.uuid4().hex[:8]}"
+    try:
+        await asyncio.to_thread(containerd.cri_pull_image, image)
+        containerd.ctr(
+            "run",
+            "-d",
+            "--snapshotter",
+            ACCELD_SNAPSHOTTER,
+            "--runc-root",
+            str(containerd.runc_root),
+            "--fifo-dir",
+            str(containerd.fifo_dir),
+            image,
+            name,
+            "sleep",
+            "300",
+            namespace=CRI_NAMESPACE,
+        )
+
+        def exec_in(*command: str):
+            return containerd.ctr(
+                "task",
+                "exec",
+                "--exec-id",
+                uuid.uuid4().hex[:8],
+                name,
+                *command,
+                namespace=CRI_NAMESPACE,
+                check=False,
+                timeout=30,
+            )
+
+        before = await asyncio.to_thread(exec_in, "md5sum", "/bin/busybox")
+        assert before.stdout.split()[0] == BUSYBOX_MD5
+        agent.kill()
+        read_again = await asyncio.to_thread(exec_in, "md5sum", "/bin/busybox")
+        unread = await asyncio.to_thread(exec_in, "cat", "/etc/hello.txt")
+        agent = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
+        await asyncio.to_thread(_wait_for_snapshotter, containerd)
+        unread_after_restart = await asyncio.to_thread(exec_in, "cat", "/etc/hello.txt")
+        fresh = await asyncio.to_thread(_run, containerd, image)
+    finally:
+        containerd.ctr("task", "kill", "-s", "KILL", name, namespace=CRI_NAMESPACE, check=False)
+        agent.stop()
+    assert read_again.stdout.split()[:1] in ([BUSYBOX_MD5], [])
+    for outcome in (unread, unread_after_restart):
+        assert outcome.returncode != 0 or outcome.stdout.strip() == "hello from acceld"
+        if outcome.returncode != 0:
+            assert "hello" not in outcome.stdout
+    assert fresh.stdout.strip() == "hello from acceld"
+    print(
+        "after kill:",
+        read_again.returncode,
+        repr(read_again.stdout[:40]),
+        repr(read_again.stderr[-80:]),
+        "| unread:",
+        unread.returncode,
+        repr(unread.stderr[-80:]),
+        "| after restart:",
+        unread_after_restart.returncode,
+        repr(unread_after_restart.stdout[-40:]),
+        repr(unread_after_restart.stderr[-80:]),
+    )
