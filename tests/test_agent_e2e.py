@@ -119,3 +119,43 @@ async def test_image_without_accelerated_form_falls_back_and_runs(
         namespace=CRI_NAMESPACE,
     )
     assert out.stdout.strip() == "hello from acceld"
+
+
+METRICS = (
+    "acceld_fetch_bytes_total",
+    "acceld_range_requests_total",
+    "acceld_range_request_seconds",
+    "acceld_fuse_ops_total",
+    "acceld_fuse_op_seconds",
+    "acceld_cache_hits_total",
+    "acceld_cache_misses_total",
+    "acceld_cache_bytes",
+    "acceld_layers_total",
+    "acceld_fallbacks_total",
+    "acceld_prepare_to_first_byte_seconds",
+    "acceld_corrupt_chunks_total",
+    "acceld_fetch_in_flight",
+)
+
+
+async def test_metrics_endpoint_has_every_series(
+    image_pusher, built_busybox, agent, lazy_containerd
+):
+    pushed = await image_pusher.push(built_busybox)
+    async with RegistryClient() as client:
+        await convert_image(
+            client, ImageReference.parse(pushed.reference), ConvertOptions(mode="index")
+        )
+    await asyncio.to_thread(lazy_containerd.cri_pull_image, pushed.reference)
+    await asyncio.to_thread(
+        lazy_containerd.run_container,
+        pushed.reference,
+        f"m-{uuid.uuid4().hex[:8]}",
+        snapshotter=ACCELD_SNAPSHOTTER,
+        namespace=CRI_NAMESPACE,
+    )
+    text = agent.metrics()
+    missing = [name for name in METRICS if name not in text]
+    assert missing == []
+    assert agent.metric("acceld_prepare_to_first_byte_seconds_count") >= 1
+    assert agent.metric("acceld_range_requests_total") >= 1
