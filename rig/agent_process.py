@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rig.ports import free_port
+from rig.processes import terminate_group
 
 
 class AgentProcess:
@@ -100,14 +101,9 @@ class AgentProcess:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait: the agent unmounts and closes its socket."""
-        if self._process is None or self._process.poll() is not None:
-            return None if self._process is None else self._process.returncode
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            return self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        if self._process is None:
             return None
+        return terminate_group(self._process, grace=timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; the FUSE mount is left behind, dead."""

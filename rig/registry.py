@@ -18,11 +18,9 @@ shows only as status 206 with a short size, never by its ``Range`` value.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -36,6 +34,7 @@ import yaml
 
 from common.logging import get_logger
 from rig.ports import free_port
+from rig.processes import terminate_group
 from rig.token_service import TokenAuth
 
 log = get_logger(__name__)
@@ -286,13 +285,7 @@ class RegistryServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        terminate_group(proc)
         log.info("registry.stopped", url=self.url, returncode=proc.returncode)
 
     @property

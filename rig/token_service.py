@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from common.logging import configure_logging, get_logger
+from rig.processes import terminate_group
 
 log = get_logger(__name__)
 
@@ -472,14 +473,8 @@ class TokenService:
     def stop(self) -> None:
         """Terminate the process (idempotent); kills it if it ignores SIGTERM."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        if proc is not None:
+            terminate_group(proc)
 
     def requests(self) -> list[TokenRequest]:
         """Every request answered so far, oldest first."""

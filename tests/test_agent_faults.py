@@ -8,6 +8,7 @@ import hashlib
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from rig.agent_process import AgentProcess
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE
 from rig.fault_proxy import Fault, FaultProxy
 
-SMALL = {"chunk_size": 256 << 10, "span": 1 << 20}
+SMALL: dict[str, Any] = {"chunk_size": 256 << 10, "span": 1 << 20}
 BUSYBOX_MD5 = hashlib.md5(Path("/bin/busybox").read_bytes()).hexdigest()
 
 

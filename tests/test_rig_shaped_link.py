@@ -33,6 +33,7 @@ from rig.netns import (
     remove_orphaned_namespaces,
 )
 from rig.ports import free_port, wait_for_port
+from rig.processes import terminate_group
 from rig.registry import RegistryServer
 from rig.shaped_link import ShapedLink
 from tests.fixtures.registry import running
@@ -91,13 +92,7 @@ class NamespaceProcess:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        terminate_group(proc, grace=5)
 
     def log_paths(self) -> list[Path]:
         return [self.log_path]
