@@ -4,6 +4,7 @@ the agent as its own process; containers start from lazily served layers."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import uuid
 
 import pytest
@@ -159,3 +160,45 @@ async def test_metrics_endpoint_has_every_series(
     assert missing == []
     assert agent.metric("acceld_prepare_to_first_byte_seconds_count") >= 1
     assert agent.metric("acceld_range_requests_total") >= 1
+
+
+async def test_estargz_made_by_ctr_remote_is_served_lazily(
+    pushed_busybox, containerd, agent, lazy_containerd, registry
+):
+    """eStargz images made elsewhere (stargz-snapshotter's `ctr-remote`) are lazy here."""
+    source = pushed_busybox.reference
+    target = f"{registry.host}/rig/ctr-remote-{uuid.uuid4().hex[:8]}:esgz"
+
+    def convert_with_ctr_remote() -> None:
+        containerd.ctr("images", "pull", "--plain-http", source)
+        base = [
+            "ctr-remote",
+            "--address",
+            str(containerd.address),
+            "--namespace",
+            containerd.namespace,
+        ]
+        for args in (
+            ["images", "convert", "--estargz", "--oci", source, target],
+            ["images", "push", "--plain-http", target],
+        ):
+            subprocess.run(base + args, check=True, capture_output=True, text=True, timeout=120)
+
+    await asyncio.to_thread(convert_with_ctr_remote)
+    before = len(registry.requests())
+    await asyncio.to_thread(lazy_containerd.cri_pull_image, target)
+    assert agent.metric("acceld_fallbacks_total") == 0
+    whole_layers = [
+        r
+        for r in registry.requests()[before:]
+        if r.method == "GET" and "/blobs/" in r.path and r.status == 200 and r.size > 100_000
+    ]
+    assert whole_layers == []
+    out = await asyncio.to_thread(
+        lazy_containerd.run_container,
+        target,
+        f"esgz-{uuid.uuid4().hex[:8]}",
+        snapshotter=ACCELD_SNAPSHOTTER,
+        namespace=CRI_NAMESPACE,
+    )
+    assert out.stdout.strip() == "hello from acceld"
