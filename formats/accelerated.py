@@ -20,6 +20,10 @@ MODE_INDEX = "index"
 ARTIFACT_TYPE_INDEX = "application/vnd.acceld.index.v1"
 MEDIA_TYPE_LAYER_INDEX = "application/vnd.acceld.layer-index.v1+msgpack"
 
+ARTIFACT_TYPE_PROFILE = "application/vnd.acceld.profile.v1"
+MEDIA_TYPE_PROFILE = "application/vnd.acceld.profile.v1+msgpack"
+ANNOTATION_PROFILE_KIND = "io.acceld.profile.kind"
+
 EMPTY_JSON = b"{}"
 
 

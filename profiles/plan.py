@@ -1,0 +1,78 @@
+"""What the agent prefetches for an image, in order: the profile turned into a plan.
+
+The threshold is applied here, not when merging (see `profiles.learn`): a file makes
+the plan when at least ``threshold`` of the successful runs opened it, and of its bytes
+only those that many runs read. Entries come in the order a start first touches them
+(median over the recent runs, robust to one slow outlier run); at equal times the
+smaller entry goes first, so more files are ready sooner for the same bytes.
+
+The converter's prefetch list is honoured whole: a pinned file or directory is fetched
+entirely (``ranges`` None), wherever the image's merged view has it (``layer`` None),
+at the position of the earliest learned access under it (whether or not enough runs
+needed it to make the plan on their own), or first if never seen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from profiles.coverage import Ranges, at_least, size_of
+from profiles.format import FileStat, Profile
+
+
+class PrefetchEntry(NamedTuple):
+    """One prefetch: ``path`` is absolute, a trailing `/` means a directory's subtree;
+    ``layer`` None means "the layer the merged view takes it from"; ``ranges`` None means
+    the whole file (or subtree)."""
+
+    layer: str | None
+    path: str
+    ranges: Ranges | None
+
+
+def needed_runs(threshold: float, runs: int) -> int:
+    """How many of ``runs`` runs must have needed something for it to be prefetched."""
+    return max(1, math.ceil(threshold * runs - 1e-9))
+
+
+def median_first_access(stat: FileStat) -> float:
+    """Median ns from start to first access over the kept (recent) runs."""
+    return float(np.median(np.array([t for _, t in stat.first_access], dtype=np.int64)))
+
+
+def _covering(path: str, pinned: dict[tuple[str, bool], float]) -> list[tuple[str, bool]]:
+    """The pinned entries that include ``path``: itself, or any directory above it."""
+    parts = path.split("/")
+    candidates = [(path, False), (path, True), ("", True)]
+    candidates += [("/".join(parts[:depth]), True) for depth in range(1, len(parts))]
+    return [entry for entry in candidates if entry in pinned]
+
+
+def _absolute(name: str, is_dir: bool) -> str:
+    return "/" + name + ("/" if is_dir and name else "")
+
+
+def prefetch_plan(profile: Profile, threshold: float | None = None) -> list[PrefetchEntry]:
+    """The ordered prefetch list for ``profile`` (``threshold`` overrides the profile's)."""
+    need = needed_runs(profile.threshold if threshold is None else threshold, profile.runs.count)
+    position = {layer: i for i, layer in enumerate(profile.layers)}
+    pinned_at = {entry: -1.0 for entry in profile.pinned}
+    keyed: list[tuple[tuple[float, int, int, str], PrefetchEntry]] = []
+    for stat in profile.files:
+        when = median_first_access(stat)
+        covering = _covering(stat.path, pinned_at)
+        for entry in covering:
+            seen = pinned_at[entry]
+            pinned_at[entry] = when if seen < 0 else min(seen, when)
+        ranges = at_least(stat.coverage, need) if stat.runs >= need else ()
+        if covering or not ranges:
+            continue
+        key = (when, size_of(ranges), position[stat.layer], stat.path)
+        keyed.append((key, PrefetchEntry(stat.layer, _absolute(stat.path, False), ranges)))
+    for (name, is_dir), when in pinned_at.items():
+        keyed.append(((when, 0, -1, name), PrefetchEntry(None, _absolute(name, is_dir), None)))
+    keyed.sort(key=lambda item: item[0])
+    return [entry for _, entry in keyed]

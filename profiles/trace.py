@@ -1,0 +1,105 @@
+"""One container start as the tracer and the FUSE demand log report it: the learner's input.
+
+Two producers write traces and each sees a different slice of reality: the eBPF tracer
+sees every read, including those the page cache answers, while the FUSE layer only sees
+reads that reach it (page-cache hits never do). The trace says which producer(s) made it
+so the profile can record how much of its evidence is blind to cached reads. Traces are
+validated on construction because a wrong one silently teaches every node a bad order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from common.digest import InvalidDigestError, validate_digest
+from formats.toc import HostileLayerError, normalize_name
+
+SOURCES = frozenset({"ebpf", "fuse"})
+MAX_FILE_OFFSET = 1 << 62
+
+
+class TraceError(ValueError):
+    """A run trace that breaks its contract (bad digest, range, path, source...)."""
+
+
+class Outcome(enum.StrEnum):
+    """How the traced start ended; only OK runs teach the profile anything."""
+
+    OK = "ok"
+    CRASHED = "crashed"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class FileAccess:
+    """One file of one layer as a run used it: ``ranges`` are [start, end) byte ranges."""
+
+    layer: str
+    path: str
+    ranges: tuple[tuple[int, int], ...]
+    first_access_ns: int
+
+
+@dataclass(frozen=True)
+class RunTrace:
+    """Everything one container start read, per layer of the (accelerated) image.
+
+    ``started_at_ns`` is the wall-clock start (ns since the epoch): it decides which
+    samples count as "recent" once a profile keeps only the latest K of them, and it
+    makes two runs with identical reads different profiles (so content addressing in
+    the registry never folds two runs into one).
+    """
+
+    image: str
+    layers: tuple[str, ...]
+    accesses: tuple[FileAccess, ...]
+    outcome: Outcome
+    node: str
+    sources: frozenset[str]
+    page_cache_visible: bool
+    started_at_ns: int
+
+    def __post_init__(self) -> None:
+        try:
+            validate_digest(self.image)
+            for layer in self.layers:
+                validate_digest(layer)
+        except InvalidDigestError as exc:
+            raise TraceError(f"trace of {self.image!r}: {exc}") from None
+        if len(set(self.layers)) != len(self.layers):
+            raise TraceError("trace lists a layer twice")
+        if not isinstance(self.outcome, Outcome):
+            raise TraceError(f"unknown run outcome {self.outcome!r}")
+        if not self.node or len(self.node) > 253:
+            raise TraceError(f"invalid node name {self.node!r}")
+        if not self.sources or not self.sources <= SOURCES:
+            raise TraceError(f"trace sources must be a non-empty subset of {sorted(SOURCES)}")
+        if self.page_cache_visible and "ebpf" not in self.sources:
+            raise TraceError("a FUSE-only trace cannot see page-cache hits")
+        if self.started_at_ns < 0:
+            raise TraceError("started_at_ns must not be negative")
+        known = set(self.layers)
+        for access in self.accesses:
+            _check_access(access, known)
+
+
+def access_name(access: FileAccess) -> str:
+    """The access's path in the TOC's form (relative, no `.` or `//`), so profiles from
+    tracers that report `/etc/x` and FUSE logs that report `etc/x` agree."""
+    try:
+        return normalize_name(access.path.lstrip("/"))
+    except HostileLayerError as exc:
+        raise TraceError(str(exc)) from None
+
+
+def _check_access(access: FileAccess, layers: set[str]) -> None:
+    if access.layer not in layers:
+        raise TraceError(f"access to {access.path!r} names layer {access.layer} not in the image")
+    if not access_name(access):
+        raise TraceError("the root directory is not a file a run can read")
+    if access.first_access_ns < 0:
+        raise TraceError(f"{access.path!r}: negative first access time")
+    for start, end in access.ranges:
+        if not 0 <= start < end <= MAX_FILE_OFFSET:
+            raise TraceError(f"{access.path!r}: invalid byte range [{start}, {end})")
