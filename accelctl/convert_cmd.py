@@ -85,6 +85,14 @@ def print_result(console: Console, result: ConversionResult) -> None:
     "--chunk-size", default=4 << 20, show_default=True, help="eStargz chunk size (full mode)."
 )
 @click.option(
+    "--estargz-min-chunk-size",
+    "min_chunk_size",
+    default=64 << 10,
+    show_default=True,
+    help="Small files share gzip members up to this size (0: one member per file, for "
+    "stargz-snapshotter older than 0.13).",
+)
+@click.option(
     "--span",
     default=4 << 20,
     show_default=True,
@@ -99,6 +107,7 @@ def convert(
     prefetch_list: Path | None,
     platforms: tuple[str, ...],
     chunk_size: int,
+    min_chunk_size: int,
     span: int,
     parallel: int,
     force: bool,
@@ -113,6 +122,7 @@ def convert(
             prefetch=PrefetchList.load(prefetch_list) if prefetch_list else PrefetchList(()),
             platforms=tuple(Platform.parse(p) for p in platforms),
             chunk_size=chunk_size,
+            min_chunk_size=min_chunk_size,
             span=span,
             parallel_layers=parallel,
             force=force,

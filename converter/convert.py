@@ -40,6 +40,7 @@ from formats.accelerated import (
     accelerated_tag,
     is_accelerated_tag,
 )
+from formats.estargz_writer import DEFAULT_MIN_CHUNK_SIZE
 
 log = get_logger(__name__)
 
@@ -52,6 +53,7 @@ class ConvertOptions:
     prefetch: PrefetchList = field(default_factory=lambda: PrefetchList(()))
     platforms: tuple[Platform, ...] = ()
     chunk_size: int = 4 << 20
+    min_chunk_size: int = DEFAULT_MIN_CHUNK_SIZE
     span: int = 4 << 20
     parallel_layers: int = 2
     force: bool = False
@@ -224,7 +226,14 @@ async def _convert_manifest(
         async with limit:
             if options.mode == MODE_FULL:
                 return await convert_layer_full(
-                    client, source, layer, workdir, progress, options.chunk_size, prefetch_paths
+                    client,
+                    source,
+                    layer,
+                    workdir,
+                    progress,
+                    options.chunk_size,
+                    prefetch_paths,
+                    options.min_chunk_size,
                 )
             return await convert_layer_index(client, source, layer, progress, options.span)
 

@@ -102,6 +102,7 @@ async def convert_layer_full(
     progress: LayerProgress,
     chunk_size: int,
     prefetch: Sequence[str],
+    min_chunk_size: int,
 ) -> ConvertedLayer:
     """Re-pack ``layer`` as eStargz into ``workdir``; nothing is pushed here."""
     started = time.monotonic()
@@ -114,6 +115,7 @@ async def convert_layer_full(
                 _decompressed(compressed, layer),
                 out,
                 chunk_size=chunk_size,
+                min_chunk_size=min_chunk_size,
                 prefetch=prefetch,
                 spool_dir=str(workdir),
             )
