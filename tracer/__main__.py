@@ -1,0 +1,5 @@
+"""Entry point for `python -m tracer`."""
+
+from tracer.cli import main
+
+main()
