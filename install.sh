@@ -9,7 +9,7 @@ PYTHON="${ACCELD_PYTHON:-python3}"
 
 APT_PACKAGES=(
   containerd runc pigz docker-registry fuse3 libfuse3-dev pkg-config python3-bpfcc
-  skopeo umoci iproute2 stargz-snapshotter apache2-utils ca-certificates busybox-static linux-libc-dev
+  skopeo umoci iproute2 stargz-snapshotter apache2-utils ca-certificates busybox-static linux-libc-dev debootstrap systemd
 )
 
 log() { printf '[install] %s\n' "$*"; }

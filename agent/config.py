@@ -36,6 +36,8 @@ class AgentConfig:
     max_connections_per_registry: int = 8
     demand_timeout: float = 60.0
     log_level: str = "INFO"
+    kubernetes_credentials: bool = False
+    kubernetes_credentials_namespace: str = ""
 
     @property
     def fuse_mountpoint(self) -> Path:

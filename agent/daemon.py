@@ -19,6 +19,7 @@ from agent import metrics
 from agent.config import AgentConfig
 from agent.fs.mount import FuseMount
 from agent.fs.operations import LayerFS
+from agent.k8s_credentials import KubernetesCredentialStore, keep_credentials_updated
 from agent.layers.discovery import LayerDiscovery
 from agent.lazy_provider import LazyLayerProvider
 from agent.snapshotter.server import SnapshotterServer
@@ -34,8 +35,10 @@ CACHE_GAUGE_INTERVAL = 5.0
 
 
 def load_credentials(config: AgentConfig) -> CredentialStore:
-    """Docker config and pull secrets named by the config (later sources win)."""
-    store = CredentialStore() if config.docker_config else CredentialStore.from_environment()
+    """Docker config and pull secrets named by the config (later sources win); with
+    `kubernetes_credentials`, labelled cluster secrets are layered on top, live."""
+    kind = KubernetesCredentialStore if config.kubernetes_credentials else CredentialStore
+    store = kind() if config.docker_config else kind.from_environment()
     if config.docker_config:
         store.load_docker_config(config.docker_config)
     for secret in config.pull_secrets:
@@ -60,6 +63,7 @@ class Agent:
         self.snapshotter: SnapshotterServer | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._gauge_task: asyncio.Task[None] | None = None
+        self._secrets_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bring every part up; on failure, tear down what already started."""
@@ -101,6 +105,13 @@ class Agent:
         await self.snapshotter.start()
         await self._start_metrics()
         self._gauge_task = asyncio.create_task(self._update_cache_gauge())
+        credentials = self.client.transport.credentials
+        if isinstance(credentials, KubernetesCredentialStore):
+            self._secrets_task = asyncio.create_task(
+                keep_credentials_updated(
+                    credentials, config.kubernetes_credentials_namespace or None
+                )
+            )
         log.info(
             "agent.started",
             root=str(config.root),
@@ -131,10 +142,11 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop in reverse order; every step runs even if an earlier one fails."""
-        if self._gauge_task is not None:
-            self._gauge_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._gauge_task
+        for task in (self._gauge_task, self._secrets_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None

@@ -1,0 +1,158 @@
+"""The benchmark images: real Debian packages, a real application, a readiness line.
+
+Each entry is an application people run in containers, chosen to stress a lazy loader
+differently: many small Python modules and big shared libraries (python-scipy), one
+large binary (node-http), a toolchain that opens hundreds of headers (gcc-hello), a
+database server (postgres), and the bare base (minbase) for quick runs and smoke tests.
+Every application prints a line when it is ready, so a probe that reads the container's
+output (`bench.readiness.LogLineProbe` with ``ready_pattern``) times any of them.
+
+Usage: ``build(name, cache_dir)`` returns a `rig.images.BuiltImage` (an OCI layout),
+building it on first use; `rig.images.push_image` pushes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.debian_image import AppFile, DebianImageSpec, build_debian_image
+from rig.images import BuiltImage
+
+DEFAULT_CACHE = Path("/var/tmp/acceld-bench/cache")
+"""Shared with the startup benchmark: one debootstrap and one build per image per machine."""
+
+
+@dataclass(frozen=True)
+class BenchImage:
+    """A catalog entry: what the image holds and how to tell its application is ready."""
+
+    name: str
+    description: str
+    spec: DebianImageSpec
+    ready_pattern: str
+    """Regex that a line of the container's stdout matches once the application is ready."""
+    ready_port: int | None = None
+    """TCP port a server listens on (host network), for probes that connect instead."""
+
+
+_PYTHON_APP = b"""\
+import numpy
+import pandas
+import scipy
+import scipy.stats
+
+frame = pandas.DataFrame({"x": numpy.arange(10.0)})
+print("mean", scipy.stats.tmean(frame["x"]))
+print("ready", flush=True)
+"""
+
+_NODE_APP = b"""\
+const http = require("http");
+const port = Number(process.env.PORT || 8080);
+http
+  .createServer((req, res) => res.end("hello from node\\n"))
+  .listen(port, () => console.log(`listening on ${port}`));
+"""
+
+_GCC_APP = b"""\
+#!/bin/sh
+set -e
+cat > /tmp/hello.c <<'EOF'
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(void) { puts("hello from gcc"); return 0; }
+EOF
+gcc -O2 -o /tmp/hello /tmp/hello.c
+/tmp/hello
+echo ready
+"""
+
+# The cluster Debian's postinst created at install time is started as is; the socket goes
+# to /tmp because nothing creates /run/postgresql in a container.
+_POSTGRES_APP = b"""\
+#!/bin/sh
+set -e
+bin=$(echo /usr/lib/postgresql/*/bin)
+data=$(echo /var/lib/postgresql/*/main)
+conf=$(echo /etc/postgresql/*/main/postgresql.conf)
+exec runuser -u postgres -- "$bin/postgres" -D "$data" -c config_file="$conf" \\
+  -c unix_socket_directories=/tmp -c listen_addresses=127.0.0.1 -c ssl=off 2>&1
+"""
+
+_MINBASE_APP = b"""\
+#!/bin/sh
+. /etc/os-release
+echo "$PRETTY_NAME"
+echo ready
+"""
+
+CATALOG: dict[str, BenchImage] = {
+    image.name: image
+    for image in (
+        BenchImage(
+            "python-scipy",
+            "python3 with numpy, scipy and pandas; imports them and computes a mean",
+            DebianImageSpec(
+                packages=("python3", "python3-numpy", "python3-scipy", "python3-pandas"),
+                app_files=(AppFile("app/main.py", _PYTHON_APP, 0o644),),
+                cmd=("python3", "/app/main.py"),
+                working_dir="/app",
+            ),
+            ready_pattern=r"^ready$",
+        ),
+        BenchImage(
+            "node-http",
+            "Node.js HTTP server on port 8080",
+            DebianImageSpec(
+                packages=("nodejs",),
+                app_files=(AppFile("app/server.js", _NODE_APP, 0o644),),
+                cmd=("node", "/app/server.js"),
+                working_dir="/app",
+            ),
+            ready_pattern=r"^listening on \d+$",
+            ready_port=8080,
+        ),
+        BenchImage(
+            "gcc-hello",
+            "gcc compiles and runs hello world",
+            DebianImageSpec(
+                packages=("gcc", "libc6-dev"),
+                app_files=(AppFile("app/build.sh", _GCC_APP),),
+                cmd=("/app/build.sh",),
+            ),
+            ready_pattern=r"^ready$",
+        ),
+        BenchImage(
+            "postgres",
+            "PostgreSQL server starting the cluster made at install time",
+            DebianImageSpec(
+                packages=("postgresql",),
+                app_files=(AppFile("app/start.sh", _POSTGRES_APP),),
+                cmd=("/app/start.sh",),
+            ),
+            ready_pattern=r"database system is ready to accept connections",
+            ready_port=5432,
+        ),
+        BenchImage(
+            "minbase",
+            "Debian minbase alone (quick runs, smoke tests)",
+            DebianImageSpec(
+                packages=(),
+                app_files=(AppFile("app/hello.sh", _MINBASE_APP),),
+                cmd=("/app/hello.sh",),
+            ),
+            ready_pattern=r"^ready$",
+        ),
+    )
+}
+
+
+def build(name: str, cache_dir: Path = DEFAULT_CACHE) -> BuiltImage:
+    """The OCI layout of catalog image ``name``, built into ``cache_dir`` on first use."""
+    try:
+        image = CATALOG[name]
+    except KeyError:
+        raise KeyError(f"no benchmark image {name!r}; known: {', '.join(CATALOG)}") from None
+    return build_debian_image(name, image.spec, cache_dir)

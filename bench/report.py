@@ -1,0 +1,73 @@
+"""How benchmarks hand over their numbers: a markdown table for people, JSON for tools.
+
+Every benchmark prints a table that can be pasted into the README as is, and keeps the
+raw measurements (every repetition, the machine, the inputs) next to it, so a figure in
+the README can always be traced back to the run that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+"""Default output directory (git-ignored)."""
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table; columns whose header ends in a unit or ``%`` align right.
+
+    Cells are already formatted: the benchmark decides precision, the table only lays
+    them out.
+    """
+    numeric = [_is_numeric_column(i, rows) for i in range(len(headers))]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if right else "---" for right in numeric) + "|",
+    ]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, the table {len(headers)} columns")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _is_numeric_column(index: int, rows: Sequence[Sequence[str]]) -> bool:
+    cells = [row[index] for row in rows if index < len(row) and row[index]]
+    return bool(cells) and all(cell[:1].isdigit() or cell[:1] in "-+." for cell in cells)
+
+
+def machine() -> dict[str, Any]:
+    """What the figures depend on besides the code: CPU count, model, kernel."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def write_results(
+    kind: str, document: Mapping[str, Any], table: str, results_dir: Path = RESULTS_DIR
+) -> Path:
+    """Save ``document`` (plus the machine) as JSON and ``table`` as .md; return the JSON path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = results_dir / f"{kind}-{stamp}.json"
+    payload = {"benchmark": kind, "when": stamp, "machine": machine(), **document}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
+    return path

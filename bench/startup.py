@@ -1,0 +1,546 @@
+"""Time-to-ready of a container: full pull with containerd's overlayfs vs acceld lazy.
+
+The figure acceld exists for. One run builds (or takes from its cache) an image, serves
+it from a real registry inside a shaped network namespace (`rig.shaped_link`: default
+300 Mbit/s and 5 ms RTT, so pulling costs what it costs on a real link), converts it
+with the real converter in both accelerated forms, then measures, alternating modes
+and each time from a cold node (fresh containerd on a fresh tmpfs root, fresh agent
+and chunk cache, page caches dropped):
+
+* ``overlayfs``       CRI pull of the original image (fetch + unpack), then run;
+* ``overlayfs-warm``  the same node again: the image is local, only the run is timed;
+* ``lazy-index``      CRI pull through acceld of the original image, served from its
+                      index-only artifact (the original gzip layers read in place);
+* ``lazy-full``       CRI pull through acceld of the eStargz `<tag>_accelerated` image.
+
+Time runs from the pull request to the readiness probe firing (a line the container
+prints, seen on the `ctr run` output stream, as a kubelet's probe would see it). Bytes
+are what crossed the link from the registry's namespace by then (veth counters, so
+TCP/IP headers included); for lazy runs the agent's own per-priority fetch counters are
+recorded too. Usage: ``python -m bench.startup [--quick] [--repeat N] ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+from accelctl.demo import demo_image_spec
+from bench import catalog
+from bench.readiness import LogLineProbe, NotReadyError, ReadinessProbe
+from bench.report import RESULTS_DIR, markdown_table, write_results
+from common.logging import configure_logging, get_logger
+from converter.convert import ConvertOptions, convert_image
+from converter.progress import LayerProgress
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from formats.accelerated import accelerated_tag
+from rig.agent_process import AgentProcess
+from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdServer
+from rig.images import BuiltImage, build_image, push_image
+from rig.registry import RegistryServer
+from rig.shaped_link import ShapedLink
+
+log = get_logger(__name__)
+
+DEFAULT_CACHE = catalog.DEFAULT_CACHE
+DEFAULT_WORKDIR = Path("/var/tmp/acceld-bench/work")
+TARGET_SPEEDUP = 5.0
+SYNTHETIC = "synthetic"
+MODES = ("overlayfs", "overlayfs-warm", "lazy-index", "lazy-full")
+_TAG = "v1"
+
+
+def drop_page_caches() -> None:
+    """Write back and drop the page cache, dentries and inodes: the next read hits disk."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+# -- the image under test ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageUnderTest:
+    """An image plus how to tell that a container started from it is ready."""
+
+    name: str
+    built: BuiltImage
+    probe: ReadinessProbe
+
+    @property
+    def compressed_bytes(self) -> int:
+        """Sum of the layer blobs: what a full pull must download."""
+        return sum(layer.size for layer in self.built.layers)
+
+
+def synthetic_image(cache_dir: Path, data_mb: int) -> ImageUnderTest:
+    """The demo image (busybox plus ``data_mb`` MiB of random data its start never reads)."""
+    layout = cache_dir / "layouts" / f"{SYNTHETIC}-{data_mb}"
+    built = build_image(demo_image_spec(data_mb), layout, _TAG)
+    return ImageUnderTest(f"{SYNTHETIC}-{data_mb}m", built, LogLineProbe(r"demo app ready"))
+
+
+def catalog_image(name: str, cache_dir: Path) -> ImageUnderTest:
+    """An image from `bench.catalog`, built once into ``cache_dir``."""
+    entry = catalog.CATALOG[name]
+    built = catalog.build(name, cache_dir)
+    return ImageUnderTest(name, built, LogLineProbe(entry.ready_pattern))
+
+
+# -- registry, link and published forms ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """References (as containerd sees them, through the link's proxy) of each form."""
+
+    original: str
+    estargz: str
+    conversions: dict[str, dict[str, float]]
+
+
+async def publish(image: ImageUnderTest, host: str) -> Published:
+    """Push the image twice and convert one copy per mode.
+
+    Two repositories, because the agent prefers a full-mode twin `<tag>_accelerated`
+    over an index artifact: with both in one repository, ``lazy-index`` would silently
+    measure the eStargz form.
+    """
+    original = f"{host}/bench/{image.name}:{_TAG}"
+    twin = f"{host}/bench/{image.name}-estargz:{_TAG}"
+    conversions: dict[str, dict[str, float]] = {}
+    async with RegistryClient(plain_http_hosts={host}) as client:
+        for reference, mode in ((original, "index"), (twin, "full")):
+            await push_image(client, reference, image.built)
+            result = await convert_image(
+                client,
+                ImageReference.parse(reference),
+                ConvertOptions(mode=mode),
+                LayerProgress(interactive=False),
+            )
+            conversions[mode] = {
+                "seconds": round(result.seconds, 2),
+                "skipped_existing": float(result.skipped),
+                "output_bytes": float(result.output_bytes),
+            }
+    estargz = str(ImageReference.parse(twin).with_tag(accelerated_tag(_TAG)))
+    return Published(original, estargz, conversions)
+
+
+class LinkCounter:
+    """Bytes that crossed the shaped link towards the host (registry -> clients)."""
+
+    def __init__(self, link: ShapedLink) -> None:
+        self._path = Path(f"/sys/class/net/{link.netns.host_veth}/statistics/rx_bytes")
+        self._start = self._read()
+
+    def _read(self) -> int:
+        return int(self._path.read_text())
+
+    def since_start(self) -> int:
+        """Bytes received since this counter was made."""
+        return self._read() - self._start
+
+
+# -- one measured run ---------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """One cold (or, for overlayfs-warm, warm) start of the image in one mode."""
+
+    mode: str
+    repetition: int
+    pull_seconds: float
+    ready_seconds: float
+    link_bytes_before_ready: int
+    agent_fetch_bytes: dict[str, float] = field(default_factory=dict)
+    lazy_layers: float = 0.0
+    fallback_layers: float = 0.0
+
+
+def _ctr_run_command(
+    server: ContainerdServer, image: str, container_id: str, snapshotter: str
+) -> list[str]:
+    return [
+        "ctr", "--address", str(server.address), "--namespace", CRI_NAMESPACE,
+        "run", "--rm", "--runc-root", str(server.runc_root), "--fifo-dir", str(server.fifo_dir),
+        "--snapshotter", snapshotter, image, container_id,
+    ]  # fmt: skip
+
+
+def start_until_ready(
+    server: ContainerdServer, image: str, snapshotter: str, probe: ReadinessProbe, timeout: float
+) -> float:
+    """`ctr run` the image and return when ``probe`` fires; the container is then stopped.
+
+    A server never exits by itself, so after readiness the task is killed; `--rm` then
+    removes the container, and `ContainerdServer.stop` sweeps anything left.
+    """
+    container_id = f"bench-{uuid.uuid4().hex[:10]}"
+    command = _ctr_run_command(server, image, container_id, snapshotter)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
+        try:
+            ready = probe.wait(process, time.monotonic() + timeout)
+        except NotReadyError as exc:
+            raise NotReadyError(f"{' '.join(command)}: {exc}") from None
+        finally:
+            _stop_container(server, process, container_id)
+    return ready
+
+
+def _stop_container(
+    server: ContainerdServer, process: subprocess.Popen[bytes], container_id: str
+) -> None:
+    try:
+        process.wait(5)
+    except subprocess.TimeoutExpired:
+        server.ctr(
+            "tasks", "kill", "-s", "SIGKILL", container_id, namespace=CRI_NAMESPACE, check=False
+        )
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every run shares: the link, the published image and how long to wait."""
+
+    link: ShapedLink
+    registry_host: str
+    image: ImageUnderTest
+    published: Published
+    workdir: Path
+    background_fill: bool
+    timeout: float
+
+
+def _cold_pull(
+    server: ContainerdServer, reference: str, setup: Setup
+) -> tuple[float, float, LinkCounter]:
+    drop_page_caches()
+    counter = LinkCounter(setup.link)
+    started = time.monotonic()
+    server.cri_pull_image(reference, timeout=setup.timeout)
+    return started, time.monotonic(), counter
+
+
+def run_overlayfs(setup: Setup, repetition: int, run_dir: Path) -> list[RunResult]:
+    """Full pull with containerd's overlayfs, then a second start with the image local."""
+    reference = setup.published.original
+    with ContainerdServer(run_dir / "ctrd", snapshotter="overlayfs") as server:
+        started, pulled, counter = _cold_pull(server, reference, setup)
+        ready = start_until_ready(server, reference, "overlayfs", setup.image.probe, setup.timeout)
+        cold = RunResult(
+            "overlayfs", repetition, pulled - started, ready - started, counter.since_start()
+        )
+        drop_page_caches()
+        counter = LinkCounter(setup.link)
+        started = time.monotonic()
+        ready = start_until_ready(server, reference, "overlayfs", setup.image.probe, setup.timeout)
+        warm = RunResult("overlayfs-warm", repetition, 0.0, ready - started, counter.since_start())
+    return [cold, warm]
+
+
+def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
+    """CRI pull through a fresh acceld agent (empty cache), then run until ready."""
+    reference = setup.published.original if mode == "lazy-index" else setup.published.estargz
+    extra = [] if setup.background_fill else ["--no-background-fill"]
+    with (
+        AgentProcess(
+            run_dir / "agent", plain_http=[setup.registry_host], extra_args=extra
+        ) as agent,
+        ContainerdServer(
+            run_dir / "ctrd", snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket
+        ) as server,
+    ):
+        try:
+            started, pulled, counter = _cold_pull(server, reference, setup)
+            ready = start_until_ready(
+                server, reference, ACCELD_SNAPSHOTTER, setup.image.probe, setup.timeout
+            )
+        except Exception:
+            log.error("bench.lazy_run_failed", agent_log=str(agent.log_path))
+            raise
+        link_bytes = counter.since_start()
+        fetched = _fetch_bytes_by_priority(agent)
+        result = RunResult(
+            mode,
+            repetition,
+            pulled - started,
+            ready - started,
+            link_bytes,
+            fetched,
+            agent.metric("acceld_layers_total") - agent.metric("acceld_fallbacks_total"),
+            agent.metric("acceld_fallbacks_total"),
+        )
+    return result
+
+
+def _fetch_bytes_by_priority(agent: AgentProcess) -> dict[str, float]:
+    prefix = "acceld_fetch_bytes_total{"
+    found: dict[str, float] = {}
+    for line in agent.metrics().splitlines():
+        if line.startswith(prefix):
+            labels, value = line[len(prefix) :].split("} ")
+            priority = labels.split('priority="', 1)[1].split('"', 1)[0]
+            found[priority] = found.get(priority, 0.0) + float(value)
+    return found
+
+
+def measure(setup: Setup, repeat: int) -> list[RunResult]:
+    """Every mode ``repeat`` times; the mode order rotates so no mode always goes first."""
+    order = ["overlayfs", "lazy-index", "lazy-full"]
+    results: list[RunResult] = []
+    for repetition in range(1, repeat + 1):
+        for mode in order:
+            run_dir = setup.workdir / f"r{repetition}-{mode}"
+            log.info("bench.run", mode=mode, repetition=repetition, dir=str(run_dir))
+            if mode == "overlayfs":
+                results += run_overlayfs(setup, repetition, run_dir)
+            else:
+                results.append(run_lazy(setup, mode, repetition, run_dir))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.info("bench.done", **asdict(results[-1]))
+        order = order[1:] + order[:1]
+    return results
+
+
+# -- reporting ------------------------------------------------------------------------
+
+
+@dataclass
+class ModeSummary:
+    """Medians over the repetitions of one mode."""
+
+    mode: str
+    runs: int
+    pull_seconds: float
+    ready_seconds: float
+    ready_min: float
+    ready_max: float
+    mb_before_ready: float
+    speedup: float
+
+
+def summarize(results: list[RunResult]) -> list[ModeSummary]:
+    """Per-mode medians; speedup is the overlayfs cold median over this mode's median."""
+    by_mode = {mode: [r for r in results if r.mode == mode] for mode in MODES}
+    baseline = statistics.median(r.ready_seconds for r in by_mode["overlayfs"])
+    summaries = []
+    for mode, runs in by_mode.items():
+        if not runs:
+            continue
+        ready = [r.ready_seconds for r in runs]
+        summaries.append(
+            ModeSummary(
+                mode,
+                len(runs),
+                statistics.median(r.pull_seconds for r in runs),
+                statistics.median(ready),
+                min(ready),
+                max(ready),
+                statistics.median(r.link_bytes_before_ready for r in runs) / 1e6,
+                baseline / statistics.median(ready),
+            )
+        )
+    return summaries
+
+
+def summary_table(summaries: list[ModeSummary]) -> str:
+    """The table printed at the end and saved next to the JSON."""
+    headers = [
+        "mode",
+        "runs",
+        "pull s",
+        "ready s (median)",
+        "ready s (min-max)",
+        "MB before ready",
+        "speedup vs full pull",
+    ]
+    rows = [
+        [
+            s.mode,
+            str(s.runs),
+            f"{s.pull_seconds:.2f}",
+            f"{s.ready_seconds:.2f}",
+            f"{s.ready_min:.2f}-{s.ready_max:.2f}",
+            f"{s.mb_before_ready:.1f}",
+            f"{s.speedup:.1f}x",
+        ]
+        for s in summaries
+    ]
+    return markdown_table(headers, rows)
+
+
+def summary_line(summaries: list[ModeSummary]) -> str:
+    """One line: the lazy speedups against the target."""
+    lazy = [s for s in summaries if s.mode.startswith("lazy-")]
+    best = max(s.speedup for s in lazy)
+    verdict = "MET" if best >= TARGET_SPEEDUP else "MISSED"
+    parts = ", ".join(f"{s.mode} {s.speedup:.1f}x" for s in lazy)
+    return (
+        f"time-to-ready speedup of lazy vs full pull: {parts} "
+        f"(target >= {TARGET_SPEEDUP:.0f}x: {verdict})"
+    )
+
+
+# -- the command ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def shaped_registry(
+    link: ShapedLink, cache_dir: Path, workdir: Path
+) -> Iterator[tuple[RegistryServer, str]]:
+    """A registry inside the link's namespace; yields it and the host clients use.
+
+    Its storage lives in the cache so pushes and conversions are reused across bench
+    invocations (the converter skips a conversion already published for the source).
+    """
+    registry = RegistryServer(
+        workdir / "registry",
+        host=link.ns_address,
+        command_prefix=link.command_prefix,
+        storage_dir=cache_dir / "registry-storage",
+    )
+    with registry:
+        host, port = link.client_endpoint(registry.port)
+        yield registry, f"{host}:{port}"
+
+
+def run_benchmark(
+    image: ImageUnderTest,
+    *,
+    repeat: int,
+    rate_mbit: float,
+    rtt_ms: float,
+    cache_dir: Path,
+    workdir: Path,
+    background_fill: bool,
+    timeout: float,
+) -> tuple[dict[str, object], list[ModeSummary]]:
+    """Publish, measure and summarize; returns the JSON document and the summaries."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with (
+        ShapedLink(rate_mbit=rate_mbit, rtt_ms=rtt_ms) as link,
+        shaped_registry(link, cache_dir, workdir) as (registry, host),
+    ):
+        published = asyncio.run(publish(image, host))
+        setup = Setup(link, host, image, published, workdir, background_fill, timeout)
+        try:
+            results = measure(setup, repeat)
+        except Exception:
+            log.error("bench.failed", workdir=str(workdir), registry_log=str(registry.log_path))
+            raise
+    summaries = summarize(results)
+    document = {
+        "image": image.name,
+        "image_compressed_bytes": image.compressed_bytes,
+        "link": {"rate_mbit": rate_mbit, "rtt_ms": rtt_ms},
+        "background_fill": background_fill,
+        "conversions": published.conversions,
+        "runs": [asdict(r) for r in results],
+        "summary": [asdict(s) for s in summaries],
+        "summary_line": summary_line(summaries),
+    }
+    return document, summaries
+
+
+@click.command()
+@click.option(
+    "--image",
+    "image_name",
+    default="python-scipy",
+    show_default=True,
+    help=f"bench.catalog image, or '{SYNTHETIC}' (busybox + --data-mb of data).",
+)
+@click.option("--quick", is_flag=True, help="Synthetic image, one repetition.")
+@click.option("--repeat", default=3, show_default=True, help="Repetitions per mode.")
+@click.option("--rate-mbit", default=300.0, show_default=True, help="Link bandwidth.")
+@click.option("--rtt-ms", default=5.0, show_default=True, help="Link round-trip time.")
+@click.option("--data-mb", default=64, show_default=True, help="Synthetic image data size.")
+@click.option(
+    "--background-fill/--no-background-fill",
+    default=True,
+    show_default=True,
+    help="Let the agent fetch whole layers in the background (its default).",
+)
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds per pull or start.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_CACHE,
+    show_default=True,
+    help="Built images, registry storage.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_WORKDIR,
+    show_default=True,
+    help="Per-run state (kept on failure).",
+)
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=RESULTS_DIR,
+    show_default=True,
+)
+def main(
+    image_name: str | None,
+    quick: bool,
+    repeat: int,
+    rate_mbit: float,
+    rtt_ms: float,
+    data_mb: int,
+    background_fill: bool,
+    timeout: float,
+    cache_dir: Path,
+    workdir: Path,
+    results_dir: Path,
+) -> None:
+    """Measure time-to-ready: full pull (overlayfs) vs acceld lazy (index and eStargz)."""
+    configure_logging()
+    if quick:
+        repeat = 1
+    image_name = image_name or (SYNTHETIC if quick else "python-scipy")
+    if image_name == SYNTHETIC:
+        image = synthetic_image(cache_dir, data_mb)
+    else:
+        image = catalog_image(image_name, cache_dir)
+    document, summaries = run_benchmark(
+        image,
+        repeat=repeat,
+        rate_mbit=rate_mbit,
+        rtt_ms=rtt_ms,
+        cache_dir=cache_dir,
+        workdir=workdir / time.strftime("%Y%m%d-%H%M%S"),
+        background_fill=background_fill,
+        timeout=timeout,
+    )
+    table = summary_table(summaries)
+    path = write_results("startup", document, table, results_dir)
+    click.echo(
+        f"\nimage {image.name}: {image.compressed_bytes / 1e6:.1f} MB compressed, link "
+        f"{rate_mbit:g} Mbit/s, {rtt_ms:g} ms RTT\n"
+    )
+    click.echo(table)
+    click.echo(f"\n{document['summary_line']}\nresults: {path}")
+
+
+if __name__ == "__main__":
+    main()
