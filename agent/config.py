@@ -36,6 +36,13 @@ class AgentConfig:
     max_connections_per_registry: int = 8
     demand_timeout: float = 60.0
     log_level: str = "INFO"
+    profiles: bool = True
+    record_profiles: bool = True
+    record_starts: int = 3
+    profile_sample_rate: float = 0.1
+    trace_quiet_s: float = 3.0
+    trace_deadline_s: float = 60.0
+    ebpf: bool = True
     kubernetes_credentials: bool = False
     kubernetes_credentials_namespace: str = ""
 

@@ -23,6 +23,7 @@ from agent.k8s_credentials import KubernetesCredentialStore, keep_credentials_up
 from agent.layers.discovery import LayerDiscovery
 from agent.lazy_provider import LazyLayerProvider
 from agent.snapshotter.server import SnapshotterServer
+from agent.startup_recorder import RecorderSettings, StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import Priority
@@ -64,6 +65,7 @@ class Agent:
         self._metrics_runner: web.AppRunner | None = None
         self._gauge_task: asyncio.Task[None] | None = None
         self._secrets_task: asyncio.Task[None] | None = None
+        self.provider: LazyLayerProvider | None = None
 
     async def start(self) -> None:
         """Bring every part up; on failure, tear down what already started."""
@@ -92,15 +94,28 @@ class Agent:
         discovery = LayerDiscovery(
             self.client, config.discover_referrers, frozenset(config.allowed_registries)
         )
+        recorder = None
+        if config.record_profiles:
+            settings = RecorderSettings(
+                record_starts=config.record_starts,
+                sample_rate=config.profile_sample_rate,
+                quiet_s=config.trace_quiet_s,
+                deadline_s=config.trace_deadline_s,
+                use_ebpf=config.ebpf,
+            )
+            recorder = StartupRecorder(self.client, settings)
+            recorder.preload()
         provider = LazyLayerProvider(
             discovery,
             self.fs,
             self.fetcher,
             self.cache,
             config.fuse_mountpoint,
-            config.prefetch,
+            config.prefetch and config.profiles,
             config.background_fill,
+            recorder,
         )
+        self.provider = provider
         self.snapshotter = SnapshotterServer(config.snapshots_dir, config.socket, provider)
         await self.snapshotter.start()
         await self._start_metrics()
@@ -153,6 +168,9 @@ class Agent:
         if self.snapshotter is not None:
             await self.snapshotter.stop()
             self.snapshotter = None
+        if self.provider is not None:
+            await self.provider.close()
+            self.provider = None
         if self.fetcher is not None:
             await self.fetcher.close()
             self.fetcher = None

@@ -8,18 +8,23 @@ node converges to holding the full image while the container is already running.
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 from pathlib import Path
 
 from agent import metrics
-from agent.fs.operations import LayerFS
+from agent.fs.operations import LayerFS, MountedLayer
+from agent.image_sessions import ImageSession, ImageSessions
 from agent.layers.discovery import LayerDiscovery, NoAccelerationError
 from agent.layers.lazy_layer import LazyLayer
+from agent.profile_prefetch import enqueue_ready, load_plan
+from agent.startup_recorder import StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import ChunkSpec, Priority
+from fetcher.reference import ImageReference
 from fetcher.scheduler import ChunkFetcher
-from formats.toc import HostileLayerError, normalize_name
+from formats.toc import HostileLayerError, TocEntry, normalize_name
 
 log = get_logger(__name__)
 
@@ -71,6 +76,7 @@ class LazyLayerProvider:
         mountpoint: Path,
         prefetch: bool = True,
         background_fill: bool = True,
+        recorder: StartupRecorder | None = None,
     ) -> None:
         self.discovery = discovery
         self.fs = fs
@@ -80,6 +86,10 @@ class LazyLayerProvider:
         self.prefetch = prefetch
         self.background_fill = background_fill
         self._users: dict[str, int] = {}
+        self.sessions = ImageSessions()
+        self.recorder = recorder
+        self._tasks: set[asyncio.Task[None]] = set()
+        fs.listener = self
 
     async def prepare_layer(
         self, key: str, parent: str | None, labels: dict[str, str]
@@ -109,9 +119,11 @@ class LazyLayerProvider:
         layer = found.layer
         name = layer_name(layer.kind, layer.blob.digest)
         self._users[name] = self._users.get(name, 0) + 1
-        if self._users[name] > 1:
+        first_use = self._users[name] == 1
+        mounted = self.fs.add_layer(name, layer)
+        self._track_image(labels, layer_digest, mounted)
+        if not first_use:
             return self.mountpoint / name  # already mounted for another snapshot
-        self.fs.add_layer(name, layer)
         self.cache.pin(layer.blob.digest)
         if self.prefetch:
             chunks = layer.prefetch_chunks() + prefetch_chunks(layer, found.prefetch_paths)
@@ -129,6 +141,52 @@ class LazyLayerProvider:
             key=key,
         )
         return self.mountpoint / name
+
+    def _track_image(
+        self, labels: dict[str, str], layer_digest: str, mounted: MountedLayer
+    ) -> None:
+        """Add the layer to its image's session; the first layer of an image starts
+        fetching its learned profile, later ones release plan entries they hold."""
+        manifest_digest = labels.get(LABEL_MANIFEST_DIGEST)
+        if not manifest_digest:
+            return
+        order = self.discovery.layer_order(manifest_digest)
+        reference = ImageReference.parse(labels[LABEL_IMAGE_REF]).with_digest(manifest_digest)
+        session, created = self.sessions.layer_ready(
+            reference, manifest_digest, order, layer_digest, mounted
+        )
+        if created and self.prefetch:
+            task = asyncio.get_running_loop().create_task(self._prefetch_profile(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif self.prefetch:
+            enqueue_ready(self.fetcher, session)
+
+    async def _prefetch_profile(self, session: ImageSession) -> None:
+        await load_plan(self.discovery.client, session)
+        queued = enqueue_ready(self.fetcher, session)
+        if queued:
+            log.info("agent.profile_prefetch", image=str(session.reference), chunks=queued)
+
+    def opened(self, mounted: MountedLayer, entry: TocEntry, pid: int) -> None:
+        """FUSE listener: a container process opened a file (may start a recording)."""
+        if self.recorder is not None:
+            self.recorder.on_open(self.sessions.using(mounted.name), pid)
+
+    def demanded(self, mounted: MountedLayer, entry: TocEntry, offset: int, size: int) -> None:
+        """FUSE listener: a read waits for the registry (the FUSE demand log)."""
+        if self.recorder is not None:
+            self.recorder.on_demand(
+                self.sessions.using(mounted.name), mounted.name, entry.name, offset, size
+            )
+
+    async def close(self) -> None:
+        """Stop background work (profile fetches, recordings in flight)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.recorder is not None:
+            await self.recorder.close()
 
     async def restore_layer(self, labels: dict[str, str]) -> Path | None:
         """After a restart: mount a committed remote snapshot's layer again."""

@@ -16,7 +16,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pyfuse3
 
@@ -36,6 +36,16 @@ T = TypeVar("T")
 IMMUTABLE_TIMEOUT = 86400.0
 ROOT_TIMEOUT = 1.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+
+
+class FsListener(Protocol):
+    """Who learns from file-system activity (the startup recorder)."""
+
+    def opened(self, mounted: MountedLayer, entry: TocEntry, pid: int) -> None:
+        """A process opened a file of a lazy layer."""
+
+    def demanded(self, mounted: MountedLayer, entry: TocEntry, offset: int, size: int) -> None:
+        """A read missed the cache and waits for the registry."""
 
 
 @dataclass
@@ -66,7 +76,7 @@ class LayerFS(pyfuse3.Operations):
         self,
         fetcher: ChunkFetcher,
         cache: ChunkCache,
-        on_demand: Callable[[MountedLayer, TocEntry, int, int], None] | None = None,
+        listener: FsListener | None = None,
     ) -> None:
         super().__init__()
         self.fetcher = fetcher
@@ -74,7 +84,7 @@ class LayerFS(pyfuse3.Operations):
         self._inodes = InodeAllocator(first=pyfuse3.ROOT_INODE + 1)
         self._layers: dict[bytes, MountedLayer] = {}
         self._owner: dict[int, tuple[Node, MountedLayer]] = {}
-        self._on_demand = on_demand
+        self.listener = listener
         self._root_mtime = time.time_ns()
 
     # -- layer management ---------------------------------------------------------
@@ -219,6 +229,8 @@ class LayerFS(pyfuse3.Operations):
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         metrics.FUSE_OPS.labels("open").inc()
+        if self.listener is not None and ctx is not None:
+            self.listener.opened(self._node(inode)[1], node.entry, ctx.pid)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -236,8 +248,8 @@ class LayerFS(pyfuse3.Operations):
         metrics.CACHE_HITS.inc(len(plan) - len(missing))
         if missing:
             metrics.CACHE_MISSES.inc(len(missing))
-            if self._on_demand is not None:
-                self._on_demand(mounted, node.entry, offset, size)
+            if self.listener is not None:
+                self.listener.demanded(mounted, node.entry, offset, size)
             try:
                 chunks = await self.fetcher.get_many(
                     blob, [plan[i].chunk for i in missing], Priority.DEMAND

@@ -114,6 +114,11 @@ class LayerDiscovery:
         self._manifests[resolved.manifest_digest] = resolved.manifest
         return resolved.manifest_digest, resolved.manifest
 
+    def layer_order(self, manifest_digest: str) -> list[str]:
+        """The layer digests (bottom to top) of a manifest seen by `discover`."""
+        manifest = self._manifests.get(manifest_digest)
+        return [d.digest for d in manifest.layers] if manifest else []
+
     async def discover(
         self, image_ref: str, manifest_digest: str | None, layer_digest: str
     ) -> DiscoveredLayer:

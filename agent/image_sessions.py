@@ -1,0 +1,85 @@
+"""What the agent knows about each image it serves on this node.
+
+Prefetching by a learned profile and recording a startup both need the image's layers
+in overlay order (a path belongs to the topmost layer that has it) and, for each layer,
+the lazily mounted tree that serves it. One session per image manifest holds that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from agent.fs.operations import MountedLayer
+from fetcher.reference import ImageReference
+from profiles.plan import PrefetchEntry
+
+
+@dataclass
+class ImageSession:
+    """One image (manifest digest) as served here."""
+
+    reference: ImageReference
+    manifest_digest: str
+    layer_order: list[str]
+    """The image's layer digests, bottom to top (as in its manifest)."""
+    mounted: dict[str, MountedLayer] = field(default_factory=dict)
+    """Image layer digest -> the lazily served layer (possibly another blob: a twin)."""
+    starts_recorded: int = 0
+    recording: bool = False
+    plan: list[PrefetchEntry] | None = None
+    """The learned prefetch plan, once fetched from the registry."""
+    planned: set[int] = field(default_factory=set)
+    """Plan entries already handed to the fetcher."""
+
+    def topmost(self, path: str) -> tuple[str, MountedLayer] | None:
+        """The layer that provides ``path`` (relative, normalized) in the merged view;
+        None when the path is deleted (whiteout) or not in a lazily served layer."""
+        for digest in reversed(self.layer_order):
+            mounted = self.mounted.get(digest)
+            if mounted is None:
+                continue
+            node = mounted.tree.lookup(path)
+            if node is None:
+                continue
+            if (
+                node.entry.type == "char"
+                and node.entry.dev_major == 0
+                and (node.entry.dev_minor == 0 and node.entry.mode == 0)
+            ):
+                return None  # an overlay whiteout: deleted in this layer
+            return digest, mounted
+        return None
+
+
+class ImageSessions:
+    """Sessions by manifest digest, and which sessions use each mounted layer."""
+
+    def __init__(self) -> None:
+        self.by_manifest: dict[str, ImageSession] = {}
+        self.by_layer_name: dict[str, set[str]] = {}
+
+    def layer_ready(
+        self,
+        reference: ImageReference,
+        manifest_digest: str,
+        layer_order: list[str],
+        layer_digest: str,
+        mounted: MountedLayer,
+    ) -> tuple[ImageSession, bool]:
+        """Record a mounted layer of an image; returns (session, session is new)."""
+        session = self.by_manifest.get(manifest_digest)
+        created = session is None
+        if session is None:
+            session = ImageSession(reference, manifest_digest, layer_order)
+            self.by_manifest[manifest_digest] = session
+        session.mounted[layer_digest] = mounted
+        self.by_layer_name.setdefault(mounted.name, set()).add(manifest_digest)
+        return session, created
+
+    def using(self, layer_name: str) -> list[ImageSession]:
+        """The sessions of images that include this mounted layer."""
+        return [
+            self.by_manifest[m]
+            for m in self.by_layer_name.get(layer_name, ())
+            if m in self.by_manifest
+        ]

@@ -1,0 +1,101 @@
+"""Prefetch what the fleet learned an image's startup reads, in the order it reads it.
+
+At the first Prepare of an image the profile is fetched from the registry while the
+remaining layers are still being prepared; each plan entry is handed to the fetcher at
+PREFETCH priority as soon as the layer holding it is mounted, so the bytes are on their
+way before the container asks for them.
+"""
+
+from __future__ import annotations
+
+from agent.image_sessions import ImageSession
+from common.logging import get_logger
+from fetcher.chunks import BlobSource, ChunkSpec, Priority
+from fetcher.errors import RegistryError
+from fetcher.registry import RegistryClient
+from fetcher.scheduler import ChunkFetcher
+from formats.toc import HostileLayerError, normalize_name
+from profiles.format import ProfileFormatError
+from profiles.plan import PrefetchEntry, prefetch_plan
+from profiles.registry_sync import fetch_profile
+
+log = get_logger(__name__)
+
+
+async def load_plan(client: RegistryClient, session: ImageSession) -> None:
+    """Fetch the image's learned profile (if any) into ``session.plan``."""
+    try:
+        profile = await fetch_profile(client, session.reference, session.manifest_digest)
+    except (RegistryError, ProfileFormatError, ValueError) as exc:
+        log.warning("profile.fetch_failed", image=str(session.reference), error=str(exc))
+        session.plan = []
+        return
+    session.plan = prefetch_plan(profile) if profile is not None else []
+    log.info(
+        "profile.loaded",
+        image=str(session.reference),
+        entries=len(session.plan),
+        runs=profile.runs.count if profile else 0,
+    )
+
+
+def _chunks_for(
+    session: ImageSession, entry: PrefetchEntry
+) -> list[tuple[ChunkSpec, BlobSource]] | None:
+    """(chunk, blob) pairs for one plan entry; None while its layer is not mounted yet."""
+    try:
+        path = normalize_name(entry.path.lstrip("/"))
+    except HostileLayerError:
+        return []
+    if entry.layer is not None:
+        mounted = session.mounted.get(entry.layer)
+        if mounted is None:
+            return None
+        found = [(mounted, mounted.tree.lookup(path))]
+    else:
+        top = session.topmost(path)
+        if top is None:
+            return [] if len(session.mounted) == len(session.layer_order) else None
+        found = [(top[1], top[1].tree.lookup(path))]
+    pairs: list[tuple[ChunkSpec, BlobSource]] = []
+    for mounted, node in found:
+        if node is None:
+            continue
+        targets = [node]
+        if node.is_dir:
+            stack = [node]
+            targets = []
+            while stack:
+                current = stack.pop()
+                for child in (current.children or {}).values():
+                    (stack if child.is_dir else targets).append(child)
+        layer = mounted.layer
+        for target in targets:
+            if target.entry.type not in ("reg", "hardlink"):
+                continue
+            ranges = entry.ranges or ((0, target.entry.size),)
+            for start, end in ranges:
+                for piece in layer.read_plan(target.entry, start, max(0, end - start)):
+                    pairs.append((piece.chunk, layer.blob))
+    return pairs
+
+
+def enqueue_ready(fetcher: ChunkFetcher, session: ImageSession) -> int:
+    """Hand the fetcher every plan entry whose layer is now mounted; returns chunk count."""
+    if not session.plan:
+        return 0
+    queued = 0
+    for index, entry in enumerate(session.plan):
+        if index in session.planned:
+            continue
+        pairs = _chunks_for(session, entry)
+        if pairs is None:
+            continue
+        session.planned.add(index)
+        by_blob: dict[BlobSource, list[ChunkSpec]] = {}
+        for chunk, blob in pairs:
+            by_blob.setdefault(blob, []).append(chunk)
+        for blob, chunks in by_blob.items():
+            fetcher.enqueue(blob, chunks, Priority.PREFETCH)
+            queued += len(chunks)
+    return queued

@@ -1,0 +1,237 @@
+"""Learn what a container's startup reads, and share it with the fleet.
+
+A recording starts at the first open a container makes in an image's lazy layers (the
+FUSE request names the opening process, hence its mount namespace). From then until the
+startup window closes (a quiet period, or a deadline) two sources are gathered: the eBPF
+tracer, which sees every read including page-cache hits, and the FUSE demand log, which
+sees only reads that reached us (the only source where eBPF is unavailable; the profile
+then says it was blind to cached reads). Paths are mapped to the topmost image layer
+that holds them, learned into a run profile and pushed to the registry. A node records
+the first `record_starts` starts of an image, then a `sample_rate` share of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from agent.image_sessions import ImageSession
+from common.logging import get_logger
+from fetcher.errors import RegistryError
+from fetcher.registry import RegistryClient
+from profiles.learn import from_trace
+from profiles.registry_sync import push_run_profile
+from profiles.trace import FileAccess, Outcome, RunTrace, TraceError
+from tracer.availability import TracerUnavailable
+
+log = get_logger(__name__)
+FIRST_PAGE = 4096
+
+
+@dataclass
+class _Window:
+    """One recording in progress."""
+
+    session: ImageSession
+    started_ns: int
+    wall_ns: int
+    last_event_ns: int
+    fuse: list[tuple[int, str, str, int, int]] = field(default_factory=list)
+    """(monotonic ns, image layer digest, path, offset, length) of demanded reads."""
+
+
+@dataclass(frozen=True)
+class RecorderSettings:
+    """When and how long to record."""
+
+    record_starts: int = 3
+    sample_rate: float = 0.1
+    quiet_s: float = 3.0
+    deadline_s: float = 60.0
+    use_ebpf: bool = True
+
+
+class StartupRecorder:
+    """Records startups of images served here and pushes their run profiles."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        settings: RecorderSettings | None = None,
+        node: str | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings or RecorderSettings()
+        self.node = node or socket.gethostname()
+        self._windows: dict[str, _Window] = {}
+        self._tracer: object | None = None
+        self._tracer_failed = not self.settings.use_ebpf
+        self._tracer_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.pushed: list[str] = []
+
+    def preload(self) -> None:
+        """Start compiling the eBPF program now (seconds) rather than at the first start."""
+        task = asyncio.get_running_loop().create_task(self._load_tracer_quietly())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load_tracer_quietly(self) -> None:
+        await self._load_tracer()
+
+    def _wanted(self, session: ImageSession) -> bool:
+        if session.recording:
+            return False
+        if session.starts_recorded < self.settings.record_starts:
+            return True
+        return random.random() < self.settings.sample_rate
+
+    def on_open(self, sessions: list[ImageSession], pid: int) -> None:
+        """A process opened a file in these images' layers: maybe start recording."""
+        for session in sessions:
+            if len(session.mounted) < len(session.layer_order) or not self._wanted(session):
+                continue
+            session.recording = True
+            now = time.monotonic_ns()
+            window = _Window(session, now, time.time_ns(), now)
+            self._windows[session.manifest_digest] = window
+            try:  # now, while the process surely exists; eBPF may take seconds to load
+                mntns: int | None = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            except OSError:
+                mntns = None
+            task = asyncio.get_running_loop().create_task(self._record(window, mntns))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def on_demand(
+        self, sessions: list[ImageSession], layer_name: str, path: str, offset: int, length: int
+    ) -> None:
+        """A read reached FUSE: add it to every recording of an image using that layer."""
+        now = time.monotonic_ns()
+        for session in sessions:
+            window = self._windows.get(session.manifest_digest)
+            if window is None:
+                continue
+            digest = next((d for d, m in session.mounted.items() if m.name == layer_name), None)
+            if digest is not None:
+                window.fuse.append((now, digest, path, offset, length))
+                window.last_event_ns = now
+
+    async def _load_tracer(self) -> object | None:
+        async with self._tracer_lock:
+            if self._tracer is None and not self._tracer_failed:
+                try:
+                    from tracer.trace import Tracer
+
+                    self._tracer = await asyncio.to_thread(Tracer)
+                except TracerUnavailable as exc:
+                    log.warning("recorder.ebpf_unavailable", reason=str(exc))
+                    self._tracer_failed = True
+            return self._tracer
+
+    async def _record(self, window: _Window, mntns: int | None) -> None:
+        session = window.session
+        ebpf_events: list[tuple[int, str, str, int, int]] = []
+        try:
+            tracer = await self._load_tracer() if mntns is not None else None
+            if tracer is not None and mntns is not None:
+                ebpf_events = await self._trace_with_ebpf(tracer, window, mntns)
+            else:
+                await self._wait_quiet(window)
+            trace = self._run_trace(window, ebpf_events, tracer is not None)
+            if trace is None:
+                return
+            published = await push_run_profile(self.client, session.reference, from_trace(trace))
+            session.starts_recorded += 1
+            self.pushed.append(published.digest)
+            log.info(
+                "recorder.profile_pushed",
+                image=str(session.reference),
+                files=len(trace.accesses),
+                sources=sorted(trace.sources),
+                digest=published.digest,
+            )
+        except (RegistryError, TraceError, OSError, ValueError) as exc:
+            log.warning("recorder.failed", image=str(session.reference), error=str(exc))
+        finally:
+            self._windows.pop(session.manifest_digest, None)
+            session.recording = False
+
+    async def _trace_with_ebpf(
+        self, tracer: object, window: _Window, mntns: int
+    ) -> list[tuple[int, str, str, int, int]]:
+        from tracer.trace import Tracer
+
+        assert isinstance(tracer, Tracer)
+        tracer.add_target(mntns_id=mntns)
+        try:
+            trace = await asyncio.to_thread(
+                tracer.collect, quiet_s=self.settings.quiet_s, deadline_s=self.settings.deadline_s
+            )
+        finally:
+            tracer.remove_target(mntns_id=mntns)
+            tracer.forget_files()
+        events = []
+        for event in trace.events:
+            if event.is_dir or event.outside_root or (event.kind == "exec" and not event.path):
+                continue
+            found = window.session.topmost(event.path.lstrip("/"))
+            if found is None:
+                continue
+            length = event.length if event.kind in ("read", "mmap") else 0
+            events.append((event.ts_ns, found[0], event.path.lstrip("/"), event.offset, length))
+        return events
+
+    async def _wait_quiet(self, window: _Window) -> None:
+        deadline = window.started_ns + int(self.settings.deadline_s * 1e9)
+        quiet = int(self.settings.quiet_s * 1e9)
+        while True:
+            now = time.monotonic_ns()
+            if now >= deadline or now - window.last_event_ns >= quiet:
+                return
+            await asyncio.sleep(0.2)
+
+    def _run_trace(
+        self, window: _Window, ebpf: list[tuple[int, str, str, int, int]], ebpf_used: bool
+    ) -> RunTrace | None:
+        session = window.session
+        first: dict[tuple[str, str], int] = {}
+        ranges: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+        for ts, layer, path, offset, length in [*window.fuse, *ebpf]:
+            key = (layer, path)
+            first[key] = min(first.get(key, ts), ts)
+            if length > 0:
+                ranges[key].append((offset, offset + length))
+        accesses = []
+        for key, ts in first.items():
+            layer, path = key
+            spans = ranges.get(key) or [(0, FIRST_PAGE)]
+            accesses.append(
+                FileAccess(layer, "/" + path, tuple(sorted(spans)), max(0, ts - window.started_ns))
+            )
+        if not accesses:
+            return None
+        sources = {"fuse"} | ({"ebpf"} if ebpf_used else set())
+        return RunTrace(
+            image=session.manifest_digest,
+            layers=tuple(session.layer_order),
+            accesses=tuple(accesses),
+            outcome=Outcome.OK,
+            node=self.node,
+            sources=frozenset(sources),
+            page_cache_visible=ebpf_used,
+            started_at_ns=window.wall_ns,
+        )
+
+    async def close(self) -> None:
+        """Finish recordings in flight (bounded by their deadlines) and unload eBPF."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        tracer = self._tracer
+        if tracer is not None and hasattr(tracer, "close"):
+            tracer.close()

@@ -1,0 +1,135 @@
+"""Learned profiles end to end: a node records a lazy start, pushes its profile; a
+second node with an empty cache fetches it and prefetches, so its start demands far
+fewer bytes from the registry synchronously."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from converter.convert import ConvertOptions, convert_image
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from profiles.plan import prefetch_plan
+from profiles.registry_sync import fetch_profile
+from rig.agent_process import AgentProcess
+from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE
+from rig.images import ImageConfig, ImageSpec, build_image, busybox_image_spec
+from rig.layers import Directory, File, LayerSpec, SparseishFile
+
+APP_FILES = ("app/a.bin", "app/b.bin")
+
+
+def _app_spec() -> ImageSpec:
+    base = busybox_image_spec()
+    data = [
+        Directory("app"),
+        File("app/a.bin", SparseishFile(3 << 20, seed=1, data_every=4096)),
+        File("app/b.bin", SparseishFile(2 << 20, seed=2, data_every=4096)),
+        File("app/unused.bin", SparseishFile(24 << 20, seed=3, data_every=4096)),
+    ]
+    return ImageSpec(
+        layers=(*base.layers, LayerSpec(data, created_by="app data")),
+        platform=base.platform,
+        config=ImageConfig(
+            cmd=("/bin/sh", "-c", "cat /app/a.bin /app/b.bin >/dev/null; echo started")
+        ),
+    )
+
+
+def _agent(path: Path, **settings: object) -> AgentProcess:
+    path.mkdir(parents=True, exist_ok=True)
+    config = path / "acceld.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"background_fill": False, "record_starts": 1, "trace_quiet_s": 2.0, **settings}
+        )
+    )
+    return AgentProcess(path, extra_args=["--config", str(config)])
+
+
+def _demand_bytes(agent: AgentProcess) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in agent.metrics().splitlines()
+        if line.startswith('acceld_fetch_bytes_total{priority="demand"}')
+    )
+
+
+def _prefetch_bytes(agent: AgentProcess) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in agent.metrics().splitlines()
+        if line.startswith('acceld_fetch_bytes_total{priority="prefetch"}')
+    )
+
+
+def _wait_for_prefetch(agent: AgentProcess, nbytes: float, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _prefetch_bytes(agent) < nbytes and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+
+
+async def test_profile_learned_on_one_node_speeds_up_the_next(
+    registry, tmp_path, containerd_factory
+):
+    built = build_image(_app_spec(), tmp_path / "layout", "v1")
+    from rig.images import push_image
+
+    reference = f"{registry.host}/rig/profiled-{uuid.uuid4().hex[:8]}:v1"
+    async with RegistryClient() as client:
+        await push_image(client, reference, built)
+        await convert_image(
+            client, ImageReference.parse(reference), ConvertOptions(mode="index", span=1 << 20)
+        )
+
+    first = _agent(tmp_path / "node-a").start()
+    try:
+        node_a = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=first.socket)
+        await asyncio.to_thread(node_a.cri_pull_image, reference)
+        out = await asyncio.to_thread(
+            node_a.run_container,
+            reference,
+            "learn",
+            snapshotter=ACCELD_SNAPSHOTTER,
+            namespace=CRI_NAMESPACE,
+        )
+        assert out.stdout.strip() == "started"
+        demanded_a = _demand_bytes(first)
+        async with RegistryClient() as client:
+            deadline = time.monotonic() + 60
+            profile = None
+            while profile is None and time.monotonic() < deadline:
+                profile = await fetch_profile(client, reference, built.digest)
+                await asyncio.sleep(1)
+        assert profile is not None, first.log_tail(80)
+        paths = {entry.path for entry in prefetch_plan(profile)}
+        assert {"/" + p for p in APP_FILES} <= paths
+        assert "/app/unused.bin" not in paths
+    finally:
+        first.stop()
+
+    second = _agent(tmp_path / "node-b", record_profiles=False).start()
+    try:
+        node_b = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=second.socket)
+        await asyncio.to_thread(node_b.cri_pull_image, reference)
+        await asyncio.to_thread(_wait_for_prefetch, second, 5e6)
+        out = await asyncio.to_thread(
+            node_b.run_container,
+            reference,
+            "reuse",
+            snapshotter=ACCELD_SNAPSHOTTER,
+            namespace=CRI_NAMESPACE,
+        )
+        assert out.stdout.strip() == "started"
+        demanded_b = _demand_bytes(second)
+    finally:
+        second.stop()
+    assert demanded_a > 4e6
+    print(f"demand bytes: first node {demanded_a:.0f}, second node {demanded_b:.0f}")
+    assert demanded_b < 0.2 * demanded_a, (demanded_a, demanded_b)
