@@ -8,6 +8,7 @@ from accelctl.convert_cmd import convert
 from accelctl.convert_server_cmd import convert_server
 from accelctl.demo import demo
 from accelctl.inspect_image import inspect_image
+from accelctl.profile_cmd import profile
 from accelctl.pull_run import pull, run
 from accelctl.webhook.command import webhook
 from common.logging import configure_logging
@@ -28,6 +29,7 @@ cli.add_command(convert)
 cli.add_command(convert_server)
 cli.add_command(pull)
 cli.add_command(run)
+cli.add_command(profile)
 cli.add_command(webhook)
 
 

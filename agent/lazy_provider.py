@@ -173,8 +173,8 @@ class LazyLayerProvider:
         if self.recorder is not None:
             self.recorder.on_open(self.sessions.using(mounted.name), pid)
 
-    def demanded(self, mounted: MountedLayer, entry: TocEntry, offset: int, size: int) -> None:
-        """FUSE listener: a read waits for the registry (the FUSE demand log)."""
+    def read(self, mounted: MountedLayer, entry: TocEntry, offset: int, size: int) -> None:
+        """FUSE listener: a read reached FUSE (the FUSE side of a startup trace)."""
         if self.recorder is not None:
             self.recorder.on_demand(
                 self.sessions.using(mounted.name), mounted.name, entry.name, offset, size

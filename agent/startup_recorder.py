@@ -111,7 +111,8 @@ class StartupRecorder:
     def on_demand(
         self, sessions: list[ImageSession], layer_name: str, path: str, offset: int, length: int
     ) -> None:
-        """A read reached FUSE: add it to every recording of an image using that layer."""
+        """A read reached FUSE: add it to every recording of an image using that layer
+        (cache hit or not: the profile is about what startup reads, not what it missed)."""
         now = time.monotonic_ns()
         for session in sessions:
             window = self._windows.get(session.manifest_digest)

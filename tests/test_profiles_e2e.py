@@ -10,7 +10,9 @@ import uuid
 from pathlib import Path
 
 import yaml
+from click.testing import CliRunner
 
+from accelctl.main import cli
 from converter.convert import ConvertOptions, convert_image
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
@@ -111,6 +113,14 @@ async def test_profile_learned_on_one_node_speeds_up_the_next(
         paths = {entry.path for entry in prefetch_plan(profile)}
         assert {"/" + p for p in APP_FILES} <= paths
         assert "/app/unused.bin" not in paths
+        shown = await asyncio.to_thread(
+            CliRunner(env={"COLUMNS": "250"}).invoke,
+            cli,
+            ["profile", "show", reference],
+            catch_exceptions=False,
+        )
+        assert shown.exit_code == 0, shown.output
+        assert "/app/a.bin" in shown.output and "1 run(s)" in shown.output
     finally:
         first.stop()
 

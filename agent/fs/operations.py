@@ -44,8 +44,8 @@ class FsListener(Protocol):
     def opened(self, mounted: MountedLayer, entry: TocEntry, pid: int) -> None:
         """A process opened a file of a lazy layer."""
 
-    def demanded(self, mounted: MountedLayer, entry: TocEntry, offset: int, size: int) -> None:
-        """A read missed the cache and waits for the registry."""
+    def read(self, mounted: MountedLayer, entry: TocEntry, offset: int, size: int) -> None:
+        """A read reached FUSE (page-cache hits never do)."""
 
 
 @dataclass
@@ -248,8 +248,6 @@ class LayerFS(pyfuse3.Operations):
         metrics.CACHE_HITS.inc(len(plan) - len(missing))
         if missing:
             metrics.CACHE_MISSES.inc(len(missing))
-            if self.listener is not None:
-                self.listener.demanded(mounted, node.entry, offset, size)
             try:
                 chunks = await self.fetcher.get_many(
                     blob, [plan[i].chunk for i in missing], Priority.DEMAND
@@ -266,6 +264,8 @@ class LayerFS(pyfuse3.Operations):
             for i, chunk in zip(missing, chunks, strict=True):
                 piece = plan[i]
                 parts[i] = chunk[piece.start : piece.start + piece.length]
+        if self.listener is not None:
+            self.listener.read(mounted, node.entry, offset, size)
         if not mounted.first_byte_seen:
             mounted.first_byte_seen = True
             metrics.FIRST_BYTE_SECONDS.observe(time.monotonic() - mounted.mounted_at)
