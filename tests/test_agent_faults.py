@@ -62,6 +62,16 @@ def _run(containerd, image: str, *command: str, check: bool = True):
     )
 
 
+def _log_shows(agent: AgentProcess, event: str, timeout: float = 10.0) -> bool:
+    """The agent logs asynchronously to the reply it sends; give the line a moment."""
+    deadline = time.monotonic() + timeout
+    while event not in agent.log_path.read_text(errors="replace"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def _wait_for_snapshotter(containerd, timeout: float = 20.0) -> None:
     """containerd redials a restarted proxy snapshotter with backoff (up to ~3 s here)."""
     deadline = time.monotonic() + timeout
@@ -107,7 +117,7 @@ async def test_corrupt_chunk_is_refused_then_served_once_the_registry_heals(
     assert broken.returncode != 0 or BUSYBOX_MD5 not in broken.stdout
     assert BUSYBOX_MD5 not in broken.stdout  # wrong bytes are never served
     assert agent.metric("acceld_corrupt_chunks_total") >= 1
-    assert "fs.read_failed" in agent.log_tail(400)
+    assert await asyncio.to_thread(_log_shows, agent, "fs.read_failed")
     proxy.clear()
     healed = await asyncio.to_thread(_run, lazy_containerd, image, "md5sum", "/bin/busybox")
     assert healed.stdout.split()[0] == BUSYBOX_MD5
