@@ -464,11 +464,10 @@ def run_benchmark(
 @click.option(
     "--image",
     "image_name",
-    default="python-scipy",
-    show_default=True,
-    help=f"bench.catalog image, or '{SYNTHETIC}' (busybox + --data-mb of data).",
+    help=f"A bench.catalog image (default python-scipy), or '{SYNTHETIC}' "
+    "(busybox + --data-mb MiB of random data its start never reads).",
 )
-@click.option("--quick", is_flag=True, help="Synthetic image, one repetition.")
+@click.option("--quick", is_flag=True, help=f"One repetition; the image defaults to '{SYNTHETIC}'.")
 @click.option("--repeat", default=3, show_default=True, help="Repetitions per mode.")
 @click.option("--rate-mbit", default=300.0, show_default=True, help="Link bandwidth.")
 @click.option("--rtt-ms", default=5.0, show_default=True, help="Link round-trip time.")
