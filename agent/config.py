@@ -32,6 +32,7 @@ class AgentConfig:
     allowed_registries: tuple[str, ...] = ()
     prefetch: bool = True
     background_fill: bool = True
+    background_fill_delay_s: float = 10.0
     discover_referrers: bool = True
     max_connections_per_registry: int = 8
     demand_timeout: float = 60.0

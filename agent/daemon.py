@@ -114,6 +114,7 @@ class Agent:
             config.prefetch and config.profiles,
             config.background_fill,
             recorder,
+            config.background_fill_delay_s,
         )
         self.provider = provider
         self.snapshotter = SnapshotterServer(config.snapshots_dir, config.socket, provider)

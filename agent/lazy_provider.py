@@ -77,6 +77,7 @@ class LazyLayerProvider:
         prefetch: bool = True,
         background_fill: bool = True,
         recorder: StartupRecorder | None = None,
+        background_fill_delay_s: float = 10.0,
     ) -> None:
         self.discovery = discovery
         self.fs = fs
@@ -85,6 +86,7 @@ class LazyLayerProvider:
         self.mountpoint = mountpoint
         self.prefetch = prefetch
         self.background_fill = background_fill
+        self.background_fill_delay_s = background_fill_delay_s
         self._users: dict[str, int] = {}
         self.sessions = ImageSessions()
         self.recorder = recorder
@@ -130,7 +132,12 @@ class LazyLayerProvider:
             if chunks:
                 self.fetcher.enqueue(layer.blob, chunks, Priority.PREFETCH)
         if self.background_fill:
-            self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
+            # Later, not now: a start's first seconds of small demand reads must not queue
+            # behind megabytes of fill (bench/startup: with immediate fill every lazy run
+            # downloaded the whole image before the app was ready).
+            asyncio.get_running_loop().call_later(
+                self.background_fill_delay_s, self._fill, name, layer
+            )
         metrics.LAYERS.labels("lazy").inc()
         log.info(
             "agent.layer_lazy",
@@ -141,6 +148,10 @@ class LazyLayerProvider:
             key=key,
         )
         return self.mountpoint / name
+
+    def _fill(self, name: str, layer: LazyLayer) -> None:
+        if self.fs.layer(name) is not None:
+            self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
 
     def _track_image(
         self, labels: dict[str, str], layer_digest: str, mounted: MountedLayer

@@ -72,11 +72,13 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                self._unmount()
                 raise RuntimeError(f"acceld exited {self._process.returncode}:\n{self.log_tail()}")
             if self.socket.exists() and self._metrics_ready():
                 return self
             time.sleep(0.1)
         self.kill()
+        self._unmount()
         raise RuntimeError(f"acceld did not become ready:\n{self.log_tail()}")
 
     def _metrics_ready(self) -> bool:
@@ -121,6 +123,10 @@ class AgentProcess:
     def __enter__(self) -> AgentProcess:
         return self.start()
 
+    def _unmount(self) -> None:
+        """Detach a FUSE mount a dead agent left behind."""
+        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)
+
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)
+        self._unmount()
