@@ -227,6 +227,7 @@ class Setup:
     workdir: Path
     background_fill: bool
     timeout: float
+    profiles: bool = False
 
 
 def _cold_pull(
@@ -260,6 +261,14 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
     """CRI pull through a fresh acceld agent (empty cache), then run until ready."""
     reference = setup.published.original if mode == "lazy-index" else setup.published.estargz
     extra = [] if setup.background_fill else ["--no-background-fill"]
+    # Learned profiles live in the (cached) bench registry and would turn "no profile"
+    # runs into profile runs; they are used, and recorded, only when asked for.
+    (run_dir / "agent").mkdir(parents=True, exist_ok=True)
+    agent_config = run_dir / "agent" / "acceld.yaml"
+    agent_config.write_text(
+        f"profiles: {str(setup.profiles).lower()}\nrecord_profiles: {str(setup.profiles).lower()}\n"
+    )
+    extra += ["--config", str(agent_config)]
     with (
         AgentProcess(
             run_dir / "agent", plain_http=[setup.registry_host], extra_args=extra
@@ -432,6 +441,7 @@ def run_benchmark(
     workdir: Path,
     background_fill: bool,
     timeout: float,
+    profiles: bool = False,
 ) -> tuple[dict[str, object], list[ModeSummary]]:
     """Publish, measure and summarize; returns the JSON document and the summaries."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -440,7 +450,7 @@ def run_benchmark(
         shaped_registry(link, cache_dir, workdir) as (registry, host),
     ):
         published = asyncio.run(publish(image, host))
-        setup = Setup(link, host, image, published, workdir, background_fill, timeout)
+        setup = Setup(link, host, image, published, workdir, background_fill, timeout, profiles)
         try:
             results = measure(setup, repeat)
         except Exception:
@@ -452,6 +462,7 @@ def run_benchmark(
         "image_compressed_bytes": image.compressed_bytes,
         "link": {"rate_mbit": rate_mbit, "rtt_ms": rtt_ms},
         "background_fill": background_fill,
+        "profiles": profiles,
         "conversions": published.conversions,
         "runs": [asdict(r) for r in results],
         "summary": [asdict(s) for s in summaries],
@@ -477,6 +488,12 @@ def run_benchmark(
     default=True,
     show_default=True,
     help="Let the agent fetch whole layers in the background (its default).",
+)
+@click.option(
+    "--profiles/--no-profiles",
+    default=False,
+    show_default=True,
+    help="Let the agents use (and record) learned profiles from the bench registry.",
 )
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds per pull or start.")
 @click.option(
@@ -507,6 +524,7 @@ def main(
     rtt_ms: float,
     data_mb: int,
     background_fill: bool,
+    profiles: bool,
     timeout: float,
     cache_dir: Path,
     workdir: Path,
@@ -530,6 +548,7 @@ def main(
         workdir=workdir / time.strftime("%Y%m%d-%H%M%S"),
         background_fill=background_fill,
         timeout=timeout,
+        profiles=profiles,
     )
     table = summary_table(summaries)
     path = write_results("startup", document, table, results_dir)
