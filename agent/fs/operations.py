@@ -34,6 +34,10 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 IMMUTABLE_TIMEOUT = 86400.0
+# After a read misses, the chunks that follow it in the blob are fetched too, in the
+# background: a start reads files of one directory one after another, and these sit
+# next to each other in the layer, so one round trip per file becomes one per group.
+READ_AHEAD_BYTES = 1 << 20
 ROOT_TIMEOUT = 1.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
@@ -248,6 +252,9 @@ class LayerFS(pyfuse3.Operations):
         metrics.CACHE_HITS.inc(len(plan) - len(missing))
         if missing:
             metrics.CACHE_MISSES.inc(len(missing))
+            ahead = mounted.layer.chunks_after(plan[missing[-1]].chunk, READ_AHEAD_BYTES)
+            if ahead:
+                self.fetcher.enqueue(blob, ahead, Priority.PREFETCH)
             try:
                 chunks = await self.fetcher.get_many(
                     blob, [plan[i].chunk for i in missing], Priority.DEMAND

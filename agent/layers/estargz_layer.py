@@ -32,6 +32,8 @@ class EstargzLayer:
         self._chunks: dict[str, list[ChunkRef]] = toc.chunks
         self._starts = {name: [c.file_offset for c in refs] for name, refs in self._chunks.items()}
         self._specs: dict[tuple[str, int], ChunkSpec] = {}
+        self._ordered: list[ChunkSpec] | None = None
+        self._position: dict[str, int] = {}
 
     def _spec_for(self, name: str, index: int) -> ChunkSpec:
         key = (name, index)
@@ -69,6 +71,25 @@ class EstargzLayer:
             self._spec_for(name, i) for name, refs in self._chunks.items() for i in range(len(refs))
         ]
         return sorted(specs, key=lambda s: s.fetch_start)
+
+    def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
+        """Following chunks in blob order, up to ``budget`` compressed bytes."""
+        if self._ordered is None:
+            self._ordered = self.all_chunks()
+            self._position = {spec.key: i for i, spec in enumerate(self._ordered)}
+        index = self._position.get(chunk.key)
+        if index is None:
+            return []
+        following: list[ChunkSpec] = []
+        spent = 0
+        for spec in self._ordered[index + 1 :]:
+            if spec.fetch_start == chunk.fetch_start:
+                continue  # packed into the same member: arrives with it
+            spent += spec.fetch_end - spec.fetch_start
+            if spent > budget:
+                break
+            following.append(spec)
+        return following
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Chunks before the prefetch landmark: what the image's builder said startup needs."""

@@ -81,6 +81,14 @@ class IndexedLayer:
         """Every span of the layer, in order."""
         return [self._spec(i) for i in range(len(self._bounds))]
 
+    def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
+        """The next span (spans are already large), if it fits ``budget``."""
+        number = int(chunk.key[1:]) + 1
+        if number >= len(self._bounds):
+            return []
+        following = self._spec(number)
+        return [following] if following.fetch_end - following.fetch_start <= budget else []
+
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Index-only layers keep their prefetch list in the artifact, not the blob."""
         return []

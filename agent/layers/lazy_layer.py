@@ -43,6 +43,11 @@ class LazyLayer(Protocol):
         """Every chunk of the layer, in blob order (for background fill)."""
         ...
 
+    def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
+        """The chunks that follow ``chunk`` in the blob, up to ``budget`` compressed bytes
+        (blob-order read-ahead: files of one directory sit next to each other)."""
+        ...
+
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Chunks the layer itself marks as needed first (eStargz landmark area)."""
         ...
