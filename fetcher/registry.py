@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -182,23 +182,29 @@ class RegistryClient:
     async def push_manifest(self, ref: ImageReference, body: bytes, media_type: str) -> str:
         """Push a manifest under ``ref``'s tag (or digest); return its digest."""
         digest = sha256_digest(body)
-        url = self._url(ref, "manifests", ref.reference)
-        resp = await self.transport.send(
-            "PUT",
-            self._target(ref, push=True),
-            url,
-            headers={"Content-Type": media_type},
-            body=lambda: body,
-        )
-        await raise_for_status(resp, f"manifest push {ref}")
-        resp.release()
-        returned = resp.headers.get("Docker-Content-Digest")
+        headers = await self._put_manifest(ref, body, media_type)
+        returned = headers.get("Docker-Content-Digest")
         if returned and returned != digest:
             raise DigestMismatchError(
                 f"registry stored manifest {ref} as {returned}, expected {digest}"
             )
         log.info("registry.manifest_pushed", ref=str(ref), digest=digest)
         return digest
+
+    async def _put_manifest(
+        self, ref: ImageReference, body: bytes, media_type: str
+    ) -> Mapping[str, str]:
+        """PUT a manifest at ``ref.reference``; returns the response headers."""
+        resp = await self.transport.send(
+            "PUT",
+            self._target(ref, push=True),
+            self._url(ref, "manifests", ref.reference),
+            headers={"Content-Type": media_type},
+            body=lambda: body,
+        )
+        await raise_for_status(resp, f"manifest push {ref}")
+        resp.release()
+        return resp.headers
 
     async def delete_manifest(self, ref: ImageReference) -> None:
         """Delete a manifest by digest (the registry must allow deletes)."""
@@ -494,18 +500,8 @@ class RegistryClient:
         if not isinstance(subject, dict) or "digest" not in subject:
             raise ManifestError("a referrer manifest needs a subject")
         digest = sha256_digest(body)
-        pushed = ref.with_digest(digest)
-        url = self._url(pushed, "manifests", digest)
-        resp = await self.transport.send(
-            "PUT",
-            self._target(ref, push=True),
-            url,
-            headers={"Content-Type": media_type},
-            body=lambda: body,
-        )
-        await raise_for_status(resp, f"referrer manifest {digest}")
-        resp.release()
-        if resp.headers.get("OCI-Subject"):
+        headers = await self._put_manifest(ref.with_digest(digest), body, media_type)
+        if headers.get("OCI-Subject"):
             return digest
         descriptor: dict[str, Any] = {"mediaType": media_type, "digest": digest, "size": len(body)}
         if doc.get("artifactType") or doc.get("config", {}).get("mediaType"):
