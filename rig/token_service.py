@@ -40,11 +40,11 @@ from typing import Any
 import jwt
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from common.logging import configure_logging, get_logger
+from rig.certificates import write_self_signed
 from rig.processes import terminate_group
 
 log = get_logger(__name__)
@@ -88,33 +88,8 @@ class TokenRequest:
 
 
 def write_signing_material(key_path: Path, cert_path: Path, common_name: str) -> None:
-    """Write a fresh P-256 key and a self-signed certificate for it (the registry's root).
-
-    A new key per run means a token from one run can never be accepted by another.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    """Write a fresh key and self-signed certificate (the registry's root bundle)."""
+    write_self_signed(key_path, cert_path, common_name)
 
 
 # --------------------------------------------------------------------------- policy

@@ -28,7 +28,7 @@ APP_FILES = ("app/a.bin", "app/b.bin")
 
 def _app_spec() -> ImageSpec:
     base = busybox_image_spec()
-    data = [
+    data: list[Directory | File] = [
         Directory("app"),
         File("app/a.bin", SparseishFile(3 << 20, seed=1, data_every=4096)),
         File("app/b.bin", SparseishFile(2 << 20, seed=2, data_every=4096)),

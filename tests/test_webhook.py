@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import datetime
-import ipaddress
 import json
 import ssl
 import time
@@ -19,10 +17,6 @@ from typing import Any
 import aiohttp
 import kubernetes_validate
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from accelctl.webhook.labels import NODE_LABEL, ON_DEMAND_LABEL
 from accelctl.webhook.lookup import AcceleratedImageLookup
@@ -32,6 +26,7 @@ from converter.convert import ConvertOptions, convert_image
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.retry import RetryPolicy
+from rig.certificates import write_self_signed
 from rig.fault_proxy import Fault, FaultProxy
 from rig.images import build_image, busybox_image_spec
 
@@ -51,37 +46,13 @@ class Clock:
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "acceld-webhook.acceld.svc")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("acceld-webhook.acceld.svc"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
     cert_path, key_path = directory / "tls.crt", directory / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    write_self_signed(
+        key_path,
+        cert_path,
+        "acceld-webhook.acceld.svc",
+        dns_names=["acceld-webhook.acceld.svc"],
+        ip_addresses=["127.0.0.1"],
     )
     return cert_path, key_path
 
