@@ -21,15 +21,6 @@ DEFAULT_CONTAINERD = "/run/containerd/containerd.sock"
 CRI_NAMESPACE = "k8s.io"
 
 
-def _credentials(docker_config: Path | None, pull_secret: tuple[Path, ...]) -> CredentialStore:
-    store = CredentialStore() if docker_config else CredentialStore.from_environment()
-    if docker_config:
-        store.load_docker_config(docker_config)
-    for secret in pull_secret:
-        store.load_kubernetes_secret(secret)
-    return store
-
-
 def lazy_pull(address: str, image: str, credentials: CredentialStore) -> tuple[str, float]:
     """CRI-pull ``image``; returns (image id, seconds)."""
     started = time.monotonic()
@@ -64,7 +55,9 @@ def pull(
 ) -> None:
     """Pull IMAGE into containerd through CRI (lazily, where acceld can serve it)."""
     try:
-        image_id, seconds = lazy_pull(address, image, _credentials(docker_config, pull_secret))
+        image_id, seconds = lazy_pull(
+            address, image, CredentialStore.from_files(docker_config, pull_secret)
+        )
     except CRIError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"pulled {image} ({image_id}) in {seconds:.2f}s")
@@ -87,7 +80,9 @@ def run(
 ) -> None:
     """Pull IMAGE lazily and run it to completion (optionally with COMMAND)."""
     try:
-        _, seconds = lazy_pull(address, image, _credentials(docker_config, pull_secret))
+        _, seconds = lazy_pull(
+            address, image, CredentialStore.from_files(docker_config, pull_secret)
+        )
     except CRIError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"pulled {image} in {seconds:.2f}s", err=True)

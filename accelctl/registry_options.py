@@ -39,9 +39,5 @@ def make_client(
     docker_config: Path | None, pull_secret: tuple[Path, ...], plain_http: tuple[str, ...]
 ) -> RegistryClient:
     """A RegistryClient with the credentials the options name."""
-    store = CredentialStore() if docker_config else CredentialStore.from_environment()
-    if docker_config:
-        store.load_docker_config(docker_config)
-    for secret in pull_secret:
-        store.load_kubernetes_secret(secret)
+    store = CredentialStore.from_files(docker_config, pull_secret)
     return RegistryClient(credentials=store, plain_http_hosts=frozenset(plain_http))

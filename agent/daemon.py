@@ -39,12 +39,7 @@ def load_credentials(config: AgentConfig) -> CredentialStore:
     """Docker config and pull secrets named by the config (later sources win); with
     `kubernetes_credentials`, labelled cluster secrets are layered on top, live."""
     kind = KubernetesCredentialStore if config.kubernetes_credentials else CredentialStore
-    store = kind() if config.docker_config else kind.from_environment()
-    if config.docker_config:
-        store.load_docker_config(config.docker_config)
-    for secret in config.pull_secrets:
-        store.load_kubernetes_secret(secret)
-    return store
+    return kind.from_files(config.docker_config, config.pull_secrets)
 
 
 class Agent:

@@ -12,6 +12,7 @@ import binascii
 import json
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,18 @@ class CredentialStore:
         if helper:
             return _ask_credential_helper(helper, host)
         return None
+
+    @classmethod
+    def from_files(
+        cls, docker_config: Path | None = None, pull_secrets: Sequence[Path] = ()
+    ) -> CredentialStore:
+        """The named Docker config (else Docker's default one), then the pull secrets."""
+        store = cls() if docker_config else cls.from_environment()
+        if docker_config:
+            store.load_docker_config(docker_config)
+        for secret in pull_secrets:
+            store.load_kubernetes_secret(secret)
+        return store
 
     @classmethod
     def from_environment(cls) -> CredentialStore:

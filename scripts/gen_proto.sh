@@ -19,5 +19,4 @@ cd "$repo"
     --proto_path=. \
     --python_out=. \
     --pyi_out=. \
-    --grpc_python_out=. \
     accelctl/cri/cri_images.proto

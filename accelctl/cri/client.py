@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from accelctl.cri import cri_images_pb2 as pb
-from accelctl.cri import cri_images_pb2_grpc as pb_grpc
 from fetcher.credentials import CredentialStore
 from fetcher.reference import ImageReference
 
@@ -38,8 +38,19 @@ class CRIImageClient:
     def __init__(self, address: str, timeout: float = 600.0) -> None:
         target = address if address.startswith("unix://") else f"unix://{address}"
         self._channel = grpc.insecure_channel(target)
-        self._stub = pb_grpc.ImageServiceStub(self._channel)
+        self._pull = self._method("PullImage", pb.PullImageResponse)
+        self._status = self._method("ImageStatus", pb.ImageStatusResponse)
+        self._remove = self._method("RemoveImage", pb.RemoveImageResponse)
         self.timeout = timeout
+
+    def _method(self, name: str, response: type[Any]) -> grpc.UnaryUnaryMultiCallable:
+        """A client call of ImageService built from the message classes alone (no
+        generated servicer code, which would only add unimplemented server stubs)."""
+        return self._channel.unary_unary(
+            f"/runtime.v1.ImageService/{name}",
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=response.FromString,
+        )
 
     def close(self) -> None:
         """Close the channel."""
@@ -72,7 +83,7 @@ class CRIImageClient:
                 )
             )
         try:
-            response = self._stub.PullImage(request, timeout=self.timeout)
+            response = self._pull(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise CRIError(f"CRI pull of {image} failed: {exc.details()}") from None
         return str(response.image_ref)
@@ -80,7 +91,7 @@ class CRIImageClient:
     def status(self, image: str) -> ImageInfo | None:
         """The pulled image, or None if containerd does not have it."""
         try:
-            response = self._stub.ImageStatus(
+            response = self._status(
                 pb.ImageStatusRequest(image=pb.ImageSpec(image=image)), timeout=self.timeout
             )
         except grpc.RpcError as exc:
@@ -92,7 +103,7 @@ class CRIImageClient:
     def remove(self, image: str) -> None:
         """Remove the image from containerd's CRI namespace."""
         try:
-            self._stub.RemoveImage(
+            self._remove(
                 pb.RemoveImageRequest(image=pb.ImageSpec(image=image)), timeout=self.timeout
             )
         except grpc.RpcError as exc:

@@ -14,6 +14,7 @@ Anything else is a NoAccelerationError whose ``reason`` feeds the fallback metri
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from agent.layers.estargz_layer import EstargzLayer
@@ -75,8 +76,6 @@ async def open_estargz(
 
 
 def _prefetch_from(annotations: dict[str, str]) -> list[str]:
-    import json
-
     raw = annotations.get(ANNOTATION_PREFETCH)
     if not raw:
         return []
