@@ -153,7 +153,11 @@ class ConvertServer:
     async def _convert(self, image: PushedImage) -> None:
         rule = self.config.rule_for(image.repository)
         assert rule is not None and self._client is not None
-        ref = ImageReference.parse(f"{image.registry}/{image.repository}:{image.tag}")
+        # Pinned to the pushed digest: the registry sends the event before it links the
+        # tag, so a lookup by tag alone can still miss (or find an older manifest).
+        ref = ImageReference.parse(
+            f"{image.registry}/{image.repository}:{image.tag}@{image.digest}"
+        )
         options = ConvertOptions(mode=rule.mode, prefetch=rule.prefetch)
         report: dict[str, object] = {"image": str(ref), "digest": image.digest, "mode": rule.mode}
         with self.metrics.seconds.labels(rule.mode).time():

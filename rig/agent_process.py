@@ -105,7 +105,9 @@ class AgentProcess:
         """SIGTERM and wait: the agent unmounts and closes its socket."""
         if self._process is None:
             return None
-        return terminate_group(self._process, grace=timeout)
+        code = terminate_group(self._process, grace=timeout)
+        self._unmount()
+        return code
 
     def kill(self) -> None:
         """SIGKILL, as a crash would; the FUSE mount is left behind, dead."""
@@ -124,9 +126,14 @@ class AgentProcess:
         return self.start()
 
     def _unmount(self) -> None:
-        """Detach a FUSE mount a dead agent left behind."""
-        subprocess.run(["umount", "-l", str(self.mountpoint)], capture_output=True, check=False)
+        """Detach every mount a dead agent left behind under its mountpoint (a killed
+        agent leaves its FUSE mounts dead but attached, and pytest cannot delete them)."""
+        root = str(self.mountpoint)
+        with open("/proc/self/mounts", encoding="utf-8") as mounts:
+            points = [line.split()[1] for line in mounts]
+        stale = [p for p in points if p == root or p.startswith(root + "/")]
+        for point in sorted(stale, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        self._unmount()
