@@ -42,7 +42,7 @@ install_virtualenv() {
   log "building virtualenv in $VENV"
   [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  "$VENV/bin/pip" install -q -e "$ROOT[dev,bench]"
   echo "$want" >"$stamp"
 }
 
