@@ -26,8 +26,9 @@ from fetcher.errors import RegistryError
 from fetcher.registry import RegistryClient
 from profiles.learn import from_trace
 from profiles.registry_sync import push_run_profile
-from profiles.trace import FileAccess, Outcome, RunTrace, TraceError
+from profiles.trace import FileAccess, Outcome, RunTrace, TraceError, run_outcome
 from tracer.availability import TracerUnavailable
+from tracer.trace import Tracer, container_init, mntns_of
 
 log = get_logger(__name__)
 FIRST_PAGE = 4096
@@ -43,6 +44,7 @@ class _Window:
     last_event_ns: int
     fuse: list[tuple[int, str, str, int, int]] = field(default_factory=list)
     """(monotonic ns, image layer digest, path, offset, length) of demanded reads."""
+    outcome: Outcome = Outcome.OK
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ class RecorderSettings:
     quiet_s: float = 3.0
     deadline_s: float = 60.0
     use_ebpf: bool = True
+
+
+def _node_mount_namespaces() -> frozenset[int]:
+    """The host's and the agent's own mount namespaces (the agent may run in a pod)."""
+    found = set()
+    for pid in (1, os.getpid()):
+        try:
+            found.add(mntns_of(pid))
+        except OSError:
+            continue
+    return frozenset(found)
 
 
 class StartupRecorder:
@@ -69,11 +82,12 @@ class StartupRecorder:
         self.settings = settings or RecorderSettings()
         self.node = node or socket.gethostname()
         self._windows: dict[str, _Window] = {}
-        self._tracer: object | None = None
+        self._tracer: Tracer | None = None
         self._tracer_failed = not self.settings.use_ebpf
         self._tracer_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self.pushed: list[str] = []
+        self._node_namespaces = _node_mount_namespaces()
 
     def preload(self) -> None:
         """Start compiling the eBPF program now (seconds) rather than at the first start."""
@@ -92,7 +106,20 @@ class StartupRecorder:
         return random.random() < self.settings.sample_rate
 
     def on_open(self, sessions: list[ImageSession], pid: int) -> None:
-        """A process opened a file in these images' layers: maybe start recording."""
+        """A process opened a file in these images' layers: maybe start recording.
+
+        Only a process in a mount namespace of its own is a container starting: the
+        runtime and containerd also open files in a fresh rootfs (e.g. /etc/passwd and
+        /etc/group to resolve the user) from the node's namespace, and a window opened on
+        them would trace the whole node and never see the container's exit.
+        """
+        try:  # now, while the process surely exists; eBPF may take seconds to load
+            mntns: int | None = mntns_of(pid)
+            init: int | None = container_init(pid)
+        except OSError:
+            mntns = init = None
+        if mntns is not None and mntns in self._node_namespaces:
+            return
         for session in sessions:
             if len(session.mounted) < len(session.layer_order) or not self._wanted(session):
                 continue
@@ -100,11 +127,10 @@ class StartupRecorder:
             now = time.monotonic_ns()
             window = _Window(session, now, time.time_ns(), now)
             self._windows[session.manifest_digest] = window
-            try:  # now, while the process surely exists; eBPF may take seconds to load
-                mntns: int | None = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-            except OSError:
-                mntns = None
-            task = asyncio.get_running_loop().create_task(self._record(window, mntns))
+            log.info(
+                "recorder.started", image=str(session.reference), pid=pid, init=init, mntns=mntns
+            )
+            task = asyncio.get_running_loop().create_task(self._record(window, mntns, init))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -123,29 +149,37 @@ class StartupRecorder:
                 window.fuse.append((now, digest, path, offset, length))
                 window.last_event_ns = now
 
-    async def _load_tracer(self) -> object | None:
+    async def _load_tracer(self) -> Tracer | None:
         async with self._tracer_lock:
             if self._tracer is None and not self._tracer_failed:
                 try:
-                    from tracer.trace import Tracer
-
                     self._tracer = await asyncio.to_thread(Tracer)
                 except TracerUnavailable as exc:
                     log.warning("recorder.ebpf_unavailable", reason=str(exc))
                     self._tracer_failed = True
             return self._tracer
 
-    async def _record(self, window: _Window, mntns: int | None) -> None:
+    async def _record(self, window: _Window, mntns: int | None, init: int | None) -> None:
         session = window.session
         ebpf_events: list[tuple[int, str, str, int, int]] = []
         try:
             tracer = await self._load_tracer() if mntns is not None else None
-            if tracer is not None and mntns is not None:
-                ebpf_events = await self._trace_with_ebpf(tracer, window, mntns)
+            if tracer is not None and mntns is not None and init is not None:
+                ebpf_events = await self._trace_with_ebpf(tracer, window, mntns, init)
             else:
-                await self._wait_quiet(window)
+                # Without eBPF the window sees no exit status: only a timeout is told.
+                window.outcome = run_outcome(None, await self._wait_quiet(window))
             trace = self._run_trace(window, ebpf_events, tracer is not None)
             if trace is None:
+                return
+            if trace.outcome is not Outcome.OK:
+                # What a broken or endless start read is no plan for the next one.
+                log.warning(
+                    "recorder.run_discarded",
+                    image=str(session.reference),
+                    outcome=str(trace.outcome),
+                    files=len(trace.accesses),
+                )
                 return
             published = await push_run_profile(self.client, session.reference, from_trace(trace))
             session.starts_recorded += 1
@@ -155,6 +189,7 @@ class StartupRecorder:
                 image=str(session.reference),
                 files=len(trace.accesses),
                 sources=sorted(trace.sources),
+                outcome=str(trace.outcome),
                 digest=published.digest,
             )
         except (RegistryError, TraceError, OSError, ValueError) as exc:
@@ -164,19 +199,22 @@ class StartupRecorder:
             session.recording = False
 
     async def _trace_with_ebpf(
-        self, tracer: object, window: _Window, mntns: int
+        self, tracer: Tracer, window: _Window, mntns: int, init: int
     ) -> list[tuple[int, str, str, int, int]]:
-        from tracer.trace import Tracer
-
-        assert isinstance(tracer, Tracer)
         tracer.add_target(mntns_id=mntns)
+        tracer.watch_exit(init)
         try:
             trace = await asyncio.to_thread(
-                tracer.collect, quiet_s=self.settings.quiet_s, deadline_s=self.settings.deadline_s
+                tracer.collect,
+                quiet_s=self.settings.quiet_s,
+                deadline_s=self.settings.deadline_s,
+                active_at=window.last_event_ns / 1e9,
             )
         finally:
             tracer.remove_target(mntns_id=mntns)
+            tracer.unwatch_exit(init)
             tracer.forget_files()
+        window.outcome = run_outcome(trace.exits.get(init), trace.ended_by == "deadline")
         events = []
         for event in trace.events:
             if event.is_dir or event.outside_root or (event.kind == "exec" and not event.path):
@@ -188,13 +226,16 @@ class StartupRecorder:
             events.append((event.ts_ns, found[0], event.path.lstrip("/"), event.offset, length))
         return events
 
-    async def _wait_quiet(self, window: _Window) -> None:
+    async def _wait_quiet(self, window: _Window) -> bool:
+        """Wait for the window to close; True when it was the deadline that closed it."""
         deadline = window.started_ns + int(self.settings.deadline_s * 1e9)
         quiet = int(self.settings.quiet_s * 1e9)
         while True:
             now = time.monotonic_ns()
-            if now >= deadline or now - window.last_event_ns >= quiet:
-                return
+            if now - window.last_event_ns >= quiet:
+                return False
+            if now >= deadline:
+                return True
             await asyncio.sleep(0.2)
 
     def _run_trace(
@@ -222,7 +263,7 @@ class StartupRecorder:
             image=session.manifest_digest,
             layers=tuple(session.layer_order),
             accesses=tuple(accesses),
-            outcome=Outcome.OK,
+            outcome=window.outcome,
             node=self.node,
             sources=frozenset(sources),
             page_cache_visible=ebpf_used,
@@ -233,6 +274,5 @@ class StartupRecorder:
         """Finish recordings in flight (bounded by their deadlines) and unload eBPF."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        tracer = self._tracer
-        if tracer is not None and hasattr(tracer, "close"):
-            tracer.close()
+        if self._tracer is not None:
+            self._tracer.close()

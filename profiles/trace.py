@@ -10,6 +10,7 @@ validated on construction because a wrong one silently teaches every node a bad 
 from __future__ import annotations
 
 import enum
+import signal
 from dataclasses import dataclass
 
 from common.digest import InvalidDigestError, validate_digest
@@ -29,6 +30,24 @@ class Outcome(enum.StrEnum):
     OK = "ok"
     CRASHED = "crashed"
     TIMED_OUT = "timed_out"
+
+
+CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE, signal.SIGSYS}
+)
+"""Deaths that mean the program broke. SIGTERM/SIGKILL/SIGINT come from outside (a
+stop, an eviction): the start was cut short, but what it read so far was real."""
+
+
+def run_outcome(exit_status: int | None, hit_deadline: bool) -> Outcome:
+    """How a traced start ended, from its first process's wait(2)-style status (None:
+    still running, or unknown) and whether the window closed on its deadline rather
+    than on a quiet period."""
+    if exit_status is not None:
+        killed_by, code = exit_status & 0x7F, (exit_status >> 8) & 0xFF
+        if (killed_by == 0 and code != 0) or killed_by in CRASH_SIGNALS:
+            return Outcome.CRASHED
+    return Outcome.TIMED_OUT if hit_deadline else Outcome.OK
 
 
 @dataclass(frozen=True)

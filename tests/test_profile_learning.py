@@ -3,6 +3,7 @@ merging across nodes, and the converter's prefetch list."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping
 
 import pytest
@@ -13,7 +14,7 @@ from converter.prefetch import PrefetchList
 from profiles.format import MAX_SAMPLES, MAX_SEGMENTS_PER_FILE, Profile, parse, serialize
 from profiles.learn import ProfileMergeError, from_trace, learn, merge, merge_all
 from profiles.plan import PrefetchEntry, median_first_access, prefetch_plan
-from profiles.trace import FileAccess, Outcome, RunTrace, TraceError
+from profiles.trace import FileAccess, Outcome, RunTrace, TraceError, run_outcome
 
 IMAGE = "sha256:" + "1" * 64
 BASE, APP = "sha256:" + "a" * 64, "sha256:" + "b" * 64
@@ -217,3 +218,23 @@ def test_merge_is_associative_and_matches_learning_at_once(
     assert merge(a, b) == merge(b, a)
     assert serialize(left) == serialize(right)
     assert parse(serialize(left)) == left
+
+
+@pytest.mark.parametrize(
+    ("status", "hit_deadline", "outcome"),
+    [
+        (None, False, Outcome.OK),
+        (0, False, Outcome.OK),
+        (1 << 8, False, Outcome.CRASHED),
+        (int(signal.SIGSEGV), False, Outcome.CRASHED),
+        (int(signal.SIGABRT) | 0x80, False, Outcome.CRASHED),  # with a core dump
+        (int(signal.SIGKILL), False, Outcome.OK),  # stopped from outside, not broken
+        (int(signal.SIGTERM), True, Outcome.TIMED_OUT),
+        (None, True, Outcome.TIMED_OUT),
+        (2 << 8, True, Outcome.CRASHED),
+    ],
+)
+def test_run_outcome_from_exit_status_and_window(
+    status: int | None, hit_deadline: bool, outcome: Outcome
+) -> None:
+    assert run_outcome(status, hit_deadline) is outcome

@@ -5,6 +5,7 @@ fewer bytes from the registry synchronously."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +27,7 @@ from rig.layers import Directory, File, LayerSpec, SparseishFile
 APP_FILES = ("app/a.bin", "app/b.bin")
 
 
-def _app_spec() -> ImageSpec:
+def _app_spec(command: str = "cat /app/a.bin /app/b.bin >/dev/null; echo started") -> ImageSpec:
     base = busybox_image_spec()
     data: list[Directory | File] = [
         Directory("app"),
@@ -37,9 +38,7 @@ def _app_spec() -> ImageSpec:
     return ImageSpec(
         layers=(*base.layers, LayerSpec(data, created_by="app data")),
         platform=base.platform,
-        config=ImageConfig(
-            cmd=("/bin/sh", "-c", "cat /app/a.bin /app/b.bin >/dev/null; echo started")
-        ),
+        config=ImageConfig(cmd=("/bin/sh", "-c", command)),
     )
 
 
@@ -143,3 +142,50 @@ async def test_profile_learned_on_one_node_speeds_up_the_next(
     assert demanded_a > 4e6
     print(f"demand bytes: first node {demanded_a:.0f}, second node {demanded_b:.0f}")
     assert demanded_b < 0.2 * demanded_a, (demanded_a, demanded_b)
+
+
+async def test_a_crashed_start_teaches_nothing(registry, tmp_path, containerd_factory):
+    """The app reads its files, then fails: the node sees the container's first process
+    exit with status 3 (eBPF) and shares nothing, so a broken start's reads never become
+    the fleet's plan."""
+    built = build_image(_app_spec("cat /app/a.bin >/dev/null; exit 3"), tmp_path / "app", "v1")
+    from rig.images import push_image
+
+    reference = f"{registry.host}/rig/crashing-{uuid.uuid4().hex[:8]}:v1"
+    async with RegistryClient() as client:
+        await push_image(client, reference, built)
+        await convert_image(client, ImageReference.parse(reference), ConvertOptions(mode="index"))
+    agent = _agent(tmp_path / "node").start()
+    try:
+        # The exit status comes from eBPF: wait until the program is compiled and loaded
+        # (seconds after the agent starts) so this ms-long start cannot outrun it.
+        await asyncio.to_thread(_wait_for_log, agent, "tracer.loaded")
+        node = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+        await asyncio.to_thread(node.cri_pull_image, reference)
+        out = await asyncio.to_thread(
+            node.run_container,
+            reference,
+            "crash",
+            snapshotter=ACCELD_SNAPSHOTTER,
+            namespace=CRI_NAMESPACE,
+            check=False,
+        )
+        assert out.returncode == 3
+        await asyncio.to_thread(_wait_for_log, agent, "recorder.run_discarded")
+    finally:
+        agent.stop()
+    discarded = [
+        json.loads(line)
+        for line in agent.log_path.read_text().splitlines()
+        if "recorder.run_discarded" in line
+    ]
+    assert [(d["outcome"], d["files"] > 0) for d in discarded] == [("crashed", True)]
+    async with RegistryClient() as client:
+        assert await fetch_profile(client, reference, built.digest) is None
+
+
+def _wait_for_log(agent: AgentProcess, event: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while event not in agent.log_path.read_text():
+        assert time.monotonic() < deadline, agent.log_tail(40)
+        time.sleep(0.2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import pytest
 
 from tracer.availability import TracerUnavailable
 from tracer.btf_offsets import BTFError, KernelBTF
-from tracer.trace import AccessEvent, Trace, Tracer, cgroup_id_of, mntns_of
+from tracer.trace import AccessEvent, Trace, Tracer, cgroup_id_of, container_init, mntns_of
 
 BUSYBOX = Path("/bin/busybox")
 
@@ -309,6 +310,55 @@ def test_deadline_ends_a_window_with_no_activity(tracer: Tracer) -> None:
     assert trace.ended_by == "deadline"
     assert trace.events == []
     assert 0.5 <= took < 1.5
+
+
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        ("import sys; sys.exit(3)", 3 << 8),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", signal.SIGSEGV),
+        ("pass", 0),
+    ],
+    ids=["exit-3", "segv", "clean"],
+)
+def test_watched_process_reports_its_exit_status(
+    tracer: Tracer, tmp_path: Path, script: str, status: int
+) -> None:
+    """The container's first process's status, as wait(2) would give it to its parent,
+    although the tracer is not that parent (how a crashed start is told apart)."""
+    proc, _ = _start([sys.executable, "-c", f"input(); {script}"], tmp_path)
+    try:
+        tracer.watch_exit(proc.pid)
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        proc.wait(timeout=10)
+        trace = tracer.collect(quiet_s=0.3, deadline_s=5)
+    finally:
+        tracer.unwatch_exit(proc.pid)
+        _stop(proc)
+    assert trace.exits == {proc.pid: status}
+
+
+def test_container_init_is_the_outermost_process_of_its_namespace(tmp_path: Path) -> None:
+    proc, _ = _start(
+        ["unshare", "--mount", "--fork", "sh", "-c", "read x; sleep 30 & echo $!; wait"],
+        tmp_path,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    sleeper = int(proc.stdout.readline())
+    try:
+        shell = int(Path(f"/proc/{sleeper}/stat").read_text().rpartition(")")[2].split()[1])
+        assert mntns_of(sleeper) != mntns_of(os.getpid())
+        # `unshare` entered the namespace itself, then forked the shell: it is the first.
+        assert mntns_of(proc.pid) == mntns_of(shell)
+        assert container_init(sleeper) == proc.pid
+        assert container_init(shell) == proc.pid
+    finally:
+        os.kill(sleeper, signal.SIGKILL)  # the shell's `wait` returns, and it exits
+        proc.wait(timeout=10)
 
 
 def test_load_failure_is_unavailable_with_the_compiler_output() -> None:

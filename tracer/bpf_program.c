@@ -27,6 +27,7 @@
 #define KIND_OPEN 2
 #define KIND_READ 3
 #define KIND_MMAP 4
+#define KIND_EXIT 5 /* a watched process ended; offset holds task_struct.exit_code */
 
 #define EV_PATH 1       /* path[] holds the file's path: components, leaf first, NUL-ended */
 #define EV_DIR 2        /* the file is a directory */
@@ -90,6 +91,7 @@ BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 BPF_HASH(target_mntns, u32, u8, 1024);
 BPF_HASH(target_cgroup, u64, u8, 1024);
 BPF_HASH(target_pids, u32, u8, 65536);
+BPF_HASH(watch_exit, u32, u8, 1024);
 BPF_HASH(pending, u64, struct pending_t, 65536);
 BPF_HASH(walk_args, u64, struct walk_t, 16384);
 BPF_HASH(seen, struct file_key, u32, 262144);
@@ -315,8 +317,21 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32;
-    if ((u32)id == tgid)
+    if ((u32)id == tgid) {
         target_pids.delete(&tgid);
+        if (watch_exit.lookup(&tgid)) {
+            /* do_exit() stores the status before this tracepoint fires:
+             * (code << 8) | signal, as wait(2) reports it. */
+            const char *task = (const char *)bpf_get_current_task();
+            struct event_hdr hdr = {};
+            hdr.ts = bpf_ktime_get_ns();
+            hdr.pid = tgid;
+            hdr.kind = KIND_EXIT;
+            hdr.offset = rd32(task + OFF_TASK_EXIT_CODE);
+            events.ringbuf_output(&hdr, sizeof(hdr), 0);
+            watch_exit.delete(&tgid);
+        }
+    }
     pending.delete(&id);
     walk_args.delete(&id);
     return 0;

@@ -29,6 +29,7 @@ _OFFSETS = {
     "OFF_TASK_FS": ("task_struct", "fs"),
     "OFF_TASK_FILES": ("task_struct", "files"),
     "OFF_TASK_MM": ("task_struct", "mm"),
+    "OFF_TASK_EXIT_CODE": ("task_struct", "exit_code"),
     "OFF_NSPROXY_MNT_NS": ("nsproxy", "mnt_ns"),
     "OFF_MNTNS_INUM": ("mnt_namespace", "ns.inum"),
     "OFF_FS_ROOT": ("fs_struct", "root"),

@@ -22,6 +22,7 @@ log = get_logger(__name__)
 
 Kind = Literal["exec", "open", "read", "mmap"]
 _KINDS: dict[int, Kind] = {1: "exec", 2: "open", 3: "read", 4: "mmap"}
+_KIND_EXIT = 5
 
 # struct event_t up to path[] (see bpf_program.c).
 _HEADER = struct.Struct("<QQQQIIIIII")
@@ -54,6 +55,8 @@ class Trace:
     dropped: int = 0  # events the kernel could not queue (ring buffer full)
     unresolved: int = 0  # events whose file's path never arrived (dropped first sighting)
     ended_by: Literal["quiet", "deadline"] = "deadline"
+    exits: dict[int, int] = field(default_factory=dict)
+    """Watched processes (`Tracer.watch_exit`) that ended: pid -> wait(2)-style status."""
 
     def paths(self) -> list[str]:
         """Files in order of first access; what a prefetch list is built from."""
@@ -69,6 +72,21 @@ class _FileInfo:
 def mntns_of(pid: int) -> int:
     """The mount namespace id the kernel side filters on (the inode of /proc/PID/ns/mnt)."""
     return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+
+
+def container_init(pid: int) -> int:
+    """The outermost ancestor of `pid` in the same mount namespace: a container's first
+    process, whose exit status says how the container's start ended."""
+    mntns = mntns_of(pid)
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            parent = int(stat.rpartition(")")[2].split()[1])
+            if parent <= 1 or mntns_of(parent) != mntns:
+                return pid
+        except (OSError, ValueError, IndexError):
+            return pid
+        pid = parent
 
 
 def cgroup_id_of(pid: int) -> int | None:
@@ -99,6 +117,7 @@ class Tracer:
         self._files: dict[tuple[int, int, int], _FileInfo] = {}
         self._pending: list[AccessEvent] = []
         self._unresolved = 0
+        self._exits: dict[int, int] = {}
         self._bpf[b"events"].open_ring_buffer(self._on_event)
         log.info("tracer.loaded", ring_buffer_mb=ring_buffer_mb)
 
@@ -129,6 +148,18 @@ class Tracer:
                 if key in table:
                     del table[key]
 
+    def watch_exit(self, pid: int) -> None:
+        """Report how process `pid` ends (its status lands in the next `Trace.exits`):
+        a startup whose process crashed must not teach a profile."""
+        self._set("watch_exit", ctypes.c_uint32(pid))
+
+    def unwatch_exit(self, pid: int) -> None:
+        """Stop watching `pid` (still running once its window closed): the map is small."""
+        table = self._bpf[b"watch_exit"]
+        key = ctypes.c_uint32(pid)
+        if key in table:
+            del table[key]
+
     def _set(self, table_name: str, key: ctypes._SimpleCData[int]) -> None:
         table = self._bpf[table_name.encode()]
         table[key] = table.Leaf(1)
@@ -136,6 +167,9 @@ class Tracer:
     def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
         raw = ctypes.string_at(data, size)
         ts, ino, offset, length, dev, mntns, pid, kind, flags, path_len = _HEADER.unpack_from(raw)
+        if kind == _KIND_EXIT:
+            self._exits[pid] = offset
+            return
         key = (ino, dev, mntns)
         if flags & _EV_PATH:
             path_bytes = raw[_HEADER.size : _HEADER.size + path_len]
@@ -164,15 +198,19 @@ class Tracer:
         self._bpf.ring_buffer_poll(timeout_ms)
         return len(self._pending) - before
 
-    def collect(self, *, quiet_s: float = 1.0, deadline_s: float = 30.0) -> Trace:
+    def collect(
+        self, *, quiet_s: float = 1.0, deadline_s: float = 30.0, active_at: float | None = None
+    ) -> Trace:
         """Gather one startup window.
 
         It ends `quiet_s` after the last event (the container has settled), or at
         `deadline_s` after the call. Before the first event only the deadline counts,
-        so a container that is slow to start is still waited for.
+        so a container that is slow to start is still waited for, unless the caller saw
+        activity itself (`active_at`, time.monotonic() seconds): a start that ran while
+        the program was still loading must not be waited for until the deadline.
         """
         start = time.monotonic()
-        last_event: float | None = None
+        last_event: float | None = active_at
         ended_by: Literal["quiet", "deadline"] = "deadline"
         while True:
             now = time.monotonic()
@@ -195,7 +233,9 @@ class Tracer:
             dropped=self._take_dropped(),
             unresolved=self._unresolved,
             ended_by=ended_by,
+            exits=self._exits,
         )
+        self._exits = {}
         self._pending = []
         self._unresolved = 0
         if trace.dropped:
