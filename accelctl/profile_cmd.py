@@ -1,4 +1,4 @@
-"""`accelctl profile show|pull|push|merge`: look at and manage learned startup profiles."""
+"""`accelctl profile show|record|pull|push|merge`: look at and manage learned startup profiles."""
 
 from __future__ import annotations
 
@@ -9,14 +9,28 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from accelctl.cri.client import CRIError
+from accelctl.profile_record import (
+    Containerd,
+    RecordError,
+    image_chain_id,
+    run_trace,
+    traced_run,
+)
+from accelctl.pull_run import CRI_NAMESPACE, address_option, lazy_pull
 from accelctl.registry_options import make_client, registry_options
+from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient, ResolvedImage
 from profiles.coverage import size_of
 from profiles.format import Profile, ProfileFormatError, parse, serialize
-from profiles.learn import merge_all
+from profiles.learn import from_trace, merge_all
 from profiles.plan import median_first_access, prefetch_plan
 from profiles.registry_sync import fetch_profile, push_run_profile
+from profiles.trace import Outcome
+from tracer.availability import TracerUnavailable
+from tracer.trace import Tracer
 
 
 def render_profile(console: Console, profile: Profile) -> None:
@@ -124,3 +138,74 @@ def push(image: str, profile_file: Path, **options: object) -> None:
     except (RegistryError, ProfileFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"pushed {digest}")
+
+
+@profile.command("record", context_settings={"ignore_unknown_options": True})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@address_option
+@click.option("--snapshotter", default="acceld", show_default=True)
+@click.option("--quiet", default=3.0, show_default=True, help="Idle seconds that end the start.")
+@click.option("--deadline", default=60.0, show_default=True, help="Longest start recorded (s).")
+@click.option("--push/--no-push", default=True, show_default=True, help="Share it as a referrer.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
+@registry_options
+def record(
+    image: str,
+    command: tuple[str, ...],
+    address: str,
+    snapshotter: str,
+    quiet: float,
+    deadline: float,
+    push: bool,
+    output: Path | None,
+    docker_config: Path | None,
+    pull_secret: tuple[Path, ...],
+    plain_http: tuple[str, ...],
+) -> None:
+    """Start IMAGE once on this node under the eBPF tracer and learn what it reads.
+
+    The container runs through containerd (pulled through CRI first, lazily where acceld
+    serves it) until it has been idle for --quiet seconds or --deadline passes; a start
+    that fails (non-zero exit, crash signal) or times out teaches nothing.
+    """
+    ref = ImageReference.parse(image)
+
+    def client() -> RegistryClient:
+        return make_client(docker_config, pull_secret, plain_http)
+
+    async def resolve() -> tuple[ResolvedImage, str]:
+        async with client() as registry:
+            resolved = await registry.resolve(ref)
+            return resolved, await image_chain_id(registry, resolved)
+
+    try:
+        resolved, top = asyncio.run(resolve())
+        lazy_pull(address, image, CredentialStore.from_files(docker_config, pull_secret))
+        containerd = Containerd(address, CRI_NAMESPACE, snapshotter)
+        dirs = containerd.rootfs_layers(top)
+        with Tracer() as tracer:
+            trace, run = traced_run(tracer, containerd, image, command, quiet, deadline)
+        recorded = run_trace(resolved, trace, run, dirs)
+    except (RegistryError, CRIError, RecordError, TracerUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(run.output, nl=False, err=True)
+    if recorded.outcome is not Outcome.OK:
+        raise click.ClickException(
+            f"the start {recorded.outcome} (exit code {run.returncode}): nothing learned"
+        )
+    learned = from_trace(recorded)
+    render_profile(Console(), learned)
+    if output is not None:
+        output.write_bytes(serialize(learned))
+        click.echo(f"wrote {output}")
+    if push:
+
+        async def share() -> str:
+            async with client() as registry:
+                return (await push_run_profile(registry, ref, learned)).digest
+
+        try:
+            click.echo(f"pushed {asyncio.run(share())}")
+        except RegistryError as exc:
+            raise click.ClickException(str(exc)) from None

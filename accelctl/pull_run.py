@@ -29,7 +29,7 @@ def lazy_pull(address: str, image: str, credentials: CredentialStore) -> tuple[s
     return image_id, time.monotonic() - started
 
 
-_address = click.option(
+address_option = click.option(
     "--address", default=DEFAULT_CONTAINERD, show_default=True, help="containerd's socket."
 )
 _docker_config = click.option(
@@ -47,7 +47,7 @@ _pull_secret = click.option(
 
 @click.command("pull")
 @click.argument("image")
-@_address
+@address_option
 @_docker_config
 @_pull_secret
 def pull(
@@ -66,7 +66,7 @@ def pull(
 @click.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@_address
+@address_option
 @_docker_config
 @_pull_secret
 @click.option("--snapshotter", default="acceld", show_default=True)

@@ -17,7 +17,6 @@ import os
 import random
 import socket
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 from agent.image_sessions import ImageSession
@@ -26,12 +25,11 @@ from fetcher.errors import RegistryError
 from fetcher.registry import RegistryClient
 from profiles.learn import from_trace
 from profiles.registry_sync import push_run_profile
-from profiles.trace import FileAccess, Outcome, RunTrace, TraceError, run_outcome
+from profiles.trace import Outcome, RunTrace, TraceError, file_accesses, run_outcome
 from tracer.availability import TracerUnavailable
 from tracer.trace import Tracer, container_init, mntns_of
 
 log = get_logger(__name__)
-FIRST_PAGE = 4096
 
 
 @dataclass
@@ -242,27 +240,14 @@ class StartupRecorder:
         self, window: _Window, ebpf: list[tuple[int, str, str, int, int]], ebpf_used: bool
     ) -> RunTrace | None:
         session = window.session
-        first: dict[tuple[str, str], int] = {}
-        ranges: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
-        for ts, layer, path, offset, length in [*window.fuse, *ebpf]:
-            key = (layer, path)
-            first[key] = min(first.get(key, ts), ts)
-            if length > 0:
-                ranges[key].append((offset, offset + length))
-        accesses = []
-        for key, ts in first.items():
-            layer, path = key
-            spans = ranges.get(key) or [(0, FIRST_PAGE)]
-            accesses.append(
-                FileAccess(layer, "/" + path, tuple(sorted(spans)), max(0, ts - window.started_ns))
-            )
+        accesses = file_accesses([*window.fuse, *ebpf], window.started_ns)
         if not accesses:
             return None
         sources = {"fuse"} | ({"ebpf"} if ebpf_used else set())
         return RunTrace(
             image=session.manifest_digest,
             layers=tuple(session.layer_order),
-            accesses=tuple(accesses),
+            accesses=accesses,
             outcome=window.outcome,
             node=self.node,
             sources=frozenset(sources),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 
 _DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
 
@@ -37,3 +38,16 @@ def sha256_digest(data: bytes) -> str:
 def digest_of_hasher(hasher: hashlib._Hash) -> str:
     """Format a finished hasher as an OCI digest."""
     return f"{hasher.name}:{hasher.hexdigest()}"
+
+
+def chain_id(diff_ids: Sequence[str]) -> str:
+    """The OCI chain ID of a layer stack: what containerd names the committed snapshot
+    of its top layer (so a tool can find an image's root file system by its config)."""
+    if not diff_ids:
+        raise ValueError("an image without layers has no chain ID")
+    chain = validate_digest(diff_ids[0])
+    for diff_id in diff_ids[1:]:
+        chain = (
+            "sha256:" + hashlib.sha256(f"{chain} {validate_digest(diff_id)}".encode()).hexdigest()
+        )
+    return chain

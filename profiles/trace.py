@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import enum
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from common.digest import InvalidDigestError, validate_digest
 from formats.toc import HostileLayerError, normalize_name
 
 SOURCES = frozenset({"ebpf", "fuse"})
+FIRST_PAGE = 4096
+"""What an open without a read is counted as: the kernel reads ahead at least a page."""
 MAX_FILE_OFFSET = 1 << 62
 
 
@@ -122,3 +125,27 @@ def _check_access(access: FileAccess, layers: set[str]) -> None:
     for start, end in access.ranges:
         if not 0 <= start < end <= MAX_FILE_OFFSET:
             raise TraceError(f"{access.path!r}: invalid byte range [{start}, {end})")
+
+
+def file_accesses(
+    events: Iterable[tuple[int, str, str, int, int]], started_ns: int
+) -> tuple[FileAccess, ...]:
+    """Per-file accesses from raw observations (monotonic ns, layer digest, path relative
+    to the root, offset, length; length 0 for an open or exec): first access relative to
+    ``started_ns`` and every byte range read."""
+    first: dict[tuple[str, str], int] = {}
+    ranges: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for ts, layer, path, offset, length in events:
+        key = (layer, path)
+        first[key] = min(first.get(key, ts), ts)
+        if length > 0:
+            ranges.setdefault(key, []).append((offset, offset + length))
+    return tuple(
+        FileAccess(
+            layer,
+            "/" + path,
+            tuple(sorted(ranges.get((layer, path)) or [(0, FIRST_PAGE)])),
+            max(0, ts - started_ns),
+        )
+        for (layer, path), ts in first.items()
+    )

@@ -9,23 +9,15 @@ acceld).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shlex
 import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
+from common.digest import chain_id
 from rig.containerd import ContainerdServer
-
-
-def chain_id(diff_ids: Sequence[str]) -> str:
-    """The OCI chain ID of a layer stack (what containerd names committed snapshots)."""
-    current = diff_ids[0]
-    for diff_id in diff_ids[1:]:
-        current = "sha256:" + hashlib.sha256(f"{current} {diff_id}".encode()).hexdigest()
-    return current
 
 
 def image_chain_id(config_json: bytes) -> str:

@@ -27,7 +27,9 @@ from rig.layers import Directory, File, LayerSpec, SparseishFile
 APP_FILES = ("app/a.bin", "app/b.bin")
 
 
-def _app_spec(command: str = "cat /app/a.bin /app/b.bin >/dev/null; echo started") -> ImageSpec:
+def app_image_spec(
+    command: str = "cat /app/a.bin /app/b.bin >/dev/null; echo started",
+) -> ImageSpec:
     base = busybox_image_spec()
     data: list[Directory | File] = [
         Directory("app"),
@@ -79,7 +81,7 @@ def _wait_for_prefetch(agent: AgentProcess, nbytes: float, timeout: float = 30.0
 async def test_profile_learned_on_one_node_speeds_up_the_next(
     registry, tmp_path, containerd_factory
 ):
-    built = build_image(_app_spec(), tmp_path / "layout", "v1")
+    built = build_image(app_image_spec(), tmp_path / "layout", "v1")
     from rig.images import push_image
 
     reference = f"{registry.host}/rig/profiled-{uuid.uuid4().hex[:8]}:v1"
@@ -148,7 +150,7 @@ async def test_a_crashed_start_teaches_nothing(registry, tmp_path, containerd_fa
     """The app reads its files, then fails: the node sees the container's first process
     exit with status 3 (eBPF) and shares nothing, so a broken start's reads never become
     the fleet's plan."""
-    built = build_image(_app_spec("cat /app/a.bin >/dev/null; exit 3"), tmp_path / "app", "v1")
+    built = build_image(app_image_spec("cat /app/a.bin >/dev/null; exit 3"), tmp_path / "app", "v1")
     from rig.images import push_image
 
     reference = f"{registry.host}/rig/crashing-{uuid.uuid4().hex[:8]}:v1"

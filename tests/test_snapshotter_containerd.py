@@ -32,6 +32,7 @@ from agent.snapshotter.overlay import disk_usage
 from agent.snapshotter.proto import snapshots_pb2 as pb
 from agent.snapshotter.remote import REMOTE_REF_LABEL, RemoteLayers
 from agent.snapshotter.server import SnapshotterServer
+from common.digest import chain_id
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdServer
@@ -236,13 +237,6 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> bool:
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
-
-def chain_id(diff_ids: tuple[str, ...]) -> str:
-    """The OCI chain ID of a layer stack: the name containerd commits its top under."""
-    chain = diff_ids[0]
-    for diff_id in diff_ids[1:]:
-        chain = "sha256:" + hashlib.sha256(f"{chain} {diff_id}".encode()).hexdigest()
-    return chain
 
 
 def tree_fingerprint(top: Path) -> dict[str, tuple[object, ...]]:

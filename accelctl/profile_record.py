@@ -1,0 +1,280 @@
+"""`accelctl profile record`: trace one start of an image on this node, learn its profile.
+
+For operators who want a profile before the fleet has learned one (a new image, a
+pre-release check), or on nodes without the agent. It works with any snapshotter,
+because it asks containerd for the image's root file system mounts and maps each path
+the container touched to the topmost layer directory that holds it, as overlayfs
+does. The eBPF tracer follows containerd's children from before the container exists,
+so it sees the container from its first instruction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.digest import chain_id
+from common.logging import get_logger
+from fetcher.registry import RegistryClient, ResolvedImage
+from profiles.trace import RunTrace, file_accesses, run_outcome
+from tracer.trace import Trace, Tracer, mntns_of
+
+log = get_logger(__name__)
+
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+
+class RecordError(RuntimeError):
+    """The start could not be recorded (containerd, the mounts or the tracer said no)."""
+
+
+def layer_dirs(mount_command: str) -> list[Path]:
+    """The layer directories of a root file system, topmost first, from the mount
+    command `ctr snapshots view|mounts` prints (overlay lowerdirs, or one bind mount
+    for a single-layer image)."""
+    argv = shlex.split(mount_command)
+    # ctr prints: mount -t TYPE SOURCE TARGET -o OPTIONS
+    if len(argv) != 7 or argv[0] != "mount" or argv[1] != "-t" or argv[5] != "-o":
+        raise RecordError(f"unexpected mount command from containerd: {mount_command!r}")
+    options = argv[6].split(",")
+    for option in options:
+        if option.startswith("lowerdir="):
+            return [Path(p) for p in option.removeprefix("lowerdir=").split(":")]
+    if "bind" in options or "rbind" in options:
+        return [Path(argv[3])]
+    raise RecordError(f"no layer directories in {mount_command!r}")
+
+
+def _is_whiteout(path: Path) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _is_opaque(path: Path) -> bool:
+    try:
+        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def topmost_layer(path: str, dirs: Sequence[Path]) -> int | None:
+    """Index (in ``dirs``, topmost first) of the layer that provides ``path`` in the
+    merged view: None when a higher layer deletes it (whiteout, opaque parent) or no
+    layer has it."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return None
+    for index, top in enumerate(dirs):
+        for depth in range(1, len(parts) + 1):
+            here = top.joinpath(*parts[:depth])
+            if _is_whiteout(here):
+                return None
+            if depth < len(parts) and _is_opaque(here):
+                # Nothing below this directory shows through from lower layers.
+                return index if top.joinpath(*parts).exists() else None
+        if os.path.lexists(top.joinpath(*parts)):
+            return index
+    return None
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    """How the traced container ended, as `ctr run` reported it."""
+
+    returncode: int | None
+    """The container's exit code; None if it still ran when the window closed."""
+    output: str
+    started_ns: int
+    """time.monotonic_ns() at the start (the tracer's clock)."""
+    started_wall_ns: int
+
+
+class Containerd:
+    """The few `ctr` calls recording needs, against one containerd namespace."""
+
+    def __init__(self, address: str, namespace: str, snapshotter: str) -> None:
+        self.address = address
+        self.base = ["ctr", "--address", address, "--namespace", namespace]
+        self.snapshotter = snapshotter
+
+    def _ctr(self, *args: str) -> str:
+        result = subprocess.run(
+            [*self.base, *args], capture_output=True, text=True, timeout=120, check=False
+        )
+        if result.returncode != 0:
+            raise RecordError(f"ctr {' '.join(args[:2])}: {result.stderr.strip()}")
+        return result.stdout
+
+    def rootfs_layers(self, top_chain_id: str) -> list[Path]:
+        """Layer directories of the image's root file system, topmost first: a view is
+        created and removed at once (only its mount command is needed)."""
+        key = f"accelctl-record-{uuid.uuid4().hex[:12]}"
+        snapshots = ["snapshots", "--snapshotter", self.snapshotter]
+        try:
+            # --target only makes ctr print the mount command; nothing is mounted.
+            command = self._ctr(*snapshots, "view", "--target", "/mnt", key, top_chain_id)
+            command = command.strip()
+        finally:
+            subprocess.run(
+                [*self.base, *snapshots, "rm", key], capture_output=True, check=False, timeout=60
+            )
+        return layer_dirs(command)
+
+    def start(
+        self, image: str, name: str, pid_file: Path, command: Sequence[str]
+    ) -> subprocess.Popen[str]:
+        """`ctr run --rm` in the background; ctr writes the container's first process's
+        pid to ``pid_file`` before it lets it run."""
+        argv = [
+            *self.base,
+            "run",
+            "--rm",
+            "--snapshotter",
+            self.snapshotter,
+            "--pid-file",
+            str(pid_file),
+            image,
+            name,
+            *command,
+        ]
+        return subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
+
+    def kill(self, name: str) -> None:
+        subprocess.run(
+            [*self.base, "task", "kill", "-s", "KILL", name],
+            capture_output=True,
+            check=False,
+            timeout=60,
+        )
+
+
+def server_pid(socket_path: str) -> int:
+    """The process listening on a unix socket (containerd, by its --address)."""
+    inodes = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == socket_path:
+            inodes.add(f"socket:[{fields[6]}]")
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    raise RecordError(f"no process listens on {socket_path}: is containerd running?")
+
+
+def _wait_for_pid_file(path: Path, process: subprocess.Popen[str], timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return int(path.read_text())
+        if process.poll() is not None:
+            break
+        time.sleep(0.01)
+    output = process.communicate()[0] if process.poll() is not None else ""
+    raise RecordError(f"the container did not start: {output.strip() or 'timed out'}")
+
+
+def traced_run(
+    tracer: Tracer,
+    containerd: Containerd,
+    image: str,
+    command: Sequence[str],
+    quiet_s: float,
+    deadline_s: float,
+) -> tuple[Trace, ContainerRun]:
+    """Start the container and trace it until it goes quiet or the deadline.
+
+    The container's mount namespace is not known before it exists, and a start is
+    over in milliseconds, so the tracer follows everything containerd forks from now
+    on (shim, runc, the container's processes: the kernel adds each child as it is
+    forked) and only the container's namespace is kept afterwards.
+    """
+    name = f"accelctl-record-{uuid.uuid4().hex[:12]}"
+    daemon = server_pid(containerd.address)
+    with tempfile.TemporaryDirectory(prefix="accelctl-record-") as tmp:
+        pid_file = Path(tmp) / "pid"
+        tracer.add_target(pid=daemon)
+        started_wall, started = time.time_ns(), time.monotonic_ns()
+        process = containerd.start(image, name, pid_file, command)
+        try:
+            init = _wait_for_pid_file(pid_file, process, deadline_s)
+            mntns = mntns_of(init)
+            trace = tracer.collect(quiet_s=quiet_s, deadline_s=deadline_s)
+        finally:
+            tracer.remove_target(pid=daemon)
+            tracer.forget_files()
+            if process.poll() is None:
+                containerd.kill(name)
+                returncode = None
+            else:
+                returncode = process.returncode
+            output, _ = process.communicate(timeout=120)
+    trace.events = [e for e in trace.events if e.mntns_id == mntns]
+    return trace, ContainerRun(returncode, output, started, started_wall)
+
+
+def run_trace(
+    resolved: ResolvedImage, trace: Trace, run: ContainerRun, dirs: Sequence[Path]
+) -> RunTrace:
+    """The recorded start as the learner takes it: each event's path mapped to the image
+    layer that provides it (``dirs`` topmost first, manifest layers bottom first)."""
+    layers = [d.digest for d in resolved.manifest.layers]
+    if len(dirs) != len(layers):
+        raise RecordError(
+            f"the root file system has {len(dirs)} layer directories, the image "
+            f"{len(layers)} layers: cannot tell which layer holds a file"
+        )
+    events = []
+    for event in trace.events:
+        if event.is_dir or event.outside_root or not event.path:
+            continue
+        index = topmost_layer(event.path, dirs)
+        if index is None:
+            continue
+        length = event.length if event.kind in ("read", "mmap") else 0
+        layer = layers[len(layers) - 1 - index]
+        events.append((event.ts_ns, layer, event.path.lstrip("/"), event.offset, length))
+    # ctr reports a signal death as 128 + signal; the learner takes wait(2) statuses.
+    status = None
+    if run.returncode is not None:
+        code = run.returncode
+        status = (code - 128) if code > 128 else (code << 8)
+    return RunTrace(
+        image=resolved.manifest_digest,
+        layers=tuple(layers),
+        accesses=file_accesses(events, run.started_ns),
+        outcome=run_outcome(status, trace.ended_by == "deadline"),
+        node=socket.gethostname(),
+        sources=frozenset({"ebpf"}),
+        page_cache_visible=True,
+        started_at_ns=run.started_wall_ns,
+    )
+
+
+async def image_chain_id(client: RegistryClient, resolved: ResolvedImage) -> str:
+    """The chain ID containerd committed the image's top layer under."""
+    config = json.loads(await client.get_blob(resolved.reference, resolved.manifest.config.digest))
+    try:
+        return chain_id(config["rootfs"]["diff_ids"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"image config without usable rootfs.diff_ids: {exc}") from None
