@@ -191,7 +191,7 @@ def parse_manifest(body: bytes, content_type: str | None = None) -> ImageManifes
         raise ManifestError(f"manifest of {len(body)} bytes exceeds {MAX_MANIFEST_BYTES}")
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also over-long integers, deep nesting
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
     doc = _obj(doc, "manifest")
     declared = doc.get("mediaType")

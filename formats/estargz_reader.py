@@ -43,6 +43,7 @@ from formats.toc import (
     MAX_XATTR_BYTES,
     HostileLayerError,
     TocEntry,
+    check_placement,
     normalize_name,
 )
 
@@ -211,8 +212,7 @@ class _TocValidator:
             raise EstargzFormatError(f"unknown entry type {kind!r}")
         self._close_file()
         name = normalize_name(raw_name)
-        if not name and kind != "dir":
-            raise EstargzFormatError(f"a {kind} entry replaces the root directory")
+        check_placement(name, kind)
         if name in LANDMARK_NAMES and kind == "reg":
             self._landmark(record, name)
             return

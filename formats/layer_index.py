@@ -46,6 +46,7 @@ from formats.toc import (
     MAX_XATTR_BYTES,
     HostileLayerError,
     TocEntry,
+    check_placement,
     iter_tar_entries,
     normalize_name,
 )
@@ -581,6 +582,10 @@ def _entry(row: Any, number: int, previous_end: int) -> TocEntry:
         raise IndexFormatError(f"{where}: {exc}") from None
     kind_code = _int(row[1], f"{where} type", len(ENTRY_TYPES) - 1)
     kind = ENTRY_TYPES[kind_code]
+    try:
+        check_placement(name, kind)
+    except HostileLayerError as exc:
+        raise IndexFormatError(f"{where}: {exc}") from None
     size = _int(row[2], f"{where} size", MAX_ENTRY_SIZE if kind == "reg" else 0)
     mtime = row[8]
     if type(mtime) not in (int, float) or not -(1 << 62) < mtime < 1 << 62:

@@ -17,6 +17,9 @@ from typing import IO
 MAX_NAME_BYTES = 4096
 MAX_ENTRY_SIZE = 1 << 44  # 16 TiB: bigger than any real layer file, small enough to be sane
 MAX_XATTR_BYTES = 64 * 1024
+MAX_ID = (1 << 32) - 1
+MAX_MTIME = float(1 << 62)
+"""Beyond any date a file system stores; the index-only file table refuses larger ones."""
 
 ENTRY_TYPES = ("reg", "dir", "symlink", "hardlink", "char", "block", "fifo")
 _TAR_TYPES = {
@@ -54,6 +57,17 @@ def normalize_name(raw: str) -> str:
     if any(p == ".." for p in parts):
         raise HostileLayerError(f"entry name escapes the layer: {raw!r}")
     return "/".join(parts)
+
+
+def check_placement(name: str, kind: str) -> None:
+    """Refuse a normalized name the layer tree cannot hold: a non-directory replacing
+    the layer's root, or a whiteout of "", "." or "..", which would become a directory
+    entry of that name (or, unpacked, delete the directory itself)."""
+    if not name and kind != "dir":
+        raise HostileLayerError(f"a {kind} entry replaces the layer's root directory")
+    base = posixpath.basename(name)
+    if base.startswith(WHITEOUT_PREFIX) and base[len(WHITEOUT_PREFIX) :] in ("", ".", ".."):
+        raise HostileLayerError(f"whiteout {name!r} names no file")
 
 
 @dataclass
@@ -101,9 +115,17 @@ def entry_from_tarinfo(info: tarfile.TarInfo) -> TocEntry:
     if kind is None:
         raise HostileLayerError(f"unsupported tar entry type {info.type!r} for {info.name!r}")
     name = normalize_name(info.name)
+    check_placement(name, kind)
     if info.size < 0 or info.size > MAX_ENTRY_SIZE:
         raise HostileLayerError(f"absurd size {info.size} for {info.name!r}")
-    link = info.linkname or ""
+    # GNU base-256 fields and pax records carry any integer; the TOC formats (and the
+    # kernel) only hold 32-bit modes, ids and device numbers.
+    numbers = (info.mode, info.uid, info.gid, info.devmajor, info.devminor)
+    if not all(0 <= number <= MAX_ID for number in numbers):
+        raise HostileLayerError(f"mode, owner or device number out of range for {info.name!r}")
+    if not -MAX_MTIME < info.mtime < MAX_MTIME:  # also refuses NaN
+        raise HostileLayerError(f"absurd mtime {info.mtime!r} for {info.name!r}")
+    link = (info.linkname or "") if kind in ("symlink", "hardlink") else ""
     if kind == "hardlink":
         link = normalize_name(link)
         if not link:
@@ -144,10 +166,18 @@ def iter_tar_entries(
     that must be consumed (or ignored) before the next iteration. Entry ``offset`` is
     the data's offset in the uncompressed tar stream.
     """
+    kinds: dict[str, str] = {}
     try:
         with tarfile.open(fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT) as tar:
             for info in tar:
                 entry = entry_from_tarinfo(info)
+                # As when unpacking: a hard link needs an earlier non-directory to share.
+                if entry.type == "hardlink" and kinds.get(entry.link_name, "dir") == "dir":
+                    raise HostileLayerError(
+                        f"hardlink {entry.name!r} to {entry.link_name!r}, "
+                        "which is no earlier non-directory"
+                    )
+                kinds[entry.name] = entry.type
                 reader = tar.extractfile(info) if entry.type == "reg" else None
                 yield entry, info, reader
     except tarfile.TarError as exc:

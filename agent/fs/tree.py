@@ -110,14 +110,22 @@ class LayerTree:
 
     def _directory(self, path: str) -> Node:
         """The directory node at ``path``, creating implied parents; a non-directory in
-        the way is replaced, as unpacking the tar would do."""
-        node = self._by_path.get(path)
-        if node is not None and node.is_dir:
-            return node
-        return self._place(_implied_dir(path))
+        the way is replaced, as unpacking the tar would do. A loop, not recursion: a
+        4 KiB name holds 2000 levels, past Python's recursion limit."""
+        missing: list[str] = []
+        node = self._by_path.get(path) if path else self.root
+        while node is None or not node.is_dir:  # ends at the root at the latest
+            missing.append(path)
+            path = posixpath.dirname(path)
+            node = self._by_path.get(path) if path else self.root
+        for name in reversed(missing):
+            node = self._add_child(node, _implied_dir(name))
+        return node
 
     def _place(self, entry: TocEntry) -> Node:
-        parent = self._directory(posixpath.dirname(entry.name))
+        return self._add_child(self._directory(posixpath.dirname(entry.name)), entry)
+
+    def _add_child(self, parent: Node, entry: TocEntry) -> Node:
         assert parent.children is not None
         base = posixpath.basename(entry.name).encode("utf-8", "surrogateescape")
         existing = parent.children.get(base)
@@ -126,7 +134,7 @@ class LayerTree:
             existing.xattrs.update(_visible_xattrs(entry))
             return existing
         if existing is not None:
-            self._drop(existing)
+            self._drop(existing, entry.name)
         node = Node(
             self._inodes.take(),
             entry,
@@ -139,15 +147,22 @@ class LayerTree:
         self._by_path[entry.name] = node
         return node
 
-    def _drop(self, node: Node) -> None:
-        """Forget a replaced node and, for a directory, everything below it."""
-        node.nlink -= 1
-        if node.nlink > 0:
-            return
-        self.nodes.pop(node.inode, None)
-        self._by_path.pop(node.entry.name, None)
-        for child in (node.children or {}).values():
-            self._drop(child)
+    def _drop(self, node: Node, path: str) -> None:
+        """Forget a node replaced at ``path`` and, for a directory, everything below it
+        (the paths it was reached by, not its entry's name: a hardlinked file keeps its
+        other names). A loop, for the same reason as in ``_directory``."""
+        stack = [(node, path)]
+        while stack:
+            node, path = stack.pop()
+            if self._by_path.get(path) is node:
+                del self._by_path[path]
+            node.nlink -= 1
+            if node.nlink > 0:
+                continue
+            self.nodes.pop(node.inode, None)
+            for raw, child in (node.children or {}).items():
+                name = raw.decode("utf-8", "surrogateescape")
+                stack.append((child, posixpath.join(path, name)))
 
     def _link(self, link: TocEntry) -> None:
         target = self._by_path.get(link.link_name)
@@ -160,7 +175,7 @@ class LayerTree:
         if existing is target:
             return
         if existing is not None:
-            self._drop(existing)
+            self._drop(existing, link.name)
         parent.children[base] = target
         target.nlink += 1
         self._by_path[link.name] = target
