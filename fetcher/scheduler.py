@@ -96,15 +96,6 @@ class _Job:
         return self.chunk.fetch_end
 
 
-@dataclass
-class _Decoded:
-    """What became of one chunk of a response: its content, or why it was rejected."""
-
-    content: bytes | None
-    problem: str | None = None
-    cache_error: str | None = None
-
-
 class _HostQueue:
     """Queued jobs of one registry host: a priority heap plus per-blob range order."""
 
@@ -314,16 +305,16 @@ class ChunkFetcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _finish(
-        self, job: _Job, content: bytes | None = None, error: BaseException | None = None
-    ) -> None:
-        self._jobs.pop((job.blob.digest, job.chunk.key), None)
+    def _resolve(self, job: _Job, content: bytes) -> None:
         if not job.future.done():
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                assert content is not None
-                job.future.set_result(content)
+            job.future.set_result(content)
+
+    def _finish(self, job: _Job, error: BaseException | None = None) -> None:
+        """The job is over: fail its readers if it has not served them, and forget it."""
+        if self._jobs.get((job.blob.digest, job.chunk.key)) is job:
+            del self._jobs[(job.blob.digest, job.chunk.key)]
+        if not job.future.done():
+            job.future.set_exception(error or FetcherClosedError("chunk fetch abandoned"))
         if not self._jobs:
             self._idle.set()
 
@@ -365,47 +356,56 @@ class ChunkFetcher:
         self.stats.record_request(priority, len(data), loop.time() - began)
         specs = [job.chunk for job in batch]
         if self._decode_in_thread:
-            outcomes = await asyncio.to_thread(self._decode_and_store, blob, specs, start, data)
+            outcomes = await asyncio.to_thread(self._decode, specs, start, data)
         else:
-            outcomes = self._decode_and_store(blob, specs, start, data)
+            outcomes = self._decode(specs, start, data)
+        good: list[tuple[_Job, bytes]] = []
         for job, outcome in zip(batch, outcomes, strict=True):
-            if outcome.cache_error is not None:
-                self.stats.cache_write_errors += 1
-                log.warning(
-                    "fetcher.cache_write_failed",
-                    digest=blob.digest,
-                    chunk=job.chunk.key,
-                    error=outcome.cache_error,
-                )
-            if outcome.content is not None:
+            if isinstance(outcome, bytes):
                 self.stats.chunks_fetched[priority] += 1
-                self._finish(job, content=outcome.content)
+                # Readers go on now; the job stays registered until the chunk is cached,
+                # so a reader arriving meanwhile shares this content instead of refetching.
+                self._resolve(job, outcome)
+                good.append((job, outcome))
             else:
-                assert outcome.problem is not None
-                self._reject(job, outcome.problem)
+                self._reject(job, outcome)
+        try:
+            if self._decode_in_thread:
+                errors = await asyncio.to_thread(self._store, blob, good)
+            else:
+                errors = self._store(blob, good)
+        finally:
+            for job, _ in good:
+                self._finish(job)
+        for key, error in errors:
+            self.stats.cache_write_errors += 1
+            log.warning("fetcher.cache_write_failed", digest=blob.digest, chunk=key, error=error)
 
-    def _decode_and_store(
-        self, blob: BlobSource, specs: list[ChunkSpec], start: int, data: bytes
-    ) -> list[_Decoded]:
-        """Decode every chunk of a response and cache the good ones (CPU and disk bound:
+    @staticmethod
+    def _decode(specs: list[ChunkSpec], start: int, data: bytes) -> list[bytes | str]:
+        """Each chunk's verified content, or why its bytes cannot be trusted (CPU bound:
         runs in a worker thread)."""
-        outcomes = []
+        outcomes: list[bytes | str] = []
         for spec in specs:
             raw = data[spec.fetch_start - start : spec.fetch_end - start]
             try:
-                content = spec.decode(raw)
+                outcomes.append(spec.decode(raw))
             except Exception as exc:
                 # Anything decode raises means these bytes cannot be trusted.
-                outcomes.append(_Decoded(None, problem=f"{type(exc).__name__}: {exc}"))
-                continue
-            try:
-                self._cache.put(blob.digest, spec.key, content)
-            except OSError as exc:
-                # The reader still gets verified bytes; only the cache misses out.
-                outcomes.append(_Decoded(content, cache_error=str(exc)))
-                continue
-            outcomes.append(_Decoded(content))
+                outcomes.append(f"{type(exc).__name__}: {exc}")
         return outcomes
+
+    def _store(self, blob: BlobSource, good: list[tuple[_Job, bytes]]) -> list[tuple[str, str]]:
+        """Cache verified chunks (disk bound, with an fsync each: off the readers' path);
+        returns (chunk key, error) of those that could not be stored. Readers already
+        have their bytes; only the cache misses out."""
+        errors = []
+        for job, content in good:
+            try:
+                self._cache.put(blob.digest, job.chunk.key, content)
+            except OSError as exc:
+                errors.append((job.chunk.key, str(exc)))
+        return errors
 
     def _reject(self, job: _Job, problem: str) -> None:
         """A chunk failed verification: fetch it once more, afresh, then give up."""

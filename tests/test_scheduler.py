@@ -146,6 +146,7 @@ async def test_chunks_arrive_verified_and_are_served_from_cache_after(
     fetcher = make_fetcher()
     for chunk, content in zip(layer.chunks, layer.contents, strict=True):
         assert await fetcher.get(layer.blob, chunk) == content
+        await fetcher.wait_idle()  # the reader has its bytes before they are on disk
         assert fetcher.has(layer.blob, chunk)
     fetched = _range_gets(fault_proxy, layer.blob.digest)
     assert fetched == 8
@@ -153,6 +154,18 @@ async def test_chunks_arrive_verified_and_are_served_from_cache_after(
     assert _range_gets(fault_proxy, layer.blob.digest) == fetched
     assert fetcher.stats.cache_hits == 1
     assert fetcher.stats.bytes_fetched[Priority.DEMAND] == layer.blob.size
+
+
+async def test_a_reader_arriving_while_a_chunk_is_cached_shares_it(push, make_fetcher, fault_proxy):
+    layer = await push(4)
+    fetcher = make_fetcher()
+    assert await fetcher.get(layer.blob, layer.chunks[1]) == layer.contents[1]
+    # Served before the cache write finished: the second reader must not refetch.
+    assert await fetcher.get(layer.blob, layer.chunks[1]) == layer.contents[1]
+    await fetcher.wait_idle()
+    assert _range_gets(fault_proxy, layer.blob.digest) == 1
+    assert fetcher.stats.cache_hits + fetcher.stats.shared_fetches == 1
+    assert fetcher.has(layer.blob, layer.chunks[1])
 
 
 async def test_concurrent_gets_of_one_chunk_share_one_request(push, make_fetcher, fault_proxy):
@@ -180,6 +193,7 @@ async def test_one_read_spanning_chunks_is_one_request(push, make_fetcher, fault
     layer = await push(8)
     fetcher = make_fetcher()
     assert await fetcher.get(layer.blob, layer.chunks[2]) == layer.contents[2]
+    await fetcher.wait_idle()
     wanted = layer.chunks[1:6]
     assert await fetcher.get_many(layer.blob, wanted) == layer.contents[1:6]
     assert _range_gets(fault_proxy, layer.blob.digest) == 2  # chunk 2 came from the cache
