@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import yaml
 
 from rig.ports import free_port
 from rig.processes import terminate_group
@@ -24,9 +26,15 @@ class AgentProcess:
     """`acceld run` in a subprocess."""
 
     def __init__(
-        self, workdir: Path, plain_http: Sequence[str] = (), extra_args: Sequence[str] = ()
+        self,
+        workdir: Path,
+        plain_http: Sequence[str] = (),
+        extra_args: Sequence[str] = (),
+        settings: Mapping[str, object] | None = None,
     ) -> None:
+        """``settings`` become the agent's YAML config file (keys of AgentConfig)."""
         self.workdir = workdir
+        self.settings = dict(settings or {})
         self.root = workdir / "root"
         self.socket = workdir / "run" / "snapshotter.sock"
         self.metrics_port = free_port()
@@ -34,6 +42,13 @@ class AgentProcess:
         self.plain_http = list(plain_http)
         self.extra_args = list(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The agent's process id (it is started directly, not through a shell)."""
+        if self._process is None:
+            raise RuntimeError("the agent has not been started")
+        return self._process.pid
 
     @property
     def mountpoint(self) -> Path:
@@ -48,6 +63,11 @@ class AgentProcess:
     def start(self, timeout: float = 30.0) -> AgentProcess:
         """Start and wait until the snapshotter socket and metrics endpoint answer."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        config: list[str] = []
+        if self.settings:
+            config_path = self.workdir / "acceld.yaml"
+            config_path.write_text(yaml.safe_dump(self.settings))
+            config = ["--config", str(config_path)]
         command = [
             sys.executable,
             "-m",
@@ -59,6 +79,7 @@ class AgentProcess:
             str(self.socket),
             "--metrics-address",
             f"127.0.0.1:{self.metrics_port}",
+            *config,
             *self.extra_args,
         ]
         for host in self.plain_http:

@@ -89,7 +89,9 @@ class ThreadedServer:
 
     async def _startup(self) -> None:
         app = await self._app_factory()
-        self._runner = web.AppRunner(app, access_log=None)
+        # Handlers still running at stop (a test's endless stall) are cancelled after
+        # a moment, not awaited for aiohttp's default minute.
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.bind_host, self.port).start()
         log.info("rig.server_started", server=self.name, port=self.port)

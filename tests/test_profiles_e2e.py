@@ -10,7 +10,6 @@ import time
 import uuid
 from pathlib import Path
 
-import yaml
 from click.testing import CliRunner
 
 from accelctl.main import cli
@@ -45,14 +44,8 @@ def app_image_spec(
 
 
 def _agent(path: Path, **settings: object) -> AgentProcess:
-    path.mkdir(parents=True, exist_ok=True)
-    config = path / "acceld.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {"background_fill": False, "record_starts": 1, "trace_quiet_s": 2.0, **settings}
-        )
-    )
-    return AgentProcess(path, extra_args=["--config", str(config)])
+    defaults = {"background_fill": False, "record_starts": 1, "trace_quiet_s": 2.0}
+    return AgentProcess(path, settings={**defaults, **settings})
 
 
 def _demand_bytes(agent: AgentProcess) -> float:
