@@ -19,7 +19,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Every knob of the node agent."""
+    """Every knob of the node agent.
+
+    ``allowed_registries``: the registries the agent may contact; empty means any.
+    Entries are ``host:port`` (exactly that), ``host`` (any port) or ``*.domain``
+    (optionally ``:port``; any subdomain of domain, not domain itself). Enforced under
+    every registry request the agent makes (`fetcher.registry_policy`): a layer of an
+    image from another registry is not served lazily, the agent logs
+    `registry_not_allowed` and containerd pulls and unpacks it itself (containerd's
+    own registry access is outside the agent's control). Blob redirect targets (CDNs)
+    and token realms named by an allowed registry are followed without a check.
+    """
 
     root: Path = Path("/var/lib/acceld")
     socket: Path = Path("/run/acceld/snapshotter.sock")

@@ -29,10 +29,20 @@ from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import Priority
 from fetcher.credentials import CredentialStore
 from fetcher.registry import RegistryClient
+from fetcher.registry_policy import RegistryPolicy
 from fetcher.scheduler import ChunkFetcher
 
 log = get_logger(__name__)
 CACHE_GAUGE_INTERVAL = 5.0
+
+
+def make_private_directory(path: Path) -> None:
+    """Create ``path`` (or tighten it) to owner-only: below it lie chunks of private
+    images, the snapshot database and containers' writable layers, which other users of
+    the node must not read (containerd keeps its own snapshot root 0700 for the same
+    reason). Only the directory is changed; what it contains keeps its own modes."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
 
 
 def load_credentials(config: AgentConfig) -> CredentialStore:
@@ -47,10 +57,12 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        make_private_directory(config.root)
         self.client = RegistryClient(
             credentials=load_credentials(config),
             plain_http_hosts=frozenset(config.plain_http),
             max_connections_per_host=config.max_connections_per_registry,
+            policy=RegistryPolicy(config.allowed_registries),
         )
         self.cache = ChunkCache(config.cache_dir, config.cache_max_bytes)
         self.fetcher: ChunkFetcher | None = None
@@ -86,9 +98,10 @@ class Agent:
         self.fs = LayerFS(self.fetcher, self.cache)
         self.mount = FuseMount(self.fs, config.fuse_mountpoint)
         await self.mount.start()
-        discovery = LayerDiscovery(
-            self.client, config.discover_referrers, frozenset(config.allowed_registries)
-        )
+        # The allow-list is enforced by the client's policy, under every request (also
+        # profile and twin lookups), with its host/wildcard rules: discovery's own
+        # exact-name check would refuse hosts the policy allows.
+        discovery = LayerDiscovery(self.client, config.discover_referrers)
         recorder = None
         if config.record_profiles:
             settings = RecorderSettings(
@@ -198,5 +211,4 @@ def _observe_request(priority: Priority, nbytes: int, seconds: float) -> None:
 
 def run(config: AgentConfig) -> None:
     """Run an agent in a fresh event loop (the `acceld run` command)."""
-    Path(config.root).mkdir(parents=True, exist_ok=True)
     asyncio.run(Agent(config).run_until_signalled())

@@ -56,6 +56,10 @@ class RegistryUnavailableError(RegistryError):
     """The registry kept failing (resets, 5xx, 429, timeouts) until retries ran out."""
 
 
+class RegistryNotAllowedError(RegistryError):
+    """The registry is not in the configured allow-list; nothing was sent to it."""
+
+
 class RangeNotSupportedError(RegistryError):
     """The registry ignored a Range request; lazy loading needs ranges."""
 

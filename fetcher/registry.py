@@ -44,6 +44,7 @@ from fetcher.manifest import (
     parse_manifest,
 )
 from fetcher.reference import ImageReference
+from fetcher.registry_policy import RegistryPolicy
 from fetcher.retry import RetryPolicy
 from fetcher.transport import RegistryTransport, Target, raise_for_status
 
@@ -92,7 +93,9 @@ class RegistryClient:
         max_connections_per_host: int = 8,
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
+        policy: RegistryPolicy | None = None,
     ) -> None:
+        """``policy`` limits which registries are contacted (default: any)."""
         self.transport = RegistryTransport(
             credentials=credentials,
             plain_http_hosts=plain_http_hosts,
@@ -100,6 +103,7 @@ class RegistryClient:
             max_connections_per_host=max_connections_per_host,
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
+            policy=policy,
         )
 
     async def __aenter__(self) -> RegistryClient:

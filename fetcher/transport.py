@@ -1,9 +1,10 @@
 """HTTP transport to registries: pooling, authentication, retries and redirect reuse.
 
 Every registry call goes through `RegistryTransport.send`, so there is one place that
-knows how to answer a 401 challenge, when a failure is worth retrying, and that a blob
+knows how to answer a 401 challenge, when a failure is worth retrying, that a blob
 redirect (e.g. a pre-signed storage URL) can be reused until it expires instead of
-costing a registry round trip per range request.
+costing a registry round trip per range request, and which registries may be contacted
+at all (`fetcher.registry_policy`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fetcher.errors import (
     RegistryUnavailableError,
     UnauthorizedError,
 )
+from fetcher.registry_policy import RegistryPolicy
 from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
 
 log = get_logger(__name__)
@@ -90,8 +92,10 @@ class RegistryTransport:
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         redirect_ttl: float = DEFAULT_REDIRECT_TTL,
+        policy: RegistryPolicy | None = None,
     ) -> None:
         self.credentials = credentials or CredentialStore()
+        self.policy = policy or RegistryPolicy()
         self.plain_http_hosts = set(plain_http_hosts)
         self.retry = retry or RetryPolicy()
         self.timeout = aiohttp.ClientTimeout(
@@ -200,7 +204,10 @@ class RegistryTransport:
         Retries connection failures and RETRYABLE_STATUS (honouring Retry-After). Other
         statuses are returned for the caller to map. ``body`` is a factory so a retry
         can resend it. ``blob_digest`` enables redirect caching for blob GET/HEAD.
+        A registry the policy does not allow raises RegistryNotAllowedError before
+        anything is sent (redirect targets are followed unchecked: see the policy).
         """
+        self.policy.check(target.registry)
         attempts = attempts or self.retry.attempts
         last_error: str = "no attempt made"
         for attempt in range(attempts):

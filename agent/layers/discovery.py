@@ -22,7 +22,7 @@ from agent.layers.indexed_layer import IndexedLayer
 from common.logging import get_logger
 from fetcher import mediatypes as mt
 from fetcher.chunks import BlobSource
-from fetcher.errors import NotFoundError, RegistryError
+from fetcher.errors import NotFoundError, RegistryError, RegistryNotAllowedError
 from fetcher.manifest import Descriptor, ImageIndex, ImageManifest, Platform
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
@@ -89,15 +89,9 @@ def _prefetch_from(annotations: dict[str, str]) -> list[str]:
 class LayerDiscovery:
     """Looks up accelerated forms in the registry (cached per manifest)."""
 
-    def __init__(
-        self,
-        client: RegistryClient,
-        use_referrers: bool = True,
-        allowed_registries: frozenset[str] = frozenset(),
-    ) -> None:
+    def __init__(self, client: RegistryClient, use_referrers: bool = True) -> None:
         self.client = client
         self.use_referrers = use_referrers
-        self.allowed_registries = allowed_registries
         self._manifests: dict[str, ImageManifest] = {}
 
     async def _manifest(self, ref: ImageReference, digest: str | None) -> tuple[str, ImageManifest]:
@@ -126,8 +120,6 @@ class LayerDiscovery:
             ref = ImageReference.parse(image_ref)
         except ValueError as exc:
             raise NoAccelerationError("bad-reference", str(exc)) from None
-        if self.allowed_registries and ref.registry not in self.allowed_registries:
-            raise NoAccelerationError("registry-not-allowed", ref.registry)
         try:
             digest, manifest = await self._manifest(ref, manifest_digest)
             position = next(
@@ -156,6 +148,8 @@ class LayerDiscovery:
                     return DiscoveredLayer(await open_estargz(self.client, blob, None), prefetch)
                 except EstargzFormatError:
                     pass
+        except RegistryNotAllowedError as exc:  # the client's policy: never contacted
+            raise NoAccelerationError("registry-not-allowed", str(exc)) from None
         except RegistryError as exc:
             raise NoAccelerationError("registry-error", str(exc)) from None
         except (EstargzFormatError, layer_index.IndexFormatError) as exc:

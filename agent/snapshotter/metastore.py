@@ -129,6 +129,10 @@ class Metastore:
     """The snapshot table and the containerd rules over it; use inside `transaction()`."""
 
     def __init__(self, path: Path) -> None:
+        # Owner-only before sqlite opens it: its -wal/-shm files copy the database's mode,
+        # and labels carry image references other users of the node need not learn.
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
