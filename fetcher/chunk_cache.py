@@ -10,12 +10,20 @@ be complete and verified: chunks are written to ``tmp/``, fsynced and renamed in
 A crash can lose a chunk that was just renamed (the directory is not fsynced: the chunk
 is simply fetched again), but never exposes a torn one. ``tmp/`` is emptied on open.
 
-Eviction is whole layers, least recently used first, because pins are per layer (a
-snapshot in use needs all of its layer) and per-chunk bookkeeping on disk would cost a
-metadata write per read. Pins live in memory: after a restart the agent re-pins the
-layers of its snapshots; opening the cache never evicts, only a later ``put`` does.
-One process owns a cache root at a time. All methods are thread-safe, since the
-fetcher stores chunks from worker threads.
+Eviction is whole layers, least recently used first, because per-chunk bookkeeping on
+disk would cost a metadata write per read. The cap is a promise to the node's operator,
+so it holds even when every cached layer belongs to a snapshot: pinned layers (those
+of present snapshots) only go after every unpinned one, and a single layer larger than
+the cap (a 10 GiB file read through) gives up its own oldest chunks. Evicted chunks are
+simply fetched again. A full filesystem is different: there only unpinned layers make
+room, and a chunk that still does not fit is not cached rather than taking data from
+layers in use: the last such chunks are kept in a small memory buffer instead, so that
+the several reads a chunk usually serves do not each fetch it again.
+
+Pins live in memory: after a restart the agent re-pins the layers of its snapshots;
+opening the cache never evicts, only a later ``put`` does. One process owns a cache
+root at a time. All methods are thread-safe, since the fetcher stores chunks from
+worker threads.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +50,9 @@ BLOCK = 4096
 TOUCH_INTERVAL = 60.0
 """How stale a layer directory's mtime may get before a use refreshes it (restart LRU)."""
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+SPILL_BYTES = 32 << 20
+"""Memory for chunks a full disk would not take (a few spans: enough for the reads in
+flight, small next to the agent's footprint)."""
 
 
 class CacheFullError(OSError):
@@ -95,6 +107,8 @@ class ChunkCache:
         self._misses = 0
         self._evicted_layers = 0
         self._evicted_bytes = 0
+        self._spill: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self._spill_bytes = 0
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._clean_tmp()
         self._scan()
@@ -194,6 +208,10 @@ class ChunkCache:
                     data = os.pread(fd, length, offset)
                 finally:
                     os.close(fd)
+        else:
+            spilled = self._spilled(blob_digest, key)
+            if spilled is not None:
+                data = spilled[offset : offset + length]
         self._count(data is not None)
         return data
 
@@ -206,8 +224,28 @@ class ChunkCache:
                 data = path.read_bytes()
             except FileNotFoundError:
                 self._forget(blob_digest, key)
+        else:
+            data = self._spilled(blob_digest, key)
         self._count(data is not None)
         return data
+
+    def _spilled(self, blob_digest: str, key: str) -> bytes | None:
+        with self._lock:
+            data = self._spill.get((blob_digest, key))
+            if data is not None:
+                self._spill.move_to_end((blob_digest, key))
+            return data
+
+    def _keep_in_memory(self, blob_digest: str, key: str, data: bytes) -> None:
+        """Hold a chunk the disk would not take, dropping the least recently used."""
+        with self._lock:
+            if (blob_digest, key) in self._spill or len(data) > SPILL_BYTES:
+                return
+            self._spill[(blob_digest, key)] = data
+            self._spill_bytes += len(data)
+            while self._spill_bytes > SPILL_BYTES:
+                _, dropped = self._spill.popitem(last=False)
+                self._spill_bytes -= len(dropped)
 
     def _count(self, hit: bool) -> None:
         with self._lock:
@@ -221,9 +259,11 @@ class ChunkCache:
     def put(self, blob_digest: str, key: str, data: bytes) -> Path:
         """Store a verified chunk atomically and return its file.
 
-        Makes room first when the cap would be exceeded. A full filesystem evicts
-        unpinned layers and tries once more, then raises CacheFullError with nothing
-        of the chunk left on disk. Storing a chunk that is already cached is a no-op.
+        The chunk's charge is reserved before anything is written, so that puts running
+        in parallel threads cannot each find room under the cap and together exceed it.
+        A full filesystem evicts unpinned layers and tries once more, then raises
+        CacheFullError with nothing of the chunk left on disk (it is kept in memory).
+        Storing a chunk that is already cached is a no-op.
         """
         validate_chunk_key(key)
         final = self._layer_dir(blob_digest) / key
@@ -233,33 +273,47 @@ class ChunkCache:
             self._used(blob_digest, layer)
             if key in layer.chunks:
                 return final
-            over_cap = self._bytes + charge > self.max_bytes
-        if over_cap:
-            self._evict_until(self.max_bytes - charge, keep=blob_digest)
+            self._bytes += charge
+        stored = False
         try:
-            tmp = self._write_tmp(data)
+            self._evict_until(self.max_bytes, keep=blob_digest, pinned_too=True)
+            try:
+                tmp = self._write_tmp_making_room(data, charge, blob_digest)
+            except CacheFullError:
+                self._keep_in_memory(blob_digest, key, data)
+                raise
+            try:
+                with self._lock:
+                    final.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(tmp, final)
+                    layer = self._layers.setdefault(blob_digest, _Layer())
+                    if key not in layer.chunks:
+                        layer.chunks[key] = charge
+                        layer.bytes += charge
+                        stored = True
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                if exc.errno in _DISK_FULL:
+                    self._keep_in_memory(blob_digest, key, data)
+                    raise CacheFullError(f"no room to store {blob_digest} chunk {key}") from exc
+                raise
+        finally:
+            if not stored:
+                with self._lock:
+                    self._bytes -= charge  # failed, or another thread stored it first
+        return final
+
+    def _write_tmp_making_room(self, data: bytes, charge: int, keep: str) -> Path:
+        """`_write_tmp`, evicting unpinned layers once if the filesystem is full."""
+        try:
+            return self._write_tmp(data)
         except CacheFullError:
-            if not self._room_after_eviction(charge, keep=blob_digest):
+            if not self._room_after_eviction(charge, keep=keep):
                 raise
             with self._lock:
                 target = self._bytes - charge
-            self._evict_until(target, keep=blob_digest)
-            tmp = self._write_tmp(data)
-        try:
-            with self._lock:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.rename(tmp, final)
-                layer = self._layers.setdefault(blob_digest, _Layer())
-                if key not in layer.chunks:
-                    layer.chunks[key] = charge
-                    layer.bytes += charge
-                    self._bytes += charge
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in _DISK_FULL:
-                raise CacheFullError(f"no room to store {blob_digest} chunk {key}") from exc
-            raise
-        return final
+            self._evict_until(target, keep=keep)
+            return self._write_tmp(data)
 
     def _room_after_eviction(self, charge: int, keep: str) -> bool:
         """Whether evicting every unpinned layer could make room for ``charge`` bytes, so
@@ -314,21 +368,24 @@ class ChunkCache:
                 self._pins[blob_digest] = count - 1
 
     def evict(self) -> int:
-        """Evict least recently used unpinned layers until under the cap; bytes freed."""
-        return self._evict_until(self.max_bytes)
+        """Evict least recently used layers (unpinned first) until under the cap; bytes
+        freed."""
+        return self._evict_until(self.max_bytes, pinned_too=True)
 
-    def _evict_until(self, target: int, keep: str | None = None) -> int:
-        """Evict LRU unpinned layers (never ``keep``) until at most ``target`` bytes."""
+    def _evict_until(self, target: int, keep: str | None = None, pinned_too: bool = False) -> int:
+        """Evict LRU unpinned layers (never ``keep``) until at most ``target`` bytes;
+        with ``pinned_too``, then LRU pinned layers, then ``keep``'s oldest chunks."""
         doomed: list[tuple[str, Path, int]] = []
+        chunk_files: list[Path] = []
         with self._lock:
-            candidates = sorted(
-                (
-                    (layer.last_used, digest)
-                    for digest, layer in self._layers.items()
-                    if digest not in self._pins and digest != keep and layer.bytes > 0
-                ),
+            if self._bytes <= target:
+                return 0
+            candidates = sorted(  # unpinned (False) before pinned, each oldest first
+                (digest in self._pins, layer.last_used, digest)
+                for digest, layer in self._layers.items()
+                if digest != keep and layer.bytes > 0 and (pinned_too or digest not in self._pins)
             )
-            for _, digest in candidates:
+            for _, _, digest in candidates:
                 if self._bytes <= target:
                     break
                 layer = self._layers.pop(digest)
@@ -339,18 +396,48 @@ class ChunkCache:
                 except FileNotFoundError:
                     continue
                 doomed.append((digest, grave, layer.bytes))
-            self._evicted_layers += len(doomed)
+            if pinned_too and keep is not None and self._bytes > target:
+                chunk_files = self._drop_oldest_chunks(keep, target)
             freed = sum(size for _, _, size in doomed)
+            self._evicted_layers += len(doomed)
             self._evicted_bytes += freed
         for digest, grave, size in doomed:
             shutil.rmtree(grave, ignore_errors=True)
             log.info("chunk_cache.evicted", digest=digest, bytes=size)
+        for path in chunk_files:
+            path.unlink(missing_ok=True)
+        if chunk_files:
+            log.info("chunk_cache.evicted_chunks", digest=keep, chunks=len(chunk_files))
         return freed
+
+    def _drop_oldest_chunks(self, blob_digest: str, target: int) -> list[Path]:
+        """Forget the layer's first-stored chunks until at most ``target`` bytes. Their
+        files move to tmp/ under the lock (a put of the same chunk meanwhile must not lose
+        its new file); the caller, holding the lock, deletes them once it is released.
+        First stored stands in for least recently used: a layer bigger than the cap is
+        being read through, and per-chunk use times would cost work on every read."""
+        layer = self._layers.get(blob_digest)
+        if layer is None:
+            return []
+        directory = self._layer_dir(blob_digest)
+        dropped = []
+        for key in list(layer.chunks):
+            if self._bytes <= target:
+                break
+            size = layer.chunks.pop(key)
+            layer.bytes -= size
+            self._bytes -= size
+            self._evicted_bytes += size
+            grave = self.tmp_dir / f"evicted-{uuid.uuid4().hex}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(directory / key, grave)
+                dropped.append(grave)
+        return dropped
 
     # -- accounting ---------------------------------------------------------------
 
     def size(self) -> int:
-        """Bytes charged for every cached chunk."""
+        """Bytes charged for every cached chunk (and for chunks being stored right now)."""
         with self._lock:
             return self._bytes
 

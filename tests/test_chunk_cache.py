@@ -131,15 +131,33 @@ def test_eviction_is_lru_over_unpinned_layers_and_honours_the_cap(tmp_path: Path
         cache.unpin(LAYER_A)
 
 
-def test_pinned_layers_are_kept_even_over_the_cap(tmp_path: Path) -> None:
-    cache = ChunkCache(tmp_path, max_bytes=2 * BLOCK)
-    for layer in (LAYER_A, LAYER_B):
-        cache.pin(layer)
-        cache.put(layer, "c1", os.urandom(BLOCK))
-        cache.put(layer, "c2", os.urandom(BLOCK))
-    assert cache.size() == 4 * BLOCK
-    assert cache.evict() == 0
-    assert all(cache.path(layer, "c2") for layer in (LAYER_A, LAYER_B))
+def test_the_cap_evicts_unpinned_layers_first_then_pinned_ones(tmp_path: Path) -> None:
+    """Images stay pulled (their layers pinned) long after their containers exit: a cap
+    that spared pinned layers would be no cap. Unpinned layers go first, then the
+    oldest pinned ones; their data is fetched again when read."""
+    cache = ChunkCache(tmp_path, max_bytes=4 * BLOCK)
+    cache.pin(LAYER_A)
+    cache.put(LAYER_A, "c1", os.urandom(BLOCK))
+    cache.put(LAYER_A, "c2", os.urandom(BLOCK))
+    cache.put(LAYER_C, "c1", os.urandom(BLOCK))
+    cache.pin(LAYER_B)
+    cache.put(LAYER_B, "c1", os.urandom(BLOCK))
+    cache.put(LAYER_B, "c2", os.urandom(BLOCK))
+    assert cache.path(LAYER_C, "c1") is None  # unpinned, although newer than A
+    assert cache.path(LAYER_A, "c1") is not None
+    cache.put(LAYER_B, "c3", os.urandom(BLOCK))
+    assert cache.path(LAYER_A, "c1") is None  # then the oldest pinned layer
+    assert cache.size() <= 4 * BLOCK
+
+
+def test_one_layer_bigger_than_the_cap_keeps_its_newest_chunks(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, max_bytes=3 * BLOCK)
+    cache.pin(LAYER_A)
+    for n in range(1, 6):
+        cache.put(LAYER_A, f"c{n}", os.urandom(BLOCK))
+    kept = [n for n in range(1, 6) if cache.path(LAYER_A, f"c{n}") is not None]
+    assert kept == [3, 4, 5]
+    assert cache.size() == 3 * BLOCK
 
 
 def test_concurrent_puts_and_evictions_keep_accounting_true_to_disk(tmp_path: Path) -> None:
