@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from accelctl.bench_command import bench
 from accelctl.convert_cmd import convert
 from accelctl.convert_server_cmd import convert_server
 from accelctl.demo import demo
@@ -31,6 +32,7 @@ cli.add_command(pull)
 cli.add_command(run)
 cli.add_command(profile)
 cli.add_command(webhook)
+cli.add_command(bench)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -257,16 +257,33 @@ def run_overlayfs(setup: Setup, repetition: int, run_dir: Path) -> list[RunResul
     return [cold, warm]
 
 
-def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
-    """CRI pull through a fresh acceld agent (empty cache), then run until ready."""
-    reference = setup.published.original if mode == "lazy-index" else setup.published.estargz
+def lazy_reference(setup: Setup, form: str) -> str:
+    """What containerd pulls for a lazy ``form``: the original image (served from its
+    index-only artifact) for ``index``, the eStargz twin for ``full``."""
+    if form not in ("index", "full"):
+        raise ValueError(f"unknown lazy form {form!r}")
+    return setup.published.original if form == "index" else setup.published.estargz
+
+
+@contextlib.contextmanager
+def lazy_node(
+    setup: Setup,
+    run_dir: Path,
+    *,
+    use_profiles: bool,
+    record_profiles: bool,
+) -> Iterator[tuple[AgentProcess, ContainerdServer]]:
+    """A cold node: a fresh acceld agent (empty cache) and a containerd that uses it.
+
+    Learned profiles live in the (cached) bench registry and would turn "no profile"
+    runs into profile runs: whether the agent reads them, and whether it records new
+    ones, is always stated explicitly.
+    """
     extra = [] if setup.background_fill else ["--no-background-fill"]
-    # Learned profiles live in the (cached) bench registry and would turn "no profile"
-    # runs into profile runs; they are used, and recorded, only when asked for.
     (run_dir / "agent").mkdir(parents=True, exist_ok=True)
     agent_config = run_dir / "agent" / "acceld.yaml"
     agent_config.write_text(
-        f"profiles: {str(setup.profiles).lower()}\nrecord_profiles: {str(setup.profiles).lower()}\n"
+        f"profiles: {str(use_profiles).lower()}\nrecord_profiles: {str(record_profiles).lower()}\n"
     )
     extra += ["--config", str(agent_config)]
     with (
@@ -277,27 +294,46 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
             run_dir / "ctrd", snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket
         ) as server,
     ):
-        try:
-            started, pulled, counter = _cold_pull(server, reference, setup)
-            ready = start_until_ready(
-                server, reference, ACCELD_SNAPSHOTTER, setup.image.probe, setup.timeout
-            )
-        except Exception:
-            log.error("bench.lazy_run_failed", agent_log=str(agent.log_path))
-            raise
-        link_bytes = counter.since_start()
-        fetched = _fetch_bytes_by_priority(agent)
-        result = RunResult(
-            mode,
-            repetition,
-            pulled - started,
-            ready - started,
-            link_bytes,
-            fetched,
-            agent.metric("acceld_layers_total") - agent.metric("acceld_fallbacks_total"),
-            agent.metric("acceld_fallbacks_total"),
+        yield agent, server
+
+
+def timed_lazy_start(
+    setup: Setup,
+    node: tuple[AgentProcess, ContainerdServer],
+    reference: str,
+    mode: str,
+    repetition: int,
+) -> RunResult:
+    """CRI pull of ``reference`` through the node's agent, then run until ready."""
+    agent, server = node
+    try:
+        started, pulled, counter = _cold_pull(server, reference, setup)
+        ready = start_until_ready(
+            server, reference, ACCELD_SNAPSHOTTER, setup.image.probe, setup.timeout
         )
-    return result
+    except Exception:
+        log.error("bench.lazy_run_failed", agent_log=str(agent.log_path))
+        raise
+    link_bytes = counter.since_start()
+    fallbacks = agent.metric("acceld_fallbacks_total")
+    return RunResult(
+        mode,
+        repetition,
+        pulled - started,
+        ready - started,
+        link_bytes,
+        _fetch_bytes_by_priority(agent),
+        agent.metric("acceld_layers_total") - fallbacks,
+        fallbacks,
+    )
+
+
+def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
+    """One cold lazy start (``mode`` lazy-index or lazy-full); profiles per ``setup``."""
+    form = mode.removeprefix("lazy-")
+    profiles = setup.profiles
+    with lazy_node(setup, run_dir, use_profiles=profiles, record_profiles=profiles) as node:
+        return timed_lazy_start(setup, node, lazy_reference(setup, form), mode, repetition)
 
 
 def _fetch_bytes_by_priority(agent: AgentProcess) -> dict[str, float]:
@@ -346,9 +382,10 @@ class ModeSummary:
     speedup: float
 
 
-def summarize(results: list[RunResult]) -> list[ModeSummary]:
-    """Per-mode medians; speedup is the overlayfs cold median over this mode's median."""
-    by_mode = {mode: [r for r in results if r.mode == mode] for mode in MODES}
+def summarize(results: list[RunResult], modes: Sequence[str] = MODES) -> list[ModeSummary]:
+    """Per-mode medians (in ``modes`` order); speedup is the overlayfs cold median over
+    this mode's median."""
+    by_mode = {mode: [r for r in results if r.mode == mode] for mode in modes}
     baseline = statistics.median(r.ready_seconds for r in by_mode["overlayfs"])
     summaries = []
     for mode, runs in by_mode.items():

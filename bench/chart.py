@@ -1,0 +1,100 @@
+"""The suite's chart: where time-to-ready goes, per mode, per image.
+
+A table of medians hides the one thing a reader of the README wants to see at a glance:
+how much of a start is waiting for the image (pull) and how much is the application
+itself (start), and how far each mode is from what the link physically allows. Each
+image gets its own panel (their scales differ by an order of magnitude) with one
+stacked bar per mode and the physical limit drawn across it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+PULL_COLOR = "#4c72b0"
+START_COLOR = "#dd8452"
+LIMIT_COLOR = "#2ca02c"
+
+
+@dataclass(frozen=True)
+class Bar:
+    """One mode of one image: median seconds until the pull returned, and until ready."""
+
+    mode: str
+    pull_seconds: float
+    ready_seconds: float
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One image: its bars, and the physical limit (None when it could not be computed)."""
+
+    image: str
+    bars: Sequence[Bar]
+    limit_seconds: float | None
+
+
+def stacked_bars(panels: Sequence[Panel], path: Path, title: str) -> Path:
+    """Draw ``panels`` side by side into a PNG at ``path``; returns ``path``.
+
+    The start segment is ready minus pull: for lazy modes the pull returns early and the
+    application's start absorbs the fetching, which is exactly the shift to show.
+    """
+    if not panels:
+        raise ValueError("nothing to draw")
+    # Imported here: `accelctl` imports this module, and every other command of it
+    # would pay the second matplotlib takes to load.
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a node or in CI; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    width = max(4.0, 2.2 + 0.75 * max(len(p.bars) for p in panels))
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(width * len(panels), 4.8), squeeze=False, constrained_layout=True
+    )
+    for axis, panel in zip(axes[0], panels, strict=True):
+        _draw_panel(axis, panel)
+    axes[0][0].set_ylabel("seconds (median)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, frameon=False)
+    figure.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _draw_panel(axis: Axes, panel: Panel) -> None:
+    positions = range(len(panel.bars))
+    pulls = [bar.pull_seconds for bar in panel.bars]
+    starts = [max(0.0, bar.ready_seconds - bar.pull_seconds) for bar in panel.bars]
+    axis.bar(positions, pulls, color=PULL_COLOR, label="pull")
+    axis.bar(positions, starts, bottom=pulls, color=START_COLOR, label="start (until ready)")
+    for x, bar in zip(positions, panel.bars, strict=True):
+        axis.annotate(
+            f"{bar.ready_seconds:.1f}",
+            (x, bar.ready_seconds),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
+    if panel.limit_seconds is not None:
+        axis.axhline(
+            panel.limit_seconds,
+            color=LIMIT_COLOR,
+            linestyle="--",
+            linewidth=1,
+            label="physical limit",
+        )
+    axis.set_xticks(list(positions), [bar.mode for bar in panel.bars], rotation=35, ha="right")
+    axis.set_title(panel.image, fontsize=10)
+    axis.margins(y=0.12)

@@ -1,0 +1,591 @@
+"""The benchmark suite behind `accelctl bench`: every image, every mode, one run.
+
+`bench.startup` answers "how much faster is one image?"; the suite answers the question
+the README has to: across realistic applications, how does a lazy start compare with a
+full pull, what does a learned profile add, and how far is each from what the link
+physically allows? Per image it publishes and converts both accelerated forms once
+into the bench registry behind the shaped link, LEARNS a startup profile per lazy form
+(fresh agents record `learn_starts` starts and push them; the profiles from earlier
+suite runs are forgotten first, so every figure comes from this run), then measures,
+``repeat`` times with the mode order rotating, each from a cold node:
+
+* ``overlayfs`` / ``overlayfs-warm``   full CRI pull then start / the image already local;
+* ``lazy-index`` / ``lazy-full``       acceld without profiles (neither read nor recorded);
+* ``lazy-<form>+profile``              acceld prefetching the learned profile (not recording).
+
+Bytes read by the application come from the learned profile: the median, over its
+recorded starts, of the bytes each start read (eBPF read/mmap ranges plus the reads that
+reached FUSE, per file union). The physical limit of an image is the time a start
+cannot beat on this link: the local (warm) start plus those bytes at link bandwidth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bench.chart import Bar, Panel, stacked_bars
+from bench.report import markdown_table, write_results
+from bench.startup import (
+    SYNTHETIC,
+    ImageUnderTest,
+    ModeSummary,
+    RunResult,
+    Setup,
+    catalog_image,
+    lazy_node,
+    lazy_reference,
+    publish,
+    run_overlayfs,
+    shaped_registry,
+    summarize,
+    synthetic_image,
+    timed_lazy_start,
+)
+from common.logging import get_logger
+from fetcher import mediatypes as mt
+from fetcher.errors import NotFoundError
+from fetcher.manifest import ImageIndex
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient, referrers_tag
+from formats.accelerated import ARTIFACT_TYPE_PROFILE
+from profiles.format import Profile
+from profiles.registry_sync import fetch_profile
+from rig.shaped_link import ShapedLink
+
+log = get_logger(__name__)
+
+DEFAULT_IMAGES = ("python-scipy", "node-http", "gcc-hello", "postgres")
+QUICK_IMAGES = ("python-scipy",)
+FORMS = ("index", "full")
+PROFILE_SUFFIX = "+profile"
+DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
+DOCS_STEM = "startup-suite"
+PROFILE_WAIT_S = 120.0
+"""Longest wait for a recorded start's profile to show up in the registry: the agent's
+trace window (quiet period, or its 60 s deadline) plus its publish settle time."""
+APP_BYTES_SOURCE = (
+    "learned profile: median over its recorded starts of the bytes each start read "
+    "(eBPF read/mmap ranges + reads that reached FUSE, union per file)"
+)
+
+ProgressCallback = Callable[[str], None]
+"""Told the label of each step as it begins (``bench_command`` shows it with rich)."""
+
+
+class LearnError(RuntimeError):
+    """A recorded start produced no profile in the registry in time."""
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    """What to measure, and where the state lives."""
+
+    images: tuple[str, ...] = DEFAULT_IMAGES
+    repeat: int = 3
+    rate_mbit: float = 300.0
+    rtt_ms: float = 5.0
+    forms: tuple[str, ...] = FORMS
+    profiles: bool = True
+    learn_starts: int = 1
+    background_fill: bool = True
+    timeout: float = 600.0
+    synthetic_mb: int = 64
+    cache_dir: Path = Path("/var/tmp/acceld-bench/cache")
+    workdir: Path = Path("/var/tmp/acceld-bench/work")
+
+    def rotation(self) -> list[str]:
+        """The measured modes in first-repetition order (overlayfs also yields the
+        warm run)."""
+        modes = ["overlayfs", *(f"lazy-{form}" for form in self.forms)]
+        if self.profiles:
+            modes += [f"lazy-{form}{PROFILE_SUFFIX}" for form in self.forms]
+        return modes
+
+    def modes(self) -> list[str]:
+        """Every mode that gets a table row, in table order."""
+        rotation = self.rotation()
+        return [rotation[0], "overlayfs-warm", *rotation[1:]]
+
+    def steps(self) -> int:
+        """Steps shown by the progress display: publish, learn starts, measured runs."""
+        learn = len(self.forms) * self.learn_starts if self.profiles else 0
+        return len(self.images) * (1 + learn + self.repeat * len(self.rotation()))
+
+
+@dataclass
+class Learned:
+    """The profile one lazy form learned in this suite run."""
+
+    form: str
+    profile_runs: int
+    files: int
+    app_read_bytes: int
+    sources: dict[str, int]
+    seconds: float
+    recording_runs: list[RunResult] = field(default_factory=list)
+    """The recorded starts themselves (timed, but not part of the summary)."""
+
+
+@dataclass
+class ImageOutcome:
+    """Everything measured for one image."""
+
+    name: str
+    compressed_bytes: int
+    conversions: dict[str, dict[str, float]]
+    learned: dict[str, Learned]
+    runs: list[RunResult]
+
+    @property
+    def app_read_bytes(self) -> int | None:
+        """Bytes the application read at startup, as the learned profiles saw it."""
+        values = [learned.app_read_bytes for learned in self.learned.values()]
+        return int(statistics.median(values)) if values else None
+
+
+@dataclass(frozen=True)
+class SuiteRow:
+    """One image x mode line of the table."""
+
+    image: str
+    mode: str
+    runs: int
+    pull_seconds: float
+    ready_seconds: float
+    ready_min: float
+    ready_max: float
+    mb_before_ready: float
+    mb_read_by_app: float | None
+    speedup: float
+    times_limit: float | None
+    """Median ready time over the image's physical limit (1.0 would be perfect)."""
+
+
+@dataclass
+class SuiteReport:
+    """The suite's outcome: per image measurements, table rows and the summary."""
+
+    options: SuiteOptions
+    images: list[ImageOutcome]
+    rows: list[SuiteRow]
+    limits: dict[str, float | None]
+    summary_line: str
+
+
+# -- the profile state in the registry ------------------------------------------------
+
+
+async def forget_profiles(registry_host: str, reference: str) -> int:
+    """Unlist every learned profile of ``reference``'s manifest; returns how many.
+
+    The bench registry is cached across invocations, and the agent merges every profile
+    it finds: without this, a profile run would use whatever earlier runs (and earlier
+    code) learned. Only the tag-schema index entries of profile artifacts are dropped;
+    other referrers (the index-only artifact) stay.
+    """
+    ref = ImageReference.parse(reference)
+    async with RegistryClient(plain_http_hosts={registry_host}) as client:
+        digest = (await client.resolve(ref)).manifest_digest
+        index_ref = ref.with_tag(referrers_tag(digest))
+        dropped = 0
+        try:
+            fetched = await client.get_manifest(index_ref, accept=mt.OCI_INDEX)
+        except NotFoundError:
+            fetched = None
+        if fetched is not None and isinstance(fetched.parsed, ImageIndex):
+            listed = fetched.parsed.manifests
+            kept = [d for d in listed if d.artifact_type != ARTIFACT_TYPE_PROFILE]
+            dropped = len(listed) - len(kept)
+            if dropped:
+                index = {
+                    "schemaVersion": 2,
+                    "mediaType": mt.OCI_INDEX,
+                    "manifests": [d.to_json() for d in kept],
+                }
+                body = _compact_json(index)
+                await client.push_manifest(index_ref, body, mt.OCI_INDEX)
+        if await fetch_profile(client, ref, digest) is not None:
+            raise LearnError(f"{reference}: a learned profile is still found after forgetting")
+    return dropped
+
+
+def _compact_json(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+async def wait_for_profile(
+    registry_host: str, reference: str, runs: int, timeout: float
+) -> Profile:
+    """Poll the registry until ``reference``'s learned profile holds ``runs`` runs.
+
+    The agent pushes a recorded start only after its trace window closes (a quiet
+    period after the start), so the profile appears seconds after readiness.
+    """
+    ref = ImageReference.parse(reference)
+    deadline = time.monotonic() + timeout
+    async with RegistryClient(plain_http_hosts={registry_host}) as client:
+        digest = (await client.resolve(ref)).manifest_digest
+        while True:
+            found = await fetch_profile(client, ref, digest)
+            if found is not None and found.runs.count >= runs:
+                return found
+            if time.monotonic() > deadline:
+                have = found.runs.count if found else 0
+                raise LearnError(f"{reference}: profile has {have} run(s), wanted {runs}")
+            await asyncio.sleep(0.5)
+
+
+# -- measuring ------------------------------------------------------------------------
+
+
+def _run_dir(setup: Setup, image_number: int, label: str) -> Path:
+    # containerd's and the agent's sockets live below: the path must stay short.
+    return setup.workdir / f"i{image_number}{label.replace(PROFILE_SUFFIX, '-p')}"
+
+
+def _lazy_run(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
+    with_profile = mode.endswith(PROFILE_SUFFIX)
+    form = mode.removesuffix(PROFILE_SUFFIX).removeprefix("lazy-")
+    with lazy_node(setup, run_dir, use_profiles=with_profile, record_profiles=False) as node:
+        return timed_lazy_start(setup, node, lazy_reference(setup, form), mode, repetition)
+
+
+def learn_profile(
+    setup: Setup, form: str, options: SuiteOptions, image_number: int, progress: ProgressCallback
+) -> Learned:
+    """Forget earlier profiles, then record ``learn_starts`` starts on fresh agents."""
+    reference = lazy_reference(setup, form)
+    started = time.monotonic()
+    forgotten = asyncio.run(forget_profiles(setup.registry_host, reference))
+    log.info("bench.profiles_forgotten", reference=reference, artifacts=forgotten)
+    recorded: list[RunResult] = []
+    profile: Profile | None = None
+    for start in range(1, options.learn_starts + 1):
+        progress(f"{setup.image.name}: learn lazy-{form} ({start}/{options.learn_starts})")
+        run_dir = _run_dir(setup, image_number, f"learn{start}-{form}")
+        with lazy_node(setup, run_dir, use_profiles=False, record_profiles=True) as node:
+            recorded.append(timed_lazy_start(setup, node, reference, f"lazy-{form}:learn", start))
+            try:
+                profile = asyncio.run(
+                    wait_for_profile(setup.registry_host, reference, start, PROFILE_WAIT_S)
+                )
+            except LearnError:
+                log.error("bench.learn_failed", agent_log=str(node[0].log_path))
+                raise
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert profile is not None  # learn_starts >= 1
+    return Learned(
+        form,
+        profile.runs.count,
+        len(profile.files),
+        int(statistics.median(value for _, value in profile.runs.bytes_read)),
+        dict(profile.runs.sources),
+        round(time.monotonic() - started, 2),
+        recorded,
+    )
+
+
+def measure_image(
+    setup: Setup, options: SuiteOptions, image_number: int, progress: ProgressCallback
+) -> tuple[dict[str, Learned], list[RunResult]]:
+    """Learn (if profiles are on), then every mode ``repeat`` times, order rotating."""
+    learned = {}
+    if options.profiles:
+        for form in options.forms:
+            learned[form] = learn_profile(setup, form, options, image_number, progress)
+    order = options.rotation()
+    runs: list[RunResult] = []
+    for repetition in range(1, options.repeat + 1):
+        for mode in order:
+            progress(f"{setup.image.name} {repetition}/{options.repeat}: {mode}")
+            run_dir = _run_dir(setup, image_number, f"r{repetition}-{mode}")
+            if mode == "overlayfs":
+                runs += run_overlayfs(setup, repetition, run_dir)
+            else:
+                runs.append(_lazy_run(setup, mode, repetition, run_dir))
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.info("bench.done", image=setup.image.name, **asdict(runs[-1]))
+        order = order[1:] + order[:1]
+    return learned, runs
+
+
+def load_image(name: str, options: SuiteOptions) -> ImageUnderTest:
+    """A catalog image (built on first use) or the synthetic one."""
+    if name == SYNTHETIC:
+        return synthetic_image(options.cache_dir, options.synthetic_mb)
+    return catalog_image(name, options.cache_dir)
+
+
+def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
+    """Measure every image behind one shaped link and one bench registry."""
+    if options.repeat < 1 or options.learn_starts < 1:
+        raise ValueError("repeat and learn_starts must be at least 1")
+    unknown = set(options.forms) - set(FORMS)
+    if unknown or not options.forms:
+        raise ValueError(f"forms must be among {FORMS}, got {options.forms}")
+    options.workdir.mkdir(parents=True, exist_ok=True)
+    outcomes: list[ImageOutcome] = []
+    with (
+        ShapedLink(rate_mbit=options.rate_mbit, rtt_ms=options.rtt_ms) as link,
+        shaped_registry(link, options.cache_dir, options.workdir) as (registry, host),
+    ):
+        for number, name in enumerate(options.images, 1):
+            progress(f"{name}: build, publish and convert")
+            image = load_image(name, options)
+            try:
+                published = asyncio.run(publish(image, host))
+                setup = Setup(
+                    link,
+                    host,
+                    image,
+                    published,
+                    options.workdir,
+                    options.background_fill,
+                    options.timeout,
+                )
+                learned, runs = measure_image(setup, options, number, progress)
+            except Exception:
+                log.error(
+                    "bench.failed",
+                    image=name,
+                    workdir=str(options.workdir),
+                    registry_log=str(registry.log_path),
+                )
+                raise
+            outcomes.append(
+                ImageOutcome(
+                    image.name, image.compressed_bytes, published.conversions, learned, runs
+                )
+            )
+    return build_report(options, outcomes)
+
+
+# -- summarizing ----------------------------------------------------------------------
+
+
+def physical_limit(outcome: ImageOutcome, rate_mbit: float) -> float | None:
+    """Local start + bytes the application reads / link bandwidth (None without a
+    learned profile to say how many bytes that is)."""
+    warm = [r.ready_seconds for r in outcome.runs if r.mode == "overlayfs-warm"]
+    app_bytes = outcome.app_read_bytes
+    if not warm or app_bytes is None:
+        return None
+    return statistics.median(warm) + app_bytes * 8 / (rate_mbit * 1e6)
+
+
+def _app_mb(outcome: ImageOutcome, mode: str) -> float | None:
+    form = mode.removesuffix(PROFILE_SUFFIX).removeprefix("lazy-")
+    learned = outcome.learned.get(form)
+    if learned is not None:
+        return learned.app_read_bytes / 1e6
+    app_bytes = outcome.app_read_bytes
+    return None if app_bytes is None else app_bytes / 1e6
+
+
+def _row(outcome: ImageOutcome, summary: ModeSummary, limit: float | None) -> SuiteRow:
+    return SuiteRow(
+        outcome.name,
+        summary.mode,
+        summary.runs,
+        summary.pull_seconds,
+        summary.ready_seconds,
+        summary.ready_min,
+        summary.ready_max,
+        summary.mb_before_ready,
+        _app_mb(outcome, summary.mode),
+        summary.speedup,
+        None if limit is None else summary.ready_seconds / limit,
+    )
+
+
+def build_report(options: SuiteOptions, outcomes: list[ImageOutcome]) -> SuiteReport:
+    """Per image x mode medians, each image's physical limit and the summary line."""
+    rows: list[SuiteRow] = []
+    limits: dict[str, float | None] = {}
+    for outcome in outcomes:
+        limit = physical_limit(outcome, options.rate_mbit)
+        limits[outcome.name] = limit
+        rows += [_row(outcome, s, limit) for s in summarize(outcome.runs, options.modes())]
+    return SuiteReport(options, outcomes, rows, limits, summary_line(rows, len(outcomes)))
+
+
+def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
+    """Median speedup (and distance to the physical limit) per mode across images."""
+    parts = []
+    for mode in dict.fromkeys(row.mode for row in rows):
+        if mode == "overlayfs":
+            continue
+        of_mode = [row for row in rows if row.mode == mode]
+        part = f"{mode} {statistics.median(r.speedup for r in of_mode):.1f}x"
+        ratios = [r.times_limit for r in of_mode if r.times_limit is not None]
+        if ratios:
+            part += f" ({statistics.median(ratios):.1f}x the limit)"
+        parts.append(part)
+    return (
+        f"median time-to-ready speedup vs full pull over {images} image(s): "
+        + ", ".join(parts)
+        + "; limit = local start + bytes read by the app / link bandwidth"
+    )
+
+
+def suite_table(rows: Sequence[SuiteRow]) -> str:
+    """The markdown table: one row per image x mode."""
+    headers = [
+        "image",
+        "mode",
+        "runs",
+        "pull s",
+        "ready s",
+        "ready s (min-max)",
+        "MB before ready",
+        "MB read by app",
+        "speedup vs full pull",
+        "x physical limit",
+    ]
+    body = [
+        [
+            r.image,
+            r.mode,
+            str(r.runs),
+            f"{r.pull_seconds:.2f}",
+            f"{r.ready_seconds:.2f}",
+            f"{r.ready_min:.2f}-{r.ready_max:.2f}",
+            f"{r.mb_before_ready:.1f}",
+            "-" if r.mb_read_by_app is None else f"{r.mb_read_by_app:.1f}",
+            f"{r.speedup:.1f}x",
+            "-" if r.times_limit is None else f"{r.times_limit:.1f}x",
+        ]
+        for r in rows
+    ]
+    return markdown_table(headers, body)
+
+
+def _link_text(options: SuiteOptions) -> str:
+    return f"{options.rate_mbit:g} Mbit/s, {options.rtt_ms:g} ms RTT"
+
+
+def suite_chart(report: SuiteReport, path: Path) -> Path:
+    """Stacked pull + start bars per mode, one panel per image."""
+    panels = [
+        Panel(
+            outcome.name,
+            [
+                Bar(r.mode, r.pull_seconds, r.ready_seconds)
+                for r in report.rows
+                if r.image == outcome.name
+            ],
+            report.limits[outcome.name],
+        )
+        for outcome in report.images
+    ]
+    title = (
+        f"time to ready (median of {report.options.repeat}), link "
+        f"{_link_text(report.options)}, cold node per run"
+    )
+    return stacked_bars(panels, path, title)
+
+
+def document(report: SuiteReport, command: str) -> dict[str, Any]:
+    """The JSON record: inputs, every run, the rows and the summary."""
+    options = asdict(report.options)
+    options["cache_dir"] = str(report.options.cache_dir)
+    options["workdir"] = str(report.options.workdir)
+    return {
+        "command": command,
+        "link": {"rate_mbit": report.options.rate_mbit, "rtt_ms": report.options.rtt_ms},
+        "options": options,
+        "app_read_bytes_source": APP_BYTES_SOURCE,
+        "images": [
+            {
+                "name": o.name,
+                "compressed_bytes": o.compressed_bytes,
+                "app_read_bytes": o.app_read_bytes,
+                "physical_limit_seconds": report.limits[o.name],
+                "conversions": o.conversions,
+                "learned": {form: asdict(learned) for form, learned in o.learned.items()},
+                "runs": [asdict(run) for run in o.runs],
+            }
+            for o in report.images
+        ],
+        "rows": [asdict(row) for row in report.rows],
+        "summary_line": report.summary_line,
+    }
+
+
+def markdown(report: SuiteReport, command: str) -> str:
+    """What goes into the README: the command, the link, the table and the summary."""
+    sizes = ", ".join(f"{o.name} {o.compressed_bytes / 1e6:.0f} MB" for o in report.images)
+    return (
+        f"`{command}` — link {_link_text(report.options)}, images (compressed) {sizes}\n\n"
+        f"{suite_table(report.rows)}\n\n{report.summary_line}\n"
+    )
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the results went."""
+
+    json: Path
+    markdown: Path
+    chart: Path
+    docs: tuple[Path, ...]
+
+
+def write_outputs(
+    report: SuiteReport, command: str, results_dir: Path, docs_dir: Path | None
+) -> Outputs:
+    """JSON, markdown and PNG into ``results_dir``; chart + markdown copied to ``docs_dir``
+    (the README embeds that copy) when given."""
+    text = markdown(report, command)
+    path = write_results("suite", document(report, command), text.rstrip("\n"), results_dir)
+    chart = suite_chart(report, path.with_suffix(".png"))
+    docs: tuple[Path, ...] = ()
+    if docs_dir is not None:
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        docs = (docs_dir / f"{DOCS_STEM}.png", docs_dir / f"{DOCS_STEM}.md")
+        shutil.copyfile(chart, docs[0])
+        shutil.copyfile(path.with_suffix(".md"), docs[1])
+    return Outputs(path, path.with_suffix(".md"), chart, docs)
+
+
+@contextmanager
+def rich_progress(total: int, console: Console) -> Iterator[ProgressCallback]:
+    """A progress bar (k of n steps, what is running, elapsed) fed by the suite."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("starting", total=total)
+        started = False
+
+        def step(label: str) -> None:
+            nonlocal started
+            if started:
+                progress.advance(task)
+            started = True
+            progress.update(task, description=label)
+            progress.console.log(label)
+
+        yield step
+        progress.update(task, completed=total, description="done")
+
+
+def quick_options(options: SuiteOptions) -> SuiteOptions:
+    """The few-minute variant: one image unless chosen, one repetition, the index form."""
+    images = options.images if options.images != DEFAULT_IMAGES else QUICK_IMAGES
+    return replace(options, images=images, repeat=1, forms=("index",))
