@@ -85,7 +85,16 @@ async def test_record_names_what_the_app_read_and_shares_it(registry, containerd
     failing = await asyncio.to_thread(
         runner.invoke,
         cli,
-        [*args, "--snapshotter", "overlayfs", "--quiet", "1", "sh", "-c", "cat /app/a.bin >/dev/null; exit 4"],
+        [
+            *args,
+            "--snapshotter",
+            "overlayfs",
+            "--quiet",
+            "1",
+            "sh",
+            "-c",
+            "cat /app/a.bin >/dev/null; exit 4",
+        ],
         catch_exceptions=False,
     )
     assert failing.exit_code != 0

@@ -238,7 +238,6 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-
 def tree_fingerprint(top: Path) -> dict[str, tuple[object, ...]]:
     """Everything a container can observe of a tree, per path (content as a digest)."""
     entries: dict[str, tuple[object, ...]] = {}
