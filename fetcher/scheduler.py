@@ -6,8 +6,9 @@ queue and a bounded number of concurrent Range GETs; a demand read therefore nev
 waits behind more than the requests already on the wire, and while urgent work is
 running, background fill keeps to its share of the connections so that the next demand
 read finds one free. Every chunk is fetched once however many readers want it, decoded
-(inflated and digest-checked) off the event loop, and stored in the ChunkCache before
-any reader sees it.
+(inflated and digest-checked) off the event loop and handed to its readers, then
+stored in the ChunkCache by writer threads of its own (an fsync per chunk must not sit
+between a blocked read and its bytes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import heapq
 import itertools
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from common.logging import get_logger
@@ -168,6 +170,9 @@ class ChunkFetcher:
             else 0
         )
         self._decode_in_thread = decode_in_thread
+        # Cache writes fsync each chunk: on threads of their own, so a burst of them
+        # never queues ahead of the decoding that readers are waiting for.
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="acceld-cache-write")
         self._demand_timeout = demand_timeout
         self.stats = FetchStats()
         self._hosts: dict[str, _HostQueue] = {}
@@ -249,6 +254,8 @@ class ChunkFetcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         for job in list(self._jobs.values()):
             self._finish(job, error=FetcherClosedError("chunk fetcher closed"))
+        # Writes already started finish, so no chunk is left half-way into the cache.
+        await asyncio.to_thread(self._writer.shutdown, wait=True, cancel_futures=True)
 
     # -- queueing -----------------------------------------------------------------
 
@@ -371,7 +378,7 @@ class ChunkFetcher:
                 self._reject(job, outcome)
         try:
             if self._decode_in_thread:
-                errors = await asyncio.to_thread(self._store, blob, good)
+                errors = await loop.run_in_executor(self._writer, self._store, blob, good)
             else:
                 errors = self._store(blob, good)
         finally:
