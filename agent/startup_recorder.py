@@ -42,6 +42,8 @@ class _Window:
     last_event_ns: int
     fuse: list[tuple[int, str, str, int, int]] = field(default_factory=list)
     """(monotonic ns, image layer digest, path, offset, length) of demanded reads."""
+    mapped: list[tuple[int, str, str, int, int]] = field(default_factory=list)
+    """mmap(2) of files in the image, as eBPF saw them (same fields as ``fuse``)."""
     outcome: Outcome = Outcome.OK
 
 
@@ -221,7 +223,11 @@ class StartupRecorder:
             if found is None:
                 continue
             length = event.length if event.kind in ("read", "mmap") else 0
-            events.append((event.ts_ns, found[0], event.path.lstrip("/"), event.offset, length))
+            path = event.path.lstrip("/")
+            if event.kind == "mmap":
+                window.mapped.append((event.ts_ns, found[0], path, event.offset, length))
+            else:
+                events.append((event.ts_ns, found[0], path, event.offset, length))
         return events
 
     async def _wait_quiet(self, window: _Window) -> bool:
@@ -240,7 +246,15 @@ class StartupRecorder:
         self, window: _Window, ebpf: list[tuple[int, str, str, int, int]], ebpf_used: bool
     ) -> RunTrace | None:
         session = window.session
-        accesses = file_accesses([*window.fuse, *ebpf], window.started_ns)
+        # A mapping says which bytes a process may touch, not which it did: where FUSE
+        # saw the faults of a mapped file (this start's first reads of it), those are the
+        # bytes; only mappings FUSE never saw keep their whole range.
+        faulted = {(layer, path) for _, layer, path, _, length in window.fuse if length > 0}
+        mapped = [
+            (ts, layer, path, offset, 0 if (layer, path) in faulted else length)
+            for ts, layer, path, offset, length in window.mapped
+        ]
+        accesses = file_accesses([*window.fuse, *ebpf, *mapped], window.started_ns)
         if not accesses:
             return None
         sources = {"fuse"} | ({"ebpf"} if ebpf_used else set())
