@@ -228,6 +228,25 @@ class ContainerdServer:
         )
         return path
 
+    def wait_for_snapshotter(
+        self, snapshotter: str = ACCELD_SNAPSHOTTER, timeout: float = 30.0
+    ) -> None:
+        """Until containerd reaches a restarted proxy snapshotter again (it redials with
+        a backoff of its own, a few seconds here); returns at the deadline regardless."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listed = self.ctr(
+                "snapshots",
+                "--snapshotter",
+                snapshotter,
+                "ls",
+                namespace=CRI_NAMESPACE,
+                check=False,
+            )
+            if listed.returncode == 0:
+                return
+            time.sleep(0.5)
+
     def cri_pull_image(self, image: str, timeout: float = 300.0) -> str:
         """Pull ``image`` through the CRI ImageService, as the kubelet would; returns its ID.
 

@@ -182,7 +182,7 @@ async def test_agent_killed_at_random_points_never_serves_a_torn_chunk(
             agent.kill()
             await starting  # whatever it got: the agent died under it
             agent = _agent(tmp_path, **settings).start()
-            await asyncio.to_thread(_wait_for_snapshotter, containerd)
+            await asyncio.to_thread(containerd.wait_for_snapshotter)
             leftovers = list((agent.root / "cache" / "tmp").glob("*"))
             assert leftovers == [], "partial chunk files survived a restart"
             _assert_snapshots_consistent(containerd)
@@ -214,22 +214,6 @@ def _pull_once_redialled(containerd, reference: str, timeout: float = 30.0) -> N
             if "connection refused" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(1)
-
-
-def _wait_for_snapshotter(containerd, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        listed = containerd.ctr(
-            "snapshots",
-            "--snapshotter",
-            ACCELD_SNAPSHOTTER,
-            "ls",
-            namespace=CRI_NAMESPACE,
-            check=False,
-        )
-        if listed.returncode == 0 or time.monotonic() > deadline:
-            return
-        time.sleep(0.5)
 
 
 def _assert_snapshots_consistent(containerd) -> None:

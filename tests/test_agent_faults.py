@@ -72,23 +72,6 @@ def _log_shows(agent: AgentProcess, event: str, timeout: float = 10.0) -> bool:
     return True
 
 
-def _wait_for_snapshotter(containerd, timeout: float = 20.0) -> None:
-    """containerd redials a restarted proxy snapshotter with backoff (up to ~3 s here)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        listed = containerd.ctr(
-            "snapshots",
-            "--snapshotter",
-            ACCELD_SNAPSHOTTER,
-            "ls",
-            namespace=CRI_NAMESPACE,
-            check=False,
-        )
-        if listed.returncode == 0 or time.monotonic() > deadline:
-            return
-        time.sleep(0.5)
-
-
 @pytest.mark.parametrize("mode", ["index", "full"])
 async def test_resets_503s_and_stalls_still_give_a_correct_container(
     mode, image_pusher, built_busybox, proxy, agent, lazy_containerd
@@ -140,7 +123,7 @@ async def test_agent_killed_and_restarted_keeps_snapshots_and_cache(
         first.kill()
     second = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
     try:
-        await asyncio.to_thread(_wait_for_snapshotter, containerd)
+        await asyncio.to_thread(containerd.wait_for_snapshotter)
         assert sorted(p.name for p in (second.root / "cache").rglob("*") if p.is_file()) == cached
         requests_before = len(proxy.requests)
         out = await asyncio.to_thread(_run, containerd, image, "md5sum", "/bin/busybox")
@@ -209,7 +192,7 @@ async def test_running_container_when_the_agent_dies(
         read_again = await asyncio.to_thread(exec_in, "md5sum", "/bin/busybox")
         unread = await asyncio.to_thread(exec_in, "cat", "/etc/hello.txt")
         agent = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
-        await asyncio.to_thread(_wait_for_snapshotter, containerd)
+        await asyncio.to_thread(containerd.wait_for_snapshotter)
         unread_after_restart = await asyncio.to_thread(exec_in, "cat", "/etc/hello.txt")
         fresh = await asyncio.to_thread(_run, containerd, image)
     finally:

@@ -9,7 +9,6 @@ import asyncio
 import itertools
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -238,29 +237,12 @@ async def test_full_disk_serves_correct_bytes_uncached_and_keeps_the_cache_sound
     agent.stop()
 
     later = agent_factory()  # the same root: its cache is the tmpfs the first one filled
-    await asyncio.to_thread(_wait_for_snapshotter, containerd)
+    await asyncio.to_thread(containerd.wait_for_snapshotter)
     before = len(registry.requests())
     out = await asyncio.to_thread(_run, containerd, large.reference)
     assert out.split()[0] == large.data_sha256
     assert _layer_gets(registry, large.busybox_layer, before) == 0, "cached chunks were lost"
     assert later.metric("acceld_corrupt_chunks_total") == 0
-
-
-def _wait_for_snapshotter(containerd: ContainerdServer, timeout: float = 20.0) -> None:
-    """containerd redials a restarted proxy snapshotter with a backoff of a few seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        listed = containerd.ctr(
-            "snapshots",
-            "--snapshotter",
-            ACCELD_SNAPSHOTTER,
-            "ls",
-            namespace=CRI_NAMESPACE,
-            check=False,
-        )
-        if listed.returncode == 0:
-            return
-        time.sleep(0.5)
 
 
 # -- 3. memory while serving a huge file ------------------------------------------------
