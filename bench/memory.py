@@ -148,13 +148,13 @@ def peak_rss(pid: int) -> int:
 
 
 def disk_usage(directory: Path) -> int:
-    """Bytes the files under ``directory`` occupy on disk (allocated blocks, like du)."""
+    """Bytes the files under ``directory`` occupy on disk (allocated blocks, like du).
+    Safe while the agent evicts: vanished files and directories are skipped."""
     total = 0
-    for path in directory.rglob("*"):
-        with contextlib.suppress(FileNotFoundError):
-            info = path.lstat()
-            if not path.is_dir():
-                total += info.st_blocks * 512
+    for root, _, files in os.walk(directory):  # os.walk ignores directories that vanish
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
 
 

@@ -279,16 +279,14 @@ def lazy_node(
     runs into profile runs: whether the agent reads them, and whether it records new
     ones, is always stated explicitly.
     """
-    extra = [] if setup.background_fill else ["--no-background-fill"]
-    (run_dir / "agent").mkdir(parents=True, exist_ok=True)
-    agent_config = run_dir / "agent" / "acceld.yaml"
-    agent_config.write_text(
-        f"profiles: {str(use_profiles).lower()}\nrecord_profiles: {str(record_profiles).lower()}\n"
-    )
-    extra += ["--config", str(agent_config)]
+    settings = {
+        "profiles": use_profiles,
+        "record_profiles": record_profiles,
+        "background_fill": setup.background_fill,
+    }
     with (
         AgentProcess(
-            run_dir / "agent", plain_http=[setup.registry_host], extra_args=extra
+            run_dir / "agent", plain_http=[setup.registry_host], settings=settings
         ) as agent,
         ContainerdServer(
             run_dir / "ctrd", snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket

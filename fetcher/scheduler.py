@@ -3,12 +3,13 @@
 A process blocked in read(2) waits on the network, so its chunk (DEMAND) goes ahead of
 profile prefetch, which goes ahead of background fill. Each registry host gets its own
 queue and a bounded number of concurrent Range GETs; a demand read therefore never
-waits behind more than the requests already on the wire, and while urgent work is
-running, background fill keeps to its share of the connections so that the next demand
-read finds one free. Every chunk is fetched once however many readers want it, decoded
-(inflated and digest-checked) off the event loop and handed to its readers, then
-stored in the ChunkCache by writer threads of its own (an fsync per chunk must not sit
-between a blocked read and its bytes).
+waits behind more than the requests already on the wire. Background fill starts only
+once no demand or prefetch request has run for a moment, in small requests, so a
+starting container finds the link, a connection and the CPUs free. Every chunk is
+fetched once however many readers want it, decoded (inflated and digest-checked) off
+the event loop and handed to its readers, then stored in the ChunkCache by writer
+threads of its own (an fsync per chunk must not sit between a blocked read and its
+bytes).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ from fetcher.registry import RegistryClient
 from fetcher.transport import Target
 
 log = get_logger(__name__)
+
+BACKGROUND_REQUEST_BYTES = 2 << 20
+"""Fill requests stay small: one already on the wire when a read arrives delays it
+by at most this much transfer."""
 
 RequestObserver = Callable[[Priority, int, float], None]
 """Called after each Range GET with (priority, bytes received, seconds taken)."""
@@ -106,6 +111,9 @@ class _HostQueue:
         self._entries = itertools.count()
         self._blobs: dict[str, RangeQueue[_Job]] = {}
         self.in_flight = _per_priority()
+        self.urgent_done_at = float("-inf")
+        """Loop time the last demand or prefetch request ended (fill waits for quiet)."""
+        self.wake: asyncio.TimerHandle | None = None
 
     def add(self, job: _Job) -> None:
         job.queued = True
@@ -151,24 +159,20 @@ class ChunkFetcher:
         max_connections_per_registry: int = 8,
         coalesce_gap: int = 256 << 10,
         max_request_bytes: int = 16 << 20,
-        background_share: float = 0.25,
+        fill_idle_s: float = 0.5,
         decode_in_thread: bool = True,
         demand_timeout: float | None = None,
     ) -> None:
         if max_connections_per_registry < 1:
             raise ValueError("max_connections_per_registry must be at least 1")
-        if not 0.0 <= background_share <= 1.0:
-            raise ValueError(f"background_share must be within [0, 1], not {background_share}")
+        if fill_idle_s < 0:
+            raise ValueError(f"fill_idle_s must not be negative, not {fill_idle_s}")
         self._client = client
         self._cache = cache
         self._max_connections = max_connections_per_registry
         self._gap = coalesce_gap
         self._max_request = max_request_bytes
-        self._background_slots = (
-            max(1, int(max_connections_per_registry * background_share))
-            if background_share > 0
-            else 0
-        )
+        self._fill_idle = fill_idle_s
         self._decode_in_thread = decode_in_thread
         # Cache writes fsync each chunk: on threads of their own, so a burst of them
         # never queues ahead of the decoding that readers are waiting for.
@@ -248,6 +252,9 @@ class ChunkFetcher:
     async def close(self) -> None:
         """Stop fetching; readers still waiting get FetcherClosedError."""
         self._closed = True
+        for queue in self._hosts.values():
+            if queue.wake is not None:
+                queue.wake.cancel()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -298,19 +305,38 @@ class ChunkFetcher:
             lead = queue.peek()
             if lead is None:
                 return
-            if (
-                lead.priority == Priority.BACKGROUND
-                and queue.urgent_in_flight
-                and queue.in_flight[Priority.BACKGROUND] >= self._background_slots
-            ):
-                return
-            batch = queue.take(lead, self._gap, self._max_request)
+            limit = self._max_request
+            if lead.priority == Priority.BACKGROUND:
+                if not self._fill_may_start(host, queue):
+                    return
+                limit = min(limit, BACKGROUND_REQUEST_BYTES)
+            batch = queue.take(lead, self._gap, limit)
             priority = lead.priority
             queue.in_flight[priority] += 1
             self.stats.in_flight[priority] += 1
             task = asyncio.get_running_loop().create_task(self._run(host, batch, priority))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _fill_may_start(self, host: str, queue: _HostQueue) -> bool:
+        """Background fill runs only on an otherwise quiet link: it shares the link and
+        the CPUs with a starting container, whose reads come in bursts a few ms apart,
+        so it waits until no demand or prefetch request has run for ``fill_idle_s``."""
+        if queue.urgent_in_flight:
+            return False  # the urgent request's end pumps again
+        loop = asyncio.get_running_loop()
+        quiet_for = loop.time() - queue.urgent_done_at
+        if quiet_for >= self._fill_idle:
+            return True
+        if queue.wake is None or queue.wake.cancelled():
+            queue.wake = loop.call_later(self._fill_idle - quiet_for, self._wake, host)
+        return False
+
+    def _wake(self, host: str) -> None:
+        queue = self._hosts.get(host)
+        if queue is not None:
+            queue.wake = None
+        self._pump(host)
 
     def _resolve(self, job: _Job, content: bytes) -> None:
         if not job.future.done():
@@ -331,8 +357,11 @@ class ChunkFetcher:
         try:
             await self._fetch(batch, priority)
         finally:
-            self._hosts[host].in_flight[priority] -= 1
+            queue = self._hosts[host]
+            queue.in_flight[priority] -= 1
             self.stats.in_flight[priority] -= 1
+            if priority != Priority.BACKGROUND:
+                queue.urgent_done_at = asyncio.get_running_loop().time()
             self._pump(host)
 
     async def _fetch(self, batch: list[_Job], priority: Priority) -> None:

@@ -241,22 +241,33 @@ async def test_demand_reads_overtake_queued_background_fill(push, make_fetcher):
     assert fetcher.stats.priority_upgrades == 1
 
 
-async def test_background_fill_keeps_to_its_share_while_prefetch_runs(push, make_fetcher):
+async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
+    """Fill shares the link and CPUs with a starting container: none of it starts while
+    prefetch (or demand) requests run, nor until they have been quiet for fill_idle_s;
+    then it may use every connection."""
     prefetch = await push(16, size=32 << 10)
     background = await push(24, size=32 << 10)
-    fetcher = make_fetcher(
-        max_connections_per_registry=4, background_share=0.25, max_request_bytes=1
-    )
+    fetcher = make_fetcher(max_connections_per_registry=4, fill_idle_s=0.2, max_request_bytes=1)
     samples: list[dict[Priority, int]] = []
-    fetcher.stats.add_observer(lambda *_: samples.append(dict(fetcher.stats.in_flight)))
+    prefetch_ends: list[float] = []
+    background_starts: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    def observe(priority: Priority, nbytes: int, seconds: float) -> None:
+        samples.append(dict(fetcher.stats.in_flight))
+        if priority == Priority.PREFETCH:
+            prefetch_ends.append(loop.time())
+        else:
+            background_starts.append(loop.time() - seconds)
+
+    fetcher.stats.add_observer(observe)
     fetcher.enqueue(prefetch.blob, prefetch.chunks, Priority.PREFETCH)
     fetcher.enqueue(background.blob, background.chunks, Priority.BACKGROUND)
     await fetcher.wait_idle()
     assert len(samples) == 40
-    while_urgent = [s[Priority.BACKGROUND] for s in samples if s[Priority.PREFETCH]]
-    alone = [s[Priority.BACKGROUND] for s in samples if not s[Priority.PREFETCH]]
-    assert max(while_urgent) <= 1
-    assert max(alone) == 4  # with nothing urgent, background may use every connection
+    assert all(s[Priority.BACKGROUND] == 0 for s in samples if s[Priority.PREFETCH])
+    assert max(s[Priority.BACKGROUND] for s in samples) == 4
+    assert min(background_starts) >= max(prefetch_ends) + 0.15
     assert all(fetcher.has(background.blob, c) for c in background.chunks)
 
 
