@@ -218,7 +218,10 @@ def traced_run(
         process = containerd.start(image, name, pid_file, command)
         try:
             init = _wait_for_pid_file(pid_file, process, deadline_s)
-            mntns = mntns_of(init)
+            try:
+                mntns: int | None = mntns_of(init)
+            except OSError:
+                mntns = None  # already over; its own events name its namespace
             trace = tracer.collect(quiet_s=quiet_s, deadline_s=deadline_s)
         finally:
             tracer.remove_target(pid=daemon)
@@ -229,6 +232,10 @@ def traced_run(
             else:
                 returncode = process.returncode
             output, _ = process.communicate(timeout=120)
+    if mntns is None:
+        mntns = next((e.mntns_id for e in trace.events if e.pid == init), None)
+        if mntns is None:
+            raise RecordError("the container ended before its start could be traced")
     trace.events = [e for e in trace.events if e.mntns_id == mntns]
     return trace, ContainerRun(returncode, output, started, started_wall)
 
