@@ -39,7 +39,9 @@ from formats.estargz_toc import (
 from formats.toc import (
     ENTRY_TYPES,
     MAX_ENTRY_SIZE,
+    MAX_ID,
     MAX_NAME_BYTES,
+    MAX_OWNER_NAME,
     MAX_XATTR_BYTES,
     HostileLayerError,
     TocEntry,
@@ -47,7 +49,6 @@ from formats.toc import (
     normalize_name,
 )
 
-_MAX_ID = (1 << 32) - 1
 # A pax header, the TOC's header, the JSON, its padding and the end-of-archive blocks.
 _MAX_TOC_TAR_BYTES = 4 * TAR_BLOCK + MAX_TOC_JSON_BYTES + len(TAR_END_OF_ARCHIVE)
 
@@ -223,21 +224,21 @@ class _TocValidator:
             self._open_file(record, entry)
 
     def _entry(self, record: dict[str, Any], name: str, kind: str) -> TocEntry:
-        uid = _uint(record, "uid", _MAX_ID)
-        gid = _uint(record, "gid", _MAX_ID)
+        uid = _uint(record, "uid", MAX_ID)
+        gid = _uint(record, "gid", MAX_ID)
         entry = TocEntry(
             name=name,
             type=kind,
             size=_uint(record, "size", MAX_ENTRY_SIZE) if kind == "reg" else 0,
-            mode=_uint(record, "mode", _MAX_ID) & 0o7777,
+            mode=_uint(record, "mode", MAX_ID) & 0o7777,
             uid=uid,
             gid=gid,
             uname=self._owner_name(record, "userName", uid),
             gname=self._owner_name(record, "groupName", gid),
             mtime=_modtime(record),
             link_name=self._link_name(record, kind),
-            dev_major=_uint(record, "devMajor", _MAX_ID) if kind in ("char", "block") else 0,
-            dev_minor=_uint(record, "devMinor", _MAX_ID) if kind in ("char", "block") else 0,
+            dev_major=_uint(record, "devMajor", MAX_ID) if kind in ("char", "block") else 0,
+            dev_minor=_uint(record, "devMinor", MAX_ID) if kind in ("char", "block") else 0,
             xattrs=_xattrs(record),
             digest=_optional_digest(record, "digest"),
         )
@@ -248,7 +249,7 @@ class _TocValidator:
         value = record.get(key)
         if value is None or value == "":
             return self.owner_names.get((key, id_), "")
-        if not isinstance(value, str) or len(value) > 256 or "\0" in value:
+        if not isinstance(value, str) or len(value) > MAX_OWNER_NAME or "\0" in value:
             raise EstargzFormatError(f"invalid {key}")
         self.owner_names[key, id_] = value
         return value

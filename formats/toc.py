@@ -18,6 +18,8 @@ MAX_NAME_BYTES = 4096
 MAX_ENTRY_SIZE = 1 << 44  # 16 TiB: bigger than any real layer file, small enough to be sane
 MAX_XATTR_BYTES = 64 * 1024
 MAX_ID = (1 << 32) - 1
+MAX_OWNER_NAME = 256
+"""Longest user/group name the TOC formats keep (Linux caps them at 32)."""
 MAX_MTIME = float(1 << 62)
 """Beyond any date a file system stores; the index-only file table refuses larger ones."""
 
@@ -125,6 +127,9 @@ def entry_from_tarinfo(info: tarfile.TarInfo) -> TocEntry:
         raise HostileLayerError(f"mode, owner or device number out of range for {info.name!r}")
     if not -MAX_MTIME < info.mtime < MAX_MTIME:  # also refuses NaN
         raise HostileLayerError(f"absurd mtime {info.mtime!r} for {info.name!r}")
+    for owner in (info.uname or "", info.gname or ""):
+        if len(owner) > MAX_OWNER_NAME or "\0" in owner:
+            raise HostileLayerError(f"invalid owner name for {info.name!r}")
     link = (info.linkname or "") if kind in ("symlink", "hardlink") else ""
     if kind == "hardlink":
         link = normalize_name(link)
