@@ -30,7 +30,6 @@ from fetcher.manifest import ImageIndex, Platform
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.retry import RetryPolicy
-from rig.blob_cdn import BlobCDN
 from rig.fault_proxy import Fault, FaultProxy
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.05, max_delay=0.2)
@@ -324,39 +323,25 @@ async def test_truncated_and_flipped_bodies(registry, repo_name):
                 await client.get_blob(proxied, digest)
 
 
-async def test_redirects_followed_and_reused_until_expiry(tmp_path, make_registry, repo_name):
-    storage = tmp_path / "storage"
-    storage.mkdir()
-    cdn = BlobCDN(storage)
-    cdn.start()
-    try:
-        server = make_registry(
-            storage_dir=storage,
-            extra_config={
-                "middleware": {"storage": [{"name": "redirect", "options": {"baseurl": cdn.url}}]},
-            },
-        )
-        ref = ImageReference.parse(f"{server.host}/{repo_name}:redir")
-        layer = _layer(13, 1_000_000)
-        async with RegistryClient() as client:
-            digest = await client.push_blob(ref, layer)
-            client.transport._redirect_ttl = 1.0
-            assert await client.get_range(ref, digest, 100, 1000) == layer[100:1100]
-            assert await client.get_range(ref, digest, 5000, 10) == layer[5000:5010]
-            assert await client.get_blob(ref, digest) == layer
-            registry_gets = [r for r in server.requests() if r.method == "GET" and digest in r.path]
-            assert len(registry_gets) == 1, "redirect URL was not reused"
-            assert len([r for r in cdn.requests if r[0] == "GET"]) == 3
-            assert cdn.requests[0][2] == "bytes=100-1099"
-            client.transport._redirects = {
-                k: (url, 0.0) for k, (url, _) in client.transport._redirects.items()
-            }
-            assert await client.get_range(ref, digest, 0, 10) == layer[:10]
-            assert (
-                len([r for r in server.requests() if r.method == "GET" and digest in r.path]) == 2
-            )
-    finally:
-        cdn.stop()
+async def test_redirects_followed_and_reused_until_expiry(make_redirecting_registry, repo_name):
+    server, cdn = make_redirecting_registry()
+    ref = ImageReference.parse(f"{server.host}/{repo_name}:redir")
+    layer = _layer(13, 1_000_000)
+    async with RegistryClient() as client:
+        digest = await client.push_blob(ref, layer)
+        client.transport._redirect_ttl = 1.0
+        assert await client.get_range(ref, digest, 100, 1000) == layer[100:1100]
+        assert await client.get_range(ref, digest, 5000, 10) == layer[5000:5010]
+        assert await client.get_blob(ref, digest) == layer
+        registry_gets = [r for r in server.requests() if r.method == "GET" and digest in r.path]
+        assert len(registry_gets) == 1, "redirect URL was not reused"
+        assert len([r for r in cdn.requests if r[0] == "GET"]) == 3
+        assert cdn.requests[0][2] == "bytes=100-1099"
+        client.transport._redirects = {
+            k: (url, 0.0) for k, (url, _) in client.transport._redirects.items()
+        }
+        assert await client.get_range(ref, digest, 0, 10) == layer[:10]
+        assert len([r for r in server.requests() if r.method == "GET" and digest in r.path]) == 2
 
 
 async def test_referrers_tag_schema_fallback(registry, repo_name):

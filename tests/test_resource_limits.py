@@ -34,13 +34,12 @@ from converter.convert import ConvertOptions, convert_image
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from rig.agent_process import AgentProcess
-from rig.blob_cdn import BlobCDN
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdServer
-from rig.delay_proxy import BackgroundDelayProxy
 from rig.images import BuiltImage, ImageConfig, ImageSpec, build_image, busybox_image_spec
 from rig.layers import Directory, File, LayerSpec, SparseishFile
 from rig.registry import RegistryServer
 from tests.fixtures.images import ImagePusher
+from tests.fixtures.registry import RedirectingRegistry
 
 SPAN = 1 << 20
 DATA_PATH = "/data/blob.bin"
@@ -306,37 +305,11 @@ def _read_ranges(path: Path, ranges: list[tuple[int, int]]) -> list[bytes]:
 # -- 4. many containers of one image at once --------------------------------------------
 
 
-@dataclass
-class RecordedRegistry:
-    """A registry that redirects blob GETs to a CDN which records each Range header,
-    behind a 40 ms delay so that fetches are still in flight when other readers come."""
-
-    registry: RegistryServer
-    cdn: BlobCDN
-
-
 @pytest.fixture
-def recorded_registry(tmp_path: Path, make_registry) -> Iterator[RecordedRegistry]:
-    storage = tmp_path / "storage"
-    storage.mkdir()
-    with ExitStack() as stack:
-        cdn = BlobCDN(storage)
-        cdn.start()
-        stack.callback(cdn.stop)
-        delay = BackgroundDelayProxy("127.0.0.1", ("127.0.0.1", cdn.port), delay_ms=40)
-        host, port = delay.start()
-        stack.callback(delay.stop)
-        registry = make_registry(
-            storage_dir=storage,
-            extra_config={
-                "middleware": {
-                    "storage": [
-                        {"name": "redirect", "options": {"baseurl": f"http://{host}:{port}"}}
-                    ]
-                }
-            },
-        )
-        yield RecordedRegistry(registry, cdn)
+def recorded_registry(make_redirecting_registry) -> RedirectingRegistry:
+    """Blob GETs redirect to a CDN that records each Range header, behind a 40 ms delay
+    so that fetches are still in flight when other readers come."""
+    return make_redirecting_registry(cdn_delay_ms=40)
 
 
 def _ranges_of(requests: list[tuple[str, str, str | None]], digest: str) -> list[tuple[int, int]]:

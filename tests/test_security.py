@@ -38,7 +38,6 @@ from fetcher.registry_policy import RegistryPolicy
 from fetcher.retry import RetryPolicy
 from profiles.registry_sync import fetch_profile
 from rig.agent_process import AgentProcess
-from rig.blob_cdn import BlobCDN
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdServer
 from rig.images import BuiltImage, build_image, busybox_image_spec, push_image
 from rig.layers import Directory, File, LayerSpec
@@ -316,33 +315,20 @@ async def test_refused_registry_gets_no_connection_at_all():
         listener.accept()[0].close()  # the control: an allowed client does connect
 
 
-async def test_blob_redirect_to_another_host_is_followed(tmp_path, make_registry, built_busybox):
+async def test_blob_redirect_to_another_host_is_followed(make_redirecting_registry, built_busybox):
     """A CDN a registry redirects to is no registry: allowing the registry is enough."""
-    storage = tmp_path / "storage"
-    storage.mkdir()
-    cdn = BlobCDN(storage)
-    cdn.start()
-    try:
-        server = make_registry(
-            storage_dir=storage,
-            extra_config={
-                "middleware": {"storage": [{"name": "redirect", "options": {"baseurl": cdn.url}}]}
-            },
-        )
-        reference = f"{server.host}/rig/redirected:v1"
-        async with RegistryClient() as client:
-            await push_image(client, reference, built_busybox)
-        layer = built_busybox.layers[0]
-        assert cdn.url.split("//", 1)[1] != server.host
-        async with RegistryClient(policy=RegistryPolicy([server.host])) as client:
-            data = await client.get_range(ImageReference.parse(reference), layer.digest, 0, 64)
-        assert len(data) == 64
-        assert any(
-            method == "GET" and layer.digest.split(":")[1] in path
-            for method, path, _ in cdn.requests
-        )
-    finally:
-        cdn.stop()
+    server, cdn = make_redirecting_registry()
+    reference = f"{server.host}/rig/redirected:v1"
+    async with RegistryClient() as client:
+        await push_image(client, reference, built_busybox)
+    layer = built_busybox.layers[0]
+    assert cdn.url.split("//", 1)[1] != server.host
+    async with RegistryClient(policy=RegistryPolicy([server.host])) as client:
+        data = await client.get_range(ImageReference.parse(reference), layer.digest, 0, 64)
+    assert len(data) == 64
+    assert any(
+        method == "GET" and layer.digest.split(":")[1] in path for method, path, _ in cdn.requests
+    )
 
 
 # --------------------------------------------------------------------------- local access
