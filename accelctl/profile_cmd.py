@@ -61,13 +61,22 @@ def render_profile(console: Console, profile: Profile) -> None:
     console.print(f"{total:,} bytes to prefetch")
 
 
-async def _fetch(
-    ctx_options: dict[str, object], image: str
-) -> tuple[ImageReference, Profile | None]:
-    ref = ImageReference.parse(image)
-    async with make_client(**ctx_options) as client:  # type: ignore[arg-type]
-        resolved = await client.resolve(ref)
-        return ref, await fetch_profile(client, ref, resolved.manifest_digest)
+def _learned(options: dict[str, object], image: str) -> Profile:
+    """IMAGE's merged profile from the registry, or a clear error for the command."""
+
+    async def fetch() -> Profile | None:
+        ref = ImageReference.parse(image)
+        async with make_client(**options) as client:  # type: ignore[arg-type]
+            resolved = await client.resolve(ref)
+            return await fetch_profile(client, ref, resolved.manifest_digest)
+
+    try:
+        found = asyncio.run(fetch())
+    except (RegistryError, ProfileFormatError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if found is None:
+        raise click.ClickException(f"no profile has been learned for {image} yet")
+    return found
 
 
 @click.group("profile")
@@ -80,13 +89,7 @@ def profile() -> None:
 @registry_options
 def show(image: str, **options: object) -> None:
     """Print what IMAGE's startup reads, as the fleet learned it."""
-    try:
-        _, found = asyncio.run(_fetch(options, image))
-    except (RegistryError, ProfileFormatError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    if found is None:
-        raise click.ClickException(f"no profile has been learned for {image} yet")
-    render_profile(Console(), found)
+    render_profile(Console(), _learned(options, image))
 
 
 @profile.command("pull")
@@ -95,12 +98,7 @@ def show(image: str, **options: object) -> None:
 @registry_options
 def pull(image: str, output: Path, **options: object) -> None:
     """Save IMAGE's merged profile (msgpack) to a file."""
-    try:
-        _, found = asyncio.run(_fetch(options, image))
-    except (RegistryError, ProfileFormatError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    if found is None:
-        raise click.ClickException(f"no profile has been learned for {image} yet")
+    found = _learned(options, image)
     output.write_bytes(serialize(found))
     click.echo(f"wrote {output} ({found.runs.count} runs)")
 
@@ -169,22 +167,23 @@ def record(
     serves it) until it has been idle for --quiet seconds or --deadline passes; a start
     that fails (non-zero exit, crash signal) or times out teaches nothing.
     """
-    ref = ImageReference.parse(image)
 
     def client() -> RegistryClient:
         return make_client(docker_config, pull_secret, plain_http)
 
-    async def resolve() -> tuple[ResolvedImage, str]:
+    async def resolve(ref: ImageReference) -> tuple[ResolvedImage, str]:
         async with client() as registry:
             resolved = await registry.resolve(ref)
             return resolved, await image_chain_id(registry, resolved)
 
     try:
-        resolved, top = asyncio.run(resolve())
-        lazy_pull(address, image, CredentialStore.from_files(docker_config, pull_secret))
-        containerd = Containerd(address, CRI_NAMESPACE, snapshotter)
-        dirs = containerd.rootfs_layers(top)
+        ref = ImageReference.parse(image)
+        # eBPF first: a node that cannot trace should say so before anything is pulled.
         with Tracer() as tracer:
+            resolved, top = asyncio.run(resolve(ref))
+            lazy_pull(address, image, CredentialStore.from_files(docker_config, pull_secret))
+            containerd = Containerd(address, CRI_NAMESPACE, snapshotter)
+            dirs = containerd.rootfs_layers(top)
             trace, run = traced_run(tracer, containerd, image, command, quiet, deadline)
         recorded = run_trace(resolved, trace, run, dirs)
     except (RegistryError, CRIError, RecordError, TracerUnavailable, ValueError) as exc:

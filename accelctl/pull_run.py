@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from accelctl.cri.client import CRIError, CRIImageClient
+from accelctl.registry_options import credential_options
 from fetcher.credentials import CredentialStore
 
 DEFAULT_CONTAINERD = "/run/containerd/containerd.sock"
@@ -32,24 +33,12 @@ def lazy_pull(address: str, image: str, credentials: CredentialStore) -> tuple[s
 address_option = click.option(
     "--address", default=DEFAULT_CONTAINERD, show_default=True, help="containerd's socket."
 )
-_docker_config = click.option(
-    "--docker-config",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Docker config.json with registry credentials.",
-)
-_pull_secret = click.option(
-    "--pull-secret",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="A kubernetes.io/dockerconfigjson secret.",
-)
 
 
 @click.command("pull")
 @click.argument("image")
 @address_option
-@_docker_config
-@_pull_secret
+@credential_options
 def pull(
     image: str, address: str, docker_config: Path | None, pull_secret: tuple[Path, ...]
 ) -> None:
@@ -67,8 +56,7 @@ def pull(
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @address_option
-@_docker_config
-@_pull_secret
+@credential_options
 @click.option("--snapshotter", default="acceld", show_default=True)
 def run(
     image: str,

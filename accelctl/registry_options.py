@@ -14,14 +14,8 @@ from fetcher.registry import RegistryClient
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def registry_options(func: F) -> F:
-    """Add --docker-config, --pull-secret and --plain-http to a command."""
-    func = click.option(
-        "--plain-http",
-        multiple=True,
-        metavar="HOST:PORT",
-        help="Registry reached over plain HTTP (loopback hosts always are).",
-    )(func)
+def credential_options(func: F) -> F:
+    """Add --docker-config and --pull-secret (registry credentials) to a command."""
     func = click.option(
         "--pull-secret",
         multiple=True,
@@ -33,6 +27,17 @@ def registry_options(func: F) -> F:
         type=click.Path(exists=True, dir_okay=False, path_type=Path),
         help="Docker config.json with registry credentials (default: ~/.docker/config.json).",
     )(func)
+
+
+def registry_options(func: F) -> F:
+    """Add the credential options and --plain-http to a command that talks to a registry."""
+    func = click.option(
+        "--plain-http",
+        multiple=True,
+        metavar="HOST:PORT",
+        help="Registry reached over plain HTTP (loopback hosts always are).",
+    )(func)
+    return credential_options(func)
 
 
 def make_client(
