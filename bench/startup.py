@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import click
+from prometheus_client.parser import text_string_to_metric_families
 
 from accelctl.demo import demo_image_spec
 from bench import catalog
@@ -168,6 +170,7 @@ class RunResult:
     agent_fetch_bytes: dict[str, float] = field(default_factory=dict)
     lazy_layers: float = 0.0
     fallback_layers: float = 0.0
+    agent_stats: dict[str, float] = field(default_factory=dict)
 
 
 def _ctr_run_command(
@@ -323,6 +326,7 @@ def timed_lazy_start(
         _fetch_bytes_by_priority(agent),
         agent.metric("acceld_layers_total") - fallbacks,
         fallbacks,
+        _agent_stats(agent),
     )
 
 
@@ -343,6 +347,39 @@ def _fetch_bytes_by_priority(agent: AgentProcess) -> dict[str, float]:
             priority = labels.split('priority="', 1)[1].split('"', 1)[0]
             found[priority] = found.get(priority, 0.0) + float(value)
     return found
+
+
+def _agent_stats(agent: AgentProcess) -> dict[str, float]:
+    """Where a lazy start's time went: round trips by priority and time FUSE reads waited.
+
+    These explain a ready time (a start is usually bound by sequential demand round
+    trips, not bandwidth), so they are kept in the JSON next to it.
+    """
+    stats: dict[str, float] = {}
+    for family in text_string_to_metric_families(agent.metrics()):
+        for sample in family.samples:
+            if sample.name == "acceld_range_requests_total":
+                stats[f"range_requests_{sample.labels['priority']}"] = sample.value
+            elif sample.name == "acceld_range_request_seconds_sum":
+                stats["range_seconds"] = sample.value
+            elif sample.name == "acceld_fuse_ops_total":
+                stats[f"fuse_{sample.labels['op']}_ops"] = sample.value
+            elif sample.name == "acceld_fuse_op_seconds_sum":
+                stats[f"fuse_{sample.labels['op']}_seconds"] = sample.value
+            elif sample.name == "acceld_fuse_errors_total":
+                stats[f"fuse_{sample.labels['op']}_{sample.labels['errno']}"] = sample.value
+            elif sample.name in ("acceld_cache_hits_total", "acceld_cache_misses_total"):
+                stats[sample.name.removeprefix("acceld_").removesuffix("_total")] = sample.value
+    stats["agent_user_seconds"], stats["agent_system_seconds"] = _cpu_seconds(agent.pid)
+    return stats
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a process so far: on two cores the agent competes with
+    the application it serves, so its CPU cost is part of a start's critical path."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def measure(setup: Setup, repeat: int) -> list[RunResult]:

@@ -117,7 +117,10 @@ class _HostQueue:
 
     def add(self, job: _Job) -> None:
         job.queued = True
-        self._blobs.setdefault(job.blob.digest, RangeQueue()).add(job)
+        ranges = self._blobs.get(job.blob.digest)
+        if ranges is None:
+            ranges = self._blobs[job.blob.digest] = RangeQueue()
+        ranges.add(job)
         self.reprioritize(job)
 
     def reprioritize(self, job: _Job) -> None:
@@ -294,7 +297,10 @@ class ChunkFetcher:
         return job
 
     def _host(self, blob: BlobSource) -> _HostQueue:
-        return self._hosts.setdefault(blob.ref.api_host, _HostQueue())
+        queue = self._hosts.get(blob.ref.api_host)
+        if queue is None:
+            queue = self._hosts[blob.ref.api_host] = _HostQueue()
+        return queue
 
     def _pump(self, host: str) -> None:
         """Start requests for the host's most urgent work while connections are free."""
