@@ -101,6 +101,7 @@ class ChunkCache:
         self.tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
         self._layers: dict[str, _Layer] = {}
+        self._dirs: dict[str, Path] = {}
         self._pins: dict[str, int] = {}
         self._bytes = 0
         self._hits = 0
@@ -161,8 +162,19 @@ class ChunkCache:
     # -- lookups ------------------------------------------------------------------
 
     def _layer_dir(self, blob_digest: str) -> Path:
-        algorithm, hexpart = validate_digest(blob_digest).split(":", 1)
-        return self.root / algorithm / hexpart
+        """The layer's directory (remembered: every read asks, and building it is not free)."""
+        directory = self._dirs.get(blob_digest)
+        if directory is None:
+            algorithm, hexpart = validate_digest(blob_digest).split(":", 1)
+            directory = self._dirs[blob_digest] = self.root / algorithm / hexpart
+        return directory
+
+    def contains(self, blob_digest: str, key: str) -> bool:
+        """Whether the chunk is on disk: the cheap question readahead and fill ask for
+        thousands of chunks at a time (it neither validates the key nor marks a use)."""
+        with self._lock:
+            layer = self._layers.get(blob_digest)
+            return layer is not None and key in layer.chunks
 
     def _used(self, blob_digest: str, layer: _Layer) -> None:
         """Mark a use; persist it to the directory mtime now and then (caller holds lock)."""

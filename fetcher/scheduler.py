@@ -240,13 +240,16 @@ class ChunkFetcher:
         """
         self._check_open()
         for chunk in chunks:
-            if self._cache.path(blob.digest, chunk.key) is None:
+            job = self._jobs.get((blob.digest, chunk.key))
+            if job is not None and job.priority <= priority:
+                continue  # already coming, at least as soon
+            if not self._cache.contains(blob.digest, chunk.key):
                 self._submit(blob, chunk, priority, waiting=False)
         self._pump(blob.ref.api_host)
 
     def has(self, blob: BlobSource, chunk: ChunkSpec) -> bool:
         """Whether the chunk is in the cache (reading it then needs no network)."""
-        return self._cache.path(blob.digest, chunk.key) is not None
+        return self._cache.contains(blob.digest, chunk.key)
 
     async def wait_idle(self) -> None:
         """Until nothing is queued or in flight."""

@@ -7,21 +7,35 @@ from functools import partial
 
 from agent.layers.lazy_layer import ChunkSlice
 from fetcher.chunks import BlobSource, ChunkSpec
-from formats.estargz_reader import ChunkRef, EstargzToc, read_chunk
+from formats.estargz_reader import ChunkRef, EstargzToc, read_member
 from formats.toc import TocEntry
 
 
-def _spec(ref: ChunkRef) -> ChunkSpec:
-    return ChunkSpec(
-        key=f"e{ref.blob_offset:012x}-{ref.inner_offset:x}-{ref.size:x}",
-        fetch_start=ref.blob_offset,
-        fetch_end=ref.blob_end,
-        decode=partial(read_chunk, ref),
-    )
+def _member_specs(chunks: dict[str, list[ChunkRef]]) -> dict[int, ChunkSpec]:
+    """One fetchable, cacheable chunk per gzip member, keyed by the member's blob offset.
+
+    Small files share a member (``innerOffset``); caching the member rather than each file
+    means one request, one inflate, one digest pass and one cache file for all of them.
+    """
+    members: dict[int, list[ChunkRef]] = {}
+    for refs in chunks.values():
+        for ref in refs:
+            members.setdefault(ref.blob_offset, []).append(ref)
+    specs = {}
+    for offset in sorted(members):
+        refs = members[offset]
+        end = max(ref.blob_end for ref in refs)
+        specs[offset] = ChunkSpec(
+            key=f"m{offset:012x}-{end:x}",
+            fetch_start=offset,
+            fetch_end=end,
+            decode=partial(read_member, refs),
+        )
+    return specs
 
 
 class EstargzLayer:
-    """Serves files chunk by chunk; each chunk is one verified gzip member range."""
+    """Serves files from verified gzip members; a file's bytes are slices of them."""
 
     kind = "estargz"
 
@@ -31,19 +45,12 @@ class EstargzLayer:
         self.entries: list[TocEntry] = toc.entries
         self._chunks: dict[str, list[ChunkRef]] = toc.chunks
         self._starts = {name: [c.file_offset for c in refs] for name, refs in self._chunks.items()}
-        self._specs: dict[tuple[str, int], ChunkSpec] = {}
-        self._ordered: list[ChunkSpec] | None = None
-        self._position: dict[str, int] = {}
-
-    def _spec_for(self, name: str, index: int) -> ChunkSpec:
-        key = (name, index)
-        spec = self._specs.get(key)
-        if spec is None:
-            spec = self._specs[key] = _spec(self._chunks[name][index])
-        return spec
+        self._members = _member_specs(self._chunks)
+        self._ordered = list(self._members.values())
+        self._position = {offset: i for i, offset in enumerate(self._members)}
 
     def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
-        """Chunk slices for the file's bytes [offset, offset+length) (clipped at EOF)."""
+        """Member slices for the file's bytes [offset, offset+length) (clipped at EOF)."""
         refs = self._chunks.get(entry.name, [])
         end = min(offset + length, entry.size)
         if offset >= end or not refs:
@@ -56,43 +63,37 @@ class EstargzLayer:
             ref = refs[index]
             start = position - ref.file_offset
             take = min(ref.size - start, end - position)
-            plan.append(ChunkSlice(self._spec_for(entry.name, index), start, take))
+            member = self._members[ref.blob_offset]
+            plan.append(ChunkSlice(member, ref.inner_offset + start, take))
             position += take
             index += 1
         return plan
 
     def file_chunks(self, entry: TocEntry) -> list[ChunkSpec]:
-        """Every chunk of the file."""
-        return [self._spec_for(entry.name, i) for i in range(len(self._chunks.get(entry.name, [])))]
+        """Every member holding part of the file, in file order."""
+        specs = [self._members[ref.blob_offset] for ref in self._chunks.get(entry.name, [])]
+        return list(dict.fromkeys(specs))
 
     def all_chunks(self) -> list[ChunkSpec]:
-        """Every chunk in blob order; the prioritized (landmark) area comes first."""
-        specs = [
-            self._spec_for(name, i) for name, refs in self._chunks.items() for i in range(len(refs))
-        ]
-        return sorted(specs, key=lambda s: s.fetch_start)
+        """Every member in blob order; the prioritized (landmark) area comes first."""
+        return list(self._ordered)
 
     def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """Following chunks in blob order, up to ``budget`` compressed bytes."""
-        if self._ordered is None:
-            self._ordered = self.all_chunks()
-            self._position = {spec.key: i for i, spec in enumerate(self._ordered)}
-        index = self._position.get(chunk.key)
+        """Following members in blob order, up to ``budget`` compressed bytes."""
+        index = self._position.get(chunk.fetch_start)
         if index is None:
             return []
         following: list[ChunkSpec] = []
         spent = 0
         for spec in self._ordered[index + 1 :]:
-            if spec.fetch_start == chunk.fetch_start:
-                continue  # packed into the same member: arrives with it
-            spent += spec.fetch_end - spec.fetch_start
+            spent += spec.fetch_length
             if spent > budget:
                 break
             following.append(spec)
         return following
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
-        """Chunks before the prefetch landmark: what the image's builder said startup needs."""
+        """Members before the prefetch landmark: what the image's builder said startup needs."""
         if self.toc.prefetch_end is None:
             return []
-        return [s for s in self.all_chunks() if s.fetch_start < self.toc.prefetch_end]
+        return [s for s in self._ordered if s.fetch_start < self.toc.prefetch_end]
