@@ -28,6 +28,7 @@ from fetcher.manifest import Descriptor, ImageIndex, ImageManifest, Platform
 from fetcher.reference import ImageReference
 from fetcher.registry import FetchedManifest, RegistryClient
 from formats.accelerated import (
+    ANNOTATION_CONVERSION,
     ANNOTATION_LAYER_DIGEST,
     ANNOTATION_MODE,
     ANNOTATION_PREFETCH,
@@ -43,6 +44,10 @@ from formats.accelerated import (
 from formats.estargz_writer import DEFAULT_MIN_CHUNK_SIZE
 
 log = get_logger(__name__)
+
+CONVERTER_FORMAT = 2
+"""Bumped whenever the output for the same input and settings changes (format 2: small
+files share gzip members), so that conversions by an older converter are redone."""
 
 
 @dataclass(frozen=True)
@@ -102,19 +107,34 @@ def _json(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _conversion_settings(options: ConvertOptions) -> str:
+    """What shapes the output, as a canonical string recorded on it: a conversion is only
+    reused when this matches, so a new converter format or other chunking or prefetch
+    options produce a new conversion instead of silently keeping the old one."""
+    settings: dict[str, Any] = {
+        "format": CONVERTER_FORMAT,
+        "mode": options.mode,
+        "prefetch": options.prefetch.as_paths(),
+    }
+    if options.mode == MODE_FULL:
+        settings.update(chunk_size=options.chunk_size, min_chunk_size=options.min_chunk_size)
+    else:
+        settings["span"] = options.span
+    return json.dumps(settings, sort_keys=True, separators=(",", ":"))
+
+
 async def _existing_conversion(
-    client: RegistryClient, target: ImageReference, source_digest: str, mode: str
+    client: RegistryClient, target: ImageReference, source_digest: str, options: ConvertOptions
 ) -> str | None:
-    """Digest of a published conversion of the same source and mode, if there is one."""
+    """Digest of a published conversion of the same source with the same settings."""
     try:
         fetched = await client.get_manifest(target)
     except NotFoundError:
         return None
     annotations = fetched.parsed.annotations
-    if (
-        annotations.get(ANNOTATION_SOURCE_DIGEST) == source_digest
-        and annotations.get(ANNOTATION_MODE) == mode
-    ):
+    if annotations.get(ANNOTATION_SOURCE_DIGEST) == source_digest and annotations.get(
+        ANNOTATION_CONVERSION
+    ) == _conversion_settings(options):
         return fetched.digest
     return None
 
@@ -152,7 +172,7 @@ async def convert_image(
     target = source.with_tag(accelerated_tag(source.tag))
     top = await client.get_manifest(source)
     if not options.force:
-        existing = await _existing_conversion(client, target, top.digest, options.mode)
+        existing = await _existing_conversion(client, target, top.digest, options)
         if existing:
             log.info(
                 "convert.already_done", source=str(source), target=str(target), digest=existing
@@ -259,7 +279,11 @@ async def _convert_manifest(
 
 
 def _common_annotations(source_digest: str, options: ConvertOptions) -> dict[str, str]:
-    annotations = {ANNOTATION_SOURCE_DIGEST: source_digest, ANNOTATION_MODE: options.mode}
+    annotations = {
+        ANNOTATION_SOURCE_DIGEST: source_digest,
+        ANNOTATION_MODE: options.mode,
+        ANNOTATION_CONVERSION: _conversion_settings(options),
+    }
     if options.prefetch.entries:
         annotations[ANNOTATION_PREFETCH] = json.dumps(options.prefetch.as_paths())
     return annotations

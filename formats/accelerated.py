@@ -13,6 +13,7 @@ ANNOTATION_SOURCE_DIGEST = "io.acceld.source.digest"
 ANNOTATION_MODE = "io.acceld.mode"
 ANNOTATION_PREFETCH = "io.acceld.prefetch"
 ANNOTATION_LAYER_DIGEST = "io.acceld.layer.digest"
+ANNOTATION_CONVERSION = "io.acceld.conversion"
 
 MODE_FULL = "full"
 MODE_INDEX = "index"

@@ -66,6 +66,20 @@ async def test_index_mode_round_trip(pushed_features, registry):
         assert again.skipped and again.result_digest == result.result_digest
 
 
+async def test_a_conversion_is_reused_only_with_the_same_settings(pushed_features):
+    ref = ImageReference.parse(pushed_features.reference)
+    async with RegistryClient() as client:
+        first = await convert_image(client, ref, ConvertOptions(mode="full", **SMALL))
+        same = await convert_image(client, ref, ConvertOptions(mode="full", **SMALL))
+        assert same.skipped and same.result_digest == first.result_digest
+        packed = ConvertOptions(mode="full", chunk_size=SMALL["chunk_size"], min_chunk_size=0)
+        redone = await convert_image(client, ref, packed)
+        assert not redone.skipped and redone.result_digest != first.result_digest
+        listed = PrefetchList.parse_lines([HELLO_PATH])
+        with_list = ConvertOptions(mode="full", prefetch=listed, **SMALL)
+        assert not (await convert_image(client, ref, with_list)).skipped
+
+
 async def test_full_mode_round_trip_and_discovery(pushed_features):
     ref = ImageReference.parse(pushed_features.reference)
     built = pushed_features.built
