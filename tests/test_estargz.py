@@ -23,6 +23,9 @@ from hypothesis import strategies as st
 
 import formats.estargz_reader as reader_module
 import formats.estargz_writer as writer_module
+from agent.layers.estargz_layer import EstargzLayer
+from fetcher.chunks import BlobSource
+from fetcher.reference import ImageReference
 from formats.estargz import (
     FOOTER_SIZE,
     NO_PREFETCH_LANDMARK,
@@ -212,6 +215,33 @@ def test_reader_rebuilds_every_file_from_chunks_alone(zlib_backend: str) -> None
             assert chunk.blob_end <= result.toc_offset
         final = next(e for e in reversed(toc.entries) if e.name == name)
         assert final.offset == (chunks[0].blob_offset if chunks else 0)
+
+
+def test_layer_serves_files_from_shared_members_fetched_once() -> None:
+    source = _varied_tar()
+    blob, result = _convert(source, min_chunk_size=4 * CHUNK)
+    toc = _open_blob(blob, expected_digest=result.toc_digest)
+    layer = EstargzLayer(
+        BlobSource(ImageReference.parse("r.test/a:b"), "sha256:" + "0" * 64, len(blob)), toc
+    )
+    members = layer.all_chunks()
+    assert len(members) < sum(len(refs) for refs in toc.chunks.values())  # some are shared
+    assert [m.fetch_start for m in members] == sorted({m.fetch_start for m in members})
+    decoded = {m.key: m.decode(blob[m.fetch_start : m.fetch_end]) for m in members}
+    expected = {entry.name: data for entry, _, data in _tar_members(source) if entry.type == "reg"}
+    final = {entry.name: entry for entry in layer.entries}  # a later entry of a name wins
+    for entry in final.values():
+        if entry.type == "reg" and entry.name in toc.chunks:
+            plan = layer.read_plan(entry, 0, entry.size)
+            served = b"".join(decoded[p.chunk.key][p.start : p.start + p.length] for p in plan)
+            assert served == expected[entry.name], entry.name
+    first = members[0]
+    assert layer.chunks_after(first, 0) == [members[1]]  # the next one, whatever the budget
+    assert layer.chunks_after(first, len(blob)) == members[1:]
+    tampered = bytearray(blob[first.fetch_start : first.fetch_end])
+    tampered[len(tampered) // 2] ^= 0xFF
+    with pytest.raises(ChunkDigestError):
+        first.decode(bytes(tampered))
 
 
 def test_prefetch_entries_lead_then_the_landmark() -> None:

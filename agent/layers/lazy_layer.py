@@ -44,8 +44,9 @@ class LazyLayer(Protocol):
         ...
 
     def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """The chunks that follow ``chunk`` in the blob, up to ``budget`` compressed bytes
-        (blob-order read-ahead: files of one directory sit next to each other)."""
+        """The chunk that follows ``chunk`` in the blob, and more up to ``budget``
+        compressed bytes (blob-order read-ahead: files of one directory sit next to each
+        other, and a span or member larger than the budget is still worth one request)."""
         ...
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
