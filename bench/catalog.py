@@ -1,8 +1,9 @@
 """The benchmark images: real Debian packages, a real application, a readiness line.
 
 Each entry is an application people run in containers, chosen to stress a lazy loader
-differently: many small Python modules and big shared libraries (python-scipy), one
-large binary (node-http), a toolchain that opens hundreds of headers (gcc-hello), a
+differently: many small Python modules and big shared libraries (python-scipy), a fat
+image whose service reads a small share of it (python-fat-api), one large binary
+(node-http), a toolchain that opens hundreds of headers (gcc-hello), a
 database server (postgres), and the bare base (minbase) for quick runs and smoke tests.
 Every application prints a line when it is ready, so a probe that reads the container's
 output (`bench.readiness.LogLineProbe` with ``ready_pattern``) times any of them.
@@ -45,6 +46,30 @@ import scipy.stats
 frame = pandas.DataFrame({"x": numpy.arange(10.0)})
 print("mean", scipy.stats.tmean(frame["x"]))
 print("ready", flush=True)
+"""
+
+# The common "one fat base image for every service" case: the image carries the whole
+# scientific stack, this service needs numpy and the standard library.
+_PYTHON_API_APP = b"""\
+import http.server
+import json
+
+import numpy
+
+weights = numpy.linspace(0.0, 1.0, 16)
+
+
+class Score(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"score": float(weights @ weights)}).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+server = http.server.HTTPServer(("127.0.0.1", 8081), Score)
+print("ready", flush=True)
+server.serve_forever()
 """
 
 _NODE_APP = b"""\
@@ -98,6 +123,25 @@ CATALOG: dict[str, BenchImage] = {
                 packages=("python3", "python3-numpy", "python3-scipy", "python3-pandas"),
                 app_files=(AppFile("app/main.py", _PYTHON_APP, 0o644),),
                 cmd=("python3", "/app/main.py"),
+                working_dir="/app",
+            ),
+            ready_pattern=r"^ready$",
+        ),
+        BenchImage(
+            "python-fat-api",
+            "a numpy HTTP service in a fat data-science image (scikit-learn, matplotlib,"
+            " pandas, scipy installed); its start reads a small share of the image",
+            DebianImageSpec(
+                packages=(
+                    "python3",
+                    "python3-numpy",
+                    "python3-scipy",
+                    "python3-pandas",
+                    "python3-sklearn",
+                    "python3-matplotlib",
+                ),
+                app_files=(AppFile("app/api.py", _PYTHON_API_APP, 0o644),),
+                cmd=("python3", "/app/api.py"),
                 working_dir="/app",
             ),
             ready_pattern=r"^ready$",

@@ -66,7 +66,7 @@ from rig.shaped_link import ShapedLink
 
 log = get_logger(__name__)
 
-DEFAULT_IMAGES = ("python-scipy", "node-http", "gcc-hello", "postgres")
+DEFAULT_IMAGES = ("python-scipy", "python-fat-api", "node-http", "gcc-hello", "postgres")
 QUICK_IMAGES = ("python-scipy",)
 FORMS = ("index", "full")
 PROFILE_SUFFIX = "+profile"
