@@ -41,6 +41,9 @@ BACKGROUND_REQUEST_BYTES = 2 << 20
 """Fill requests stay small: one already on the wire when a read arrives delays it
 by at most this much transfer."""
 
+_HEAP_SLACK = 256
+"""Stale heap entries tolerated beyond twice the live ones before a rebuild."""
+
 RequestObserver = Callable[[Priority, int, float], None]
 """Called after each Range GET with (priority, bytes received, seconds taken)."""
 
@@ -110,6 +113,7 @@ class _HostQueue:
         self._heap: list[tuple[int, int, int, _Job]] = []
         self._entries = itertools.count()
         self._blobs: dict[str, RangeQueue[_Job]] = {}
+        self._queued = 0
         self.in_flight = _per_priority()
         self.urgent_done_at = float("-inf")
         """Loop time the last demand or prefetch request ended (fill waits for quiet)."""
@@ -121,11 +125,23 @@ class _HostQueue:
         if ranges is None:
             ranges = self._blobs[job.blob.digest] = RangeQueue()
         ranges.add(job)
+        self._queued += 1
         self.reprioritize(job)
 
     def reprioritize(self, job: _Job) -> None:
-        """Make the heap see the job's (new) priority; the old entry goes stale."""
+        """Make the heap see the job's (new) priority; the old entry goes stale.
+
+        Stale entries keep their job, and a finished job its chunk's bytes, until they
+        reach the top; behind a fill job that waits for a quiet link they never do. So
+        once they outnumber the live entries the heap is rebuilt without them, which
+        keeps memory bounded by what is queued, not by what was ever upgraded.
+        """
         heapq.heappush(self._heap, (job.priority, job.seq, next(self._entries), job))
+        if len(self._heap) > 2 * self._queued + _HEAP_SLACK:
+            self._heap = [
+                item for item in self._heap if item[3].queued and item[3].priority == item[0]
+            ]
+            heapq.heapify(self._heap)
 
     def peek(self) -> _Job | None:
         """The most urgent, oldest queued job, dropping stale heap entries on the way."""
@@ -144,6 +160,7 @@ class _HostQueue:
             del self._blobs[lead.blob.digest]
         for job in run:
             job.queued = False
+        self._queued -= len(run)
         return run
 
     @property

@@ -79,7 +79,7 @@ class EstargzLayer:
         return list(self._ordered)
 
     def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """The next member in blob order, and more while they fit ``budget``."""
+        """Following members in blob order, up to ``budget`` compressed bytes."""
         index = self._position.get(chunk.fetch_start)
         if index is None:
             return []
@@ -87,7 +87,7 @@ class EstargzLayer:
         spent = 0
         for spec in self._ordered[index + 1 :]:
             spent += spec.fetch_length
-            if following and spent > budget:
+            if spent > budget:
                 break
             following.append(spec)
         return following

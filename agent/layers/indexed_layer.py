@@ -82,16 +82,12 @@ class IndexedLayer:
         return [self._spec(i) for i in range(len(self._bounds))]
 
     def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """The next span, and more while they fit ``budget``."""
-        following: list[ChunkSpec] = []
-        spent = 0
-        for number in range(int(chunk.key[1:]) + 1, len(self._bounds)):
-            spec = self._spec(number)
-            spent += spec.fetch_length
-            if following and spent > budget:
-                break
-            following.append(spec)
-        return following
+        """The next span (spans are already large), if it fits ``budget``."""
+        number = int(chunk.key[1:]) + 1
+        if number >= len(self._bounds):
+            return []
+        following = self._spec(number)
+        return [following] if following.fetch_end - following.fetch_start <= budget else []
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Index-only layers keep their prefetch list in the artifact, not the blob."""

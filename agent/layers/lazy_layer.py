@@ -44,9 +44,8 @@ class LazyLayer(Protocol):
         ...
 
     def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """The chunk that follows ``chunk`` in the blob, and more up to ``budget``
-        compressed bytes (blob-order read-ahead: files of one directory sit next to each
-        other, and a span or member larger than the budget is still worth one request)."""
+        """The chunks that follow ``chunk`` in the blob, up to ``budget`` compressed bytes
+        (blob-order read-ahead: files of one directory sit next to each other)."""
         ...
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
