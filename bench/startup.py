@@ -317,16 +317,17 @@ def timed_lazy_start(
         raise
     link_bytes = counter.since_start()
     fallbacks = agent.metric("acceld_fallbacks_total")
+    fetched, stats = _agent_figures(agent)
     return RunResult(
         mode,
         repetition,
         pulled - started,
         ready - started,
         link_bytes,
-        _fetch_bytes_by_priority(agent),
+        fetched,
         agent.metric("acceld_layers_total") - fallbacks,
         fallbacks,
-        _agent_stats(agent),
+        stats,
     )
 
 
@@ -338,27 +339,20 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
         return timed_lazy_start(setup, node, lazy_reference(setup, form), mode, repetition)
 
 
-def _fetch_bytes_by_priority(agent: AgentProcess) -> dict[str, float]:
-    prefix = "acceld_fetch_bytes_total{"
-    found: dict[str, float] = {}
-    for line in agent.metrics().splitlines():
-        if line.startswith(prefix):
-            labels, value = line[len(prefix) :].split("} ")
-            priority = labels.split('priority="', 1)[1].split('"', 1)[0]
-            found[priority] = found.get(priority, 0.0) + float(value)
-    return found
-
-
-def _agent_stats(agent: AgentProcess) -> dict[str, float]:
-    """Where a lazy start's time went: round trips by priority and time FUSE reads waited.
+def _agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, float]]:
+    """Compressed bytes fetched by priority, and where a lazy start's time went: round
+    trips by priority, time FUSE reads waited, the agent's CPU.
 
     These explain a ready time (a start is usually bound by sequential demand round
     trips, not bandwidth), so they are kept in the JSON next to it.
     """
+    fetched: dict[str, float] = {}
     stats: dict[str, float] = {}
     for family in text_string_to_metric_families(agent.metrics()):
         for sample in family.samples:
-            if sample.name == "acceld_range_requests_total":
+            if sample.name == "acceld_fetch_bytes_total":
+                fetched[sample.labels["priority"]] = sample.value
+            elif sample.name == "acceld_range_requests_total":
                 stats[f"range_requests_{sample.labels['priority']}"] = sample.value
             elif sample.name == "acceld_range_request_seconds_sum":
                 stats["range_seconds"] = sample.value
@@ -371,7 +365,7 @@ def _agent_stats(agent: AgentProcess) -> dict[str, float]:
             elif sample.name in ("acceld_cache_hits_total", "acceld_cache_misses_total"):
                 stats[sample.name.removeprefix("acceld_").removesuffix("_total")] = sample.value
     stats["agent_user_seconds"], stats["agent_system_seconds"] = _cpu_seconds(agent.pid)
-    return stats
+    return fetched, stats
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:

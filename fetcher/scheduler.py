@@ -113,7 +113,6 @@ class _HostQueue:
         self._heap: list[tuple[int, int, int, _Job]] = []
         self._entries = itertools.count()
         self._blobs: dict[str, RangeQueue[_Job]] = {}
-        self._queued = 0
         self.in_flight = _per_priority()
         self.urgent_done_at = float("-inf")
         """Loop time the last demand or prefetch request ended (fill waits for quiet)."""
@@ -125,7 +124,6 @@ class _HostQueue:
         if ranges is None:
             ranges = self._blobs[job.blob.digest] = RangeQueue()
         ranges.add(job)
-        self._queued += 1
         self.reprioritize(job)
 
     def reprioritize(self, job: _Job) -> None:
@@ -137,7 +135,7 @@ class _HostQueue:
         keeps memory bounded by what is queued, not by what was ever upgraded.
         """
         heapq.heappush(self._heap, (job.priority, job.seq, next(self._entries), job))
-        if len(self._heap) > 2 * self._queued + _HEAP_SLACK:
+        if len(self._heap) > 2 * self._queued() + _HEAP_SLACK:
             self._heap = [
                 item for item in self._heap if item[3].queued and item[3].priority == item[0]
             ]
@@ -160,8 +158,11 @@ class _HostQueue:
             del self._blobs[lead.blob.digest]
         for job in run:
             job.queued = False
-        self._queued -= len(run)
         return run
+
+    def _queued(self) -> int:
+        """Jobs waiting in this host's queue (live heap entries)."""
+        return sum(len(ranges) for ranges in self._blobs.values())
 
     @property
     def urgent_in_flight(self) -> int:
