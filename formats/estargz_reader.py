@@ -141,16 +141,17 @@ def read_member(chunks: Sequence[ChunkRef], data: bytes) -> bytes:
     speed of its bytes instead of its file count. ``chunks`` must all start at the
     member's offset, where ``data`` begins.
     """
-    wanted = max(chunk.inner_offset + chunk.size for chunk in chunks)
-    first = chunks[0]
+    last = max(chunks, key=lambda chunk: chunk.inner_offset + chunk.size)
+    wanted = last.inner_offset + last.size
     inflater = ZLIB.decompressobj(GZIP_WBITS)
     try:
         plain = inflater.decompress(data, wanted)
     except ZLIB.error as exc:
+        first = chunks[0]
         raise ChunkDigestError(f"{first.name}@{first.file_offset}: corrupt gzip: {exc}") from None
     if len(plain) < wanted:
         raise ChunkDigestError(
-            f"{first.name}@{first.file_offset}: inflated {len(plain)} bytes, need {wanted}"
+            f"{last.name}@{last.file_offset}: inflated {len(plain)} bytes, need {wanted}"
         )
     view = memoryview(plain)
     for chunk in chunks:
