@@ -26,6 +26,8 @@ from formats.layer_index import (
     IndexFormatError,
     LayerIndex,
     UnsupportedLayerError,
+    _checked_entry,
+    _plainly_valid,
     build_layer_index,
     parse,
     serialize,
@@ -333,6 +335,38 @@ def test_fuzzed_documents_parse_or_raise_index_format_error(data: st.DataObject)
     except IndexFormatError:
         return
     assert parse(serialize(parsed)) == parsed
+
+
+_EDGE_VALUE: st.SearchStrategy[Any] = st.sampled_from(
+    ["", ".", "..", "a/./b", "a//b", "/a", "a/", "a/../b", ".wh.a", "d/.wh..wh..opq", "a\0b",
+     "x" * 1025, 0, -1, 0o7777, 0o10000, (1 << 32) - 1, 1 << 32, 1 << 44, (1 << 44) + 1,
+     1 << 62, 0.5, float("inf"), True, False, None, b"", b"\0" * 32, {}, {"user.a": b"1"}, []]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_the_fast_row_check_accepts_only_rows_the_full_checks_accept(
+    data: st.DataObject,
+) -> None:
+    """The file table's fast path (plainly valid rows) must never let through a row
+    that the field-by-field checks refuse, and must build the same entry."""
+    row = copy.deepcopy(data.draw(st.sampled_from(_toc_rows(_document(_small_index())))))
+    for _ in range(data.draw(st.integers(1, 3))):
+        row[data.draw(st.integers(0, len(row) - 1))] = data.draw(_EDGE_VALUE | _LEAF)
+    if _plainly_valid(row):
+        _checked_entry(row, 0, 0)  # raises IndexFormatError where the fast path erred
+
+
+def test_ordinary_rows_take_the_fast_path() -> None:
+    rows = _toc_rows(_document(_small_index()))
+    ordinary = [
+        row
+        for row in rows
+        if row[0] and ".wh." not in row[0] and row[1] in (0, 1, 2) and not row[12]
+    ]
+    assert ordinary
+    assert all(_plainly_valid(row) for row in ordinary)
 
 
 @settings(max_examples=200, deadline=None)
