@@ -11,14 +11,16 @@ file, the chunk ranges to fetch; it never needs to look at the JSON itself.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
-import json
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from formats.estargz_toc import (
     GZIP_WBITS,
@@ -113,7 +115,9 @@ def parse_toc(toc_member: bytes, toc_offset: int, expected_digest: str | None = 
     if expected_digest is not None and digest != expected_digest:
         raise TocDigestError(f"TOC digest {digest} does not match {expected_digest}")
     try:
-        document = json.loads(toc_json.decode("utf-8"))  # strict: no lone surrogates
+        # orjson: strict UTF-8 (no lone surrogates), no NaN, and several times faster
+        # than json on the 15 MB TOC of a 40 000-file layer, parsed while a pull waits.
+        document = orjson.loads(toc_json)
     except (ValueError, RecursionError) as exc:
         raise EstargzFormatError(f"TOC is not valid JSON: {exc}") from None
     if not isinstance(document, dict) or document.get("version") != TOC_VERSION:
@@ -311,7 +315,9 @@ class _TocValidator:
         size = _uint(record, "chunkSize", remaining) or remaining
         if size > MAX_CHUNK_BYTES:
             raise EstargzFormatError(f"chunk of {size} bytes exceeds {MAX_CHUNK_BYTES}")
-        digest = _optional_digest(record, "chunkDigest")
+        digest = record.get("chunkDigest")
+        if not digest or digest != open_file.entry.digest:  # a whole file's: checked already
+            digest = _optional_digest(record, "chunkDigest")
         if not digest:
             raise EstargzFormatError("chunk without chunkDigest")
         chunk = _PendingChunk(
@@ -380,7 +386,7 @@ class _TocValidator:
 
 def _uint(record: dict[str, Any], key: str, maximum: int) -> int:
     value = record.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= maximum:
+    if type(value) is not int or not 0 <= value <= maximum:  # bool is not int here
         raise EstargzFormatError(f"{key} must be an integer in [0, {maximum}], got {value!r}")
     return value
 
@@ -398,6 +404,12 @@ def _modtime(record: dict[str, Any]) -> float:
         return 0.0
     if not isinstance(value, str) or len(value) > 64:
         raise EstargzFormatError("modtime is not a string")
+    return _timestamp(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _timestamp(value: str) -> float:
+    """Parsed once per distinct string: files unpacked from one package share one."""
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
@@ -408,7 +420,9 @@ def _modtime(record: dict[str, Any]) -> float:
 
 
 def _xattrs(record: dict[str, Any]) -> dict[str, bytes]:
-    raw = record.get("xattrs", {})
+    raw = record.get("xattrs")
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
         raise EstargzFormatError("xattrs is not an object")
     xattrs: dict[str, bytes] = {}

@@ -49,6 +49,7 @@ from formats.toc import (
     HostileLayerError,
     TocEntry,
     check_placement,
+    is_normalized,
     iter_tar_entries,
     normalize_name,
 )
@@ -71,11 +72,8 @@ _ENTRY_FIELDS = 15
 # Tar names are bytes; toc.py carries undecodable ones as surrogate escapes, and so
 # does the file table, so such a name survives the round trip unchanged.
 _NAME_ERRORS = "surrogateescape"
-# Names this short are within MAX_NAME_BYTES whatever they encode to (<= 4 bytes a char).
-_PLAIN_NAME_CHARS = MAX_NAME_BYTES // 4
 _REG_CODE = ENTRY_TYPES.index("reg")
 _SYMLINK_CODE = ENTRY_TYPES.index("symlink")
-_UNNORMAL_PARTS = frozenset(("", ".", ".."))
 _PLAIN_TYPE_CODES = frozenset(ENTRY_TYPES.index(kind) for kind in ("reg", "dir", "symlink"))
 
 
@@ -598,10 +596,8 @@ def _plainly_valid(row: Any) -> bool:
     name, code, size, mode, uid, gid, uname, gname, mtime, link, major, minor = row[:12]
     return (
         type(name) is str
-        and 0 < len(name) <= _PLAIN_NAME_CHARS
-        and "\0" not in name
+        and is_normalized(name)
         and ".wh." not in name
-        and not _UNNORMAL_PARTS.intersection(name.split("/"))
         and type(code) is int
         and code in _PLAIN_TYPE_CODES
         and type(size) is int
@@ -622,7 +618,7 @@ def _plainly_valid(row: Any) -> bool:
         and -(1 << 62) < mtime < 1 << 62
         and type(link) is str
         and (code == _SYMLINK_CODE or not link)
-        and len(link) <= _PLAIN_NAME_CHARS
+        and len(link) <= MAX_NAME_BYTES // 4
         and "\0" not in link
         and major == 0
         and minor == 0

@@ -464,7 +464,7 @@ def test_well_formed_handmade_toc_parses() -> None:
         ([_reg(modtime="2020-01-02T03:04:05")], "time zone"),
         ([_reg(uid=1 << 40)], "uid"),
         ([{"name": "l", "type": "symlink", "linkName": 5}], "linkName"),
-        ([{"name": "bad\ud800", "type": "dir"}], "TOC entry 0"),
+        ([{"name": "bad\ud800", "type": "dir"}], "surrogate"),
         ([_reg(xattrs={"user.a": "é"})], "base64"),
     ],
 )
