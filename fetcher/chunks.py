@@ -54,6 +54,8 @@ class ChunkSpec:
     key: str
     fetch_start: int
     fetch_end: int
+    decoded_size: int
+    """Bytes ``decode`` returns: what the chunk costs in memory while it is handed out."""
     decode: Callable[[bytes], bytes] = field(compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:

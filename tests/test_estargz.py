@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import formats.estargz_reader as reader_module
 import formats.estargz_writer as writer_module
 from agent.layers.estargz_layer import EstargzLayer
+from agent.layers.lazy_layer import ReadAheadBudget
 from fetcher.chunks import BlobSource
 from fetcher.reference import ImageReference
 from formats.estargz import (
@@ -236,9 +237,13 @@ def test_layer_serves_files_from_shared_members_fetched_once() -> None:
             served = b"".join(decoded[p.chunk.key][p.start : p.start + p.length] for p in plan)
             assert served == expected[entry.name], entry.name
     first = members[0]
-    assert layer.chunks_after(first, 0) == []
-    assert layer.chunks_after(first, members[1].fetch_length) == [members[1]]
-    assert layer.chunks_after(first, len(blob)) == members[1:]
+    unbounded = 1 << 40
+    assert layer.chunks_after(first, ReadAheadBudget(0, 0)) == [members[1]]  # one, always
+    two = members[1].fetch_length + members[2].fetch_length
+    assert layer.chunks_after(first, ReadAheadBudget(two, unbounded)) == members[1:3]
+    assert layer.chunks_after(first, ReadAheadBudget(unbounded, unbounded)) == members[1:]
+    one_decoded = ReadAheadBudget(unbounded, members[1].decoded_size)
+    assert layer.chunks_after(first, one_decoded) == [members[1]]
     for member in members:  # a flipped byte of the deflate stream, right after the header
         tampered = bytearray(blob[member.fetch_start : member.fetch_end])
         tampered[12] ^= 0xFF

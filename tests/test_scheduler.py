@@ -109,7 +109,11 @@ def push(registry, fault_proxy: FaultProxy, repo_name: str, client: RegistryClie
         ref = ImageReference.parse(f"{fault_proxy.host}/{repo_name}")
         chunks = [
             ChunkSpec(
-                f"c{i:06d}", start, end, partial(_decode_member, hashlib.sha256(c).hexdigest())
+                f"c{i:06d}",
+                start,
+                end,
+                len(c),
+                partial(_decode_member, hashlib.sha256(c).hexdigest()),
             )
             for i, (start, end, c) in enumerate(layout)
         ]

@@ -22,7 +22,7 @@ import pyfuse3
 
 from agent import metrics
 from agent.fs.tree import InodeAllocator, LayerTree, Node
-from agent.layers.lazy_layer import LazyLayer
+from agent.layers.lazy_layer import LazyLayer, ReadAheadBudget
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import ChunkFetchError, Priority
@@ -37,7 +37,7 @@ IMMUTABLE_TIMEOUT = 86400.0
 # After a read misses, the chunks that follow it in the blob are fetched too, in the
 # background: a start reads files of one directory one after another, and these sit
 # next to each other in the layer, so one round trip per file becomes one per group.
-READ_AHEAD_BYTES = 1 << 20
+READ_AHEAD = ReadAheadBudget(fetch_bytes=1 << 20, decoded_bytes=4 << 20)
 ROOT_TIMEOUT = 1.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
@@ -252,7 +252,7 @@ class LayerFS(pyfuse3.Operations):
         metrics.CACHE_HITS.inc(len(plan) - len(missing))
         if missing:
             metrics.CACHE_MISSES.inc(len(missing))
-            ahead = mounted.layer.chunks_after(plan[missing[-1]].chunk, READ_AHEAD_BYTES)
+            ahead = mounted.layer.chunks_after(plan[missing[-1]].chunk, READ_AHEAD)
             if ahead:
                 self.fetcher.enqueue(blob, ahead, Priority.PREFETCH)
             try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 from functools import partial
 
-from agent.layers.lazy_layer import ChunkSlice
+from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
 from fetcher.chunks import BlobSource, ChunkSpec
 from formats.estargz_reader import ChunkRef, EstargzToc, read_member
 from formats.toc import TocEntry
@@ -29,6 +30,7 @@ def _member_specs(chunks: dict[str, list[ChunkRef]]) -> dict[int, ChunkSpec]:
             key=f"m{offset:012x}-{end:x}",
             fetch_start=offset,
             fetch_end=end,
+            decoded_size=max(ref.inner_offset + ref.size for ref in refs),
             decode=partial(read_member, refs),
         )
     return specs
@@ -78,19 +80,12 @@ class EstargzLayer:
         """Every member in blob order; the prioritized (landmark) area comes first."""
         return list(self._ordered)
 
-    def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """Following members in blob order, up to ``budget`` compressed bytes."""
+    def chunks_after(self, chunk: ChunkSpec, budget: ReadAheadBudget) -> list[ChunkSpec]:
+        """Following members in blob order, within ``budget``."""
         index = self._position.get(chunk.fetch_start)
         if index is None:
             return []
-        following: list[ChunkSpec] = []
-        spent = 0
-        for spec in self._ordered[index + 1 :]:
-            spent += spec.fetch_length
-            if spent > budget:
-                break
-            following.append(spec)
-        return following
+        return budget.take(itertools.islice(self._ordered, index + 1, None))
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Members before the prefetch landmark: what the image's builder said startup needs."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from agent.layers.lazy_layer import ChunkSlice
+from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
 from fetcher.chunks import BlobSource, ChunkSpec
 from formats.layer_index import LayerIndex
 from formats.toc import TocEntry
@@ -52,7 +52,9 @@ class IndexedLayer:
                 decode = partial(self.index.read_span, number)
             else:
                 decode = partial(self.index.read_plain_span, number)
-            spec = ChunkSpec(f"s{number:08d}", plan.fetch_start, plan.fetch_end, decode)
+            spec = ChunkSpec(
+                f"s{number:08d}", plan.fetch_start, plan.fetch_end, end - start, decode
+            )
             self._specs[number] = spec
         return spec
 
@@ -81,13 +83,11 @@ class IndexedLayer:
         """Every span of the layer, in order."""
         return [self._spec(i) for i in range(len(self._bounds))]
 
-    def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """The next span (spans are already large), if it fits ``budget``."""
-        number = int(chunk.key[1:]) + 1
-        if number >= len(self._bounds):
-            return []
-        following = self._spec(number)
-        return [following] if following.fetch_end - following.fetch_start <= budget else []
+    def chunks_after(self, chunk: ChunkSpec, budget: ReadAheadBudget) -> list[ChunkSpec]:
+        """The following spans, within ``budget`` (in practice the next one: a span is
+        as large as a read-ahead budget)."""
+        following = range(int(chunk.key[1:]) + 1, len(self._bounds))
+        return budget.take(self._spec(number) for number in following)
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Index-only layers keep their prefetch list in the artifact, not the blob."""

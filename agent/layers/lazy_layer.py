@@ -8,11 +8,36 @@ Both return ChunkSpecs whose ``decode`` verifies the bytes before anyone sees th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from fetcher.chunks import BlobSource, ChunkSpec
 from formats.toc import TocEntry
+
+
+@dataclass(frozen=True)
+class ReadAheadBudget:
+    """How much one read miss may fetch ahead: ``fetch_bytes`` bounds the link time it
+    takes, ``decoded_bytes`` the memory. Both matter: a highly compressible layer puts
+    dozens of 4 MiB spans in 1 MiB of blob, and holding them all while they are
+    verified and cached made the agent's memory grow with the file it served."""
+
+    fetch_bytes: int
+    decoded_bytes: int
+
+    def take(self, following: Iterable[ChunkSpec]) -> list[ChunkSpec]:
+        """The first chunk always (a miss reads ahead at least one chunk, whatever its
+        size), then more while both budgets hold."""
+        taken: list[ChunkSpec] = []
+        fetched = decoded = 0
+        for spec in following:
+            fetched += spec.fetch_length
+            decoded += spec.decoded_size
+            if taken and (fetched > self.fetch_bytes or decoded > self.decoded_bytes):
+                break
+            taken.append(spec)
+        return taken
 
 
 @dataclass(frozen=True)
@@ -43,9 +68,9 @@ class LazyLayer(Protocol):
         """Every chunk of the layer, in blob order (for background fill)."""
         ...
 
-    def chunks_after(self, chunk: ChunkSpec, budget: int) -> list[ChunkSpec]:
-        """The chunks that follow ``chunk`` in the blob, up to ``budget`` compressed bytes
-        (blob-order read-ahead: files of one directory sit next to each other)."""
+    def chunks_after(self, chunk: ChunkSpec, budget: ReadAheadBudget) -> list[ChunkSpec]:
+        """The chunks that follow ``chunk`` in the blob, within ``budget`` (blob-order
+        read-ahead: files of one directory sit next to each other)."""
         ...
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
