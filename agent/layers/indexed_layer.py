@@ -84,8 +84,7 @@ class IndexedLayer:
         return [self._spec(i) for i in range(len(self._bounds))]
 
     def chunks_after(self, chunk: ChunkSpec, budget: ReadAheadBudget) -> list[ChunkSpec]:
-        """The following spans, within ``budget`` (in practice the next one: a span is
-        as large as a read-ahead budget)."""
+        """The following spans, within ``budget``."""
         following = range(int(chunk.key[1:]) + 1, len(self._bounds))
         return budget.take(self._spec(number) for number in following)
 
