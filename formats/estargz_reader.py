@@ -56,7 +56,7 @@ from formats.toc import (
 _MAX_TOC_TAR_BYTES = 4 * TAR_BLOCK + MAX_TOC_JSON_BYTES + len(TAR_END_OF_ARCHIVE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     """One chunk of a regular file and the compressed byte range that holds it.
 
@@ -88,14 +88,14 @@ class EstargzToc:
     """Blob offset where the prioritized area ends; None when the layer has none."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _OpenFile:
     entry: TocEntry
     chunks: list[_PendingChunk] = field(default_factory=list)
     covered: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _PendingChunk:
     file_offset: int
     size: int
@@ -247,23 +247,24 @@ class _TocValidator:
     def _entry(self, record: dict[str, Any], name: str, kind: str) -> TocEntry:
         uid = _uint(record, "uid", MAX_ID)
         gid = _uint(record, "gid", MAX_ID)
-        entry = TocEntry(
-            name=name,
-            type=kind,
-            size=_uint(record, "size", MAX_ENTRY_SIZE) if kind == "reg" else 0,
-            mode=_uint(record, "mode", MAX_ID) & 0o7777,
-            uid=uid,
-            gid=gid,
-            uname=self._owner_name(record, "userName", uid),
-            gname=self._owner_name(record, "groupName", gid),
-            mtime=_modtime(record),
-            link_name=self._link_name(record, kind),
-            dev_major=_uint(record, "devMajor", MAX_ID) if kind in ("char", "block") else 0,
-            dev_minor=_uint(record, "devMinor", MAX_ID) if kind in ("char", "block") else 0,
-            xattrs=_xattrs(record),
-            digest=_optional_digest(record, "digest"),
+        device = kind in ("char", "block")
+        return TocEntry(  # positional, in field order: a big TOC builds tens of thousands
+            name,
+            kind,
+            _uint(record, "size", MAX_ENTRY_SIZE) if kind == "reg" else 0,
+            _uint(record, "mode", MAX_ID) & 0o7777,
+            uid,
+            gid,
+            self._owner_name(record, "userName", uid),
+            self._owner_name(record, "groupName", gid),
+            _modtime(record),
+            self._link_name(record, kind) if kind in ("symlink", "hardlink") else "",
+            _uint(record, "devMajor", MAX_ID) if device else 0,
+            _uint(record, "devMinor", MAX_ID) if device else 0,
+            _xattrs(record),
+            0,
+            _optional_digest(record, "digest"),
         )
-        return entry
 
     def _owner_name(self, record: dict[str, Any], key: str, id_: int) -> str:
         """Writers record an owner name only when it changes for an id; fill the rest."""
@@ -276,8 +277,6 @@ class _TocValidator:
         return value
 
     def _link_name(self, record: dict[str, Any], kind: str) -> str:
-        if kind not in ("symlink", "hardlink"):
-            return ""
         link = record.get("linkName", "")
         if not isinstance(link, str) or "\0" in link or len(link.encode()) > MAX_NAME_BYTES:
             raise EstargzFormatError("invalid linkName")

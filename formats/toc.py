@@ -93,7 +93,7 @@ def check_placement(name: str, kind: str) -> None:
         raise HostileLayerError(f"whiteout {name!r} names no file")
 
 
-@dataclass
+@dataclass(slots=True)
 class TocEntry:
     """One tar entry. ``offset`` is where its data starts in the form that describes it:
     the uncompressed tar stream (index-only) or the compressed blob (eStargz)."""
