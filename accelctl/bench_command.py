@@ -78,6 +78,11 @@ def _image_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
 @click.option("--workdir", type=_DIR, default=SuiteOptions.workdir, show_default=True)
 @click.option("--results-dir", type=_DIR, default=RESULTS_DIR, show_default=True)
 @click.option(
+    "--keep-runs",
+    is_flag=True,
+    help="Keep every run's agent and containerd logs under --workdir (diagnosis).",
+)
+@click.option(
     "--docs-dir",
     type=_DIR,
     help=f"Where the README's chart and table copies go [default: {DOCS_DIR}; none with --quick].",
@@ -96,6 +101,7 @@ def bench(
     cache_dir: Path,
     workdir: Path,
     results_dir: Path,
+    keep_runs: bool,
     docs_dir: Path | None,
 ) -> None:
     """Time to ready of real applications: full pull vs acceld lazy, with and without
@@ -112,6 +118,7 @@ def bench(
         synthetic_mb=synthetic_mb,
         cache_dir=cache_dir,
         workdir=workdir / time.strftime("%Y%m%d-%H%M%S"),
+        keep_runs=keep_runs,
     )
     if quick:
         options = quick_options(options)
@@ -124,7 +131,8 @@ def bench(
             report = run_suite(options, progress)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    shutil.rmtree(options.workdir, ignore_errors=True)  # kept only when a run failed
+    if not keep_runs:
+        shutil.rmtree(options.workdir, ignore_errors=True)  # kept only when a run failed
     outputs = write_outputs(report, command, results_dir, docs_dir)
     click.echo("\n" + outputs.markdown.read_text())
     click.echo(f"results: {outputs.json} {outputs.markdown} {outputs.chart}")

@@ -104,6 +104,8 @@ class SuiteOptions:
     synthetic_mb: int = 64
     cache_dir: Path = Path("/var/tmp/acceld-bench/cache")
     workdir: Path = Path("/var/tmp/acceld-bench/work")
+    keep_runs: bool = False
+    """Keep every run's agent and containerd logs (normally only a failed run's)."""
 
     def rotation(self) -> list[str]:
         """The measured modes in first-repetition order (overlayfs also yields the
@@ -255,6 +257,11 @@ def _run_dir(setup: Setup, image_number: int, label: str) -> Path:
     return setup.workdir / f"i{image_number}{label.replace(PROFILE_SUFFIX, '-p')}"
 
 
+def _done_with(run_dir: Path, options: SuiteOptions) -> None:
+    if not options.keep_runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _lazy_run(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
     with_profile = mode.endswith(PROFILE_SUFFIX)
     form = mode.removesuffix(PROFILE_SUFFIX).removeprefix("lazy-")
@@ -284,7 +291,7 @@ def learn_profile(
             except LearnError:
                 log.error("bench.learn_failed", agent_log=str(node[0].log_path))
                 raise
-        shutil.rmtree(run_dir, ignore_errors=True)
+        _done_with(run_dir, options)
     assert profile is not None  # learn_starts >= 1
     return Learned(
         form,
@@ -315,7 +322,7 @@ def measure_image(
                 runs += run_overlayfs(setup, repetition, run_dir)
             else:
                 runs.append(_lazy_run(setup, mode, repetition, run_dir))
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _done_with(run_dir, options)
             log.info("bench.done", image=setup.image.name, **asdict(runs[-1]))
         order = order[1:] + order[:1]
     return learned, runs
