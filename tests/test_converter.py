@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -103,6 +104,36 @@ async def test_full_mode_round_trip_and_discovery(pushed_features):
         found = await discovery.discover(str(ref), built.digest, source_layer.digest)
         assert found.layer.kind == "estargz"
         assert found.layer.blob.digest == manifest.layers[1].digest
+
+
+async def test_the_layers_above_are_looked_up_while_the_first_is_prepared(
+    pushed_features, registry
+):
+    """containerd prepares layers one by one; the agent must not wait for each Prepare
+    to start fetching that layer's index."""
+    ref = ImageReference.parse(pushed_features.reference)
+    built = pushed_features.built
+    assert len(built.layers) >= 2
+    async with RegistryClient() as client:
+        result = await convert_image(client, ref, ConvertOptions(mode="index", **SMALL))
+        artifact = (await client.get_manifest(result.target)).parsed
+        index_blobs = {f"/blobs/{desc.digest}" for desc in artifact.layers}
+        discovery = LayerDiscovery(client)
+        first = await discovery.discover(str(ref), built.digest, built.layers[0].digest)
+        assert first.layer.kind == "index"
+        for _ in range(200):  # the background lookups finish on their own
+            gets = [r.path for r in registry.requests() if r.method == "GET"]
+            fetched = {b for b in index_blobs if any(path.endswith(b) for path in gets)}
+            if fetched == index_blobs:
+                break
+            await asyncio.sleep(0.05)
+        assert fetched == index_blobs
+        before = len(registry.requests())
+        for source in built.layers[1:]:
+            found = await discovery.discover(str(ref), built.digest, source.digest)
+            assert found.layer.kind == "index"
+            assert found.layer.blob.digest == source.digest
+        assert len(registry.requests()) == before  # all of it was already here
 
 
 async def test_full_mode_image_runs_with_overlayfs(pushed_busybox, containerd, registry):

@@ -10,12 +10,21 @@ and the layer digest. In order of preference we serve the layer from:
 3. an index-only artifact that refers to the image's manifest (referrers API or the
    tag-schema fallback).
 Anything else is a NoAccelerationError whose ``reason`` feeds the fallback metric.
+
+containerd prepares an image's layers one after another, each waiting for the one
+below. So when the first layer of a manifest is asked for, the layers above it are
+looked up at once, in the background: their indexes download (and parse) while the
+lower layers are mounted and committed, not after, and the lookups every layer shares
+(twin manifest, referrers) are made once per manifest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from agent.layers.estargz_layer import EstargzLayer
 from agent.layers.indexed_layer import IndexedLayer
@@ -42,6 +51,13 @@ from formats.estargz_toc import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, EstargzForma
 log = get_logger(__name__)
 MAX_INDEX_BLOB = 256 << 20
 MAX_TOC_MEMBER = 64 << 20
+AHEAD_TTL_S = 120.0
+"""How long a layer looked up ahead waits for its Prepare (a pull that was given up on
+must not pin parsed indexes)."""
+LOOKUP_TTL_S = 30.0
+"""How long a per-manifest lookup is shared: one pull's worth, so an image converted
+meanwhile is found on the next pull."""
+T = TypeVar("T")
 
 
 class NoAccelerationError(Exception):
@@ -93,6 +109,8 @@ class LayerDiscovery:
         self.client = client
         self.use_referrers = use_referrers
         self._manifests: dict[str, ImageManifest] = {}
+        self._ahead: dict[tuple[str, str, str], asyncio.Task[DiscoveredLayer]] = {}
+        self._lookups: dict[tuple[str, ...], asyncio.Task[Any]] = {}
 
     async def _manifest(self, ref: ImageReference, digest: str | None) -> tuple[str, ImageManifest]:
         if digest and digest in self._manifests:
@@ -116,6 +134,56 @@ class LayerDiscovery:
         self, image_ref: str, manifest_digest: str | None, layer_digest: str
     ) -> DiscoveredLayer:
         """The best lazy form of ``layer_digest`` of ``image_ref``; NoAccelerationError if none."""
+        ahead = self._ahead.pop((image_ref, manifest_digest or "", layer_digest), None)
+        if ahead is not None:
+            return await ahead
+        return await self._discover(image_ref, manifest_digest, layer_digest, look_ahead=True)
+
+    def _look_ahead(self, image_ref: str, manifest_digest: str, layers: list[str]) -> None:
+        """Start discovering ``layers`` now; their Prepares will find the result waiting."""
+        loop = asyncio.get_running_loop()
+        for layer_digest in layers:
+            key = (image_ref, manifest_digest, layer_digest)
+            if key in self._ahead:
+                continue
+            task = loop.create_task(self._discover(image_ref, manifest_digest, layer_digest))
+            task.add_done_callback(_mark_retrieved)
+            self._ahead[key] = task
+            loop.call_later(AHEAD_TTL_S, self._forget_ahead, key, task)
+
+    def _forget_ahead(self, key: tuple[str, str, str], task: asyncio.Task[DiscoveredLayer]) -> None:
+        if self._ahead.get(key) is task:
+            del self._ahead[key]
+            task.cancel()
+
+    async def _shared(self, key: tuple[str, ...], make: Callable[[], Awaitable[T]]) -> T:
+        """One lookup for every layer that needs it; failures are not kept (a registry
+        hiccup must not make later layers fall back), results for LOOKUP_TTL_S."""
+        task = self._lookups.get(key)
+        if task is None:
+            task = asyncio.ensure_future(make())
+            self._lookups[key] = task
+            task.add_done_callback(lambda done: self._settle_lookup(key, done))
+        result: T = await asyncio.shield(task)
+        return result
+
+    def _settle_lookup(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self._lookups.pop(key, None)
+            return
+        asyncio.get_running_loop().call_later(LOOKUP_TTL_S, self._expire_lookup, key, task)
+
+    def _expire_lookup(self, key: tuple[str, ...], task: asyncio.Task[Any]) -> None:
+        if self._lookups.get(key) is task:
+            del self._lookups[key]
+
+    async def _discover(
+        self,
+        image_ref: str,
+        manifest_digest: str | None,
+        layer_digest: str,
+        look_ahead: bool = False,
+    ) -> DiscoveredLayer:
         try:
             ref = ImageReference.parse(image_ref)
         except ValueError as exc:
@@ -127,6 +195,9 @@ class LayerDiscovery:
             )
             if position is None:
                 raise NoAccelerationError("layer-not-in-manifest", layer_digest)
+            if look_ahead and manifest_digest:
+                above = [d.digest for d in manifest.layers[position + 1 :]]
+                self._look_ahead(image_ref, manifest_digest, above)
             descriptor = manifest.layers[position]
             blob = BlobSource(ref, descriptor.digest, descriptor.size)
             prefetch = _prefetch_from(manifest.annotations)
@@ -156,18 +227,30 @@ class LayerDiscovery:
             raise NoAccelerationError("bad-index", str(exc)) from None
         raise NoAccelerationError("not-accelerated", f"{image_ref} layer {layer_digest}")
 
-    async def _from_index_artifact(
-        self, ref: ImageReference, manifest_digest: str, layer: Descriptor
-    ) -> DiscoveredLayer | None:
+    async def _index_artifacts(
+        self, ref: ImageReference, manifest_digest: str
+    ) -> list[ImageManifest]:
+        """The index-only artifacts that refer to the manifest."""
+        found = []
         for desc in await self.client.referrers(ref, manifest_digest, ARTIFACT_TYPE_INDEX):
             artifact = await self.client.get_manifest(ref.with_digest(desc.digest))
             parsed = artifact.parsed
             if (
-                not isinstance(parsed, ImageManifest)
-                or parsed.subject is None
-                or (parsed.subject.digest != manifest_digest)
+                isinstance(parsed, ImageManifest)
+                and parsed.subject is not None
+                and parsed.subject.digest == manifest_digest
             ):
-                continue
+                found.append(parsed)
+        return found
+
+    async def _from_index_artifact(
+        self, ref: ImageReference, manifest_digest: str, layer: Descriptor
+    ) -> DiscoveredLayer | None:
+        artifacts = await self._shared(
+            ("index-artifacts", str(ref.with_digest(manifest_digest))),
+            lambda: self._index_artifacts(ref, manifest_digest),
+        )
+        for parsed in artifacts:
             for blob_desc in parsed.layers:
                 if (
                     blob_desc.media_type == MEDIA_TYPE_LAYER_INDEX
@@ -183,15 +266,12 @@ class LayerDiscovery:
                     )
         return None
 
-    async def _from_full_twin(
-        self, ref: ImageReference, manifest_digest: str, position: int
-    ) -> DiscoveredLayer | None:
-        assert ref.tag is not None
-        twin_ref = ref.with_tag(accelerated_tag(ref.tag))
+    async def _twin_candidates(self, twin_ref: ImageReference) -> list[ImageManifest]:
+        """The manifests (for this platform) of the full-mode twin tag; none if absent."""
         try:
             fetched = await self.client.get_manifest(twin_ref)
         except NotFoundError:
-            return None
+            return []
         candidates: list[ImageManifest] = []
         if isinstance(fetched.parsed, ImageIndex):
             for desc in fetched.parsed.manifests:
@@ -201,6 +281,16 @@ class LayerDiscovery:
                         candidates.append(sub.parsed)
         else:
             candidates.append(fetched.parsed)
+        return candidates
+
+    async def _from_full_twin(
+        self, ref: ImageReference, manifest_digest: str, position: int
+    ) -> DiscoveredLayer | None:
+        assert ref.tag is not None
+        twin_ref = ref.with_tag(accelerated_tag(ref.tag))
+        candidates = await self._shared(
+            ("twin", str(twin_ref)), lambda: self._twin_candidates(twin_ref)
+        )
         for twin in candidates:
             if (
                 twin.annotations.get(ANNOTATION_SOURCE_DIGEST) != manifest_digest
@@ -217,3 +307,10 @@ class LayerDiscovery:
             )
             return DiscoveredLayer(layer, _prefetch_from(twin.annotations))
         return None
+
+
+def _mark_retrieved(task: asyncio.Task[Any]) -> None:
+    """A layer looked up ahead may never be asked for (the pull was given up on); its
+    error is then nobody's to report, and must not be logged as unhandled."""
+    if not task.cancelled():
+        task.exception()
