@@ -23,6 +23,7 @@ import pyfuse3
 from agent import metrics
 from agent.fs.tree import InodeAllocator, LayerTree, Node
 from agent.layers.lazy_layer import LazyLayer, ReadAheadBudget
+from common.gc_pause import gc_paused
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import ChunkFetchError, Priority
@@ -99,7 +100,8 @@ class LayerFS(pyfuse3.Operations):
         existing = self._layers.get(key)
         if existing is not None:
             return existing
-        tree = LayerTree(layer.entries, self._inodes)
+        with gc_paused():
+            tree = LayerTree(layer.entries, self._inodes)
         mounted = MountedLayer(name, layer, tree, time.monotonic())
         for node in tree.nodes.values():
             self._owner[node.inode] = (node, mounted)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from agent.layers.estargz_layer import EstargzLayer
 from agent.layers.indexed_layer import IndexedLayer
+from common.gc_pause import gc_paused
 from common.logging import get_logger
 from fetcher import mediatypes as mt
 from fetcher.chunks import BlobSource
@@ -88,7 +89,8 @@ async def open_estargz(
     if toc_length <= 0 or toc_length > MAX_TOC_MEMBER:
         raise EstargzFormatError(f"implausible TOC length {toc_length}")
     member = await client.get_range(blob.ref, blob.digest, toc_offset, toc_length)
-    return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest))
+    with gc_paused():
+        return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest))
 
 
 def _prefetch_from(annotations: dict[str, str]) -> list[str]:
@@ -257,7 +259,8 @@ class LayerDiscovery:
                     and blob_desc.annotations.get(ANNOTATION_LAYER_DIGEST) == layer.digest
                 ):
                     raw = await self.client.get_blob(ref, blob_desc.digest, MAX_INDEX_BLOB)
-                    index = layer_index.parse(raw)
+                    with gc_paused():
+                        index = layer_index.parse(raw)
                     if index.layer_digest != layer.digest or index.compressed_size != layer.size:
                         raise layer_index.IndexFormatError("index describes another layer")
                     blob = BlobSource(ref, layer.digest, layer.size)
