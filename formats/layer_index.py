@@ -43,9 +43,11 @@ from formats.toc import (
     ENTRY_TYPES,
     MAX_ENTRY_SIZE,
     MAX_ID,
+    MAX_MTIME,
     MAX_NAME_BYTES,
     MAX_OWNER_NAME,
     MAX_XATTR_BYTES,
+    WHITEOUT_PREFIX,
     HostileLayerError,
     TocEntry,
     check_placement,
@@ -597,7 +599,7 @@ def _plainly_valid(row: Any) -> bool:
     return (
         type(name) is str
         and is_normalized(name)
-        and ".wh." not in name
+        and WHITEOUT_PREFIX not in name
         and type(code) is int
         and code in _PLAIN_TYPE_CODES
         and type(size) is int
@@ -615,10 +617,10 @@ def _plainly_valid(row: Any) -> bool:
         and len(gname) <= MAX_OWNER_NAME
         and "\0" not in gname
         and type(mtime) in (int, float)
-        and -(1 << 62) < mtime < 1 << 62
+        and -MAX_MTIME < mtime < MAX_MTIME
         and type(link) is str
         and (code == _SYMLINK_CODE or not link)
-        and len(link) <= MAX_NAME_BYTES // 4
+        and len(link) <= MAX_NAME_BYTES
         and "\0" not in link
         and major == 0
         and minor == 0
@@ -671,7 +673,7 @@ def _checked_entry(row: Any, number: int, previous_end: int) -> TocEntry:
         raise IndexFormatError(f"{where}: {exc}") from None
     _int(row[2], f"{where} size", MAX_ENTRY_SIZE if kind == "reg" else 0)
     mtime = row[8]
-    if type(mtime) not in (int, float) or not -(1 << 62) < mtime < 1 << 62:
+    if type(mtime) not in (int, float) or not -MAX_MTIME < mtime < MAX_MTIME:
         raise IndexFormatError(f"{where} mtime must be a number")
     link = _str(row[9], f"{where} link name")
     if kind == "hardlink":
