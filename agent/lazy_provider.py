@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from agent import metrics
 from agent.fs.operations import LayerFS, MountedLayer
@@ -25,12 +27,16 @@ from fetcher.chunks import ChunkSpec, Priority
 from fetcher.reference import ImageReference
 from fetcher.scheduler import ChunkFetcher
 from formats.toc import HostileLayerError, TocEntry, normalize_name
+from profiles.plan import PrefetchEntry
 
 log = get_logger(__name__)
 
 LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
 LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+PLAN_TTL_S = 120.0
+"""How long a profile fetched at a first Prepare waits for a layer of its image to mount."""
+T = TypeVar("T")
 
 
 def layer_name(kind: str, digest: str) -> str:
@@ -90,7 +96,9 @@ class LazyLayerProvider:
         self._users: dict[str, int] = {}
         self.sessions = ImageSessions()
         self.recorder = recorder
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._plans: dict[str, asyncio.Task[list[PrefetchEntry]]] = {}
+        """Learned plans being fetched for images whose first layer is being prepared."""
         fs.listener = self
 
     async def prepare_layer(
@@ -103,6 +111,8 @@ class LazyLayerProvider:
             metrics.FALLBACKS.labels("no-cri-labels").inc()
             metrics.LAYERS.labels("fallback").inc()
             return None
+        if self.prefetch:
+            self._start_plan_fetch(labels)
         try:
             found = await self.discovery.discover(
                 image_ref, labels.get(LABEL_MANIFEST_DIGEST), layer_digest
@@ -167,14 +177,44 @@ class LazyLayerProvider:
             reference, manifest_digest, order, layer_digest, mounted
         )
         if created and self.prefetch:
-            task = asyncio.get_running_loop().create_task(self._prefetch_profile(session))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            plan = self._plans.pop(manifest_digest, None)
+            if plan is None:
+                plan = self._spawn(load_plan(self.discovery.client, reference, manifest_digest))
+            self._spawn(self._prefetch_profile(session, plan))
         elif self.prefetch:
             enqueue_ready(self.fetcher, session)
 
-    async def _prefetch_profile(self, session: ImageSession) -> None:
-        await load_plan(self.discovery.client, session)
+    def _start_plan_fetch(self, labels: dict[str, str]) -> None:
+        """At an image's first Prepare, fetch its learned profile alongside the layer
+        lookup: waiting for the first mount cost python-fat-api ~0.7 s of prefetch."""
+        manifest_digest = labels.get(LABEL_MANIFEST_DIGEST)
+        if (
+            not manifest_digest
+            or manifest_digest in self._plans
+            or manifest_digest in self.sessions.by_manifest
+        ):
+            return
+        try:
+            reference = ImageReference.parse(labels[LABEL_IMAGE_REF]).with_digest(manifest_digest)
+        except ValueError:
+            return  # discovery reports the bad label
+        self._plans[manifest_digest] = self._spawn(
+            load_plan(self.discovery.client, reference, manifest_digest)
+        )
+        # A pull whose layers all fall back never collects it.
+        asyncio.get_running_loop().call_later(PLAN_TTL_S, self._plans.pop, manifest_digest, None)
+
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A background task that close() cancels."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _prefetch_profile(
+        self, session: ImageSession, plan: asyncio.Task[list[PrefetchEntry]]
+    ) -> None:
+        session.plan = await plan
         queued = enqueue_ready(self.fetcher, session)
         if queued:
             log.info("agent.profile_prefetch", image=str(session.reference), chunks=queued)

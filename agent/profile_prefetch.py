@@ -1,9 +1,10 @@
 """Prefetch what the fleet learned an image's startup reads, in the order it reads it.
 
-At the first Prepare of an image the profile is fetched from the registry while the
-remaining layers are still being prepared; each plan entry is handed to the fetcher at
-PREFETCH priority as soon as the layer holding it is mounted, so the bytes are on their
-way before the container asks for them.
+At the first Prepare of an image the profile is fetched from the registry, alongside the
+lookup of that first layer, so it is at hand by the time the layer is mounted; each plan
+entry is handed to the fetcher at PREFETCH priority as soon as the layer holding it is
+mounted, so the bytes are on their way while containerd still prepares the layers above
+and before the container asks for them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from agent.image_sessions import ImageSession
 from common.logging import get_logger
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.errors import RegistryError
+from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
 from formats.toc import HostileLayerError, normalize_name
@@ -22,21 +24,24 @@ from profiles.registry_sync import fetch_profile
 log = get_logger(__name__)
 
 
-async def load_plan(client: RegistryClient, session: ImageSession) -> None:
-    """Fetch the image's learned profile (if any) into ``session.plan``."""
+async def load_plan(
+    client: RegistryClient, reference: ImageReference, manifest_digest: str
+) -> list[PrefetchEntry]:
+    """The image's learned prefetch plan; empty when it has no profile or the profile
+    cannot be had (prefetching is an optimisation, never a reason to fail a pull)."""
     try:
-        profile = await fetch_profile(client, session.reference, session.manifest_digest)
+        profile = await fetch_profile(client, reference, manifest_digest)
     except (RegistryError, ProfileFormatError, ValueError) as exc:
-        log.warning("profile.fetch_failed", image=str(session.reference), error=str(exc))
-        session.plan = []
-        return
-    session.plan = prefetch_plan(profile) if profile is not None else []
+        log.warning("profile.fetch_failed", image=str(reference), error=str(exc))
+        return []
+    plan = prefetch_plan(profile) if profile is not None else []
     log.info(
         "profile.loaded",
-        image=str(session.reference),
-        entries=len(session.plan),
+        image=str(reference),
+        entries=len(plan),
         runs=profile.runs.count if profile else 0,
     )
+    return plan
 
 
 def _chunks_for(
