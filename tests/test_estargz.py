@@ -3,6 +3,7 @@ compatibility with stargz-snapshotter's own converter (`ctr-remote`)."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import io
@@ -607,6 +608,102 @@ def test_fuzzed_toc_records_parse_or_fail_cleanly(records: list[Any], toc_offset
     for chunks in toc.chunks.values():
         for chunk in chunks:
             assert 0 < chunk.blob_offset < chunk.blob_end <= toc_offset
+
+
+class _FieldByFieldValidator(reader_module._TocValidator):
+    """The TOC validator without its fast path for plain files."""
+
+    def _plain_file(self, record: dict[str, Any]) -> bool:
+        return False
+
+
+def _plain_records() -> list[dict[str, Any]]:
+    """Records of the shapes the fast path takes, with a directory and a link between."""
+    stamp = "2024-05-01T10:00:00Z"
+    plain = {"modtime": stamp, "mode": 0o644, "digest": DIGEST, "chunkDigest": DIGEST}
+    return [
+        _reg("a", size=10, offset=100) | plain,
+        _reg("b", size=20, offset=100, innerOffset=512) | plain,
+        {"name": "d", "type": "dir", "mode": 0o755, "modtime": stamp},
+        _reg("d/c", size=30, offset=200, innerOffset=0) | plain,
+        {"name": "d/l", "type": "symlink", "linkName": "c", "mode": 0o777, "modtime": stamp},
+        _reg("e", size=5, offset=300) | plain,
+    ]
+
+
+_NUMBER_EDGES = [0, 1, -1, 99, 100, 200, 512, 9_999, 10_000, 1 << 32, 1 << 44, True, 1.5, "1"]
+_FAST_PATH_EDGES: dict[str, list[Any]] = {
+    "name": ["", ".", "a/../b", "/x", "a//b", ".wh.a", "d/.wh.c", ".wh.", "d/.wh..",
+             PREFETCH_LANDMARK, "a\0b", "x" * 1025, "a", "d", 5],
+    "type": ["reg", "dir", "chunk", "symlink", "hardlink", None],
+    "digest": [DIGEST, "sha256:" + "AB" * 32, "sha256:" + "cd" * 32, "", None, 1],
+    "modtime": ["", "2024-05-01T10:00:00", "2024-05-01T12:00:00+02:00", "yesterday", 0],
+}  # fmt: skip
+_FAST_PATH_EDGES["chunkDigest"] = _FAST_PATH_EDGES["digest"]
+
+
+def _both_validators(records: list[dict[str, Any]], toc_offset: int) -> list[EstargzToc | None]:
+    outcomes: list[EstargzToc | None] = []
+    for validator in (reader_module._TocValidator, _FieldByFieldValidator):
+        try:
+            outcomes.append(validator(toc_offset).run(copy.deepcopy(records), "sha256:x"))
+        except HostileLayerError:
+            outcomes.append(None)
+    return outcomes
+
+
+def test_the_fast_path_for_plain_files_agrees_with_the_field_by_field_checks() -> None:
+    """Records the fast path takes must be refused, or built, exactly as the checks that
+    name the field at fault would (same entries, same chunks): every single-field change
+    to every plain record, and every way of dropping a field."""
+    base = _plain_records()
+    cases = 0
+    for number, record in enumerate(base):
+        for key in [*sorted(record), "innerOffset", "uid", "chunkSize"]:
+            values = _FAST_PATH_EDGES.get(key, _NUMBER_EDGES)
+            for value in [*values, ...]:
+                records = copy.deepcopy(base)
+                if value is ...:
+                    records[number].pop(key, None)
+                else:
+                    records[number][key] = value
+                    if key == "digest":  # a whole-file chunk's digest is the file's
+                        records[number]["chunkDigest"] = value
+                for toc_offset in (10_000, 301, 101):
+                    fast, checked = _both_validators(records, toc_offset)
+                    assert fast == checked, (number, key, value, toc_offset)
+                    cases += 1
+    assert cases > 1000
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data())
+def test_the_fast_path_agrees_with_the_checks_on_several_changes(data: st.DataObject) -> None:
+    records = _plain_records()
+    for _ in range(data.draw(st.integers(2, 4))):
+        record = data.draw(st.sampled_from(records))
+        key = data.draw(st.sampled_from([*sorted(record), "innerOffset", "uid", "chunkSize"]))
+        if key in record and data.draw(st.integers(0, 4)) == 0:
+            del record[key]
+        else:
+            record[key] = data.draw(st.sampled_from(_FAST_PATH_EDGES.get(key, _NUMBER_EDGES)))
+    fast, checked = _both_validators(records, 10_000)
+    assert fast == checked
+
+
+def test_plain_files_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    taken: list[str] = []
+    plain_file = reader_module._TocValidator._plain_file
+
+    def counting(self: Any, record: dict[str, Any]) -> bool:
+        if plain_file(self, record):
+            taken.append(record["name"])
+            return True
+        return False
+
+    monkeypatch.setattr(reader_module._TocValidator, "_plain_file", counting)
+    reader_module._TocValidator(10_000).run(_plain_records(), "sha256:x")
+    assert taken == ["a", "b", "d/c", "e"]
 
 
 @settings(max_examples=150, deadline=None)
