@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 from fetcher.reference import ImageReference
 
@@ -42,6 +43,20 @@ class BlobSource:
     size: int
 
 
+class ChunkDecoder(Protocol):
+    """``ChunkSpec.decode`` split up: inflating and checking a chunk while its bytes
+    arrive takes that work off the time a blocked read waits after the last byte."""
+
+    def feed(self, data: bytes) -> None:
+        """The next bytes of the fetch range (never raises: ``finish`` judges)."""
+
+    def finish(self) -> bytes:
+        """The verified content, or raise as ``decode`` would."""
+
+    def close(self) -> None:
+        """Release resources of a decoder that will not be finished."""
+
+
 @dataclass(frozen=True)
 class ChunkSpec:
     """One cacheable chunk: GET blob bytes [fetch_start, fetch_end), then ``decode`` them.
@@ -57,6 +72,11 @@ class ChunkSpec:
     decoded_size: int
     """Bytes ``decode`` returns: what the chunk costs in memory while it is handed out."""
     decode: Callable[[bytes], bytes] = field(compare=False, hash=False, repr=False)
+    streaming: Callable[[], ChunkDecoder] | None = field(
+        default=None, compare=False, hash=False, repr=False
+    )
+    """Makes a decoder fed as the bytes arrive, with ``decode``'s outcome; None where
+    the format has none."""
 
     def __post_init__(self) -> None:
         validate_chunk_key(self.key)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urljoin
 
 import aiofiles
@@ -80,6 +80,27 @@ def referrers_tag(digest: str) -> str:
     """The OCI tag-schema fallback tag for referrers of ``digest`` (`sha256-<hex>`)."""
     algorithm, hexpart = validate_digest(digest).split(":", 1)
     return f"{algorithm}-{hexpart}"[:128]
+
+
+class RangeSink(Protocol):
+    """Takes a range body piece by piece (e.g. to inflate it while the rest arrives)."""
+
+    def restart(self) -> None:
+        """A new attempt's body begins: forget what earlier attempts fed."""
+
+    def feed(self, data: bytes) -> None:
+        """The next piece of the body."""
+
+
+async def _body(resp: aiohttp.ClientResponse, sink: RangeSink | None) -> bytes:
+    if sink is None:
+        return await resp.content.read()
+    sink.restart()
+    pieces = []
+    async for piece in resp.content.iter_chunked(STREAM_CHUNK):
+        sink.feed(piece)
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 class RegistryClient:
@@ -325,11 +346,19 @@ class RegistryClient:
             tmp.unlink(missing_ok=True)
         return size
 
-    async def get_range(self, ref: ImageReference, digest: str, offset: int, length: int) -> bytes:
+    async def get_range(
+        self,
+        ref: ImageReference,
+        digest: str,
+        offset: int,
+        length: int,
+        sink: RangeSink | None = None,
+    ) -> bytes:
         """Bytes [offset, offset+length) of a blob with one HTTP Range GET.
 
         A registry that ignores Range raises RangeNotSupportedError rather than making
-        us download the whole layer; a short or mis-addressed body is retried.
+        us download the whole layer; a short or mis-addressed body is retried. A
+        ``sink`` is fed the body as it arrives, and restarted at each attempt's body.
         """
         if offset < 0 or length <= 0:
             raise ValueError(f"invalid range offset={offset} length={length}")
@@ -358,7 +387,7 @@ class RegistryClient:
                 if match and int(match.group(1)) != offset:
                     problem = f"Content-Range {resp.headers['Content-Range']} for {offset}"
                 else:
-                    data = await resp.content.read()
+                    data = await _body(resp, sink)
                     if len(data) == length or (
                         match and len(data) == int(match.group(2)) - offset + 1
                     ):

@@ -33,6 +33,7 @@ from fetcher.chunks import (
 )
 from fetcher.coalesce import RangeQueue
 from fetcher.registry import RegistryClient
+from fetcher.streaming_decode import StreamingDecode
 from fetcher.transport import Target
 
 log = get_logger(__name__)
@@ -198,6 +199,8 @@ class ChunkFetcher:
         # Cache writes fsync each chunk: on threads of their own, so a burst of them
         # never queues ahead of the decoding that readers are waiting for.
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="acceld-cache-write")
+        # Demand chunks are decoded while they arrive, in order, on a thread of their own.
+        self._streamer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acceld-stream")
         self._demand_timeout = demand_timeout
         self.stats = FetchStats()
         self._hosts: dict[str, _HostQueue] = {}
@@ -287,6 +290,7 @@ class ChunkFetcher:
             self._finish(job, error=FetcherClosedError("chunk fetcher closed"))
         # Writes already started finish, so no chunk is left half-way into the cache.
         await asyncio.to_thread(self._writer.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._streamer.shutdown, wait=True)
 
     # -- queueing -----------------------------------------------------------------
 
@@ -400,9 +404,16 @@ class ChunkFetcher:
             end = min(end, blob.size)
         loop = asyncio.get_running_loop()
         began = loop.time()
+        sink = self._streaming(batch, priority)
         try:
-            data = await self._client.get_range(blob.ref, blob.digest, start, end - start)
+            data = await self._client.get_range(blob.ref, blob.digest, start, end - start, sink)
+        except asyncio.CancelledError:
+            if sink is not None:
+                sink.abandon()
+            raise
         except Exception as exc:
+            if sink is not None:
+                sink.abandon()
             self.stats.request_errors += 1
             log.warning(
                 "fetcher.range_failed",
@@ -418,7 +429,9 @@ class ChunkFetcher:
             return
         self.stats.record_request(priority, len(data), loop.time() - began)
         specs = [job.chunk for job in batch]
-        if self._decode_in_thread:
+        if sink is not None:
+            outcomes = [await self._streamed(sink)]
+        elif self._decode_in_thread:
             outcomes = await asyncio.to_thread(self._decode, specs, start, data)
         else:
             outcomes = self._decode(specs, start, data)
@@ -443,6 +456,25 @@ class ChunkFetcher:
         for key, error in errors:
             self.stats.cache_write_errors += 1
             log.warning("fetcher.cache_write_failed", digest=blob.digest, chunk=key, error=error)
+
+    def _streaming(self, batch: list[_Job], priority: Priority) -> StreamingDecode | None:
+        """A decoder fed while the body arrives, for the one chunk a blocked read waits
+        for; prefetch and fill keep decoding afterwards, in parallel threads, so their
+        work never queues ahead of a demand chunk's on the streaming thread."""
+        make = batch[0].chunk.streaming
+        if priority != Priority.DEMAND or len(batch) != 1 or make is None:
+            return None
+        if not self._decode_in_thread:
+            return None
+        return StreamingDecode(make, self._streamer)
+
+    @staticmethod
+    async def _streamed(sink: StreamingDecode) -> bytes | str:
+        try:
+            return await sink.outcome()
+        except Exception as exc:
+            # As in _decode: anything the decoder raises means the bytes are untrusted.
+            return f"{type(exc).__name__}: {exc}"
 
     @staticmethod
     def _decode(specs: list[ChunkSpec], start: int, data: bytes) -> list[bytes | str]:

@@ -165,6 +165,54 @@ def read_member(chunks: Sequence[ChunkRef], data: bytes) -> bytes:
         raise ChunkDigestError(
             f"{last.name}@{last.file_offset}: inflated {len(plain)} bytes, need {wanted}"
         )
+    return _checked(chunks, plain)
+
+
+class MemberDecoder:
+    """``read_member`` fed piece by piece while the member's bytes arrive, so inflating
+    overlaps the download. ``feed`` never raises; when the stream is not plainly good,
+    ``finish`` runs ``read_member`` over everything received (same verdict, same error).
+    """
+
+    def __init__(self, chunks: Sequence[ChunkRef]) -> None:
+        self._chunks = chunks
+        self._wanted = max(chunk.inner_offset + chunk.size for chunk in chunks)
+        self._received: list[bytes] = []
+        self._pieces: list[bytes] = []
+        self._inflater = ZLIB.decompressobj(GZIP_WBITS)
+        self._failed = False
+
+    def feed(self, data: bytes) -> None:
+        """Inflate what ``data`` adds of the member, up to the last chunk's end."""
+        self._received.append(data)
+        inflater = self._inflater
+        if self._failed or inflater.eof:
+            return
+        try:
+            if self._wanted:
+                out = inflater.decompress(data, self._wanted)
+            else:  # past the last chunk: the member's trailer is still checked
+                out = inflater.decompress(inflater.unconsumed_tail + data, 1)
+                self._failed = bool(out)
+                return
+        except ZLIB.error:
+            self._failed = True
+            return
+        self._pieces.append(out)
+        self._wanted -= len(out)
+
+    def finish(self) -> bytes:
+        """The member's verified bytes, or ChunkDigestError."""
+        if self._failed or self._wanted:
+            return read_member(self._chunks, b"".join(self._received))
+        return _checked(self._chunks, b"".join(self._pieces))
+
+    def close(self) -> None:
+        """Nothing to free early: zlib's state goes with the object."""
+
+
+def _checked(chunks: Sequence[ChunkRef], plain: bytes) -> bytes:
+    """``plain`` (a member's inflated bytes) once every chunk in it matches its digest."""
     view = memoryview(plain)
     for chunk in chunks:
         payload = view[chunk.inner_offset : chunk.inner_offset + chunk.size]

@@ -519,6 +519,103 @@ def inflate_span(
     return data
 
 
+class SpanDecoder:
+    """``inflate_span`` fed piece by piece while the span's compressed bytes arrive, so
+    that inflating and hashing a span overlap its download instead of following it (on
+    a demand read both are waited for: ~15-20 ms a 4 MiB span).
+
+    ``feed`` never raises: anything unusual (corrupt input, a gzip member boundary
+    inside the span) leaves the verdict to ``finish``, which then runs ``inflate_span``
+    over everything received, so the outcome is exactly that of the whole-buffer path.
+    """
+
+    def __init__(
+        self,
+        checkpoints: Sequence[Checkpoint],
+        span_digests: Sequence[bytes],
+        uncompressed_size: int,
+        number: int,
+        window: bytes,
+    ) -> None:
+        self._span = (checkpoints, span_digests, uncompressed_size, number, window)
+        checkpoint = checkpoints[number]
+        end = (
+            checkpoints[number + 1].uncompressed_offset
+            if number + 1 < len(checkpoints)
+            else uncompressed_size
+        )
+        self._wanted = end - checkpoint.uncompressed_offset
+        self._received: list[bytes] = []
+        self._pieces: list[bytes] = []
+        self._hash = hashlib.sha256()
+        self._inflater: _Inflater | None = None
+        self._whole_buffer = False
+        """Set when only the whole-buffer path can decide (it then names the problem)."""
+
+    def feed(self, data: bytes) -> None:
+        """Inflate and hash what ``data`` completes of the span."""
+        if not data:
+            return
+        self._received.append(data)
+        if self._whole_buffer or not self._wanted:
+            return
+        try:
+            self._inflate(data)
+        except CorruptSpanError:
+            self._whole_buffer = True
+
+    def _inflate(self, data: bytes) -> None:
+        inflater = self._inflater
+        if inflater is None:
+            checkpoints, _, _, number, window = self._span
+            bit_offset = checkpoints[number].bit_offset
+            inflater = self._inflater = _Inflater(_RAW_WBITS, CorruptSpanError, _READ_OUT_CHUNK)
+            if bit_offset:
+                inflater.prime(8 - bit_offset, data[0] >> bit_offset)
+                data = data[1:]
+            if window:
+                inflater.set_dictionary(window)
+        inflater.set_input(data)
+        while self._wanted:
+            rc, out = inflater.inflate(_Z_NO_FLUSH, self._wanted)
+            if out:
+                self._pieces.append(out)
+                self._hash.update(out)
+                self._wanted -= len(out)
+            if rc == _Z_STREAM_END and self._wanted:
+                self._whole_buffer = True  # the span goes on in the next gzip member
+                return
+            if not out:
+                return  # wants more input
+
+    def finish(self) -> bytes:
+        """The verified span, or CorruptSpanError (as ``inflate_span`` would raise it)."""
+        self.close()
+        checkpoints, span_digests, uncompressed_size, number, window = self._span
+        if self._whole_buffer or self._wanted:
+            return inflate_span(
+                checkpoints,
+                span_digests,
+                uncompressed_size,
+                number,
+                window,
+                b"".join(self._received),
+            )
+        if self._hash.digest() != span_digests[number]:
+            start = checkpoints[number].uncompressed_offset
+            raise CorruptSpanError(
+                f"span {number} (uncompressed {start}-{start + sum(map(len, self._pieces))})"
+                " does not match its digest"
+            )
+        return b"".join(self._pieces)
+
+    def close(self) -> None:
+        """Free the inflate state (also when the download is given up)."""
+        if self._inflater is not None:
+            self._inflater.close()
+            self._inflater = None
+
+
 def _inflate_from(
     checkpoint: Checkpoint, window: bytes, compressed: bytes, start: int, length: int
 ) -> bytes:

@@ -34,6 +34,7 @@ from formats.gzip_index import (
     GzipCheckpointer,
     GzipIndexError,
     RangePlan,
+    SpanDecoder,
     decompress_window,
     inflate_range,
     inflate_span,
@@ -148,6 +149,16 @@ class LayerIndex:
         ):
             raise CorruptSpanError(f"span {number} of {self.layer_digest} fails its digest")
         return fetched
+
+    def span_decoder(self, number: int) -> SpanDecoder:
+        """``read_span`` fed while the span's bytes arrive (same outcome, earlier)."""
+        return SpanDecoder(
+            self.checkpoints,
+            self.span_digests,
+            self.uncompressed_size,
+            number,
+            self.window(number),
+        )
 
     def read_span(self, number: int, fetched: bytes) -> bytes:
         """The whole span ``number``, digest-checked (CorruptSpanError otherwise), from

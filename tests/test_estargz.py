@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import tarfile
@@ -559,6 +560,49 @@ def test_chunk_corruption_is_detected() -> None:
     other = toc.chunks[f"etc/f{BIG}"][3]
     with pytest.raises(ChunkDigestError, match="chunk digest"):
         read_chunk(other, blob[chunk.blob_offset : chunk.blob_end])
+
+
+def _members(toc: EstargzToc) -> dict[int, list[Any]]:
+    members: dict[int, list[Any]] = {}
+    for chunks in toc.chunks.values():
+        for chunk in chunks:
+            members.setdefault(chunk.blob_offset, []).append(chunk)
+    return members
+
+
+def _stream_member(refs: list[Any], data: bytes, piece: int) -> bytes:
+    decoder = reader_module.MemberDecoder(refs)
+    for start in range(0, len(data), piece):
+        decoder.feed(data[start : start + piece])
+    return decoder.finish()
+
+
+def test_members_fed_piece_by_piece_read_as_whole_ones() -> None:
+    blob, _ = _convert(_varied_tar())
+    members = _members(_open_blob(blob))
+    assert any(len(refs) > 1 for refs in members.values())  # shared members included
+    for piece in (1, 7, 100, 1 << 20):
+        for refs in members.values():
+            data = blob[refs[0].blob_offset : refs[0].blob_end]
+            assert _stream_member(refs, data, piece) == reader_module.read_member(refs, data)
+
+
+def test_a_streamed_member_refuses_corruption_as_the_whole_buffer_path_does() -> None:
+    blob, _ = _convert(_varied_tar())
+    rnd = random.Random(7)
+    for refs in _members(_open_blob(blob)).values():
+        member = bytearray(blob[refs[0].blob_offset : refs[0].blob_end])
+        member[rnd.randrange(len(member))] ^= 0x5A
+        for damaged in (bytes(member), bytes(member[: len(member) // 2])):
+            try:
+                whole: bytes | str = reader_module.read_member(refs, damaged)
+            except ChunkDigestError as exc:
+                whole = str(exc)
+            try:
+                streamed: bytes | str = _stream_member(refs, damaged, 64)
+            except ChunkDigestError as exc:
+                streamed = str(exc)
+            assert streamed == whole
 
 
 # --- fuzzing -----------------------------------------------------------------------

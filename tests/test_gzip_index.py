@@ -21,6 +21,7 @@ from formats.gzip_index import (
     GzipCheckpointer,
     GzipCheckpoints,
     GzipFormatError,
+    SpanDecoder,
     decompress_window,
     inflate_range,
     inflate_span,
@@ -195,6 +196,60 @@ def test_every_span_inflates_from_its_slice_and_matches_its_digest(
         start, end = _span_bounds(found, number)
         assert _read_span(compressed, found, number, found.windows[number]) == RAW[start:end]
         assert hashlib.sha256(RAW[start:end]).digest() == found.span_digests[number]
+
+
+def _streamed_span(
+    compressed: bytes, found: GzipCheckpoints, number: int, seed: int
+) -> tuple[SpanDecoder, bytes]:
+    start, end = _span_bounds(found, number)
+    plan = plan_range(found.checkpoints, found.compressed_size, start, end - start)
+    decoder = SpanDecoder(
+        found.checkpoints,
+        found.span_digests,
+        found.uncompressed_size,
+        number,
+        found.windows[number],
+    )
+    for piece in _chunks(compressed[plan.fetch_start : plan.fetch_end], seed):
+        decoder.feed(piece)
+    return decoder, decoder.finish()
+
+
+def test_spans_fed_piece_by_piece_decode_as_whole_ones(
+    indexed: tuple[str, bytes, GzipCheckpoints],
+) -> None:
+    """The streaming decoder returns exactly the verified span whatever the pieces, and
+    for a span inside one gzip member it does the work while fed (no second pass)."""
+    maker, compressed, found = indexed
+    for number in range(len(found.checkpoints)):
+        start, end = _span_bounds(found, number)
+        decoder, data = _streamed_span(compressed, found, number, seed=number)
+        assert data == RAW[start:end]
+        if maker.startswith("python"):
+            assert not decoder._whole_buffer
+
+
+def test_a_streamed_span_refuses_corruption_as_the_whole_buffer_path_does() -> None:
+    compressed = gzip.compress(RAW, 6)
+    _, found = _index(compressed)
+    rnd = random.Random(4)
+    for number in range(len(found.checkpoints)):
+        start, end = _span_bounds(found, number)
+        plan = plan_range(found.checkpoints, found.compressed_size, start, end - start)
+        damaged = bytearray(compressed)
+        damaged[rnd.randrange(plan.fetch_start + 1, plan.fetch_end - 1)] ^= 0x55
+        with pytest.raises(CorruptSpanError) as whole:
+            _read_span(bytes(damaged), found, number, found.windows[number])
+        with pytest.raises(CorruptSpanError) as streamed:
+            _streamed_span(bytes(damaged), found, number, seed=number)
+        assert str(streamed.value) == str(whole.value)
+        short = compressed[plan.fetch_start : (plan.fetch_start + plan.fetch_end) // 2]
+        decoder = SpanDecoder(
+            found.checkpoints, found.span_digests, len(RAW), number, found.windows[number]
+        )
+        decoder.feed(short)
+        with pytest.raises(CorruptSpanError, match=f"span {number}"):
+            decoder.finish()
 
 
 def test_random_ranges_including_ones_crossing_checkpoints(

@@ -14,7 +14,7 @@ import os
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -273,6 +273,65 @@ async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     assert max(s[Priority.BACKGROUND] for s in samples) == 4
     assert min(background_starts) >= max(prefetch_ends) + 0.15
     assert all(fetcher.has(background.blob, c) for c in background.chunks)
+
+
+class _FedMember:
+    """A streaming decoder for the test members that notes what it was fed, so a test
+    can tell the streaming path ran (and restarted after a dropped body)."""
+
+    def __init__(self, expected_sha256: str, log: list[str]) -> None:
+        self._expected = expected_sha256
+        self._received: list[bytes] = []
+        self._log = log
+        log.append("start")
+
+    def feed(self, data: bytes) -> None:
+        self._received.append(data)
+
+    def finish(self) -> bytes:
+        self._log.append(f"finish:{len(self._received)}")
+        return _decode_member(self._expected, b"".join(self._received))
+
+    def close(self) -> None:
+        self._log.append("close")
+
+
+def _streaming(layer: Layer, log: list[str]) -> list[ChunkSpec]:
+    return [
+        replace(
+            chunk,
+            streaming=partial(_FedMember, hashlib.sha256(content).hexdigest(), log),
+        )
+        for chunk, content in zip(layer.chunks, layer.contents, strict=True)
+    ]
+
+
+async def test_demand_chunks_are_decoded_as_they_arrive_and_restart_with_a_retry(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(3, size=256 << 10)
+    log: list[str] = []
+    chunks = _streaming(layer, log)
+    fault_proxy.add(Fault("reset", path_contains=layer.blob.digest, after_bytes=70_000))
+    fetcher = make_fetcher()
+    assert await fetcher.get(layer.blob, chunks[1]) == layer.contents[1]
+    assert _range_gets(fault_proxy, layer.blob.digest) == 2
+    assert log[:3] == ["start", "close", "start"]  # the dropped body's decoder is let go
+    assert log[3].startswith("finish:")
+    # Prefetch does not stream (its decoding must not queue ahead of a demand chunk's).
+    await fetcher.get(layer.blob, chunks[2], Priority.PREFETCH)
+    assert len(log) == 4
+
+
+async def test_a_streamed_chunk_that_fails_its_check_is_refetched(push, make_fetcher, fault_proxy):
+    layer = await push(3)
+    log: list[str] = []
+    chunks = _streaming(layer, log)
+    fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))
+    fetcher = make_fetcher()
+    assert await fetcher.get(layer.blob, chunks[0]) == layer.contents[0]
+    assert (fetcher.stats.corrupt_refetches, fetcher.stats.corrupt_chunks) == (1, 0)
+    assert [event.split(":")[0] for event in log] == ["start", "finish", "start", "finish"]
 
 
 async def test_a_corrupted_response_is_refetched(push, make_fetcher, fault_proxy):

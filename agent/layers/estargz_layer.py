@@ -8,7 +8,7 @@ from functools import partial
 
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
 from fetcher.chunks import BlobSource, ChunkSpec
-from formats.estargz_reader import ChunkRef, EstargzToc, read_member
+from formats.estargz_reader import ChunkRef, EstargzToc, MemberDecoder, read_member
 from formats.toc import TocEntry
 
 
@@ -32,6 +32,7 @@ def _member_specs(chunks: dict[str, list[ChunkRef]]) -> dict[int, ChunkSpec]:
             fetch_end=end,
             decoded_size=max(ref.inner_offset + ref.size for ref in refs),
             decode=partial(read_member, refs),
+            streaming=partial(MemberDecoder, refs),
         )
     return specs
 

@@ -50,10 +50,11 @@ class IndexedLayer:
             decode: Callable[[bytes], bytes]
             if self.index.is_gzip:
                 decode = partial(self.index.read_span, number)
+                streaming = partial(self.index.span_decoder, number)
             else:
-                decode = partial(self.index.read_plain_span, number)
+                decode, streaming = partial(self.index.read_plain_span, number), None
             spec = ChunkSpec(
-                f"s{number:08d}", plan.fetch_start, plan.fetch_end, end - start, decode
+                f"s{number:08d}", plan.fetch_start, plan.fetch_end, end - start, decode, streaming
             )
             self._specs[number] = spec
         return spec
