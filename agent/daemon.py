@@ -101,7 +101,9 @@ class Agent:
         # The allow-list is enforced by the client's policy, under every request (also
         # profile and twin lookups), with its host/wildcard rules: discovery's own
         # exact-name check would refuse hosts the policy allows.
-        discovery = LayerDiscovery(self.client, config.discover_referrers)
+        discovery = LayerDiscovery(
+            self.client, config.discover_referrers, self.fetcher.metadata_first
+        )
         recorder = None
         if config.record_profiles:
             settings = RecorderSettings(

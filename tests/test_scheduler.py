@@ -334,6 +334,21 @@ async def test_a_streamed_chunk_that_fails_its_check_is_refetched(push, make_fet
     assert [event.split(":")[0] for event in log] == ["start", "finish", "start", "finish"]
 
 
+async def test_prefetch_waits_while_a_layer_index_downloads_but_demand_does_not(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(4)
+    fetcher = make_fetcher()
+    with fetcher.metadata_first():
+        fetcher.enqueue(layer.blob, layer.chunks[:2], Priority.PREFETCH)
+        await asyncio.sleep(0.2)
+        assert _range_gets(fault_proxy, layer.blob.digest) == 0
+        assert await fetcher.get(layer.blob, layer.chunks[3]) == layer.contents[3]
+        assert _range_gets(fault_proxy, layer.blob.digest) == 1
+    await asyncio.wait_for(fetcher.wait_idle(), 10)
+    assert fetcher.has(layer.blob, layer.chunks[0]) and fetcher.has(layer.blob, layer.chunks[1])
+
+
 async def test_a_corrupted_response_is_refetched(push, make_fetcher, fault_proxy):
     layer = await push(3)
     fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))

@@ -21,8 +21,10 @@ lower layers are mounted and committed, not after, and the lookups every layer s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,6 +61,7 @@ LOOKUP_TTL_S = 30.0
 """How long a per-manifest lookup is shared: one pull's worth, so an image converted
 meanwhile is found on the next pull."""
 T = TypeVar("T")
+MetadataFirst = Callable[[], AbstractContextManager[None]]
 
 
 class NoAccelerationError(Exception):
@@ -78,7 +81,10 @@ class DiscoveredLayer:
 
 
 async def open_estargz(
-    client: RegistryClient, blob: BlobSource, toc_digest: str | None
+    client: RegistryClient,
+    blob: BlobSource,
+    toc_digest: str | None,
+    metadata_first: MetadataFirst = contextlib.nullcontext,
 ) -> EstargzLayer:
     """Read footer and TOC (two small range reads) and build the layer reader."""
     if blob.size < FOOTER_SIZE:
@@ -88,7 +94,8 @@ async def open_estargz(
     toc_length = blob.size - FOOTER_SIZE - toc_offset
     if toc_length <= 0 or toc_length > MAX_TOC_MEMBER:
         raise EstargzFormatError(f"implausible TOC length {toc_length}")
-    member = await client.get_range(blob.ref, blob.digest, toc_offset, toc_length)
+    with metadata_first():
+        member = await client.get_range(blob.ref, blob.digest, toc_offset, toc_length)
     with gc_paused():
         return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest))
 
@@ -107,9 +114,16 @@ def _prefetch_from(annotations: dict[str, str]) -> list[str]:
 class LayerDiscovery:
     """Looks up accelerated forms in the registry (cached per manifest)."""
 
-    def __init__(self, client: RegistryClient, use_referrers: bool = True) -> None:
+    def __init__(
+        self,
+        client: RegistryClient,
+        use_referrers: bool = True,
+        metadata_first: MetadataFirst = contextlib.nullcontext,
+    ) -> None:
         self.client = client
         self.use_referrers = use_referrers
+        self.metadata_first = metadata_first
+        """Held around each index or TOC download (the fetcher then lets it go first)."""
         self._manifests: dict[str, ImageManifest] = {}
         self._ahead: dict[tuple[str, str, str], asyncio.Task[DiscoveredLayer]] = {}
         self._lookups: dict[tuple[str, ...], asyncio.Task[Any]] = {}
@@ -205,7 +219,10 @@ class LayerDiscovery:
             prefetch = _prefetch_from(manifest.annotations)
             if TOC_DIGEST_ANNOTATION in descriptor.annotations:
                 layer = await open_estargz(
-                    self.client, blob, descriptor.annotations[TOC_DIGEST_ANNOTATION]
+                    self.client,
+                    blob,
+                    descriptor.annotations[TOC_DIGEST_ANNOTATION],
+                    self.metadata_first,
                 )
                 return DiscoveredLayer(layer, prefetch)
             if ref.tag and not is_accelerated_tag(ref.tag):
@@ -218,7 +235,8 @@ class LayerDiscovery:
                     return found
             if descriptor.media_type in mt.GZIP_LAYERS:
                 try:
-                    return DiscoveredLayer(await open_estargz(self.client, blob, None), prefetch)
+                    layer = await open_estargz(self.client, blob, None, self.metadata_first)
+                    return DiscoveredLayer(layer, prefetch)
                 except EstargzFormatError:
                     pass
         except RegistryNotAllowedError as exc:  # the client's policy: never contacted
@@ -258,7 +276,8 @@ class LayerDiscovery:
                     blob_desc.media_type == MEDIA_TYPE_LAYER_INDEX
                     and blob_desc.annotations.get(ANNOTATION_LAYER_DIGEST) == layer.digest
                 ):
-                    raw = await self.client.get_blob(ref, blob_desc.digest, MAX_INDEX_BLOB)
+                    with self.metadata_first():
+                        raw = await self.client.get_blob(ref, blob_desc.digest, MAX_INDEX_BLOB)
                     with gc_paused():
                         index = layer_index.parse(raw)
                     if index.layer_digest != layer.digest or index.compressed_size != layer.size:
@@ -306,7 +325,10 @@ class LayerDiscovery:
                 continue
             blob = BlobSource(ref, descriptor.digest, descriptor.size)
             layer = await open_estargz(
-                self.client, blob, descriptor.annotations[TOC_DIGEST_ANNOTATION]
+                self.client,
+                blob,
+                descriptor.annotations[TOC_DIGEST_ANNOTATION],
+                self.metadata_first,
             )
             return DiscoveredLayer(layer, _prefetch_from(twin.annotations))
         return None
