@@ -177,9 +177,8 @@ class LazyLayerProvider:
             reference, manifest_digest, order, layer_digest, mounted
         )
         if created and self.prefetch:
-            plan = self._plans.pop(manifest_digest, None)
-            if plan is None:
-                plan = self._spawn(load_plan(self.discovery.client, reference, manifest_digest))
+            plan = self._plan_fetch(reference, manifest_digest)
+            del self._plans[manifest_digest]  # collected: the session holds the plan now
             self._spawn(self._prefetch_profile(session, plan))
         elif self.prefetch:
             enqueue_ready(self.fetcher, session)
@@ -188,21 +187,27 @@ class LazyLayerProvider:
         """At an image's first Prepare, fetch its learned profile alongside the layer
         lookup: waiting for the first mount cost python-fat-api ~0.7 s of prefetch."""
         manifest_digest = labels.get(LABEL_MANIFEST_DIGEST)
-        if (
-            not manifest_digest
-            or manifest_digest in self._plans
-            or manifest_digest in self.sessions.by_manifest
-        ):
+        if not manifest_digest or manifest_digest in self.sessions.by_manifest:
             return
         try:
             reference = ImageReference.parse(labels[LABEL_IMAGE_REF]).with_digest(manifest_digest)
         except ValueError:
             return  # discovery reports the bad label
-        self._plans[manifest_digest] = self._spawn(
-            load_plan(self.discovery.client, reference, manifest_digest)
-        )
-        # A pull whose layers all fall back never collects it.
-        asyncio.get_running_loop().call_later(PLAN_TTL_S, self._plans.pop, manifest_digest, None)
+        self._plan_fetch(reference, manifest_digest)
+
+    def _plan_fetch(
+        self, reference: ImageReference, manifest_digest: str
+    ) -> asyncio.Task[list[PrefetchEntry]]:
+        """The image's plan fetch: the one under way, else a new one."""
+        task = self._plans.get(manifest_digest)
+        if task is None:
+            task = self._spawn(load_plan(self.discovery.client, reference, manifest_digest))
+            self._plans[manifest_digest] = task
+            # A pull whose layers all fall back never collects it.
+            asyncio.get_running_loop().call_later(
+                PLAN_TTL_S, self._plans.pop, manifest_digest, None
+            )
+        return task
 
     def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A background task that close() cancels."""

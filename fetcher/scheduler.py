@@ -484,9 +484,7 @@ class ChunkFetcher:
         make = batch[0].chunk.streaming
         if priority != Priority.DEMAND or len(batch) != 1 or make is None:
             return None
-        if not self._decode_in_thread:
-            return None
-        return StreamingDecode(make, self._streamer)
+        return StreamingDecode(make, self._streamer) if self._decode_in_thread else None
 
     @staticmethod
     async def _streamed(sink: StreamingDecode) -> bytes | str:

@@ -502,21 +502,29 @@ def inflate_span(
 ) -> bytes:
     """The whole of span ``number`` (checkpoint ``number`` to the next one, or to the end),
     checked against its sha256: bytes that come back are the layer's bytes."""
-    start = checkpoints[number].uncompressed_offset
-    end = (
-        checkpoints[number + 1].uncompressed_offset
-        if number + 1 < len(checkpoints)
-        else uncompressed_size
-    )
+    start, end = span_bounds(checkpoints, uncompressed_size, number)
     try:
         data = inflate_range(checkpoints[number], window, compressed, start, end - start)
     except CorruptSpanError as exc:
         raise CorruptSpanError(f"span {number}: {exc}") from None
     if hashlib.sha256(data).digest() != span_digests[number]:
-        raise CorruptSpanError(
-            f"span {number} (uncompressed {start}-{end}) does not match its digest"
-        )
+        raise _span_mismatch(number, start, end)
     return data
+
+
+def span_bounds(
+    checkpoints: Sequence[Checkpoint], uncompressed_size: int, number: int
+) -> tuple[int, int]:
+    """Uncompressed ``(start, end)`` of span ``number``: its checkpoint to the next one,
+    or to the end of the layer."""
+    start = checkpoints[number].uncompressed_offset
+    if number + 1 < len(checkpoints):
+        return start, checkpoints[number + 1].uncompressed_offset
+    return start, uncompressed_size
+
+
+def _span_mismatch(number: int, start: int, end: int) -> CorruptSpanError:
+    return CorruptSpanError(f"span {number} (uncompressed {start}-{end}) does not match its digest")
 
 
 class SpanDecoder:
@@ -538,13 +546,8 @@ class SpanDecoder:
         window: bytes,
     ) -> None:
         self._span = (checkpoints, span_digests, uncompressed_size, number, window)
-        checkpoint = checkpoints[number]
-        end = (
-            checkpoints[number + 1].uncompressed_offset
-            if number + 1 < len(checkpoints)
-            else uncompressed_size
-        )
-        self._wanted = end - checkpoint.uncompressed_offset
+        self._start, self._end = span_bounds(checkpoints, uncompressed_size, number)
+        self._wanted = self._end - self._start
         self._received: list[bytes] = []
         self._pieces: list[bytes] = []
         self._hash = hashlib.sha256()
@@ -568,13 +571,8 @@ class SpanDecoder:
         inflater = self._inflater
         if inflater is None:
             checkpoints, _, _, number, window = self._span
-            bit_offset = checkpoints[number].bit_offset
-            inflater = self._inflater = _Inflater(_RAW_WBITS, CorruptSpanError, _READ_OUT_CHUNK)
-            if bit_offset:
-                inflater.prime(8 - bit_offset, data[0] >> bit_offset)
-                data = data[1:]
-            if window:
-                inflater.set_dictionary(window)
+            inflater, data = _inflater_at(checkpoints[number], window, data)
+            self._inflater = inflater
         inflater.set_input(data)
         while self._wanted:
             rc, out = inflater.inflate(_Z_NO_FLUSH, self._wanted)
@@ -602,11 +600,7 @@ class SpanDecoder:
                 b"".join(self._received),
             )
         if self._hash.digest() != span_digests[number]:
-            start = checkpoints[number].uncompressed_offset
-            raise CorruptSpanError(
-                f"span {number} (uncompressed {start}-{start + sum(map(len, self._pieces))})"
-                " does not match its digest"
-            )
+            raise _span_mismatch(number, self._start, self._end)
         return b"".join(self._pieces)
 
     def close(self) -> None:
@@ -621,15 +615,10 @@ def _inflate_from(
 ) -> bytes:
     """Inflate from a checkpoint, crossing gzip member boundaries, and return up to
     ``length`` bytes from ``start`` (fewer if the compressed data runs out)."""
-    inflater = _Inflater(_RAW_WBITS, CorruptSpanError, _READ_OUT_CHUNK)
+    if checkpoint.bit_offset and not compressed:
+        return b""
+    inflater, compressed = _inflater_at(checkpoint, window, compressed)
     try:
-        if checkpoint.bit_offset:
-            if not compressed:
-                return b""
-            inflater.prime(8 - checkpoint.bit_offset, compressed[0] >> checkpoint.bit_offset)
-            compressed = compressed[1:]
-        if window:
-            inflater.set_dictionary(window)
         inflater.set_input(compressed)
         skip = start - checkpoint.uncompressed_offset
         pieces: list[bytes] = []
@@ -653,6 +642,25 @@ def _inflate_from(
         return b"".join(pieces)
     finally:
         inflater.close()
+
+
+def _inflater_at(
+    checkpoint: Checkpoint, window: bytes, compressed: bytes
+) -> tuple[_Inflater, bytes]:
+    """A raw inflater positioned at ``checkpoint`` (its partial byte primed, its window
+    set), and the compressed bytes left to feed it. ``compressed`` must not be empty
+    when the checkpoint starts inside a byte."""
+    inflater = _Inflater(_RAW_WBITS, CorruptSpanError, _READ_OUT_CHUNK)
+    try:
+        if checkpoint.bit_offset:
+            inflater.prime(8 - checkpoint.bit_offset, compressed[0] >> checkpoint.bit_offset)
+            compressed = compressed[1:]
+        if window:
+            inflater.set_dictionary(window)
+    except BaseException:
+        inflater.close()
+        raise
+    return inflater, compressed
 
 
 def _enter_next_member(inflater: _Inflater, raw: bool) -> bool:

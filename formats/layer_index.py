@@ -39,6 +39,7 @@ from formats.gzip_index import (
     inflate_range,
     inflate_span,
     plan_range,
+    span_bounds,
 )
 from formats.toc import (
     ENTRY_TYPES,
@@ -133,10 +134,7 @@ class LayerIndex:
 
     def span_range(self, number: int) -> tuple[int, int]:
         """Uncompressed ``(start, end)`` of span ``number``."""
-        start = self.checkpoints[number].uncompressed_offset
-        if number + 1 < len(self.checkpoints):
-            return start, self.checkpoints[number + 1].uncompressed_offset
-        return start, self.uncompressed_size
+        return span_bounds(self.checkpoints, self.uncompressed_size, number)
 
     def read_plain_span(self, number: int, fetched: bytes) -> bytes:
         """Span ``number`` of an uncompressed tar layer (the fetched bytes themselves),
