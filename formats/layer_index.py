@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
+import math
+import operator
 import queue
 import threading
 import zlib
@@ -52,6 +55,7 @@ from formats.toc import (
     WHITEOUT_PREFIX,
     HostileLayerError,
     TocEntry,
+    all_normalized,
     check_placement,
     is_normalized,
     iter_tar_entries,
@@ -575,6 +579,11 @@ def _parse_toc(document: dict[str, Any], uncompressed_size: int) -> list[TocEntr
     rows = _unpack(packed, "toc", _NAME_ERRORS)
     if not isinstance(rows, list) or len(rows) != count:
         raise IndexFormatError(f"toc must be an array of entry_count ({count}) entries")
+    plain = _plain_table(rows, uncompressed_size)
+    return plain if plain is not None else _table_row_by_row(rows, uncompressed_size)
+
+
+def _table_row_by_row(rows: list[Any], uncompressed_size: int) -> list[TocEntry]:
     entries: list[TocEntry] = []
     previous_end = 0
     for number, row in enumerate(rows):
@@ -584,6 +593,90 @@ def _parse_toc(document: dict[str, Any], uncompressed_size: int) -> list[TocEntr
         previous_end = entry.offset + entry.size
         entries.append(entry)
     return entries
+
+
+def _plain_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | None:
+    """The entries of a file table every row of which is plainly valid (see
+    ``_plainly_valid``), checked and built column by column with C-level set, min, max
+    and join operations: the rows one at a time took 0.4 s of python-fat-api's pull on
+    its 40 618-row table. None means "some row needs a closer look": the caller then
+    goes row by row, which names the row at fault. Types are checked before anything
+    hashes or compares a column, so hostile values cannot raise here."""
+    if not rows:
+        return []
+    if set(map(type, rows)) != {list} or set(map(len, rows)) != {_ENTRY_FIELDS}:
+        return None
+    columns = list(zip(*rows, strict=False))  # lengths checked above
+    names, codes, sizes, modes, uids, gids, unames, gnames = columns[:8]
+    mtimes, links, majors, minors, xattrs, gaps, digests = columns[8:]
+    if not (
+        _all_of_type(str, names, unames, gnames, links)
+        and _all_of_type(int, codes, sizes, modes, uids, gids, majors, minors, gaps)
+        and _all_of_type(dict, xattrs)
+        and _all_of_type(bytes, digests)
+        and set(map(type, mtimes)) <= {int, float}
+    ):
+        return None
+    valid = (
+        all_normalized(names)
+        # No whiteout prefix in any name: a match cannot span two names, as the
+        # prefix holds no "\n".
+        and WHITEOUT_PREFIX not in "\n".join(names)
+        and set(codes) <= _PLAIN_TYPE_CODES
+        and _within(sizes, MAX_ENTRY_SIZE)
+        and set(itertools.compress(codes, sizes)) <= {_REG_CODE}
+        and _within(modes, 0o7777)
+        and _within(uids, MAX_ID)
+        and _within(gids, MAX_ID)
+        and max(map(len, unames)) <= MAX_OWNER_NAME
+        and max(map(len, gnames)) <= MAX_OWNER_NAME
+        and "\0" not in "".join(itertools.chain(unames, gnames, links))
+        and not any(map(math.isnan, mtimes))
+        and min(mtimes) > -MAX_MTIME
+        and max(mtimes) < MAX_MTIME
+        and max(map(len, links)) <= MAX_NAME_BYTES
+        and set(itertools.compress(codes, links)) <= {_SYMLINK_CODE}
+        and set(majors) == {0}
+        and set(minors) == {0}
+        and not any(xattrs)
+        and _within(gaps, MAX_LAYER_SIZE)
+        and not any(digests)
+    )
+    if not valid:
+        return None
+    ends = list(itertools.accumulate(map(operator.add, gaps, sizes)))
+    if ends[-1] > uncompressed_size:
+        return None  # row by row names the entry that lies past the end
+    return list(
+        map(
+            TocEntry,
+            names,
+            map(ENTRY_TYPES.__getitem__, codes),
+            sizes,
+            modes,
+            uids,
+            gids,
+            unames,
+            gnames,
+            map(float, mtimes),
+            links,
+            majors,
+            minors,
+            xattrs,
+            map(operator.sub, ends, sizes),
+            itertools.repeat("", len(rows)),
+        )
+    )
+
+
+def _all_of_type(kind: type, *columns: tuple[Any, ...]) -> bool:
+    """Every value of every column is exactly of ``kind`` (no subclass: a bool is no
+    int here, as in the row checks)."""
+    return all(set(map(type, column)) == {kind} for column in columns)
+
+
+def _within(column: tuple[int, ...], maximum: int) -> bool:
+    return min(column) >= 0 and max(column) <= maximum
 
 
 def _entry(row: Any, number: int, previous_end: int) -> TocEntry:

@@ -27,12 +27,14 @@ from formats.layer_index import (
     LayerIndex,
     UnsupportedLayerError,
     _checked_entry,
+    _plain_table,
     _plainly_valid,
+    _table_row_by_row,
     build_layer_index,
     parse,
     serialize,
 )
-from formats.toc import HostileLayerError
+from formats.toc import MAX_ENTRY_SIZE, MAX_NAME_BYTES, HostileLayerError
 
 SPAN = 64 * 1024
 DIGEST = "sha256:" + "ab" * 32
@@ -337,11 +339,12 @@ def test_fuzzed_documents_parse_or_raise_index_format_error(data: st.DataObject)
     assert parse(serialize(parsed)) == parsed
 
 
-_EDGE_VALUE: st.SearchStrategy[Any] = st.sampled_from(
-    ["", ".", "..", "a/./b", "a//b", "/a", "a/", "a/../b", ".wh.a", "d/.wh..wh..opq", "a\0b",
+_EDGES: list[Any] = [
+    "", ".", "..", "a/./b", "a//b", "/a", "a/", "a/../b", ".wh.a", "d/.wh..wh..opq", "a\0b",
      "x" * 1025, 0, -1, 0o7777, 0o10000, (1 << 32) - 1, 1 << 32, 1 << 44, (1 << 44) + 1,
-     1 << 62, 0.5, float("inf"), True, False, None, b"", b"\0" * 32, {}, {"user.a": b"1"}, []]
-)  # fmt: skip
+     1 << 62, 0.5, float("inf"), True, False, None, b"", b"\0" * 32, {}, {"user.a": b"1"}, []
+]  # fmt: skip
+_EDGE_VALUE = st.sampled_from(_EDGES)
 
 
 @settings(max_examples=300, deadline=None)
@@ -358,13 +361,77 @@ def test_the_fast_row_check_accepts_only_rows_the_full_checks_accept(
         _checked_entry(row, 0, 0)  # raises IndexFormatError where the fast path erred
 
 
-def test_ordinary_rows_take_the_fast_path() -> None:
-    rows = _toc_rows(_document(_small_index()))
-    ordinary = [
+def _ordinary_rows() -> list[list[Any]]:
+    return [
         row
-        for row in rows
+        for row in _toc_rows(_document(_small_index()))
         if row[0] and ".wh." not in row[0] and row[1] in (0, 1, 2) and not row[12]
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_the_column_checks_accept_only_tables_the_row_checks_accept(
+    data: st.DataObject,
+) -> None:
+    """The file table checked column by column must never take a table that the
+    row-by-row checks refuse, and must build the very same entries."""
+    rows = copy.deepcopy(_ordinary_rows())
+    size = data.draw(st.sampled_from([_small_index().uncompressed_size, _table_end(rows) - 1]))
+    for _ in range(data.draw(st.integers(0, 3))):
+        row = data.draw(st.sampled_from(rows))
+        row[data.draw(st.integers(0, len(row) - 1))] = data.draw(
+            _EDGE_VALUE | _LEAF | st.sampled_from([float("nan"), ".w", "h.", "a.wh", "\n"])
+        )
+    if data.draw(st.booleans()):
+        rows.append(data.draw(st.lists(_VALUE, max_size=16)))
+    fast = _plain_table(rows, size)
+    if fast is not None:
+        assert fast == _table_row_by_row(rows, size)
+
+
+_TABLE_EDGES = [
+    *_EDGES,
+    float("nan"), float("-inf"), 1.5, -(1 << 62), (1 << 62) + 1, "x" * 300, "a\0", ".w", "h.",
+    "a/.wh.b", "a/.", "./a", "a/..", "\n", 1 << 40, (1 << 40) + 1, 255, 256, [], {"a": 1},
+    "y" * (MAX_NAME_BYTES + 1), MAX_ENTRY_SIZE + 1,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("where", [0, 1, 3, -2, -1])
+def test_every_single_field_change_is_judged_alike_by_columns_and_rows(where: int) -> None:
+    """Each edge value in each field of one row (directories, files and a symlink;
+    first, middle and last, as min and max see values in order): whenever the column
+    checks take the table, the row checks build the same entries."""
+    ordinary = _ordinary_rows()
+    size = _small_index().uncompressed_size
+    taken = 0
+    for field_number in range(len(ordinary[0])):
+        for value in _TABLE_EDGES:
+            rows = copy.deepcopy(ordinary)
+            rows[where][field_number] = value
+            fast = _plain_table(rows, size)
+            if fast is not None:
+                taken += 1
+                assert fast == _table_row_by_row(rows, size), (field_number, value)
+    assert taken  # some changes keep a table plain (a 0 for another 0, a mode of 0o7777)
+
+
+def _table_end(rows: list[list[Any]]) -> int:
+    """Where the data of plain rows ends (size plus offset gap, summed)."""
+    return sum(row[2] + row[13] for row in rows)
+
+
+def test_an_ordinary_table_is_checked_column_by_column() -> None:
+    rows = _ordinary_rows()
+    size = _small_index().uncompressed_size
+    assert _plain_table(rows, size) == _table_row_by_row(rows, size)
+    assert _plain_table([], size) == []
+    assert _plain_table(rows, _table_end(rows) - 1) is None  # past the end: rows decide
+
+
+def test_ordinary_rows_take_the_fast_path() -> None:
+    ordinary = _ordinary_rows()
     assert ordinary
     assert all(_plainly_valid(row) for row in ordinary)
 
