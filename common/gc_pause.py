@@ -11,17 +11,30 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 from collections.abc import Iterator
+
+_lock = threading.Lock()
+_holders = 0
+_was_enabled = False
 
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
-    """Run the block with cyclic GC off (restored after, even on error). Only for
-    synchronous code: an await inside would pause collection for unrelated tasks."""
-    enabled = gc.isenabled()
-    gc.disable()
+    """Run the block with cyclic GC off; the last of overlapping holders (parses run on
+    worker threads, several at once) restores it as the first found it, even on error.
+    Only for synchronous code: an await inside would pause collection for unrelated
+    tasks."""
+    global _holders, _was_enabled
+    with _lock:
+        if _holders == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _holders += 1
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        with _lock:
+            _holders -= 1
+            if _holders == 0 and _was_enabled:
+                gc.enable()

@@ -9,6 +9,7 @@ directories the tar only implies are created with containerd's defaults (0755, r
 
 from __future__ import annotations
 
+import itertools
 import posixpath
 import stat
 from dataclasses import dataclass, field
@@ -50,16 +51,18 @@ class Node:
 
 
 class InodeAllocator:
-    """Inode numbers unique across every layer of the mount (the kernel needs that)."""
+    """Inode numbers unique across every layer of the mount (the kernel needs that).
+
+    Trees are built on worker threads, off the event loop; taking the next number of an
+    itertools.count is one C call, which the GIL makes atomic, so two trees built at
+    once never share a number."""
 
     def __init__(self, first: int = 2) -> None:
-        self._next = first
+        self._numbers = itertools.count(first)
 
     def take(self) -> int:
         """A fresh inode number."""
-        value = self._next
-        self._next += 1
-        return value
+        return next(self._numbers)
 
 
 def _visible_xattrs(entry: TocEntry) -> dict[bytes, bytes]:
