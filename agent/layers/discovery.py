@@ -154,7 +154,8 @@ class LayerDiscovery:
         self.client = client
         self.use_referrers = use_referrers
         self.metadata_first = metadata_first
-        """Held around each index or TOC download (the fetcher then lets it go first)."""
+        """Held around each index or TOC download and parse (the fetcher then lets it go
+        first)."""
         self._manifests: dict[str, ImageManifest] = {}
         self._ahead: dict[tuple[str, str, str], asyncio.Task[DiscoveredLayer]] = {}
         self._lookups: dict[tuple[str, ...], asyncio.Task[Any]] = {}
