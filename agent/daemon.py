@@ -95,6 +95,7 @@ class Agent:
         metrics.REGISTRY.register(
             metrics.FetcherCollector(lambda: self.fetcher.stats if self.fetcher else None)
         )
+        metrics.REGISTRY.register(metrics.RetryCollector(lambda: self.client.transport.retries))
         self.fs = LayerFS(self.fetcher, self.cache)
         self.mount = FuseMount(self.fs, config.fuse_mountpoint)
         await self.mount.start()

@@ -6,13 +6,14 @@ The Grafana dashboard and alerts query these names, so they are defined in one m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from fetcher.scheduler import FetchStats
+from fetcher.transport import RETRY_CAUSES
 
 REGISTRY = CollectorRegistry()
 
@@ -88,6 +89,23 @@ FIRST_BYTE_SECONDS = Histogram(
 LAZY_LAYERS_MOUNTED = Gauge(
     "acceld_lazy_layers_mounted", "Lazy layers currently mounted", registry=REGISTRY
 )
+
+
+class RetryCollector(Collector):
+    """Exports the registry client's retry counts at scrape time (the transport keeps
+    them, so the fetcher stays free of Prometheus); every cause is listed, even at 0."""
+
+    def __init__(self, retries: Callable[[], Mapping[str, int]]) -> None:
+        self._retries = retries
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._retries()
+        family = CounterMetricFamily(
+            "acceld_registry_retries", "Registry requests sent again, by cause", labels=["cause"]
+        )
+        for cause in RETRY_CAUSES:
+            family.add_metric([cause], counts.get(cause, 0))
+        yield family
 
 
 class FetcherCollector(Collector):

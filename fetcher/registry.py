@@ -309,6 +309,7 @@ class RegistryClient:
                     raise RegistryUnavailableError(
                         f"blob {digest}: stream kept failing at byte {offset}", url=url
                     ) from None
+                self.transport.retries["stream"] += 1
                 await asyncio.sleep(policy.delay(attempt))
             finally:
                 resp.release()
@@ -406,6 +407,7 @@ class RegistryClient:
                 attempt=attempt + 1,
             )
             if attempt + 1 < policy.attempts:
+                self.transport.retries["range"] += 1
                 await asyncio.sleep(policy.delay(attempt))
         raise RegistryUnavailableError(f"blob {digest}: range read failed: {problem}", url=url)
 
@@ -443,6 +445,7 @@ class RegistryClient:
                 if attempt + 1 == policy.attempts:
                     raise
                 log.warning("registry.upload_retry", digest=digest, error=str(exc))
+                self.transport.retries["upload"] += 1
                 await asyncio.sleep(policy.delay(attempt))
                 continue
             await raise_for_status(resp, f"blob upload {digest}")

@@ -10,6 +10,7 @@ at all (`fetcher.registry_policy`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ from fetcher.registry_policy import RegistryPolicy
 from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
 
 log = get_logger(__name__)
+RETRY_CAUSES = ("status", "connection", "range", "stream", "upload")
+"""Why a registry request was sent again: a retryable HTTP status, a failed connection,
+a bad Range answer, a blob stream cut short, a failed upload."""
 
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -98,6 +102,9 @@ class RegistryTransport:
         self.policy = policy or RegistryPolicy()
         self.plain_http_hosts = set(plain_http_hosts)
         self.retry = retry or RetryPolicy()
+        self.retries: collections.Counter[str] = collections.Counter()
+        """Retries so far, by cause (RETRY_CAUSES): a registry that keeps failing shows
+        there (the agent exports them) long before it fails a pull."""
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout
         )
@@ -223,6 +230,7 @@ class RegistryTransport:
                 retry_after = resp.headers.get("Retry-After")
                 resp.release()
             if attempt + 1 < attempts:
+                self.retries["status" if last_error.startswith("HTTP") else "connection"] += 1
                 delay = self.retry.delay(attempt, retry_after)
                 log.warning(
                     "registry.retry",

@@ -85,6 +85,8 @@ async def test_resets_503s_and_stalls_still_give_a_correct_container(
     assert out.stdout.split()[0] == BUSYBOX_MD5
     assert sum(f.hits for f in proxy.faults) >= 4
     assert agent.metric("acceld_fallbacks_total") == 0
+    # containerd fetches the config blob through the proxy too, so not every hit is ours
+    assert agent.metric("acceld_registry_retries_total") >= 1
 
 
 async def test_corrupt_chunk_is_refused_then_served_once_the_registry_heals(

@@ -286,6 +286,7 @@ async def test_reset_mid_body_resumes_with_range(registry, repo_name):
         proxied = ImageReference.parse(f"{proxy.host}/{repo_name}:reset")
         async with RegistryClient(retry=FAST_RETRY) as client:
             assert await client.get_blob(proxied, digest) == layer
+            assert client.transport.retries == {"stream": 2}
         assert fault.hits == 2
         gets = [path for method, path, _ in proxy.requests if method == "GET" and digest in path]
         assert len(gets) == 3
@@ -303,9 +304,11 @@ async def test_5xx_and_429_are_retried_then_give_up(registry, repo_name):
         )
         async with RegistryClient(retry=FAST_RETRY) as client:
             assert (await client.resolve(proxied)).manifest_digest == digest
+            assert client.transport.retries == {"status": 3}
             proxy.add(Fault("status", path_contains="/manifests/", status=502, times=100))
             with pytest.raises(RegistryUnavailableError, match="after 4 attempts"):
                 await client.get_manifest(proxied)
+            assert client.transport.retries == {"status": 6}  # no retry after the last
 
 
 async def test_truncated_and_flipped_bodies(registry, repo_name):
@@ -318,6 +321,7 @@ async def test_truncated_and_flipped_bodies(registry, repo_name):
         proxy.add(Fault("truncate", path_contains=digest, after_bytes=1000, times=1))
         async with RegistryClient(retry=FAST_RETRY) as client:
             assert await client.get_range(proxied, digest, 0, 500_000) == layer[:500_000]
+            assert client.transport.retries == {"range": 1}
             proxy.add(Fault("flip", path_contains=digest, after_bytes=10, times=100))
             with pytest.raises(DigestMismatchError):
                 await client.get_blob(proxied, digest)
