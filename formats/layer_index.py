@@ -631,9 +631,9 @@ def _plain_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | No
         and max(map(len, unames)) <= MAX_OWNER_NAME
         and max(map(len, gnames)) <= MAX_OWNER_NAME
         and "\0" not in "".join(itertools.chain(unames, gnames, links))
-        and not any(map(math.isnan, mtimes))
         and min(mtimes) > -MAX_MTIME
         and max(mtimes) < MAX_MTIME
+        and not any(map(math.isnan, mtimes))  # after max: isnan overflows on huge ints
         and max(map(len, links)) <= MAX_NAME_BYTES
         and set(itertools.compress(codes, links)) <= {_SYMLINK_CODE}
         and set(majors) == {0}
