@@ -394,7 +394,7 @@ _TABLE_EDGES = [
     *_EDGES,
     float("nan"), float("-inf"), 1.5, -(1 << 62), (1 << 62) + 1, "x" * 300, "a\0", ".w", "h.",
     "a/.wh.b", "a/.", "./a", "a/..", "\n", 1 << 40, (1 << 40) + 1, 255, 256, [], {"a": 1},
-    "y" * (MAX_NAME_BYTES + 1), MAX_ENTRY_SIZE + 1, 1 << 2000,
+    "y" * (MAX_NAME_BYTES + 1), MAX_ENTRY_SIZE + 1, 1 << 2000, "a/.wh.", ".wh..", "b/.wh...",
 ]  # fmt: skip
 
 
