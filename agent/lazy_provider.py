@@ -21,7 +21,7 @@ from agent.image_sessions import ImageSession, ImageSessions
 from agent.layers.discovery import LayerDiscovery, NoAccelerationError
 from agent.layers.lazy_layer import LazyLayer
 from agent.layers.metadata_work import off_loop
-from agent.profile_prefetch import enqueue_ready, load_plan
+from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks
 from agent.startup_recorder import StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
@@ -46,30 +46,20 @@ def layer_name(kind: str, digest: str) -> str:
     return f"{kind}-{digest.replace(':', '-')}"
 
 
-def prefetch_chunks(layer: LazyLayer, paths: list[str]) -> list[ChunkSpec]:
-    """Chunks of the files a prefetch list names (a trailing `/` takes a whole tree)."""
-    wanted_files: set[str] = set()
-    wanted_dirs: list[str] = []
+def prefetch_chunks(mounted: MountedLayer, paths: list[str]) -> list[ChunkSpec]:
+    """Chunks of what the converter's prefetch list names in this layer: files, and with
+    a trailing `/` whole directories (as the list writes them), by the same rule as a
+    learned profile's entries (``node_chunks``)."""
+    chunks: dict[str, ChunkSpec] = {}
     for path in paths:
         try:
-            name = normalize_name(path.lstrip("/"))
+            node = mounted.tree.lookup(normalize_name(path.lstrip("/")))
         except HostileLayerError:
             continue
-        if path.endswith("/"):
-            wanted_dirs.append(name + "/" if name else "")
-        else:
-            wanted_files.add(name)
-    chunks: list[ChunkSpec] = []
-    seen: set[str] = set()
-    for entry in layer.entries:
-        if entry.type != "reg":
-            continue
-        if entry.name in wanted_files or any(entry.name.startswith(d) for d in wanted_dirs):
-            for chunk in layer.file_chunks(entry):
-                if chunk.key not in seen:
-                    seen.add(chunk.key)
-                    chunks.append(chunk)
-    return chunks
+        if node is not None and node.is_dir == path.endswith("/"):
+            for chunk in node_chunks(mounted.layer, node):
+                chunks.setdefault(chunk.key, chunk)
+    return list(chunks.values())
 
 
 class LazyLayerProvider:
@@ -141,7 +131,7 @@ class LazyLayerProvider:
             return self.mountpoint / name  # already mounted for another snapshot
         self.cache.pin(layer.blob.digest)
         if self.prefetch:
-            chunks = layer.prefetch_chunks() + prefetch_chunks(layer, found.prefetch_paths)
+            chunks = layer.prefetch_chunks() + prefetch_chunks(mounted, found.prefetch_paths)
             if chunks:
                 self.fetcher.enqueue(layer.blob, chunks, Priority.PREFETCH)
         if self.background_fill:

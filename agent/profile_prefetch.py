@@ -9,7 +9,11 @@ and before the container asks for them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from agent.fs.tree import Node
 from agent.image_sessions import ImageSession
+from agent.layers.lazy_layer import LazyLayer
 from common.logging import get_logger
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.errors import RegistryError
@@ -64,25 +68,35 @@ def _chunks_for(
         found = [(top[1], top[1].tree.lookup(path))]
     pairs: list[tuple[ChunkSpec, BlobSource]] = []
     for mounted, node in found:
-        if node is None:
-            continue
-        targets = [node]
-        if node.is_dir:
-            stack = [node]
-            targets = []
-            while stack:
-                current = stack.pop()
-                for child in (current.children or {}).values():
-                    (stack if child.is_dir else targets).append(child)
-        layer = mounted.layer
-        for target in targets:
-            if target.entry.type not in ("reg", "hardlink"):
-                continue
-            ranges = entry.ranges or ((0, target.entry.size),)
-            for start, end in ranges:
-                for piece in layer.read_plan(target.entry, start, max(0, end - start)):
-                    pairs.append((piece.chunk, layer.blob))
+        if node is not None:
+            chunks = node_chunks(mounted.layer, node, entry.ranges)
+            pairs.extend((chunk, mounted.layer.blob) for chunk in chunks)
     return pairs
+
+
+def node_chunks(
+    layer: LazyLayer, node: Node, ranges: Sequence[tuple[int, int]] | None = None
+) -> list[ChunkSpec]:
+    """The chunks holding ``ranges`` of a file node (the whole file without ranges); for
+    a directory, those of every regular file below it. The one rule by which both a
+    learned profile and the converter's prefetch list turn a path into chunks."""
+    targets = [node]
+    if node.is_dir:
+        stack = [node]
+        targets = []
+        while stack:
+            current = stack.pop()
+            for child in (current.children or {}).values():
+                (stack if child.is_dir else targets).append(child)
+    chunks: list[ChunkSpec] = []
+    for target in targets:
+        if target.entry.type not in ("reg", "hardlink"):
+            continue
+        for start, end in ranges or ((0, target.entry.size),):
+            chunks.extend(
+                piece.chunk for piece in layer.read_plan(target.entry, start, max(0, end - start))
+            )
+    return chunks
 
 
 def enqueue_ready(fetcher: ChunkFetcher, session: ImageSession) -> int:
