@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 
 from agent.layers.estargz_layer import EstargzLayer
 from agent.layers.indexed_layer import IndexedLayer
+from agent.layers.lazy_layer import LazyLayer
 from agent.layers.metadata_work import off_loop
 from common.gc_pause import gc_paused
 from common.logging import get_logger
@@ -63,6 +65,7 @@ LOOKUP_TTL_S = 30.0
 """How long a per-manifest lookup is shared: one pull's worth, so an image converted
 meanwhile is found on the next pull."""
 T = TypeVar("T")
+L = TypeVar("L", bound=LazyLayer)
 MetadataFirst = Callable[[], AbstractContextManager[None]]
 
 
@@ -96,15 +99,33 @@ async def open_estargz(
     toc_length = blob.size - FOOTER_SIZE - toc_offset
     if toc_length <= 0 or toc_length > MAX_TOC_MEMBER:
         raise EstargzFormatError(f"implausible TOC length {toc_length}")
+    return await _load_metadata(
+        "discovery.toc_loaded",
+        blob,
+        metadata_first,
+        lambda: client.get_range(blob.ref, blob.digest, toc_offset, toc_length),
+        functools.partial(_estargz_layer, blob, toc_offset=toc_offset, toc_digest=toc_digest),
+    )
+
+
+async def _load_metadata(
+    event: str,
+    blob: BlobSource,
+    metadata_first: MetadataFirst,
+    download: Callable[[], Awaitable[bytes]],
+    build: Callable[[bytes], L],
+) -> L:
+    """Download a layer's index or TOC and build the layer from it on a metadata thread,
+    holding prefetch back meanwhile; logs how long each half took."""
     started = time.perf_counter()
     with metadata_first():
-        member = await client.get_range(blob.ref, blob.digest, toc_offset, toc_length)
+        raw = await download()
         fetched = time.perf_counter()
-        layer = await off_loop(_estargz_layer, blob, member, toc_offset, toc_digest)
+        layer = await off_loop(build, raw)
     log.info(
-        "discovery.toc_loaded",
+        event,
         layer=blob.digest,
-        bytes=toc_length,
+        bytes=len(raw),
         files=len(layer.entries),
         download_s=round(fetched - started, 3),
         parse_s=round(time.perf_counter() - fetched, 3),
@@ -308,19 +329,15 @@ class LayerDiscovery:
                     blob_desc.media_type == MEDIA_TYPE_LAYER_INDEX
                     and blob_desc.annotations.get(ANNOTATION_LAYER_DIGEST) == layer.digest
                 ):
-                    started = time.perf_counter()
                     blob = BlobSource(ref, layer.digest, layer.size)
-                    with self.metadata_first():
-                        raw = await self.client.get_blob(ref, blob_desc.digest, MAX_INDEX_BLOB)
-                        fetched = time.perf_counter()
-                        indexed = await off_loop(_indexed_layer, blob, raw)
-                    log.info(
+                    indexed = await _load_metadata(
                         "discovery.index_loaded",
-                        layer=layer.digest,
-                        bytes=len(raw),
-                        files=len(indexed.entries),
-                        download_s=round(fetched - started, 3),
-                        parse_s=round(time.perf_counter() - fetched, 3),
+                        blob,
+                        self.metadata_first,
+                        functools.partial(
+                            self.client.get_blob, ref, blob_desc.digest, MAX_INDEX_BLOB
+                        ),
+                        functools.partial(_indexed_layer, blob),
                     )
                     return DiscoveredLayer(indexed, _prefetch_from(parsed.annotations))
         return None
