@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from agent import metrics
 from agent.fs.operations import LayerFS, MountedLayer
 from agent.image_sessions import ImageSession, ImageSessions
-from agent.layers.discovery import LayerDiscovery, NoAccelerationError
+from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError
 from agent.layers.lazy_layer import LazyLayer
 from agent.layers.metadata_work import off_loop
 from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks
@@ -91,7 +91,12 @@ class LazyLayerProvider:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._plans: dict[str, asyncio.Task[list[PrefetchEntry]]] = {}
         """Learned plans being fetched for images whose first layer is being prepared."""
+        self._fills: dict[str, asyncio.TimerHandle] = {}
+        """Background fills not yet due, by layer name."""
+        self._early: dict[str, dict[str, EarlyLayer]] = {}
+        """Manifest digest -> layer digest -> a layer decoded but not mounted yet."""
         fs.listener = self
+        discovery.on_early = self._layer_decoded
 
     async def prepare_layer(
         self, key: str, parent: str | None, labels: dict[str, str]
@@ -138,7 +143,10 @@ class LazyLayerProvider:
             # Later, not now: a start's first seconds of small demand reads must not queue
             # behind megabytes of fill (bench/startup: with immediate fill every lazy run
             # downloaded the whole image before the app was ready).
-            asyncio.get_running_loop().call_later(
+            due = self._fills.pop(name, None)
+            if due is not None:
+                due.cancel()  # from an earlier mount of the layer: this one's replaces it
+            self._fills[name] = asyncio.get_running_loop().call_later(
                 self.background_fill_delay_s, self._fill, name, layer
             )
         metrics.LAYERS.labels("lazy").inc()
@@ -153,6 +161,7 @@ class LazyLayerProvider:
         return self.mountpoint / name
 
     def _fill(self, name: str, layer: LazyLayer) -> None:
+        self._fills.pop(name, None)
         if self.fs.layer(name) is not None:
             self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
 
@@ -169,12 +178,36 @@ class LazyLayerProvider:
         session, created = self.sessions.layer_ready(
             reference, manifest_digest, order, layer_digest, mounted
         )
+        early = self._early.get(manifest_digest, {}).get(layer_digest)
+        if early is not None:
+            self._forget_early(manifest_digest, layer_digest, early)  # the tree decides now
         if created and self.prefetch:
             plan = self._plan_fetch(reference, manifest_digest)
             del self._plans[manifest_digest]  # collected: the session holds the plan now
             self._spawn(self._prefetch_profile(session, plan))
         elif self.prefetch:
             self._enqueue_plan(session)
+
+    def _layer_decoded(self, manifest_digest: str, layer_digest: str, early: EarlyLayer) -> None:
+        """Discovery hook: a layer of the image is decoded; prefetch the plan's files
+        found in it now, not once it is checked and mounted."""
+        if not self.prefetch:
+            return
+        self._early.setdefault(manifest_digest, {})[layer_digest] = early
+        # A pull that was given up on never mounts it.
+        asyncio.get_running_loop().call_later(
+            PLAN_TTL_S, self._forget_early, manifest_digest, layer_digest, early
+        )
+        session = self.sessions.by_manifest.get(manifest_digest)
+        if session is not None:
+            self._enqueue_plan(session)
+
+    def _forget_early(self, manifest_digest: str, layer_digest: str, early: EarlyLayer) -> None:
+        layers = self._early.get(manifest_digest, {})
+        if layers.get(layer_digest) is early:
+            del layers[layer_digest]
+            if not layers:
+                del self._early[manifest_digest]
 
     def _start_plan_fetch(self, labels: dict[str, str]) -> None:
         """At an image's first Prepare, fetch its learned profile alongside the layer
@@ -219,7 +252,7 @@ class LazyLayerProvider:
         """Hand the fetcher the plan entries of the session's mounted layers (timed: it
         runs on the event loop while containerd waits for the next layer)."""
         started = time.perf_counter()
-        queued = enqueue_ready(self.fetcher, session)
+        queued = enqueue_ready(self.fetcher, session, self._early.get(session.manifest_digest, {}))
         if queued:
             log.info(
                 "agent.profile_prefetch",
@@ -241,7 +274,9 @@ class LazyLayerProvider:
             )
 
     async def close(self) -> None:
-        """Stop background work (profile fetches, recordings in flight)."""
+        """Stop background work (profile fetches, fills not yet due, recordings in flight)."""
+        for handle in self._fills.values():
+            handle.cancel()  # the fetcher closes next: a fill due later would find it closed
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -3,16 +3,18 @@
 At the first Prepare of an image the profile is fetched from the registry, alongside the
 lookup of that first layer, so it is at hand by the time the layer is mounted; each plan
 entry is handed to the fetcher at PREFETCH priority as soon as the layer holding it is
-mounted, so the bytes are on their way while containerd still prepares the layers above
-and before the container asks for them.
+mounted (or, for an index-only layer, as soon as its index is decoded and the entry's
+file is found in it), so the bytes are on their way while containerd still prepares the
+layers above and before the container asks for them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from agent.fs.tree import Node
 from agent.image_sessions import ImageSession
+from agent.layers.discovery import EarlyLayer
 from agent.layers.lazy_layer import LazyLayer
 from common.logging import get_logger
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
@@ -20,7 +22,7 @@ from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
-from formats.toc import HostileLayerError, normalize_name
+from formats.toc import HostileLayerError, TocEntry, normalize_name
 from profiles.format import ProfileFormatError
 from profiles.plan import PrefetchEntry, prefetch_plan
 from profiles.registry_sync import fetch_profile
@@ -49,9 +51,10 @@ async def load_plan(
 
 
 def _chunks_for(
-    session: ImageSession, entry: PrefetchEntry
+    session: ImageSession, entry: PrefetchEntry, early: Mapping[str, EarlyLayer]
 ) -> list[tuple[ChunkSpec, BlobSource]] | None:
-    """(chunk, blob) pairs for one plan entry; None while its layer is not mounted yet."""
+    """(chunk, blob) pairs for one plan entry; None while its layer is not mounted yet
+    and, if decoded already, its file is not found there (the tree then decides)."""
     try:
         path = normalize_name(entry.path.lstrip("/"))
     except HostileLayerError:
@@ -59,7 +62,7 @@ def _chunks_for(
     if entry.layer is not None:
         mounted = session.mounted.get(entry.layer)
         if mounted is None:
-            return None
+            return _early_chunks(early.get(entry.layer), path, entry.ranges)
         found = [(mounted, mounted.tree.lookup(path))]
     else:
         top = session.topmost(path)
@@ -72,6 +75,28 @@ def _chunks_for(
             chunks = node_chunks(mounted.layer, node, entry.ranges)
             pairs.extend((chunk, mounted.layer.blob) for chunk in chunks)
     return pairs
+
+
+def _early_chunks(
+    early: EarlyLayer | None, path: str, ranges: Sequence[tuple[int, int]] | None
+) -> list[tuple[ChunkSpec, BlobSource]] | None:
+    """A plan entry's chunks from a layer decoded but not mounted yet: what lets the
+    fetch start while the layer's table is checked and its tree built."""
+    entry = early.files.live_entry(path) if early is not None else None
+    if early is None or entry is None:
+        return None
+    blob = early.spans.blob
+    return [(chunk, blob) for chunk in entry_chunks(early.spans, entry, ranges)]
+
+
+def entry_chunks(
+    layer: LazyLayer, entry: TocEntry, ranges: Sequence[tuple[int, int]] | None = None
+) -> list[ChunkSpec]:
+    """The chunks holding ``ranges`` of one file (the whole file without ranges)."""
+    chunks: list[ChunkSpec] = []
+    for start, end in ranges or ((0, entry.size),):
+        chunks.extend(piece.chunk for piece in layer.read_plan(entry, start, max(0, end - start)))
+    return chunks
 
 
 def node_chunks(
@@ -90,24 +115,23 @@ def node_chunks(
                 (stack if child.is_dir else targets).append(child)
     chunks: list[ChunkSpec] = []
     for target in targets:
-        if target.entry.type not in ("reg", "hardlink"):
-            continue
-        for start, end in ranges or ((0, target.entry.size),):
-            chunks.extend(
-                piece.chunk for piece in layer.read_plan(target.entry, start, max(0, end - start))
-            )
+        if target.entry.type in ("reg", "hardlink"):
+            chunks.extend(entry_chunks(layer, target.entry, ranges))
     return chunks
 
 
-def enqueue_ready(fetcher: ChunkFetcher, session: ImageSession) -> int:
-    """Hand the fetcher every plan entry whose layer is now mounted; returns chunk count."""
+def enqueue_ready(
+    fetcher: ChunkFetcher, session: ImageSession, early: Mapping[str, EarlyLayer]
+) -> int:
+    """Hand the fetcher every plan entry whose layer is now mounted, or decoded (``early``,
+    by layer digest) with the entry's file found in it; returns the chunk count."""
     if not session.plan:
         return 0
     queued = 0
     for index, entry in enumerate(session.plan):
         if index in session.planned:
             continue
-        pairs = _chunks_for(session, entry)
+        pairs = _chunks_for(session, entry, early)
         if pairs is None:
             continue
         session.planned.add(index)

@@ -420,6 +420,75 @@ def _encode_entry(entry: TocEntry, offset_gap: int) -> list[Any]:
 
 def parse(data: bytes) -> LayerIndex:
     """Parse and fully validate artifact bytes; IndexFormatError on anything off."""
+    return parse_spans(data).checked()
+
+
+@dataclass
+class DecodedIndex:
+    """An index whose header and spans are checked and whose file table is decoded but
+    not yet checked: enough to find the files a learned profile names and fetch their
+    spans while the table is checked. python-fat-api's 40 618-row table decodes in
+    0.05 s and is checked in 0.2 s, and on the agent that check, then the tree built
+    from it, kept the profile's prefetch waiting ~0.6 s."""
+
+    index: LayerIndex
+    """Entries still empty: ``checked`` fills them in."""
+    rows: list[Any]
+    _names: dict[str, int] | None = None
+    _ends: list[int] | None = None
+
+    def checked(self) -> LayerIndex:
+        """The index with its file table checked in full (IndexFormatError if it fails)."""
+        plain = _plain_table(self.rows, self.index.uncompressed_size)
+        self.index.entries = (
+            plain
+            if plain is not None
+            else _table_row_by_row(self.rows, self.index.uncompressed_size)
+        )
+        return self.index
+
+    def live_entry(self, name: str) -> TocEntry | None:
+        """The file a tree built from this table shows at ``name``, found before the
+        table is checked: the last row of that name (tar semantics), checked on its own
+        as the row path checks it, a hardlink followed to its target. None if there is
+        none or the table is not plain enough to tell; as the answer only steers
+        prefetch, an odd table costs bytes, never serves a wrong one."""
+        if self._names is None:
+            self._index_rows()
+        assert self._names is not None and self._ends is not None
+        entry = self._row_entry(self._names.get(name))
+        if entry is not None and entry.type == "hardlink":
+            entry = self._row_entry(self._names.get(entry.link_name))
+        return entry if entry is not None and entry.type == "reg" else None
+
+    def _index_rows(self) -> None:
+        """Names to row numbers and where each row's data ends, at C speed; empty when
+        the table's shape or types would need the row-by-row checks to make sense of."""
+        self._names, self._ends = {}, []
+        rows = self.rows
+        if not rows or set(map(type, rows)) != {list} or set(map(len, rows)) != {_ENTRY_FIELDS}:
+            return
+        names, sizes, gaps = (tuple(map(operator.itemgetter(i), rows)) for i in (0, 2, 13))
+        if not (_all_of_type(str, names) and _all_of_type(int, sizes, gaps)):
+            return
+        self._names = dict(zip(names, range(len(names)), strict=True))
+        self._ends = list(itertools.accumulate(map(operator.add, gaps, sizes)))
+
+    def _row_entry(self, number: int | None) -> TocEntry | None:
+        if number is None:
+            return None
+        assert self._ends is not None
+        previous_end = self._ends[number - 1] if number else 0
+        try:
+            entry = _entry(self.rows[number], number, previous_end)
+        except IndexFormatError:
+            return None
+        return entry if entry.offset + entry.size <= self.index.uncompressed_size else None
+
+
+def parse_spans(data: bytes) -> DecodedIndex:
+    """Check the header and spans of artifact bytes and decode their file table
+    (IndexFormatError on anything off); ``DecodedIndex.checked`` does the rest."""
     if len(data) > MAX_ARTIFACT_BYTES:
         raise IndexFormatError("layer index is too large")
     document = _unpack(data, "layer index")
@@ -454,8 +523,7 @@ def parse(data: bytes) -> LayerIndex:
         span_size=_int(document["span_size"], "span_size", MAX_SPAN, MIN_SPAN),
     )
     _parse_checkpoints(index, document)
-    index.entries = _parse_toc(document, index.uncompressed_size)
-    return index
+    return DecodedIndex(index, _decode_toc(document))
 
 
 def _unpack(data: bytes, what: str, unicode_errors: str = "strict") -> Any:
@@ -564,7 +632,7 @@ def _checkpoint(raw: Any, number: int, index: LayerIndex) -> Checkpoint:
     )
 
 
-def _parse_toc(document: dict[str, Any], uncompressed_size: int) -> list[TocEntry]:
+def _decode_toc(document: dict[str, Any]) -> list[Any]:
     count = _int(document["entry_count"], "entry_count", MAX_ENTRIES)
     blob = document["toc"]
     if not isinstance(blob, bytes):
@@ -579,8 +647,7 @@ def _parse_toc(document: dict[str, Any], uncompressed_size: int) -> list[TocEntr
     rows = _unpack(packed, "toc", _NAME_ERRORS)
     if not isinstance(rows, list) or len(rows) != count:
         raise IndexFormatError(f"toc must be an array of entry_count ({count}) entries")
-    plain = _plain_table(rows, uncompressed_size)
-    return plain if plain is not None else _table_row_by_row(rows, uncompressed_size)
+    return rows
 
 
 def _table_row_by_row(rows: list[Any], uncompressed_size: int) -> list[TocEntry]:

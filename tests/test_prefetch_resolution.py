@@ -1,6 +1,7 @@
-"""The converter's prefetch list, as the agent turns it into chunks of a mounted layer:
-files by name, directories (written with a trailing `/`) with everything below them,
-by the same rule as a learned profile's entries."""
+"""Prefetch paths as the agent turns them into chunks: the converter's prefetch list on
+a mounted layer (files by name, directories written with a trailing `/` with everything
+below them, by the same rule as a learned profile's entries), and a learned profile's
+files found in an index that is decoded but not yet checked or mounted."""
 
 from __future__ import annotations
 
@@ -10,23 +11,41 @@ import io
 import random
 import tarfile
 import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
 
 from agent.fs.operations import MountedLayer
 from agent.fs.tree import InodeAllocator, LayerTree
+from agent.image_sessions import ImageSession
+from agent.layers.discovery import EarlyLayer
 from agent.layers.indexed_layer import IndexedLayer
 from agent.lazy_provider import prefetch_chunks
-from agent.profile_prefetch import node_chunks
-from fetcher.chunks import BlobSource, ChunkSpec
+from agent.profile_prefetch import enqueue_ready, entry_chunks, node_chunks
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.mediatypes import OCI_LAYER_GZIP
 from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from fetcher.scheduler import ChunkFetcher
+from formats import layer_index
 from formats.layer_index import build_layer_index
+from profiles.plan import PrefetchEntry
 
 SPAN = 64 * 1024
 
 
 def _mounted() -> MountedLayer:
+    return _mounted_with_blob()[0]
+
+
+def _mounted_with_blob() -> tuple[MountedLayer, bytes]:
     """A real index-only layer of incompressible files and small spans, so files fall
-    in different chunks."""
+    in different chunks; and its blob."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for number, name in enumerate(
@@ -49,7 +68,8 @@ def _mounted() -> MountedLayer:
     )
     source = BlobSource(ImageReference.parse("127.0.0.1:5000/app:1"), digest, len(blob))
     layer = IndexedLayer(source, index)
-    return MountedLayer("layer", layer, LayerTree(layer.entries, InodeAllocator()), time.time())
+    tree = LayerTree(layer.entries, InodeAllocator())
+    return MountedLayer("layer", layer, tree, time.time()), blob
 
 
 def _keys(chunks: list[ChunkSpec]) -> list[str]:
@@ -97,3 +117,113 @@ def test_kind_mismatches_absent_and_hostile_paths_prefetch_nothing() -> None:
     # without one is not a file (as the converter's list means them).
     for paths in (["/etc/conf/"], ["/app/lib"], ["/nope"], ["/../etc/conf"], ["/a\0b"]):
         assert prefetch_chunks(mounted, paths) == [], paths
+
+
+def _decoded(mounted: MountedLayer) -> EarlyLayer:
+    assert isinstance(mounted.layer, IndexedLayer)
+    decoded = layer_index.parse_spans(layer_index.serialize(mounted.layer.index))
+    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index), decoded)
+
+
+def test_a_decoded_index_finds_each_file_where_the_tree_shows_it() -> None:
+    mounted = _mounted()
+    early = _decoded(mounted)
+    for path in ("app/main.py", "app/lib/a.py", "app/lib/b.py", "etc/conf", "etc/conf-link"):
+        node = mounted.tree.lookup(path)
+        assert node is not None
+        assert early.files.live_entry(path) == node.entry, path  # a duplicate: the live copy
+        for ranges in (None, [(0, 1)], [(70_000, 140_000), (5, 6)], [(10**9, 10**9 + 1)]):
+            assert _keys(entry_chunks(early.spans, node.entry, ranges)) == _keys(
+                node_chunks(mounted.layer, node, ranges)
+            ), (path, ranges)
+    for path in ("app", "app/lib", "", "nope", "app/main.py/x"):
+        assert early.files.live_entry(path) is None, path  # directories wait for the tree
+
+
+def _table(mounted: MountedLayer, change: Callable[[list[list[Any]]], None]) -> EarlyLayer:
+    """The layer's index with its file table rows changed by ``change``."""
+    assert isinstance(mounted.layer, IndexedLayer)
+    document = msgpack.unpackb(layer_index.serialize(mounted.layer.index))
+    rows = msgpack.unpackb(zlib.decompress(document["toc"]))
+    change(rows)
+    document["toc"] = zlib.compress(msgpack.packb(rows))
+    document["entry_count"] = len(rows)
+    decoded = layer_index.parse_spans(msgpack.packb(document))
+    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index), decoded)
+
+
+def _set(row: int, field: int, value: Any) -> Callable[[list[list[Any]]], None]:
+    def change(rows: list[list[Any]]) -> None:
+        rows[row][field] = value
+
+    return change
+
+
+def test_an_odd_or_hostile_table_finds_nothing_early_and_still_fails_its_check() -> None:
+    mounted = _mounted()
+    names = [entry.name for entry in mounted.layer.entries]
+    conf, link = names.index("etc/conf"), names.index("etc/conf-link")
+    odd = {
+        "a row of the wrong shape": lambda rows: rows.append([]),
+        "a name of the wrong type": _set(0, 0, 7),
+        "an offset gap of the wrong type": _set(0, 13, "1"),
+        "the file past the layer's end": _set(conf, 13, 1 << 40),
+        "the file not normalized": _set(conf, 0, "etc/./conf"),
+        "the file's size too big": _set(conf, 2, 1 << 62),
+        "a hardlink to nothing": _set(link, 9, "etc/none"),
+        "a hardlink to a directory": _set(link, 9, "etc"),
+    }
+    for why, change in odd.items():
+        early = _table(mounted, change)
+        target = "etc/conf-link" if "hardlink" in why else "etc/conf"
+        assert early.files.live_entry(target) is None, why
+        if "hardlink" not in why:  # a dangling hardlink is served as nothing, not refused
+            with pytest.raises(layer_index.IndexFormatError):
+                early.files.checked()
+    # One bad row costs only its own early answer.
+    early = _table(mounted, _set(conf, 3, -1))
+    assert early.files.live_entry("etc/conf") is None
+    live = mounted.tree.lookup("app/lib/a.py")
+    assert live is not None and early.files.live_entry("app/lib/a.py") == live.entry
+
+
+async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at_mount(
+    registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    """With a real registry and fetcher: the profile's file is fetched before its layer
+    is mounted, a directory entry waits for the tree, and nothing is planned twice."""
+    mounted, blob_bytes = _mounted_with_blob()
+    early = _decoded(mounted)
+    assert isinstance(mounted.layer, IndexedLayer)
+    reference = ImageReference.parse(f"{registry.host}/{repo_name}")
+    digest = mounted.layer.blob.digest
+    async with RegistryClient() as client:
+        assert await client.push_blob(reference, blob_bytes) == digest
+        blob = BlobSource(reference, digest, len(blob_bytes))
+        mounted = MountedLayer("layer", IndexedLayer(blob, mounted.layer.index), mounted.tree, 0)
+        early = EarlyLayer(IndexedLayer(blob, early.spans.index), early.files)
+        session = ImageSession(reference, "sha256:" + "0" * 64, [digest])
+        session.plan = [
+            PrefetchEntry(digest, "/etc/conf", None),
+            PrefetchEntry(digest, "/app/lib/", None),
+        ]
+        cache = ChunkCache(tmp_path / "cache", max_bytes=64 << 20)
+        fetcher = ChunkFetcher(client, cache)
+        try:
+            conf = _of(mounted, "etc/conf")
+            assert enqueue_ready(fetcher, session, {digest: early}) == len(conf)
+            assert session.planned == {0}
+            await fetcher.wait_idle()
+            assert all(cache.contains(digest, key) for key in conf)
+            session.mounted[digest] = mounted
+            lib_dir = mounted.tree.lookup("app/lib")
+            assert lib_dir is not None
+            lib = _keys(node_chunks(mounted.layer, lib_dir))  # a shared span counts twice
+            assert enqueue_ready(fetcher, session, {}) == len(lib)
+            assert session.planned == {0, 1}
+            assert enqueue_ready(fetcher, session, {digest: early}) == 0
+            await fetcher.wait_idle()
+            assert all(cache.contains(digest, key) for key in lib)
+            assert fetcher.stats.bytes_fetched[Priority.PREFETCH] > 0
+        finally:
+            await fetcher.close()
