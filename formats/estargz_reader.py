@@ -118,6 +118,178 @@ def parse_toc(toc_member: bytes, toc_offset: int, expected_digest: str | None = 
     ``expected_digest`` is the layer's ``containerd.io/snapshot/stargz/toc.digest``
     annotation; without it the TOC is unverified and only its structure is checked.
     """
+    return decode_toc(toc_member, toc_offset, expected_digest).checked()
+
+
+@dataclass
+class DecodedToc:
+    """A TOC whose JSON is decoded (and its digest checked) but whose records are not
+    yet validated: enough to find a learned profile's files and fetch their members
+    while the records are checked. python-fat-api's 40 696 records decode in 0.2 s and
+    are checked in 0.55 s; on the agent, that check and the layer and tree built after
+    it kept the profile's prefetch waiting over a second."""
+
+    records: list[Any]
+    digest: str
+    toc_offset: int
+    _names: dict[str, int] | None = None
+    _members: dict[int, tuple[int, int, int]] | None = None
+
+    def checked(self) -> EstargzToc:
+        """The validated TOC (EstargzFormatError on anything off)."""
+        return _TocValidator(self.toc_offset).run(self.records, self.digest)
+
+    def live_chunks(self, name: str) -> list[tuple[ChunkRef, list[ChunkRef]]] | None:
+        """Each chunk of the regular file ``name`` (its last record, as the checked TOC
+        keeps), in file order, with every chunk its gzip member holds: a member fetched
+        early is checked against all of them, as the checked TOC would check it, so no
+        unverified byte is cached. Found before the records are checked, from the
+        records around the file only; None when they are not plain enough to tell (the
+        answer only steers prefetch: an odd TOC costs bytes, never serves a wrong one)."""
+        if self._names is None:
+            self._names = {
+                record["name"]: number
+                for number, record in enumerate(self.records)
+                if type(record) is dict
+                and record.get("type") == "reg"
+                and type(record.get("name")) is str
+            }
+        number = self._names.get(name)
+        if number is None or not is_normalized(name):
+            return None
+        try:
+            return [(own, self._member(own)) for own in self._file_chunks(number)]
+        except (EstargzFormatError, TypeError, KeyError):
+            return None
+
+    def _file_chunks(self, number: int) -> list[ChunkRef]:
+        """The file's chunks: its record's and those of the chunk records after it."""
+        records = self.records
+        name, size = records[number]["name"], records[number].get("size", 0)
+        chunks: list[ChunkRef] = []
+        if size == 0 and type(size) is int:
+            return chunks
+        covered = 0
+        for index in range(number, len(records)):
+            record = records[index]
+            if chunks and (
+                type(record) is not dict
+                or record.get("type") != "chunk"
+                or record.get("name") != name
+            ):
+                break
+            chunk = self._ref(record, name, size, covered)
+            chunks.append(chunk)
+            covered += chunk.size
+        if covered != size:
+            raise EstargzFormatError(f"chunks of {name!r} do not cover it")
+        return chunks
+
+    def _member(self, own: ChunkRef) -> list[ChunkRef]:
+        """Every chunk of the member holding ``own``: the records with its data offset,
+        which blob order puts next to each other (records without data in between)."""
+        offset = own.blob_offset
+        position = self._member_positions().get(offset)
+        if position is None:
+            raise EstargzFormatError(f"no record starts a member at {offset}")
+        first, last, end = position
+        refs = []
+        for number in range(first, last + 1):
+            record = self.records[number]
+            if _data_offset_of(record) != offset:
+                continue
+            name, kind = record.get("name"), record.get("type")
+            if kind == "reg" and name in LANDMARK_NAMES:
+                continue  # a landmark marks a place in the blob; no file reads it
+            owner = number if kind == "reg" else self._owner(number)
+            if owner is None or type(name) is not str:
+                raise EstargzFormatError(f"record {number} shares a member but is no file's")
+            if self._names and self._names.get(name) != owner:
+                continue  # a copy that a later record of the name replaces: never served
+            covered = record.get("chunkOffset", 0) if kind == "chunk" else 0
+            refs.append(self._ref(record, name, self.records[owner].get("size", 0), covered, end))
+        return refs
+
+    def _owner(self, number: int) -> int | None:
+        """The record of the file a chunk record continues (None if it follows none)."""
+        name = self.records[number].get("name")
+        while number > 0:
+            number -= 1
+            record = self.records[number]
+            if type(record) is not dict or record.get("name") != name:
+                return None
+            if record.get("type") == "reg":
+                return number
+            if record.get("type") != "chunk":
+                return None
+        return None
+
+    def _member_positions(self) -> dict[int, tuple[int, int, int]]:
+        """Data offset -> (first record, last record, the member's end), made once."""
+        if self._members is None:
+            self._members = self._find_members()
+        return self._members
+
+    def _find_members(self) -> dict[int, tuple[int, int, int]]:
+        positions: dict[int, tuple[int, int, int]] = {}
+        previous: int | None = None
+        for number, record in enumerate(self.records):
+            offset = _data_offset_of(record)
+            if not offset:
+                continue
+            if offset == previous:
+                first, _, _ = positions[offset]
+                positions[offset] = (first, number, 0)
+            else:
+                if previous is not None:
+                    first, last, _ = positions[previous]
+                    positions[previous] = (first, last, offset)
+                if offset in positions:
+                    raise EstargzFormatError(f"data offset {offset} seen twice")
+                positions[offset] = (number, number, 0)
+                previous = offset
+        if previous is not None:
+            first, last, _ = positions[previous]
+            positions[previous] = (first, last, self.toc_offset)
+        return positions
+
+    def _ref(
+        self, record: dict[str, Any], name: str, size: Any, covered: int, end: int = 0
+    ) -> ChunkRef:
+        """One chunk of a record, held to the validator's rules for it."""
+        chunk_offset = record.get("chunkOffset", 0)
+        if type(chunk_offset) is not int or chunk_offset != covered or type(size) is not int:
+            raise EstargzFormatError("chunk out of place")
+        remaining = size - covered
+        chunk_size = _uint(record, "chunkSize", remaining) or remaining
+        digest = record.get("chunkDigest")
+        offset = _uint(record, "offset", self.toc_offset - 1)
+        if not is_sha256_digest(digest) or chunk_size > MAX_CHUNK_BYTES or not offset:
+            raise EstargzFormatError("chunk without a plain digest, size or offset")
+        if not end:
+            end = self._member_positions()[offset][2]
+        if not offset < end <= self.toc_offset:
+            raise EstargzFormatError("member out of order")
+        inner = _uint(record, "innerOffset", MAX_CHUNK_BYTES)
+        return ChunkRef(name, covered, chunk_size, offset, end, inner, str(digest))
+
+
+def _data_offset_of(record: Any) -> int:
+    """A record's data offset, 0 for none: as the validator, only chunk records and
+    regular files (landmarks included) with bytes have data; other offsets mean nothing."""
+    if type(record) is not dict:
+        return 0
+    kind, size, offset = record.get("type"), record.get("size", 0), record.get("offset", 0)
+    if kind != "chunk" and (kind != "reg" or type(size) is not int or size <= 0):
+        return 0
+    return offset if type(offset) is int and offset > 0 else 0
+
+
+def decode_toc(
+    toc_member: bytes, toc_offset: int, expected_digest: str | None = None
+) -> DecodedToc:
+    """Inflate the TOC gzip member, check its digest and decode its JSON
+    (EstargzFormatError on anything off); ``DecodedToc.checked`` validates the rest."""
     toc_json = _toc_json(toc_member)
     digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
     if expected_digest is not None and digest != expected_digest:
@@ -135,7 +307,7 @@ def parse_toc(toc_member: bytes, toc_offset: int, expected_digest: str | None = 
         raise EstargzFormatError("TOC has no entries list")
     if len(records) > MAX_TOC_ENTRIES:
         raise EstargzFormatError(f"TOC has {len(records)} entries, more than {MAX_TOC_ENTRIES}")
-    return _TocValidator(toc_offset).run(records, digest)
+    return DecodedToc(records, digest, toc_offset)
 
 
 def read_chunk(chunk: ChunkRef, data: bytes) -> bytes:
