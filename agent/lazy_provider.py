@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 from agent import metrics
 from agent.fs.operations import LayerFS, MountedLayer
 from agent.image_sessions import ImageSession, ImageSessions
-from agent.layers.discovery import LayerDiscovery, NoAccelerationError
-from agent.layers.lazy_layer import EarlyLayer, LazyLayer
+from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError
+from agent.layers.lazy_layer import LazyLayer
 from agent.layers.metadata_work import off_loop
 from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks
 from agent.startup_recorder import StartupRecorder

@@ -14,14 +14,15 @@ from collections.abc import Mapping, Sequence
 
 from agent.fs.tree import Node
 from agent.image_sessions import ImageSession
-from agent.layers.lazy_layer import EarlyLayer, LazyLayer, entry_chunks
+from agent.layers.discovery import EarlyLayer
+from agent.layers.lazy_layer import LazyLayer
 from common.logging import get_logger
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
-from formats.toc import HostileLayerError, normalize_name
+from formats.toc import HostileLayerError, TocEntry, normalize_name
 from profiles.format import ProfileFormatError
 from profiles.plan import PrefetchEntry, prefetch_plan
 from profiles.registry_sync import fetch_profile
@@ -80,11 +81,22 @@ def _early_chunks(
     early: EarlyLayer | None, path: str, ranges: Sequence[tuple[int, int]] | None
 ) -> list[tuple[ChunkSpec, BlobSource]] | None:
     """A plan entry's chunks from a layer decoded but not mounted yet: what lets the
-    fetch start while the layer's metadata is checked and its tree built."""
-    chunks = early.chunks(path, ranges) if early is not None else None
-    if early is None or chunks is None:
+    fetch start while the layer's table is checked and its tree built."""
+    entry = early.files.live_entry(path) if early is not None else None
+    if early is None or entry is None:
         return None
-    return [(chunk, early.blob) for chunk in chunks]
+    blob = early.spans.blob
+    return [(chunk, blob) for chunk in entry_chunks(early.spans, entry, ranges)]
+
+
+def entry_chunks(
+    layer: LazyLayer, entry: TocEntry, ranges: Sequence[tuple[int, int]] | None = None
+) -> list[ChunkSpec]:
+    """The chunks holding ``ranges`` of one file (the whole file without ranges)."""
+    chunks: list[ChunkSpec] = []
+    for start, end in ranges or ((0, entry.size),):
+        chunks.extend(piece.chunk for piece in layer.read_plan(entry, start, max(0, end - start)))
+    return chunks
 
 
 def node_chunks(

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import formats.estargz_reader as reader_module
 import formats.estargz_writer as writer_module
-from agent.layers.estargz_layer import EarlyEstargzLayer, EstargzLayer
+from agent.layers.estargz_layer import EstargzLayer
 from agent.layers.lazy_layer import ReadAheadBudget
 from fetcher.chunks import BlobSource
 from fetcher.reference import ImageReference
@@ -953,100 +953,3 @@ def test_small_files_share_members_and_still_read_exactly() -> None:
     expected = {entry.name: data for entry, _, data in _tar_members(source) if entry.type == "reg"}
     assert _file_bytes_from_chunks(packed, toc) == expected
     assert gzip.decompress(packed)  # still one valid gzip stream of members
-
-
-# --- finding files before the TOC is validated (early prefetch) -------------------------
-
-
-def _decoded_blob(blob: bytes) -> reader_module.DecodedToc:
-    toc_offset = parse_footer(blob[-FOOTER_SIZE:], len(blob))
-    return reader_module.decode_toc(blob[toc_offset : len(blob) - FOOTER_SIZE], toc_offset)
-
-
-def _agrees(decoded: reader_module.DecodedToc, toc: EstargzToc, name: str) -> bool:
-    """Whether the early answer for ``name`` is the checked TOC's: the same chunks, each
-    with every chunk of its member (so a member fetched early is checked in full)."""
-    found = decoded.live_chunks(name)
-    if found is None:
-        return True  # "cannot tell": the tree decides later
-    members: dict[int, list[Any]] = {}
-    for refs in toc.chunks.values():
-        for ref in refs:
-            members.setdefault(ref.blob_offset, []).append(ref)
-    return [own for own, _ in found] == toc.chunks.get(name) and all(
-        sorted(refs) == sorted(members[own.blob_offset]) for own, refs in found
-    )
-
-
-@pytest.mark.parametrize("options", [{}, {"min_chunk_size": 4 * CHUNK}, {"prefetch": ["/etc/"]}])
-def test_a_decoded_toc_finds_each_file_with_every_chunk_of_its_members(
-    options: dict[str, Any],
-) -> None:
-    blob, _ = _convert(_varied_tar(), **options)
-    decoded = _decoded_blob(blob)
-    toc = decoded.checked()
-    assert any(len(refs) > 1 for refs in toc.chunks.values())  # files of several chunks
-    for name in toc.chunks:
-        assert decoded.live_chunks(name) is not None, name
-        assert _agrees(decoded, toc, name), name
-    for name in ("etc", "etc/link", "etc/hard", "dev/null", "absent", "./etc/f1", ""):
-        assert decoded.live_chunks(name) is None, name
-
-
-def test_a_member_found_early_is_checked_against_its_neighbours_too() -> None:
-    """Small files share a member; a neighbour's digest the registry lied about must
-    fail the early member, as it fails the checked one, or unverified bytes of that
-    neighbour would be cached."""
-    blob, _ = _convert(_varied_tar(), min_chunk_size=4 * CHUNK)
-    decoded = _decoded_blob(blob)
-    shared = next(
-        name
-        for name, refs in decoded.checked().chunks.items()
-        if len(refs) == 1 and len(_members_of(decoded, name)) > 1
-    )
-    neighbour = next(r for r in _members_of(decoded, shared) if r.name != shared).name
-    for record in decoded.records:
-        if record.get("name") == neighbour:
-            record["chunkDigest"] = "sha256:" + "0" * 64
-    layer = EarlyEstargzLayer(
-        BlobSource(ImageReference.parse("r.test/a:b"), "sha256:x", 1), decoded
-    )
-    specs = layer.chunks(shared, None)
-    assert specs is not None and len(specs) == 1
-    with pytest.raises(ChunkDigestError, match=neighbour):
-        specs[0].decode(blob[specs[0].fetch_start : specs[0].fetch_end])
-
-
-def _members_of(decoded: reader_module.DecodedToc, name: str) -> list[Any]:
-    found = decoded.live_chunks(name)
-    assert found is not None
-    return found[0][1]
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_early_answers_agree_with_the_checked_toc_or_say_nothing(data: st.DataObject) -> None:
-    """Plain records with random fields changed, junk records mixed in: finding a file
-    early never raises, and whenever the records pass the checks its answer is theirs."""
-    records: list[Any] = _plain_records()
-    for _ in range(data.draw(st.integers(0, 3))):
-        record = records[data.draw(st.integers(0, len(records) - 1))]
-        if isinstance(record, dict):
-            field = data.draw(_field)
-            record[field] = data.draw(st.sampled_from([*_NUMBER_EDGES, "a", DIGEST, None]))
-    if data.draw(st.booleans()):
-        records.insert(data.draw(st.integers(0, len(records))), data.draw(_record))
-    toc_offset = data.draw(st.sampled_from([250, 400, 10_000]))
-    document = json.dumps({"version": 1, "entries": records}).encode()
-    try:
-        decoded = reader_module.decode_toc(_toc_member(document), toc_offset)
-    except HostileLayerError:
-        return  # not even JSON the TOC may hold (NaN, say)
-    names = [r.get("name") for r in records if isinstance(r, dict)] + ["a", "b", "d/c", "e"]
-    answers = {n: decoded.live_chunks(n) for n in names if isinstance(n, str)}
-    try:
-        toc = decoded.checked()
-    except HostileLayerError:
-        return
-    for name in answers:
-        assert _agrees(decoded, toc, name), (name, records)

@@ -22,9 +22,10 @@ import pytest
 from agent.fs.operations import MountedLayer
 from agent.fs.tree import InodeAllocator, LayerTree
 from agent.image_sessions import ImageSession
-from agent.layers.indexed_layer import EarlyIndexedLayer, IndexedLayer
+from agent.layers.discovery import EarlyLayer
+from agent.layers.indexed_layer import IndexedLayer
 from agent.lazy_provider import prefetch_chunks
-from agent.profile_prefetch import enqueue_ready, node_chunks
+from agent.profile_prefetch import enqueue_ready, entry_chunks, node_chunks
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.mediatypes import OCI_LAYER_GZIP
@@ -118,10 +119,10 @@ def test_kind_mismatches_absent_and_hostile_paths_prefetch_nothing() -> None:
         assert prefetch_chunks(mounted, paths) == [], paths
 
 
-def _decoded(mounted: MountedLayer) -> EarlyIndexedLayer:
+def _decoded(mounted: MountedLayer) -> EarlyLayer:
     assert isinstance(mounted.layer, IndexedLayer)
     decoded = layer_index.parse_spans(layer_index.serialize(mounted.layer.index))
-    return EarlyIndexedLayer(mounted.layer.blob, decoded)
+    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index), decoded)
 
 
 def test_a_decoded_index_finds_each_file_where_the_tree_shows_it() -> None:
@@ -130,16 +131,16 @@ def test_a_decoded_index_finds_each_file_where_the_tree_shows_it() -> None:
     for path in ("app/main.py", "app/lib/a.py", "app/lib/b.py", "etc/conf", "etc/conf-link"):
         node = mounted.tree.lookup(path)
         assert node is not None
-        assert early.decoded.live_entry(path) == node.entry, path  # a duplicate: the live copy
+        assert early.files.live_entry(path) == node.entry, path  # a duplicate: the live copy
         for ranges in (None, [(0, 1)], [(70_000, 140_000), (5, 6)], [(10**9, 10**9 + 1)]):
-            found = early.chunks(path, ranges)
-            assert found is not None
-            assert _keys(found) == _keys(node_chunks(mounted.layer, node, ranges)), (path, ranges)
+            assert _keys(entry_chunks(early.spans, node.entry, ranges)) == _keys(
+                node_chunks(mounted.layer, node, ranges)
+            ), (path, ranges)
     for path in ("app", "app/lib", "", "nope", "app/main.py/x"):
-        assert early.chunks(path, None) is None, path  # directories wait for the tree
+        assert early.files.live_entry(path) is None, path  # directories wait for the tree
 
 
-def _table(mounted: MountedLayer, change: Callable[[list[list[Any]]], None]) -> EarlyIndexedLayer:
+def _table(mounted: MountedLayer, change: Callable[[list[list[Any]]], None]) -> EarlyLayer:
     """The layer's index with its file table rows changed by ``change``."""
     assert isinstance(mounted.layer, IndexedLayer)
     document = msgpack.unpackb(layer_index.serialize(mounted.layer.index))
@@ -148,7 +149,7 @@ def _table(mounted: MountedLayer, change: Callable[[list[list[Any]]], None]) -> 
     document["toc"] = zlib.compress(msgpack.packb(rows))
     document["entry_count"] = len(rows)
     decoded = layer_index.parse_spans(msgpack.packb(document))
-    return EarlyIndexedLayer(mounted.layer.blob, decoded)
+    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index), decoded)
 
 
 def _set(row: int, field: int, value: Any) -> Callable[[list[list[Any]]], None]:
@@ -175,15 +176,15 @@ def test_an_odd_or_hostile_table_finds_nothing_early_and_still_fails_its_check()
     for why, change in odd.items():
         early = _table(mounted, change)
         target = "etc/conf-link" if "hardlink" in why else "etc/conf"
-        assert early.chunks(target, None) is None, why
+        assert early.files.live_entry(target) is None, why
         if "hardlink" not in why:  # a dangling hardlink is served as nothing, not refused
             with pytest.raises(layer_index.IndexFormatError):
-                early.decoded.checked()
+                early.files.checked()
     # One bad row costs only its own early answer.
     early = _table(mounted, _set(conf, 3, -1))
-    assert early.chunks("etc/conf", None) is None
+    assert early.files.live_entry("etc/conf") is None
     live = mounted.tree.lookup("app/lib/a.py")
-    assert live is not None and early.decoded.live_entry("app/lib/a.py") == live.entry
+    assert live is not None and early.files.live_entry("app/lib/a.py") == live.entry
 
 
 async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at_mount(
@@ -200,7 +201,7 @@ async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at
         assert await client.push_blob(reference, blob_bytes) == digest
         blob = BlobSource(reference, digest, len(blob_bytes))
         mounted = MountedLayer("layer", IndexedLayer(blob, mounted.layer.index), mounted.tree, 0)
-        early = EarlyIndexedLayer(blob, early.decoded)
+        early = EarlyLayer(IndexedLayer(blob, early.spans.index), early.files)
         session = ImageSession(reference, "sha256:" + "0" * 64, [digest])
         session.plan = [
             PrefetchEntry(digest, "/etc/conf", None),

@@ -30,9 +30,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.layers.estargz_layer import EarlyEstargzLayer, EstargzLayer
-from agent.layers.indexed_layer import EarlyIndexedLayer, IndexedLayer
-from agent.layers.lazy_layer import EarlyLayer, LazyLayer
+from agent.layers.estargz_layer import EstargzLayer
+from agent.layers.indexed_layer import IndexedLayer
 from agent.layers.metadata_work import off_loop
 from common.gc_pause import gc_paused
 from common.logging import get_logger
@@ -52,7 +51,7 @@ from formats.accelerated import (
     accelerated_tag,
     is_accelerated_tag,
 )
-from formats.estargz_reader import decode_toc
+from formats.estargz_reader import parse_toc
 from formats.estargz_toc import FOOTER_SIZE, TOC_DIGEST_ANNOTATION, EstargzFormatError, parse_footer
 
 log = get_logger(__name__)
@@ -65,8 +64,6 @@ LOOKUP_TTL_S = 30.0
 """How long a per-manifest lookup is shared: one pull's worth, so an image converted
 meanwhile is found on the next pull."""
 T = TypeVar("T")
-E = TypeVar("E", bound=EarlyLayer)
-L = TypeVar("L", bound=LazyLayer)
 MetadataFirst = Callable[[], AbstractContextManager[None]]
 
 
@@ -91,7 +88,6 @@ async def open_estargz(
     blob: BlobSource,
     toc_digest: str | None,
     metadata_first: MetadataFirst = contextlib.nullcontext,
-    early: Callable[[EarlyLayer], None] | None = None,
 ) -> EstargzLayer:
     """Read footer and TOC (two small range reads) and build the layer reader."""
     if blob.size < FOOTER_SIZE:
@@ -106,9 +102,7 @@ async def open_estargz(
         blob,
         metadata_first,
         lambda: client.get_range(blob.ref, blob.digest, toc_offset, toc_length),
-        functools.partial(_early_estargz, blob, toc_offset=toc_offset, toc_digest=toc_digest),
-        _estargz_layer,
-        early,
+        functools.partial(_estargz_layer, blob, toc_offset=toc_offset, toc_digest=toc_digest),
     )
 
 
@@ -117,72 +111,66 @@ async def _load_metadata(
     blob: BlobSource,
     metadata_first: MetadataFirst,
     download: Callable[[], Awaitable[bytes]],
-    decode: Callable[[bytes], E],
-    check: Callable[[E], L],
-    early: Callable[[EarlyLayer], None] | None,
-) -> L:
-    """Download a layer's index or TOC and decode it on a metadata thread, holding
-    prefetch back meanwhile; show the decoded layer to ``early``, then check it and
-    build the layer (prefetch may go on meanwhile). Logs how long each step took."""
+    build: Callable[[bytes], T],
+) -> T:
+    """Download a layer's index or TOC and parse it on a metadata thread, holding
+    prefetch back meanwhile; logs how long each half took."""
     started = time.perf_counter()
     with metadata_first():
         raw = await download()
         fetched = time.perf_counter()
-        decoded = await off_loop(decode, raw)
-    if early is not None:
-        early(decoded)
-    decoded_at = time.perf_counter()
-    layer = await off_loop(check, decoded)
+        built = await off_loop(build, raw)
     log.info(
         event,
         layer=blob.digest,
         bytes=len(raw),
-        files=len(layer.entries),
         download_s=round(fetched - started, 3),
-        decode_s=round(decoded_at - fetched, 3),
-        check_s=round(time.perf_counter() - decoded_at, 3),
+        parse_s=round(time.perf_counter() - fetched, 3),
     )
-    return layer
+    return built
 
 
-# Metadata work runs on a worker thread: a 40 000-file TOC takes ~1 s to decode and
-# check, and on the event loop it would hold up the FUSE requests and containerd's
-# calls for the other layers of the pull.
-
-
-def _early_estargz(
+def _estargz_layer(
     blob: BlobSource, member: bytes, toc_offset: int, toc_digest: str | None
-) -> EarlyEstargzLayer:
-    """Inflate the TOC, check its digest and decode its JSON."""
+) -> EstargzLayer:
+    """Parse the TOC and build the layer, on a worker thread: a 40 000-file TOC takes
+    ~0.8 s, and on the event loop it would hold up the FUSE requests and containerd's
+    calls for the other layers of the pull."""
     with gc_paused():
-        return EarlyEstargzLayer(blob, decode_toc(member, toc_offset, toc_digest))
+        return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest))
 
 
-def _estargz_layer(early: EarlyEstargzLayer) -> EstargzLayer:
-    """Validate the decoded TOC and build the layer."""
-    with gc_paused():
-        return EstargzLayer(early.blob, early.toc.checked())
+@dataclass(frozen=True)
+class EarlyLayer:
+    """An index-only layer whose spans are checked and whose file table is decoded but
+    not yet checked: a learned profile's files can be found in it and their spans
+    fetched while the table is checked and the tree built (python-fat-api: ~0.5 s)."""
+
+    spans: IndexedLayer
+    """Reads the layer's spans; it has no entries yet."""
+    files: layer_index.DecodedIndex
 
 
-def _early_index(blob: BlobSource, raw: bytes) -> EarlyIndexedLayer:
-    """Check the index's header and spans and decode its file table."""
+EarlyHook = Callable[[str, str, EarlyLayer], None]
+"""Told (manifest digest, layer digest, early layer) as soon as an index is decoded."""
+
+
+def _early_layer(blob: BlobSource, raw: bytes) -> EarlyLayer:
+    """Check the index's header and spans and decode its file table, on a worker thread
+    (as ``_estargz_layer``)."""
     with gc_paused():
         decoded = layer_index.parse_spans(raw)
     index = decoded.index
     if index.layer_digest != blob.digest or index.compressed_size != blob.size:
         raise layer_index.IndexFormatError("index describes another layer")
-    return EarlyIndexedLayer(blob, decoded)
+    return EarlyLayer(IndexedLayer(blob, index), decoded)
 
 
-def _indexed_layer(early: EarlyIndexedLayer) -> IndexedLayer:
-    """Check the decoded file table and build the layer."""
+def _indexed_layer(early: EarlyLayer) -> IndexedLayer:
+    """Check the decoded file table and build the layer, on a worker thread."""
     with gc_paused():
-        index = early.decoded.checked()
-    return IndexedLayer(early.blob, index)
-
-
-EarlyHook = Callable[[str, str, EarlyLayer], None]
-"""Told (manifest digest, image layer digest, early layer) once a layer is decoded."""
+        index = early.files.checked()
+    return IndexedLayer(early.spans.blob, index)
 
 
 def _prefetch_from(annotations: dict[str, str]) -> list[str]:
@@ -208,8 +196,8 @@ class LayerDiscovery:
         self.client = client
         self.use_referrers = use_referrers
         self.metadata_first = metadata_first
-        """Held around each index or TOC download and decoding (the fetcher then lets it
-        go first); let go before the check, so a profile's prefetch can start."""
+        """Held around each index or TOC download and parse (the fetcher then lets it go
+        first); an index's is let go once it is decoded, for its early prefetch."""
         self.on_early: EarlyHook | None = None
         self._manifests: dict[str, ImageManifest] = {}
         self._ahead: dict[tuple[str, str, str], asyncio.Task[DiscoveredLayer]] = {}
@@ -280,14 +268,6 @@ class LayerDiscovery:
         if self._lookups.get(key) is task:
             del self._lookups[key]
 
-    def _early_hook(
-        self, manifest_digest: str, layer_digest: str
-    ) -> Callable[[EarlyLayer], None] | None:
-        """``on_early`` for this layer of this image, if anyone listens."""
-        if self.on_early is None:
-            return None
-        return functools.partial(self.on_early, manifest_digest, layer_digest)
-
     async def _discover(
         self,
         image_ref: str,
@@ -312,27 +292,25 @@ class LayerDiscovery:
             descriptor = manifest.layers[position]
             blob = BlobSource(ref, descriptor.digest, descriptor.size)
             prefetch = _prefetch_from(manifest.annotations)
-            early = self._early_hook(digest, layer_digest)
             if TOC_DIGEST_ANNOTATION in descriptor.annotations:
                 layer = await open_estargz(
                     self.client,
                     blob,
                     descriptor.annotations[TOC_DIGEST_ANNOTATION],
                     self.metadata_first,
-                    early,
                 )
                 return DiscoveredLayer(layer, prefetch)
             if ref.tag and not is_accelerated_tag(ref.tag):
-                found = await self._from_full_twin(ref, digest, position, early)
+                found = await self._from_full_twin(ref, digest, position)
                 if found is not None:
                     return found
             if self.use_referrers:
-                found = await self._from_index_artifact(ref, digest, descriptor, early)
+                found = await self._from_index_artifact(ref, digest, descriptor)
                 if found is not None:
                     return found
             if descriptor.media_type in mt.GZIP_LAYERS:
                 try:
-                    layer = await open_estargz(self.client, blob, None, self.metadata_first, early)
+                    layer = await open_estargz(self.client, blob, None, self.metadata_first)
                     return DiscoveredLayer(layer, prefetch)
                 except EstargzFormatError:
                     pass
@@ -361,11 +339,7 @@ class LayerDiscovery:
         return found
 
     async def _from_index_artifact(
-        self,
-        ref: ImageReference,
-        manifest_digest: str,
-        layer: Descriptor,
-        early: Callable[[EarlyLayer], None] | None,
+        self, ref: ImageReference, manifest_digest: str, layer: Descriptor
     ) -> DiscoveredLayer | None:
         artifacts = await self._shared(
             ("index-artifacts", str(ref.with_digest(manifest_digest))),
@@ -378,19 +352,32 @@ class LayerDiscovery:
                     and blob_desc.annotations.get(ANNOTATION_LAYER_DIGEST) == layer.digest
                 ):
                     blob = BlobSource(ref, layer.digest, layer.size)
-                    indexed = await _load_metadata(
-                        "discovery.index_loaded",
-                        blob,
-                        self.metadata_first,
-                        functools.partial(
-                            self.client.get_blob, ref, blob_desc.digest, MAX_INDEX_BLOB
-                        ),
-                        functools.partial(_early_index, blob),
-                        _indexed_layer,
-                        early,
-                    )
+                    indexed = await self._load_index(manifest_digest, blob, blob_desc.digest)
                     return DiscoveredLayer(indexed, _prefetch_from(parsed.annotations))
         return None
+
+    async def _load_index(
+        self, manifest_digest: str, blob: BlobSource, index_digest: str
+    ) -> IndexedLayer:
+        """Download and decode the index, show it to ``on_early``, then check it."""
+        early = await _load_metadata(
+            "discovery.index_decoded",
+            blob,
+            self.metadata_first,
+            functools.partial(self.client.get_blob, blob.ref, index_digest, MAX_INDEX_BLOB),
+            functools.partial(_early_layer, blob),
+        )
+        if self.on_early is not None:
+            self.on_early(manifest_digest, blob.digest, early)
+        started = time.perf_counter()
+        indexed = await off_loop(_indexed_layer, early)
+        log.info(
+            "discovery.index_checked",
+            layer=blob.digest,
+            files=len(indexed.entries),
+            check_s=round(time.perf_counter() - started, 3),
+        )
+        return indexed
 
     async def _twin_candidates(self, twin_ref: ImageReference) -> list[ImageManifest]:
         """The manifests (for this platform) of the full-mode twin tag; none if absent."""
@@ -410,11 +397,7 @@ class LayerDiscovery:
         return candidates
 
     async def _from_full_twin(
-        self,
-        ref: ImageReference,
-        manifest_digest: str,
-        position: int,
-        early: Callable[[EarlyLayer], None] | None,
+        self, ref: ImageReference, manifest_digest: str, position: int
     ) -> DiscoveredLayer | None:
         assert ref.tag is not None
         twin_ref = ref.with_tag(accelerated_tag(ref.tag))
@@ -437,7 +420,6 @@ class LayerDiscovery:
                 blob,
                 descriptor.annotations[TOC_DIGEST_ANNOTATION],
                 self.metadata_first,
-                early,
             )
             return DiscoveredLayer(layer, _prefetch_from(twin.annotations))
         return None

@@ -6,9 +6,9 @@ import bisect
 import itertools
 from functools import partial
 
-from agent.layers.lazy_layer import ChunkSlice, Ranges, ReadAheadBudget
+from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
 from fetcher.chunks import BlobSource, ChunkSpec
-from formats.estargz_reader import ChunkRef, DecodedToc, EstargzToc, MemberDecoder, read_member
+from formats.estargz_reader import ChunkRef, EstargzToc, MemberDecoder, read_member
 from formats.toc import TocEntry
 
 
@@ -22,20 +22,19 @@ def _member_specs(chunks: dict[str, list[ChunkRef]]) -> dict[int, ChunkSpec]:
     for refs in chunks.values():
         for ref in refs:
             members.setdefault(ref.blob_offset, []).append(ref)
-    return {offset: _member_spec(offset, members[offset]) for offset in sorted(members)}
-
-
-def _member_spec(offset: int, refs: list[ChunkRef]) -> ChunkSpec:
-    """The chunk of the gzip member at ``offset``, checked against every chunk it holds."""
-    end = max(ref.blob_end for ref in refs)
-    return ChunkSpec(
-        key=f"m{offset:012x}-{end:x}",
-        fetch_start=offset,
-        fetch_end=end,
-        decoded_size=max(ref.inner_offset + ref.size for ref in refs),
-        decode=partial(read_member, refs),
-        streaming=partial(MemberDecoder, refs),
-    )
+    specs = {}
+    for offset in sorted(members):
+        refs = members[offset]
+        end = max(ref.blob_end for ref in refs)
+        specs[offset] = ChunkSpec(
+            key=f"m{offset:012x}-{end:x}",
+            fetch_start=offset,
+            fetch_end=end,
+            decoded_size=max(ref.inner_offset + ref.size for ref in refs),
+            decode=partial(read_member, refs),
+            streaming=partial(MemberDecoder, refs),
+        )
+    return specs
 
 
 class EstargzLayer:
@@ -94,27 +93,3 @@ class EstargzLayer:
         if self.toc.prefetch_end is None:
             return []
         return [s for s in self._ordered if s.fetch_start < self.toc.prefetch_end]
-
-
-class EarlyEstargzLayer:
-    """A TOC decoded but not yet validated (EarlyLayer)."""
-
-    def __init__(self, blob: BlobSource, toc: DecodedToc) -> None:
-        self.blob = blob
-        self.toc = toc
-
-    def chunks(self, path: str, ranges: Ranges | None) -> list[ChunkSpec] | None:
-        """The members holding those bytes of the file's last record, each checked
-        against every chunk in it, as ``EstargzLayer`` checks them."""
-        found = self.toc.live_chunks(path)
-        if found is None:
-            return None
-        return [
-            _member_spec(own.blob_offset, refs)
-            for own, refs in found
-            if ranges is None
-            or any(
-                start < min(end, own.file_offset + own.size) and own.file_offset < end
-                for start, end in ranges
-            )
-        ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-from agent.layers.lazy_layer import ChunkSlice, Ranges, ReadAheadBudget, entry_chunks
+from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
 from fetcher.chunks import BlobSource, ChunkSpec
-from formats.layer_index import DecodedIndex, LayerIndex
+from formats.layer_index import LayerIndex
 from formats.toc import TocEntry
 
 
@@ -92,17 +92,3 @@ class IndexedLayer:
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Index-only layers keep their prefetch list in the artifact, not the blob."""
         return []
-
-
-class EarlyIndexedLayer:
-    """An index whose spans are checked and whose file table is decoded (EarlyLayer)."""
-
-    def __init__(self, blob: BlobSource, decoded: DecodedIndex) -> None:
-        self.blob = blob
-        self.decoded = decoded
-        self._spans = IndexedLayer(blob, decoded.index)  # no entries yet: spans only
-
-    def chunks(self, path: str, ranges: Ranges | None) -> list[ChunkSpec] | None:
-        """The spans of the file the table's last row of that name describes."""
-        entry = self.decoded.live_entry(path)
-        return None if entry is None else entry_chunks(self._spans, entry, ranges)

@@ -8,7 +8,7 @@ Both return ChunkSpecs whose ``decode`` verifies the bytes before anyone sees th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,32 +78,4 @@ class LazyLayer(Protocol):
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Chunks the layer itself marks as needed first (eStargz landmark area)."""
-        ...
-
-
-Ranges = Sequence[tuple[int, int]]
-
-
-def entry_chunks(
-    layer: LazyLayer, entry: TocEntry, ranges: Ranges | None = None
-) -> list[ChunkSpec]:
-    """The chunks holding ``ranges`` of one file (the whole file without ranges)."""
-    chunks: list[ChunkSpec] = []
-    for start, end in ranges or ((0, entry.size),):
-        chunks.extend(piece.chunk for piece in layer.read_plan(entry, start, max(0, end - start)))
-    return chunks
-
-
-class EarlyLayer(Protocol):
-    """A layer whose metadata is decoded but not yet checked, nor the layer mounted: a
-    learned profile's files can be found in it and fetched meanwhile. Checking a big
-    layer's metadata and building its tree takes ~0.5 s (index) to ~1.2 s (eStargz
-    TOC) of a pull, and the profile's bytes no longer wait for it."""
-
-    blob: BlobSource
-
-    def chunks(self, path: str, ranges: Ranges | None) -> list[ChunkSpec] | None:
-        """The chunks holding ``ranges`` of the regular file at ``path`` (normalized),
-        verified as the checked layer would verify them; None when the file cannot be
-        told apart from here (it is then left to the mounted tree)."""
         ...
