@@ -273,7 +273,8 @@ class ChunkFetcher:
 
     @contextlib.contextmanager
     def metadata_first(self) -> Iterator[None]:
-        """While a layer's index or TOC downloads and is parsed, start no new prefetch or
+        """While a layer's index or TOC downloads and is parsed (an index: decoded, after
+        which a profile's prefetch may find its files in it), start no new prefetch or
         fill request.
 
         The pull waits for that download and parse. A profile's prefetch of the layers
