@@ -103,6 +103,7 @@ async def open_estargz(
         metadata_first,
         lambda: client.get_range(blob.ref, blob.digest, toc_offset, toc_length),
         functools.partial(_estargz_layer, blob, toc_offset=toc_offset, toc_digest=toc_digest),
+        lambda layer: len(layer.entries),
     )
 
 
@@ -112,9 +113,10 @@ async def _load_metadata(
     metadata_first: MetadataFirst,
     download: Callable[[], Awaitable[bytes]],
     build: Callable[[bytes], T],
+    files: Callable[[T], int],
 ) -> T:
     """Download a layer's index or TOC and parse it on a metadata thread, holding
-    prefetch back meanwhile; logs how long each half took."""
+    prefetch back meanwhile; logs how long each half took and how many files it lists."""
     started = time.perf_counter()
     with metadata_first():
         raw = await download()
@@ -124,6 +126,7 @@ async def _load_metadata(
         event,
         layer=blob.digest,
         bytes=len(raw),
+        files=files(built),
         download_s=round(fetched - started, 3),
         parse_s=round(time.perf_counter() - fetched, 3),
     )
@@ -366,6 +369,7 @@ class LayerDiscovery:
             self.metadata_first,
             functools.partial(self.client.get_blob, blob.ref, index_digest, MAX_INDEX_BLOB),
             functools.partial(_early_layer, blob),
+            lambda early: len(early.files.rows),
         )
         if self.on_early is not None:
             self.on_early(manifest_digest, blob.digest, early)
@@ -374,7 +378,6 @@ class LayerDiscovery:
         log.info(
             "discovery.index_checked",
             layer=blob.digest,
-            files=len(indexed.entries),
             check_s=round(time.perf_counter() - started, 3),
         )
         return indexed
