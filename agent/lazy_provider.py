@@ -249,8 +249,8 @@ class LazyLayerProvider:
         self._enqueue_plan(session)
 
     def _enqueue_plan(self, session: ImageSession) -> None:
-        """Hand the fetcher the plan entries of the session's mounted layers (timed: it
-        runs on the event loop while containerd waits for the next layer)."""
+        """Hand the fetcher the plan entries of the session's mounted or decoded layers
+        (timed: it runs on the event loop while containerd waits for the next layer)."""
         started = time.perf_counter()
         queued = enqueue_ready(self.fetcher, session, self._early.get(session.manifest_digest, {}))
         if queued:

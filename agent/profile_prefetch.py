@@ -85,8 +85,8 @@ def _early_chunks(
     entry = early.files.live_entry(path) if early is not None else None
     if early is None or entry is None:
         return None
-    blob = early.spans.blob
-    return [(chunk, blob) for chunk in entry_chunks(early.spans, entry, ranges)]
+    blob = early.layer.blob
+    return [(chunk, blob) for chunk in entry_chunks(early.layer, entry, ranges)]
 
 
 def entry_chunks(

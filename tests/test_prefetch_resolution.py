@@ -133,7 +133,7 @@ def test_a_decoded_index_finds_each_file_where_the_tree_shows_it() -> None:
         assert node is not None
         assert early.files.live_entry(path) == node.entry, path  # a duplicate: the live copy
         for ranges in (None, [(0, 1)], [(70_000, 140_000), (5, 6)], [(10**9, 10**9 + 1)]):
-            assert _keys(entry_chunks(early.spans, node.entry, ranges)) == _keys(
+            assert _keys(entry_chunks(early.layer, node.entry, ranges)) == _keys(
                 node_chunks(mounted.layer, node, ranges)
             ), (path, ranges)
     for path in ("app", "app/lib", "", "nope", "app/main.py/x"):
@@ -201,7 +201,7 @@ async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at
         assert await client.push_blob(reference, blob_bytes) == digest
         blob = BlobSource(reference, digest, len(blob_bytes))
         mounted = MountedLayer("layer", IndexedLayer(blob, mounted.layer.index), mounted.tree, 0)
-        early = EarlyLayer(IndexedLayer(blob, early.spans.index), early.files)
+        early = EarlyLayer(IndexedLayer(blob, early.layer.index), early.files)
         session = ImageSession(reference, "sha256:" + "0" * 64, [digest])
         session.plan = [
             PrefetchEntry(digest, "/etc/conf", None),

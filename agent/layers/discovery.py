@@ -149,8 +149,8 @@ class EarlyLayer:
     not yet checked: a learned profile's files can be found in it and their spans
     fetched while the table is checked and the tree built (python-fat-api: ~0.5 s)."""
 
-    spans: IndexedLayer
-    """Reads the layer's spans; it has no entries yet."""
+    layer: IndexedLayer
+    """The layer itself: its spans serve now, its entries once the table is checked."""
     files: layer_index.DecodedIndex
 
 
@@ -170,10 +170,11 @@ def _early_layer(blob: BlobSource, raw: bytes) -> EarlyLayer:
 
 
 def _indexed_layer(early: EarlyLayer) -> IndexedLayer:
-    """Check the decoded file table and build the layer, on a worker thread."""
+    """Check the decoded file table, on a worker thread: the early layer then has its
+    entries (one layer object, so chunks fetched early and read later are one spec)."""
     with gc_paused():
-        index = early.files.checked()
-    return IndexedLayer(early.spans.blob, index)
+        early.files.checked()
+    return early.layer
 
 
 def _prefetch_from(annotations: dict[str, str]) -> list[str]:

@@ -19,9 +19,13 @@ class IndexedLayer:
     def __init__(self, blob: BlobSource, index: LayerIndex) -> None:
         self.blob = blob
         self.index = index
-        self.entries: list[TocEntry] = index.entries
         self._bounds = self._span_bounds()
         self._specs: dict[int, ChunkSpec] = {}
+
+    @property
+    def entries(self) -> list[TocEntry]:
+        """The index's file table: empty while it is only decoded, not yet checked."""
+        return self.index.entries
 
     def _span_bounds(self) -> list[tuple[int, int]]:
         """Uncompressed (start, end) of every span."""

@@ -57,7 +57,11 @@ class LazyLayer(Protocol):
 
     blob: BlobSource
     kind: str
-    entries: list[TocEntry]
+
+    @property
+    def entries(self) -> list[TocEntry]:
+        """The layer's files in blob order (a later entry of a name replaces earlier ones)."""
+        ...
 
     def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
         """The chunk slices that make up the file's bytes [offset, offset+length)."""
