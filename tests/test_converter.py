@@ -7,11 +7,14 @@ import gzip
 import io
 import json
 import tarfile
+import zlib
 
+import msgpack
 import pytest
 
-from agent.layers.discovery import LayerDiscovery, open_estargz
+from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError, open_estargz
 from agent.layers.indexed_layer import IndexedLayer
+from common.digest import sha256_digest
 from converter.convert import ConvertOptions, convert_image
 from converter.errors import ConversionError
 from converter.prefetch import PrefetchList
@@ -303,3 +306,67 @@ def test_build_image_with_layer_spec(tmp_path):
     what a normal single-file layer looks like, so the refusals are about the input."""
     built = build_image(ImageSpec(layers=[LayerSpec([File("ok.txt", b"ok")])]), tmp_path / "layout")
     assert len(built.layers) == 1
+
+
+def _two_file_layer() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, fill in (("app/a.txt", b"a"), ("app/b.txt", b"b")):
+            info = tarfile.TarInfo(name)
+            info.size = 5000
+            tar.addfile(info, io.BytesIO(fill * info.size))
+    return gzip.compress(buf.getvalue())
+
+
+async def test_a_hostile_index_file_table_is_refused_after_its_early_look(registry, repo_name):
+    """A registry serves an index artifact whose spans are sound but whose file table
+    names a file un-normalized: the decoded table is shown for early prefetch (and finds
+    the sound file in it, not the hostile one), then the full check refuses the layer
+    with a reason that names the row, and the agent falls back for that layer."""
+    ref = ImageReference.parse(f"{registry.host}/{repo_name}:v1")
+    async with RegistryClient() as client:
+        layer_digest = await _push_single_layer(client, ref, _two_file_layer())
+        result = await convert_image(client, ref, ConvertOptions(mode="index", **SMALL))
+        image_digest = await client.manifest_digest(ref)
+        assert image_digest is not None
+        artifact = json.loads((await client.get_manifest(result.target)).body)
+        descriptor = artifact["layers"][0]
+        document = msgpack.unpackb(await client.get_blob(ref, descriptor["digest"]))
+        rows = msgpack.unpackb(zlib.decompress(document["toc"]))
+        names = [row[0] for row in rows]
+        rows[names.index("app/b.txt")][0] = "app/./b.txt"
+        document["toc"] = zlib.compress(msgpack.packb(rows))
+        hostile = msgpack.packb(document)
+        descriptor["digest"] = await client.push_blob(ref, hostile)
+        descriptor["size"] = len(hostile)
+        body = json.dumps(artifact).encode()
+        hostile_digest = await client.push_manifest(
+            ref.with_digest(sha256_digest(body)), body, mt.OCI_MANIFEST
+        )
+        listing = {
+            "schemaVersion": 2,
+            "mediaType": mt.OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": mt.OCI_MANIFEST,
+                    "digest": hostile_digest,
+                    "size": len(body),
+                    "artifactType": ARTIFACT_TYPE_INDEX,
+                }
+            ],
+        }
+        await client.push_manifest(
+            ref.with_tag(referrers_tag(image_digest)), json.dumps(listing).encode(), mt.OCI_INDEX
+        )
+
+        shown: list[tuple[str, str, EarlyLayer]] = []
+        discovery = LayerDiscovery(client, use_referrers=True)
+        discovery.on_early = lambda *told: shown.append(told)
+        with pytest.raises(NoAccelerationError, match="not normalized") as refused:
+            await discovery.discover(f"{ref}", image_digest, layer_digest)
+        assert refused.value.reason == "bad-index"
+        assert [(m, d) for m, d, _ in shown] == [(image_digest, layer_digest)]
+        early = shown[0][2]
+        assert early.files.live_entry("app/a.txt") is not None
+        assert early.files.live_entry("app/b.txt") is None
+        assert early.files.live_entry("app/./b.txt") is None
