@@ -11,11 +11,14 @@ file, the chunk ranges to fetch; it never needs to look at the JSON itself.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import io
+import itertools
+import operator
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -37,6 +40,7 @@ from formats.estargz_toc import (
     ChunkDigestError,
     EstargzFormatError,
     TocDigestError,
+    all_sha256_digests,
     is_sha256_digest,
 )
 from formats.toc import (
@@ -49,16 +53,18 @@ from formats.toc import (
     WHITEOUT_PREFIX,
     HostileLayerError,
     TocEntry,
+    all_normalized,
+    all_of_type,
+    all_within,
     check_placement,
-    is_normalized,
     normalize_name,
 )
 
 # A pax header, the TOC's header, the JSON, its padding and the end-of-archive blocks.
 _MAX_TOC_TAR_BYTES = 4 * TAR_BLOCK + MAX_TOC_JSON_BYTES + len(TAR_END_OF_ARCHIVE)
-_PLAIN_FILE_KEYS = frozenset(
-    ("name", "type", "size", "modtime", "mode", "offset", "digest", "chunkDigest")
-)
+_PLAIN_FILE_FIELDS = ("name", "type", "size", "mode", "modtime", "offset", "digest", "chunkDigest")
+_PLAIN_COLUMNS = operator.itemgetter(*_PLAIN_FILE_FIELDS)
+_PLAIN_FILE_KEYS = frozenset(_PLAIN_FILE_FIELDS)
 """The record of a root-owned regular file in one chunk, as writers emit most files."""
 _PLAIN_PACKED_FILE_KEYS = _PLAIN_FILE_KEYS | {"innerOffset"}
 """The same, for a small file sharing a gzip member with its neighbours."""
@@ -94,6 +100,16 @@ class EstargzToc:
     toc_offset: int
     prefetch_end: int | None
     """Blob offset where the prioritized area ends; None when the layer has none."""
+
+
+@dataclass(slots=True)
+class _PlainFiles:
+    """The plain-file records of a TOC, checked and built in one go, in TOC order."""
+
+    names: tuple[str, ...]
+    entries: list[TocEntry]
+    chunks: list[_PendingChunk]
+    files: list[_OpenFile]
 
 
 @dataclass(slots=True)
@@ -267,20 +283,28 @@ class _TocValidator:
         self.prefetch_end: int | None = None
 
     def run(self, records: list[Any], digest: str) -> EstargzToc:
-        for index, record in enumerate(records):
-            if not isinstance(record, dict):
-                raise EstargzFormatError(f"TOC entry {index} is not an object")
-            try:
-                self._record(record)
-            except (HostileLayerError, UnicodeError) as exc:
-                raise EstargzFormatError(f"TOC entry {index}: {exc}") from None
+        shaped = list(map(_is_plain_shaped, records))
+        plain = self._plain_files(list(itertools.compress(records, shaped)))
+        index = taken = 0
+        for is_plain, group in itertools.groupby(shaped):
+            count = len(list(group))
+            if is_plain and plain is not None:
+                with _blaming(index):
+                    self._take_plain(plain, taken, taken + count)
+                taken += count
+            else:
+                for number in range(index, index + count):
+                    record = records[number]
+                    if not isinstance(record, dict):
+                        raise EstargzFormatError(f"TOC entry {number} is not an object")
+                    with _blaming(number):
+                        self._record(record)
+            index += count
         self._close_file()
         self._resolve_ranges()
         return EstargzToc(self.entries, self.chunks, digest, self.toc_offset, self.prefetch_end)
 
     def _record(self, record: dict[str, Any]) -> None:
-        if self._plain_file(record):
-            return
         kind = record.get("type")
         raw_name = record.get("name")
         if not isinstance(raw_name, str):
@@ -302,68 +326,89 @@ class _TocValidator:
         if kind == "reg":
             self._open_file(record, entry)
 
-    def _plain_file(self, record: dict[str, Any]) -> bool:
-        """Take a record that is plainly fine (the rule: a root-owned, one-chunk regular
-        file) in a few C-level checks; False means "look closer", not "invalid".
+    def _plain_files(self, records: list[dict[str, Any]]) -> _PlainFiles | None:
+        """Check and build the records that are plainly fine (the rule: root-owned,
+        one-chunk regular files) column by column, in C-level set, min, max, join and
+        regex calls; None means "look closer", not "invalid": they then go one by one.
 
-        A big layer's TOC holds tens of thousands of records and is parsed while the
-        pull waits; the field-by-field path below, which names what is wrong, builds
-        the same entry and chunk from such a record
-        (tests/test_estargz.py holds the two to that).
+        A big layer's TOC holds tens of thousands of such records and is parsed while
+        the pull waits: one at a time they took 0.6 s of python-fat-api's 40 696-record
+        TOC. What depends on the records between them (blob order across them, the
+        owner names, the file open before them) ``_take_plain`` checks where each run
+        of them is taken. The field-by-field path, which names what is wrong, builds
+        the same entries and chunks from them (tests/test_estargz.py holds the two to
+        that).
         """
-        keys = record.keys()
-        if keys != _PLAIN_FILE_KEYS and keys != _PLAIN_PACKED_FILE_KEYS:
-            return False
-        name, size, mode = record["name"], record["size"], record["mode"]
-        modtime, digest = record["modtime"], record["digest"]
-        offset, inner = record["offset"], record.get("innerOffset", 0)
-        previous = self.data[-1] if self.data else None
-        if not (
-            record["type"] == "reg"
-            and type(name) is str
-            and is_normalized(name)
-            and WHITEOUT_PREFIX not in name
-            and name not in LANDMARK_NAMES
-            and type(size) is int
-            and 0 < size <= MAX_CHUNK_BYTES
-            and type(mode) is int
-            and 0 <= mode <= MAX_ID
-            and type(modtime) is str
-            and 0 < len(modtime) <= 64
-            and type(offset) is int
-            and 0 < offset < self.toc_offset
-            and type(inner) is int
-            and 0 <= inner <= MAX_CHUNK_BYTES
-            and (previous is None or (offset, inner) > (previous.offset, previous.inner_offset))
-            and record["chunkDigest"] == digest
-            and is_sha256_digest(digest)
-        ):
-            return False
-        self._close_file()
-        entry = TocEntry(
-            name,
-            "reg",
-            size,
-            mode & 0o7777,
-            0,
-            0,
-            self.owner_names.get(("userName", 0), ""),
-            self.owner_names.get(("groupName", 0), ""),
-            _timestamp(modtime),
-            "",
-            0,
-            0,
-            {},
-            offset,
-            digest,
+        if not records:
+            return None
+        names, types, sizes, modes, modtimes, offsets, digests, chunk_digests = zip(
+            *map(_PLAIN_COLUMNS, records), strict=True
         )
-        self.entries.append(entry)
-        self.kinds[name] = "reg"
-        chunk = _PendingChunk(0, size, offset, inner, digest)
-        self.open_file = _OpenFile(entry, [chunk], size)
-        self.files.append(self.open_file)
-        self.data.append(chunk)
-        return True
+        inners = [record.get("innerOffset", 0) for record in records]
+        if not (
+            all_of_type(str, names, types, modtimes, digests, chunk_digests)
+            and all_of_type(int, sizes, modes, offsets, inners)
+        ):
+            return None
+        places = list(zip(offsets, inners, strict=True))
+        if not (
+            set(types) == {"reg"}
+            and all_normalized(names)
+            # No whiteout prefix in any name: a match cannot span two names, as the
+            # prefix holds no newline.
+            and WHITEOUT_PREFIX not in "\n".join(names)
+            and LANDMARK_NAMES.isdisjoint(names)
+            and all_within(sizes, 1, MAX_CHUNK_BYTES)
+            and all_within(modes, 0, MAX_ID)
+            and all_within(list(map(len, modtimes)), 1, 64)
+            and all_within(offsets, 1, self.toc_offset - 1)
+            and all_within(inners, 0, MAX_CHUNK_BYTES)
+            # In blob order among themselves; against the records between them, where
+            # each run is taken.
+            and all(map(operator.lt, places, itertools.islice(places, 1, None)))
+            and chunk_digests == digests
+            and all_sha256_digests(digests)
+        ):
+            return None
+        try:
+            stamps = list(map(_timestamp, modtimes))
+        except EstargzFormatError:
+            return None
+        entries = [
+            TocEntry(name, "reg", size, mode & 0o7777, 0, 0, "", "", stamp, "", 0, 0, {},
+                     offset, digest)
+            for name, size, mode, stamp, offset, digest
+            in zip(names, sizes, modes, stamps, offsets, digests, strict=True)
+        ]  # fmt: skip
+        chunks = list(map(_PendingChunk, itertools.repeat(0), sizes, offsets, inners, digests))
+        files = [
+            _OpenFile(entry, [chunk], chunk.size)
+            for entry, chunk in zip(entries, chunks, strict=True)
+        ]
+        return _PlainFiles(names, entries, chunks, files)
+
+    def _take_plain(self, plain: _PlainFiles, start: int, stop: int) -> None:
+        """Take plain files ``[start, stop)``, a run of consecutive records."""
+        self._close_file()
+        first = plain.chunks[start]
+        if self.data and (first.offset, first.inner_offset) <= (
+            self.data[-1].offset,
+            self.data[-1].inner_offset,
+        ):
+            raise EstargzFormatError(
+                f"data offset {first.offset} is not after {self.data[-1].offset}"
+            )
+        entries = plain.entries[start:stop]
+        uname = self.owner_names.get(("userName", 0), "")
+        gname = self.owner_names.get(("groupName", 0), "")
+        if uname or gname:  # writers name root's groups rarely, and before any file
+            for entry in entries:
+                entry.uname, entry.gname = uname, gname
+        self.entries += entries
+        self.kinds.update(zip(plain.names[start:stop], itertools.repeat("reg")))
+        self.files += plain.files[start:stop]
+        self.data += plain.chunks[start:stop]
+        self.open_file = plain.files[stop - 1]
 
     def _entry(self, record: dict[str, Any], name: str, kind: str) -> TocEntry:
         uid = _uint(record, "uid", MAX_ID)
@@ -490,18 +535,35 @@ class _TocValidator:
                 end, current = current, chunk.offset
             ends[chunk.offset] = end
         for open_file in self.files:
-            self.chunks[open_file.entry.name] = [
+            name = open_file.entry.name
+            self.chunks[name] = [  # positional: a big TOC builds tens of thousands
                 ChunkRef(
-                    name=open_file.entry.name,
-                    file_offset=chunk.file_offset,
-                    size=chunk.size,
-                    blob_offset=chunk.offset,
-                    blob_end=ends[chunk.offset],
-                    inner_offset=chunk.inner_offset,
-                    digest=chunk.digest,
+                    name,
+                    chunk.file_offset,
+                    chunk.size,
+                    chunk.offset,
+                    ends[chunk.offset],
+                    chunk.inner_offset,
+                    chunk.digest,
                 )
                 for chunk in open_file.chunks
             ]
+
+
+def _is_plain_shaped(record: Any) -> bool:
+    """Whether a record has the fields of a plain file (``_plain_files`` checks them)."""
+    return type(record) is dict and (
+        record.keys() == _PLAIN_FILE_KEYS or record.keys() == _PLAIN_PACKED_FILE_KEYS
+    )
+
+
+@contextlib.contextmanager
+def _blaming(index: int) -> Iterator[None]:
+    """Name the record at fault in what a check raises."""
+    try:
+        yield
+    except (HostileLayerError, UnicodeError) as exc:
+        raise EstargzFormatError(f"TOC entry {index}: {exc}") from None
 
 
 def _uint(record: dict[str, Any], key: str, maximum: int) -> int:

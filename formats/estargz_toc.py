@@ -15,6 +15,7 @@ import importlib
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Final
 
@@ -55,6 +56,8 @@ _FOOTER_HEADER: Final = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff" + struct.pac
 _FOOTER_TRAILER: Final = b"\x01\x00\x00\xff\xff" + bytes(8)
 _HEX16: Final = re.compile(rb"[0-9a-f]{16}")
 _DIGEST: Final = re.compile(r"sha256:[0-9a-f]{64}")
+_DIGEST_LINES: Final = re.compile(r"(?:sha256:[0-9a-f]{64}\n)*")
+_DIGEST_CHARS: Final = len("sha256:") + 64
 
 
 def _fastest_zlib() -> ModuleType:
@@ -137,3 +140,12 @@ def is_sha256_digest(value: object) -> bool:
 def tar_padding(size: int) -> bytes:
     """Zero bytes that pad a tar entry's data of ``size`` bytes to a block boundary."""
     return bytes(-size % TAR_BLOCK)
+
+
+def all_sha256_digests(values: Sequence[str]) -> bool:
+    """Whether every one of a column of strings is a sha256 digest, in one regex pass
+    over the column joined by newlines. Each value must be exactly a digest long, so one
+    value holding a newline cannot pass as two digests."""
+    return set(map(len, values)) <= {_DIGEST_CHARS} and bool(
+        _DIGEST_LINES.fullmatch("\n".join(values) + "\n")
+    )

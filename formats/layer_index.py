@@ -56,6 +56,8 @@ from formats.toc import (
     HostileLayerError,
     TocEntry,
     all_normalized,
+    all_of_type,
+    all_within,
     check_placement,
     is_normalized,
     iter_tar_entries,
@@ -469,7 +471,7 @@ class DecodedIndex:
         if not rows or set(map(type, rows)) != {list} or set(map(len, rows)) != {_ENTRY_FIELDS}:
             return
         names, sizes, gaps = (tuple(map(operator.itemgetter(i), rows)) for i in (0, 2, 13))
-        if not (_all_of_type(str, names) and _all_of_type(int, sizes, gaps)):
+        if not (all_of_type(str, names) and all_of_type(int, sizes, gaps)):
             return
         self._names = dict(zip(names, range(len(names)), strict=True))
         self._ends = list(itertools.accumulate(map(operator.add, gaps, sizes)))
@@ -677,10 +679,10 @@ def _plain_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | No
     names, codes, sizes, modes, uids, gids, unames, gnames = columns[:8]
     mtimes, links, majors, minors, xattrs, gaps, digests = columns[8:]
     if not (
-        _all_of_type(str, names, unames, gnames, links)
-        and _all_of_type(int, codes, sizes, modes, uids, gids, majors, minors, gaps)
-        and _all_of_type(dict, xattrs)
-        and _all_of_type(bytes, digests)
+        all_of_type(str, names, unames, gnames, links)
+        and all_of_type(int, codes, sizes, modes, uids, gids, majors, minors, gaps)
+        and all_of_type(dict, xattrs)
+        and all_of_type(bytes, digests)
         and set(map(type, mtimes)) <= {int, float}
     ):
         return None
@@ -690,11 +692,11 @@ def _plain_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | No
         # prefix holds no "\n".
         and WHITEOUT_PREFIX not in "\n".join(names)
         and set(codes) <= _PLAIN_TYPE_CODES
-        and _within(sizes, MAX_ENTRY_SIZE)
+        and all_within(sizes, 0, MAX_ENTRY_SIZE)
         and set(itertools.compress(codes, sizes)) <= {_REG_CODE}
-        and _within(modes, 0o7777)
-        and _within(uids, MAX_ID)
-        and _within(gids, MAX_ID)
+        and all_within(modes, 0, 0o7777)
+        and all_within(uids, 0, MAX_ID)
+        and all_within(gids, 0, MAX_ID)
         and max(map(len, unames)) <= MAX_OWNER_NAME
         and max(map(len, gnames)) <= MAX_OWNER_NAME
         and "\0" not in "".join(itertools.chain(unames, gnames, links))
@@ -706,7 +708,7 @@ def _plain_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | No
         and set(majors) == {0}
         and set(minors) == {0}
         and not any(xattrs)
-        and _within(gaps, MAX_LAYER_SIZE)
+        and all_within(gaps, 0, MAX_LAYER_SIZE)
         and not any(digests)
     )
     if not valid:
@@ -734,16 +736,6 @@ def _plain_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | No
             itertools.repeat("", len(rows)),
         )
     )
-
-
-def _all_of_type(kind: type, *columns: tuple[Any, ...]) -> bool:
-    """Every value of every column is exactly of ``kind`` (no subclass: a bool is no
-    int here, as in the row checks)."""
-    return all(set(map(type, column)) == {kind} for column in columns)
-
-
-def _within(column: tuple[int, ...], maximum: int) -> bool:
-    return min(column) >= 0 and max(column) <= maximum
 
 
 def _entry(row: Any, number: int, previous_end: int) -> TocEntry:

@@ -657,8 +657,8 @@ def test_fuzzed_toc_records_parse_or_fail_cleanly(records: list[Any], toc_offset
 class _FieldByFieldValidator(reader_module._TocValidator):
     """The TOC validator without its fast path for plain files."""
 
-    def _plain_file(self, record: dict[str, Any]) -> bool:
-        return False
+    def _plain_files(self, records: list[dict[str, Any]]) -> None:
+        return None
 
 
 def _plain_records() -> list[dict[str, Any]]:
@@ -680,7 +680,8 @@ _FAST_PATH_EDGES: dict[str, list[Any]] = {
     "name": ["", ".", "a/../b", "/x", "a//b", ".wh.a", "d/.wh.c", ".wh.", "d/.wh..",
              PREFETCH_LANDMARK, "a\0b", "x" * 1025, "a", "d", 5],
     "type": ["reg", "dir", "chunk", "symlink", "hardlink", None],
-    "digest": [DIGEST, "sha256:" + "AB" * 32, "sha256:" + "cd" * 32, "", None, 1],
+    "digest": [DIGEST, "sha256:" + "AB" * 32, "sha256:" + "cd" * 32, "", None, 1,
+               f"{DIGEST}\n{DIGEST}", DIGEST + "\n"],
     "modtime": ["", "2024-05-01T10:00:00", "2024-05-01T12:00:00+02:00", "yesterday", 0],
 }  # fmt: skip
 _FAST_PATH_EDGES["chunkDigest"] = _FAST_PATH_EDGES["digest"]
@@ -736,18 +737,17 @@ def test_the_fast_path_agrees_with_the_checks_on_several_changes(data: st.DataOb
 
 
 def test_plain_files_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    taken: list[str] = []
-    plain_file = reader_module._TocValidator._plain_file
+    taken: list[list[str]] = []
+    take_plain = reader_module._TocValidator._take_plain
 
-    def counting(self: Any, record: dict[str, Any]) -> bool:
-        if plain_file(self, record):
-            taken.append(record["name"])
-            return True
-        return False
+    def recording(self: Any, plain: Any, start: int, stop: int) -> None:
+        taken.append([entry.name for entry in plain.entries[start:stop]])
+        take_plain(self, plain, start, stop)
 
-    monkeypatch.setattr(reader_module._TocValidator, "_plain_file", counting)
-    reader_module._TocValidator(10_000).run(_plain_records(), "sha256:x")
-    assert taken == ["a", "b", "d/c", "e"]
+    monkeypatch.setattr(reader_module._TocValidator, "_take_plain", recording)
+    toc = reader_module._TocValidator(10_000).run(_plain_records(), "sha256:x")
+    assert taken == [["a", "b"], ["d/c"], ["e"]]
+    assert toc == _FieldByFieldValidator(10_000).run(_plain_records(), "sha256:x")
 
 
 @settings(max_examples=150, deadline=None)
