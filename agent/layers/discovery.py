@@ -137,7 +137,7 @@ def _estargz_layer(
     blob: BlobSource, member: bytes, toc_offset: int, toc_digest: str | None
 ) -> EstargzLayer:
     """Parse the TOC and build the layer, on a worker thread: a 40 000-file TOC takes
-    ~0.8 s, and on the event loop it would hold up the FUSE requests and containerd's
+    ~0.6 s, and on the event loop it would hold up the FUSE requests and containerd's
     calls for the other layers of the pull."""
     with gc_paused():
         return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest))
