@@ -401,7 +401,7 @@ class _TocValidator:
         entries = plain.entries[start:stop]
         uname = self.owner_names.get(("userName", 0), "")
         gname = self.owner_names.get(("groupName", 0), "")
-        if uname or gname:  # writers name root's groups rarely, and before any file
+        if uname or gname:  # an earlier record named root's user or group: as _owner_name
             for entry in entries:
                 entry.uname, entry.gname = uname, gname
         self.entries += entries
