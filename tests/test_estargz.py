@@ -750,6 +750,30 @@ def test_plain_files_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None
     assert toc == _FieldByFieldValidator(10_000).run(_plain_records(), "sha256:x")
 
 
+def test_plain_runs_are_held_to_the_records_between_them() -> None:
+    """Plain files are checked all at once; what the records between their runs decide
+    still holds: blob order across a run's edge, and root's owner names given by an
+    earlier record."""
+    stamp = {"modtime": "2024-05-01T10:00:00Z", "mode": 0o644, "digest": DIGEST}
+    root_owned = {"uid": 0, "gid": 0, "userName": "root", "groupName": "wheel"}
+    records = [
+        _reg("a", offset=100) | stamp,
+        _reg("named", offset=300) | stamp | root_owned,  # not plain: owner names
+        _reg("e", offset=200) | stamp,  # in order with "a", not with "named"
+    ]
+    for validator in (reader_module._TocValidator, _FieldByFieldValidator):
+        with pytest.raises(EstargzFormatError, match="TOC entry 2: data offset 200"):
+            validator(10_000).run(copy.deepcopy(records), "sha256:x")
+    records[2]["offset"] = 400
+    fast = reader_module._TocValidator(10_000).run(copy.deepcopy(records), "sha256:x")
+    assert fast == _FieldByFieldValidator(10_000).run(copy.deepcopy(records), "sha256:x")
+    assert [(e.name, e.uname, e.gname) for e in fast.entries] == [
+        ("a", "", ""),
+        ("named", "root", "wheel"),
+        ("e", "root", "wheel"),
+    ]
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     data=st.binary(max_size=200),
