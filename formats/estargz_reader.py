@@ -36,13 +36,13 @@ from formats.estargz_toc import (
     TAR_END_OF_ARCHIVE,
     TOC_TAR_NAME,
     TOC_VERSION,
-    ZLIB,
     ChunkDigestError,
     EstargzFormatError,
     TocDigestError,
     all_sha256_digests,
     is_sha256_digest,
 )
+from formats.fast_zlib import ZLIB
 from formats.toc import (
     ENTRY_TYPES,
     MAX_ENTRY_SIZE,

@@ -49,10 +49,10 @@ from formats.estargz_toc import (
     TOC_TAR_NAME,
     TOC_VERSION,
     UNCOMPRESSED_SIZE_ANNOTATION,
-    ZLIB,
     footer_bytes,
     tar_padding,
 )
+from formats.fast_zlib import ZLIB
 from formats.toc import HostileLayerError, TocEntry, iter_tar_entries, normalize_name
 
 DEFAULT_LEVEL = 6

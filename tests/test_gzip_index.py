@@ -14,6 +14,7 @@ import zlib
 
 import pytest
 
+from formats import gzip_index
 from formats.gzip_index import (
     WINDOW_SIZE,
     Checkpoint,
@@ -196,6 +197,43 @@ def test_every_span_inflates_from_its_slice_and_matches_its_digest(
         start, end = _span_bounds(found, number)
         assert _read_span(compressed, found, number, found.windows[number]) == RAW[start:end]
         assert hashlib.sha256(RAW[start:end]).digest() == found.span_digests[number]
+
+
+def test_spans_inflate_by_the_fast_path_or_fall_back_to_the_same_bytes(
+    indexed: tuple[str, bytes, GzipCheckpoints],
+) -> None:
+    """The zlib-ng path for whole spans either gives the span's exact bytes or steps
+    aside (None); inflate_span then takes the general path. It must be taken for most
+    spans of a one-member layer, or it is dead weight."""
+    name, compressed, found = indexed
+    taken = 0
+    for number, point in enumerate(found.checkpoints):
+        start, end = _span_bounds(found, number)
+        plan = plan_range(found.checkpoints, found.compressed_size, start, end - start)
+        fast = gzip_index._inflate_in_member(
+            point, found.windows[number], compressed[plan.fetch_start : plan.fetch_end], end - start
+        )
+        assert fast is None or fast == RAW[start:end], (name, number)
+        taken += fast is not None
+    if name in ("python-1", "python-6", "python-9", "gzip-cli"):
+        assert taken >= len(found.checkpoints) // 2, (name, taken)
+
+
+def test_a_fast_inflate_that_goes_wrong_is_caught_by_the_span_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shifting a mid-byte checkpoint's bytes misplaces byte-aligned stored blocks and adds
+    made-up bits at the end: whatever the fast path returns is held to the digest."""
+    compressed = MAKERS["python-6"](RAW)
+    _, found = _index(compressed)
+    number = next(i for i, p in enumerate(found.checkpoints) if p.bit_offset)
+    start, end = _span_bounds(found, number)
+    monkeypatch.setattr(gzip_index, "_inflate_in_member", lambda *_: b"\0" * (end - start))
+    assert _read_span(compressed, found, number, found.windows[number]) == RAW[start:end]
+    corrupt = bytearray(compressed)
+    corrupt[found.checkpoints[number].compressed_offset + 200] ^= 0x55
+    with pytest.raises(CorruptSpanError):
+        _read_span(bytes(corrupt), found, number, found.windows[number])
 
 
 def _streamed_span(
