@@ -176,6 +176,13 @@ class ChunkCache:
             layer = self._layers.get(blob_digest)
             return layer is not None and key in layer.chunks
 
+    def holds(self, blob_digest: str) -> bool:
+        """Whether any chunk of the blob is on disk: a layer this node has read before,
+        whose startup chunks need no warming (see ChunkFetcher.warm)."""
+        with self._lock:
+            layer = self._layers.get(blob_digest)
+            return layer is not None and bool(layer.chunks)
+
     def _used(self, blob_digest: str, layer: _Layer) -> None:
         """Mark a use; persist it to the directory mtime now and then (caller holds lock)."""
         now = time.time()

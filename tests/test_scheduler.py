@@ -349,6 +349,49 @@ async def test_prefetch_waits_while_a_layer_index_downloads_but_demand_does_not(
     assert fetcher.has(layer.blob, layer.chunks[0]) and fetcher.has(layer.blob, layer.chunks[1])
 
 
+async def test_warmed_bytes_serve_the_chunks_they_cover_without_a_request(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(6)
+    fetcher = make_fetcher()
+    # Warming runs while a TOC is parsed: metadata_first holds prefetch back, not it.
+    with fetcher.metadata_first():
+        fetcher.warm(layer.blob, [(c.fetch_start, c.fetch_end) for c in layer.chunks[1:4]])
+        fetcher.enqueue(layer.blob, layer.chunks[1:3], Priority.PREFETCH)
+        await asyncio.sleep(0.2)
+    warmed = _range_gets(fault_proxy, layer.blob.digest)
+    assert warmed == 1  # neighbouring extents coalesce into one request
+    await asyncio.wait_for(fetcher.wait_idle(), 10)
+    for index in (1, 2, 3):
+        assert await fetcher.get(layer.blob, layer.chunks[index]) == layer.contents[index]
+    assert _range_gets(fault_proxy, layer.blob.digest) == warmed
+    # Bytes no warmed range covers whole still come from the registry.
+    assert await fetcher.get(layer.blob, layer.chunks[4]) == layer.contents[4]
+    assert _range_gets(fault_proxy, layer.blob.digest) == warmed + 1
+
+
+async def test_warmed_bytes_that_fail_the_check_are_fetched_again(push, make_fetcher, fault_proxy):
+    layer = await push(3)
+    flips = fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))
+    fetcher = make_fetcher()
+    chunk = layer.chunks[1]
+    fetcher.warm(layer.blob, [(chunk.fetch_start, chunk.fetch_end)])
+    assert await fetcher.get(layer.blob, chunk) == layer.contents[1]
+    assert flips.hits == 1 and _range_gets(fault_proxy, layer.blob.digest) == 2
+    assert (fetcher.stats.corrupt_refetches, fetcher.stats.corrupt_chunks) == (1, 0)
+
+
+async def test_a_failed_warm_leaves_the_chunk_to_its_own_fetch(push, make_fetcher, fault_proxy):
+    layer = await push(3)
+    fault_proxy.add(Fault("status", path_contains=layer.blob.digest, status=404, times=1))
+    fetcher = make_fetcher()
+    chunk = layer.chunks[2]
+    fetcher.warm(layer.blob, [(chunk.fetch_start, chunk.fetch_end)])
+    await asyncio.sleep(0.2)
+    assert await fetcher.get(layer.blob, chunk) == layer.contents[2]
+    assert fetcher.stats.request_errors == 1
+
+
 async def test_a_corrupted_response_is_refetched(push, make_fetcher, fault_proxy):
     layer = await push(3)
     fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))
