@@ -18,7 +18,7 @@ import io
 import itertools
 import operator
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -128,11 +128,18 @@ class _PendingChunk:
     digest: str
 
 
-def parse_toc(toc_member: bytes, toc_offset: int, expected_digest: str | None = None) -> EstargzToc:
+def parse_toc(
+    toc_member: bytes,
+    toc_offset: int,
+    expected_digest: str | None = None,
+    on_decoded: Callable[[list[Any]], None] | None = None,
+) -> EstargzToc:
     """Parse and validate the TOC gzip member (``blob[toc_offset : size - FOOTER_SIZE]``).
 
     ``expected_digest`` is the layer's ``containerd.io/snapshot/stargz/toc.digest``
     annotation; without it the TOC is unverified and only its structure is checked.
+    ``on_decoded`` is shown the TOC's records, not yet validated, before they are: what
+    lets downloads start while validation takes its time (formats/estargz_extents.py).
     """
     toc_json = _toc_json(toc_member)
     digest = "sha256:" + hashlib.sha256(toc_json).hexdigest()
@@ -151,6 +158,8 @@ def parse_toc(toc_member: bytes, toc_offset: int, expected_digest: str | None = 
         raise EstargzFormatError("TOC has no entries list")
     if len(records) > MAX_TOC_ENTRIES:
         raise EstargzFormatError(f"TOC has {len(records)} entries, more than {MAX_TOC_ENTRIES}")
+    if on_decoded is not None:
+        on_decoded(records)
     return _TocValidator(toc_offset).run(records, digest)
 
 
