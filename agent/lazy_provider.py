@@ -18,16 +18,17 @@ from typing import Any, TypeVar
 from agent import metrics
 from agent.fs.operations import LayerFS, MountedLayer
 from agent.image_sessions import ImageSession, ImageSessions
-from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError
+from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError, TocDecoded
 from agent.layers.lazy_layer import LazyLayer
 from agent.layers.metadata_work import off_loop
 from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks
 from agent.startup_recorder import StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
-from fetcher.chunks import ChunkSpec, Priority
+from fetcher.chunks import BlobSource, ChunkSpec, FetcherClosedError, Priority
 from fetcher.reference import ImageReference
-from fetcher.scheduler import ChunkFetcher
+from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
+from formats.estargz_extents import Extent, WantedFile, member_extents
 from formats.toc import HostileLayerError, TocEntry, normalize_name
 from profiles.plan import PrefetchEntry
 
@@ -97,6 +98,7 @@ class LazyLayerProvider:
         """Manifest digest -> layer digest -> a layer decoded but not mounted yet."""
         fs.listener = self
         discovery.on_early = self._layer_decoded
+        discovery.on_toc = self._toc_decoded
 
     async def prepare_layer(
         self, key: str, parent: str | None, labels: dict[str, str]
@@ -201,6 +203,55 @@ class LazyLayerProvider:
         session = self.sessions.by_manifest.get(manifest_digest)
         if session is not None:
             self._enqueue_plan(session)
+
+    def _toc_decoded(
+        self, manifest_digest: str, layer_digest: str, blob: BlobSource
+    ) -> TocDecoded | None:
+        """Discovery hook, before an eStargz TOC is parsed: once its records are decoded,
+        download the members holding the plan's files in this layer, while the TOC is
+        validated and the tree built (nothing to do for a layer this node has cached)."""
+        if not self.prefetch or self.cache.holds(blob.digest):
+            return None
+        loop = asyncio.get_running_loop()
+
+        def decoded(toc_offset: int, records: list[Any]) -> None:
+            # On the metadata thread: the plan is only read here (by then it has
+            # arrived: it was asked for at the image's first Prepare).
+            wanted = self._wanted_files(manifest_digest, layer_digest)
+            extents = member_extents(records, toc_offset, wanted, WARM_MAX_BYTES)
+            if extents:
+                loop.call_soon_threadsafe(self._warm, blob, extents)
+
+        return decoded
+
+    def _wanted_files(self, manifest_digest: str, layer_digest: str) -> list[WantedFile]:
+        """The plan's files that may come from this layer (those of no named layer too:
+        fetching one the layers above then hide costs bytes, not correctness)."""
+        session = self.sessions.by_manifest.get(manifest_digest)
+        plan = session.plan if session is not None else None
+        task = self._plans.get(manifest_digest)
+        if not plan and task is not None and task.done() and not task.cancelled():
+            plan = task.result() if task.exception() is None else None
+        wanted: list[WantedFile] = []
+        for entry in plan or ():
+            if entry.layer in (None, layer_digest) and not entry.path.endswith("/"):
+                try:
+                    wanted.append((normalize_name(entry.path.lstrip("/")), entry.ranges))
+                except HostileLayerError:
+                    continue
+        return wanted
+
+    def _warm(self, blob: BlobSource, extents: list[Extent]) -> None:
+        try:
+            self.fetcher.warm(blob, extents)
+        except FetcherClosedError:
+            return
+        log.info(
+            "agent.profile_warm",
+            layer=blob.digest,
+            members=len(extents),
+            bytes=sum(end - start for start, end in extents),
+        )
 
     def _forget_early(self, manifest_digest: str, layer_digest: str, early: EarlyLayer) -> None:
         layers = self._early.get(manifest_digest, {})

@@ -10,6 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from accelctl.main import cli
@@ -71,9 +72,12 @@ def _wait_for_prefetch(agent: AgentProcess, nbytes: float, timeout: float = 30.0
     time.sleep(1)
 
 
+@pytest.mark.parametrize("mode", ["index", "full"])
 async def test_profile_learned_on_one_node_speeds_up_the_next(
-    registry, tmp_path, containerd_factory
+    registry, tmp_path, containerd_factory, mode
 ):
+    """Either form: index-only spans are found in the decoded index, full mode's
+    members in the decoded TOC (warmed while it is validated) or the mounted tree."""
     built = build_image(app_image_spec(), tmp_path / "layout", "v1")
     from rig.images import push_image
 
@@ -81,7 +85,7 @@ async def test_profile_learned_on_one_node_speeds_up_the_next(
     async with RegistryClient() as client:
         await push_image(client, reference, built)
         await convert_image(
-            client, ImageReference.parse(reference), ConvertOptions(mode="index", span=1 << 20)
+            client, ImageReference.parse(reference), ConvertOptions(mode=mode, span=1 << 20)
         )
 
     first = _agent(tmp_path / "node-a").start()

@@ -88,8 +88,11 @@ async def open_estargz(
     blob: BlobSource,
     toc_digest: str | None,
     metadata_first: MetadataFirst = contextlib.nullcontext,
+    on_decoded: TocDecoded | None = None,
 ) -> EstargzLayer:
-    """Read footer and TOC (two small range reads) and build the layer reader."""
+    """Read footer and TOC (two small range reads) and build the layer reader;
+    ``on_decoded`` is shown the TOC's records before they are validated (on the
+    metadata thread)."""
     if blob.size < FOOTER_SIZE:
         raise EstargzFormatError("blob too small to be eStargz")
     tail = await client.get_range(blob.ref, blob.digest, blob.size - FOOTER_SIZE, FOOTER_SIZE)
@@ -102,7 +105,13 @@ async def open_estargz(
         blob,
         metadata_first,
         lambda: client.get_range(blob.ref, blob.digest, toc_offset, toc_length),
-        functools.partial(_estargz_layer, blob, toc_offset=toc_offset, toc_digest=toc_digest),
+        functools.partial(
+            _estargz_layer,
+            blob,
+            toc_offset=toc_offset,
+            toc_digest=toc_digest,
+            on_decoded=on_decoded and functools.partial(on_decoded, toc_offset),
+        ),
         lambda layer: len(layer.entries),
     )
 
@@ -134,13 +143,17 @@ async def _load_metadata(
 
 
 def _estargz_layer(
-    blob: BlobSource, member: bytes, toc_offset: int, toc_digest: str | None
+    blob: BlobSource,
+    member: bytes,
+    toc_offset: int,
+    toc_digest: str | None,
+    on_decoded: Callable[[list[Any]], None] | None,
 ) -> EstargzLayer:
     """Parse the TOC and build the layer, on a worker thread: a 40 000-file TOC takes
     ~0.6 s, and on the event loop it would hold up the FUSE requests and containerd's
     calls for the other layers of the pull."""
     with gc_paused():
-        return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest))
+        return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest, on_decoded))
 
 
 @dataclass(frozen=True)
@@ -156,6 +169,11 @@ class EarlyLayer:
 
 EarlyHook = Callable[[str, str, EarlyLayer], None]
 """Told (manifest digest, layer digest, early layer) as soon as an index is decoded."""
+TocDecoded = Callable[[int, list[Any]], None]
+"""Shown (TOC offset, TOC records not yet validated) on the metadata thread."""
+TocHook = Callable[[str, str, BlobSource], TocDecoded | None]
+"""Asked (manifest digest, layer digest, blob) before a TOC is parsed: what, if
+anything, to show its decoded records to."""
 
 
 def _early_layer(blob: BlobSource, raw: bytes) -> EarlyLayer:
@@ -203,6 +221,7 @@ class LayerDiscovery:
         """Held around each index or TOC download and parse (the fetcher then lets it go
         first); an index's is let go once it is decoded, for its early prefetch."""
         self.on_early: EarlyHook | None = None
+        self.on_toc: TocHook | None = None
         self._manifests: dict[str, ImageManifest] = {}
         self._ahead: dict[tuple[str, str, str], asyncio.Task[DiscoveredLayer]] = {}
         self._lookups: dict[tuple[str, ...], asyncio.Task[Any]] = {}
@@ -302,10 +321,11 @@ class LayerDiscovery:
                     blob,
                     descriptor.annotations[TOC_DIGEST_ANNOTATION],
                     self.metadata_first,
+                    self._toc_hook(digest, layer_digest, blob),
                 )
                 return DiscoveredLayer(layer, prefetch)
             if ref.tag and not is_accelerated_tag(ref.tag):
-                found = await self._from_full_twin(ref, digest, position)
+                found = await self._from_full_twin(ref, digest, position, layer_digest)
                 if found is not None:
                     return found
             if self.use_referrers:
@@ -314,7 +334,13 @@ class LayerDiscovery:
                     return found
             if descriptor.media_type in mt.GZIP_LAYERS:
                 try:
-                    layer = await open_estargz(self.client, blob, None, self.metadata_first)
+                    layer = await open_estargz(
+                        self.client,
+                        blob,
+                        None,
+                        self.metadata_first,
+                        self._toc_hook(digest, layer_digest, blob),
+                    )
                     return DiscoveredLayer(layer, prefetch)
                 except EstargzFormatError:
                     pass
@@ -400,8 +426,13 @@ class LayerDiscovery:
             candidates.append(fetched.parsed)
         return candidates
 
+    def _toc_hook(
+        self, manifest_digest: str, layer_digest: str, blob: BlobSource
+    ) -> TocDecoded | None:
+        return self.on_toc(manifest_digest, layer_digest, blob) if self.on_toc else None
+
     async def _from_full_twin(
-        self, ref: ImageReference, manifest_digest: str, position: int
+        self, ref: ImageReference, manifest_digest: str, position: int, layer_digest: str
     ) -> DiscoveredLayer | None:
         assert ref.tag is not None
         twin_ref = ref.with_tag(accelerated_tag(ref.tag))
@@ -424,6 +455,7 @@ class LayerDiscovery:
                 blob,
                 descriptor.annotations[TOC_DIGEST_ANNOTATION],
                 self.metadata_first,
+                self._toc_hook(manifest_digest, layer_digest, blob),
             )
             return DiscoveredLayer(layer, _prefetch_from(twin.annotations))
         return None
