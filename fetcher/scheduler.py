@@ -291,8 +291,8 @@ class ChunkFetcher:
         merged: list[list[int]] = []
         for start, end in sorted(extents):
             end = min(end, blob.size)
-            if start >= end:
-                continue
+            if start >= end or self._warm.covers(blob.digest, start, end):
+                continue  # a later look at the same plan (or another pull) warmed it
             near = bool(merged) and start - merged[-1][1] <= self._gap
             if near and end - merged[-1][0] <= self._max_request:
                 merged[-1][1] = max(merged[-1][1], end)
@@ -300,8 +300,6 @@ class ChunkFetcher:
                 merged.append([start, end])
         streams = asyncio.Semaphore(WARM_STREAMS)
         for start, end in merged:
-            if self._warm.covers(blob.digest, start, end):
-                continue  # another pull of the image warms it already
             if self._warm.bytes + end - start > WARM_MAX_BYTES:
                 break
             future = self._warm.add(blob.digest, start, end)

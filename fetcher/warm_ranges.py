@@ -68,13 +68,16 @@ class WarmRanges:
         # asyncio.wait: a range dropped or failed meanwhile is not this caller's error.
         await asyncio.wait([warm.data for warm in pieces])
         parts: list[bytes] = []
+        reached = start
         for warm in pieces:
             if warm.data.cancelled() or warm.data.exception() is not None:
                 return None
-            data = warm.data.result()
-            lo, hi = max(start, warm.start), min(end, warm.end)
-            parts.append(data[lo - warm.start : hi - warm.start])
-            warm.untaken -= hi - lo
+            # Ranges may overlap (index-only spans share a byte): each piece goes on
+            # from where the previous one ended.
+            hi = min(end, warm.end)
+            parts.append(warm.data.result()[reached - warm.start : hi - warm.start])
+            warm.untaken -= hi - reached
+            reached = hi
             if warm.untaken <= 0:
                 self._drop(digest, warm)
         return b"".join(parts)

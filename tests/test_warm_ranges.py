@@ -25,6 +25,16 @@ async def test_adjacent_ranges_serve_a_fetch_across_them() -> None:
     assert warm.bytes == 10 and not warm.covers(DIGEST, 10, 30)
 
 
+async def test_overlapping_ranges_give_each_byte_once() -> None:
+    warm = WarmRanges(ttl=30)
+    blob = bytes(range(40))
+    warm.add(DIGEST, 0, 11).set_result(blob[0:11])
+    warm.add(DIGEST, 10, 21).set_result(blob[10:21])
+    warm.add(DIGEST, 15, 40).set_result(blob[15:40])
+    assert await warm.take(DIGEST, 5, 35) == blob[5:35]
+    assert await warm.take(DIGEST, 0, 12) == blob[0:12]
+
+
 async def test_a_gap_or_a_failed_range_leaves_the_fetch_to_the_network() -> None:
     warm = WarmRanges(ttl=30)
     warm.add(DIGEST, 0, 10).set_result(bytes(10))
