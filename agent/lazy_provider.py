@@ -215,10 +215,16 @@ class LazyLayerProvider:
         loop = asyncio.get_running_loop()
 
         def decoded(toc_offset: int, records: list[Any]) -> None:
-            # On the metadata thread: the plan is only read here (by then it has
-            # arrived: it was asked for at the image's first Prepare).
-            wanted = self._wanted_files(manifest_digest, layer_digest)
-            extents = member_extents(records, toc_offset, wanted, WARM_MAX_BYTES)
+            # On the metadata thread, inside the TOC's parse. The plan is only read here;
+            # if it has not arrived yet (a small TOC decodes fast), nothing is warmed and
+            # the mounted tree's prefetch asks for the members as before.
+            try:
+                wanted = self._wanted_files(manifest_digest, layer_digest)
+                extents = member_extents(records, toc_offset, wanted, WARM_MAX_BYTES)
+            except Exception:
+                # A hint must never fail the parse: validation judges the TOC.
+                log.exception("agent.profile_warm_failed", layer=blob.digest)
+                return
             if extents:
                 loop.call_soon_threadsafe(self._warm, blob, extents)
 

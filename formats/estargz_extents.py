@@ -37,7 +37,7 @@ def member_extents(
     hits = [
         index
         for index, record in enumerate(records)
-        if type(record) is dict and record.get("name") in names
+        if type(record) is dict and type(name := record.get("name")) is str and name in names
     ]
     found: dict[str, list[tuple[int, float, Extent]]] = {}
     for index in hits:

@@ -83,7 +83,7 @@ def test_odd_records_are_skipped_not_trusted() -> None:
     ):
         hostile = [*records[:index], {**records[index], field: value}, *records[index + 1 :]]
         assert member_extents(hostile, toc.toc_offset, [(name, None)], 1 << 30) == []
-    garbage = [7, "x", None, [], *records]
+    garbage = [7, "x", None, [], {"name": [], "type": "reg", "offset": 0}, *records]
     assert member_extents(garbage, toc.toc_offset, [(name, None)], 1 << 30) == good
     # No later member within reach: the TOC is not in blob order, so nothing is named.
     stranded = [*records[: index + 1], *([{"name": "d", "type": "dir"}] * 300)]
