@@ -21,7 +21,7 @@ from agent.image_sessions import ImageSession, ImageSessions
 from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError, TocDecoded
 from agent.layers.lazy_layer import LazyLayer
 from agent.layers.metadata_work import off_loop
-from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks
+from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, tree_path, warm_files
 from agent.startup_recorder import StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
@@ -29,7 +29,7 @@ from fetcher.chunks import BlobSource, ChunkSpec, FetcherClosedError, Priority
 from fetcher.reference import ImageReference
 from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
 from formats.estargz_extents import Extent, WantedFile, member_extents
-from formats.toc import HostileLayerError, TocEntry, normalize_name
+from formats.toc import TocEntry
 from profiles.plan import PrefetchEntry
 
 log = get_logger(__name__)
@@ -53,10 +53,8 @@ def prefetch_chunks(mounted: MountedLayer, paths: list[str]) -> list[ChunkSpec]:
     learned profile's entries (``node_chunks``)."""
     chunks: dict[str, ChunkSpec] = {}
     for path in paths:
-        try:
-            node = mounted.tree.lookup(normalize_name(path.lstrip("/")))
-        except HostileLayerError:
-            continue
+        name = tree_path(path)
+        node = mounted.tree.lookup(name) if name is not None else None
         if node is not None and node.is_dir == path.endswith("/"):
             for chunk in node_chunks(mounted.layer, node):
                 chunks.setdefault(chunk.key, chunk)
@@ -231,21 +229,13 @@ class LazyLayerProvider:
         return decoded
 
     def _wanted_files(self, manifest_digest: str, layer_digest: str) -> list[WantedFile]:
-        """The plan's files that may come from this layer (those of no named layer too:
-        fetching one the layers above then hide costs bytes, not correctness)."""
+        """The files of the image's plan (if it has arrived) to warm in this layer."""
         session = self.sessions.by_manifest.get(manifest_digest)
         plan = session.plan if session is not None else None
         task = self._plans.get(manifest_digest)
         if not plan and task is not None and task.done() and not task.cancelled():
             plan = task.result() if task.exception() is None else None
-        wanted: list[WantedFile] = []
-        for entry in plan or ():
-            if entry.layer in (None, layer_digest) and not entry.path.endswith("/"):
-                try:
-                    wanted.append((normalize_name(entry.path.lstrip("/")), entry.ranges))
-                except HostileLayerError:
-                    continue
-        return wanted
+        return warm_files(plan or [], layer_digest)
 
     def _warm(self, blob: BlobSource, extents: list[Extent]) -> None:
         try:

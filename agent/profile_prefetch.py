@@ -22,6 +22,7 @@ from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
+from formats.estargz_extents import WantedFile
 from formats.toc import HostileLayerError, TocEntry, normalize_name
 from profiles.format import ProfileFormatError
 from profiles.plan import PrefetchEntry, prefetch_plan
@@ -55,9 +56,8 @@ def _chunks_for(
 ) -> list[tuple[ChunkSpec, BlobSource]] | None:
     """(chunk, blob) pairs for one plan entry; None while its layer is not mounted yet
     and, if decoded already, its file is not found there (the tree then decides)."""
-    try:
-        path = normalize_name(entry.path.lstrip("/"))
-    except HostileLayerError:
+    path = tree_path(entry.path)
+    if path is None:
         return []
     if entry.layer is not None:
         mounted = session.mounted.get(entry.layer)
@@ -75,6 +75,28 @@ def _chunks_for(
             chunks = node_chunks(mounted.layer, node, entry.ranges)
             pairs.extend((chunk, mounted.layer.blob) for chunk in chunks)
     return pairs
+
+
+def tree_path(path: str) -> str | None:
+    """A plan's (or prefetch list's) absolute path as a layer tree names it; None for a
+    path that escapes the layer (profiles come from any node: never trusted)."""
+    try:
+        return normalize_name(path.lstrip("/"))
+    except HostileLayerError:
+        return None
+
+
+def warm_files(plan: Sequence[PrefetchEntry], layer_digest: str) -> list[WantedFile]:
+    """The plan's files that may come from this layer, for warming its members before
+    its TOC is validated (those of no named layer too: fetching one that the layers
+    above then hide costs bytes, not correctness; directories are left to the tree)."""
+    wanted: list[WantedFile] = []
+    for entry in plan:
+        if entry.layer in (None, layer_digest) and not entry.path.endswith("/"):
+            path = tree_path(entry.path)
+            if path is not None:
+                wanted.append((path, entry.ranges))
+    return wanted
 
 
 def _early_chunks(
