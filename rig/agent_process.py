@@ -122,6 +122,23 @@ class AgentProcess:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def wait_cache_settled(self, timeout: float = 30.0) -> None:
+        """Until the chunk cache's files stop changing. The agent writes the chunks a
+        start fetched once no fetch has run for a moment (``fill_idle_s``), so the disk
+        right after a container's reads does not show them yet."""
+        deadline = time.monotonic() + timeout
+        seen: list[str] | None = None
+        while time.monotonic() < deadline:
+            try:
+                files = sorted(str(p) for p in (self.root / "cache").rglob("*") if p.is_file())
+            except OSError:  # a directory evicted while listed: still changing
+                files = None
+            if files is not None and files == seen:
+                return
+            seen = files
+            time.sleep(1.0)
+        raise TimeoutError(f"the cache under {self.root} was still changing after {timeout} s")
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait: the agent unmounts and closes its socket."""
         if self._process is None:

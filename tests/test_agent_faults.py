@@ -118,6 +118,7 @@ async def test_agent_killed_and_restarted_keeps_snapshots_and_cache(
         await asyncio.to_thread(containerd.cri_pull_image, image)
         out = await asyncio.to_thread(_run, containerd, image, "md5sum", "/bin/busybox")
         assert out.stdout.split()[0] == BUSYBOX_MD5
+        await asyncio.to_thread(first.wait_cache_settled)
         cached = sorted(p.name for p in (first.root / "cache").rglob("*") if p.is_file())
         assert cached
         first.kill()

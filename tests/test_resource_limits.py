@@ -153,6 +153,7 @@ async def test_cache_cap_holds_while_images_come_and_go(
         await asyncio.to_thread(containerd.cri_pull_image, image.reference)
         out = await asyncio.to_thread(_run, containerd, image.reference)
         assert out.split()[0] == image.data_sha256
+        await asyncio.to_thread(agent.wait_cache_settled)
         usage.append(disk_usage(cache))
     print("cache on disk after each start (MiB):", [round(u / 2**20, 2) for u in usage])
     assert max(usage) <= cap + SPAN, usage
@@ -216,6 +217,7 @@ async def test_full_disk_serves_correct_bytes_uncached_and_keeps_the_cache_sound
     assert (await asyncio.to_thread(_run, containerd, small.reference)).split()[0] == (
         small.data_sha256
     )
+    await asyncio.to_thread(agent.wait_cache_settled)
     cached_before = _chunk_files(small_tmpfs_cache)
     assert cached_before
 
@@ -227,6 +229,7 @@ async def test_full_disk_serves_correct_bytes_uncached_and_keeps_the_cache_sound
     # Uncached chunks wait in memory for the next reads of them instead of each read
     # fetching its chunk again (~4 times per span here before that buffer).
     assert _layer_gets(registry, large.data_layer, first_fetch) <= spans
+    await asyncio.to_thread(agent.wait_cache_settled)
     assert agent.metric("acceld_cache_write_errors_total") >= 1
     assert "cache_write_failed" in agent.log_path.read_text(errors="replace")
     cached_after = _chunk_files(small_tmpfs_cache)
@@ -250,7 +253,8 @@ MEMORY_BOUND = 400 << 20
 """The agent idles at ~80 MiB (Python, grpc, aiohttp, pyfuse3, prometheus) and peaked at
 150-180 MiB reading 1 GiB and 10 GiB files whole (bench/memory.py). What serving adds is
 bounded by the fetcher, not the file: at most 8 Range GETs in flight, each <= 16 MiB
-compressed plus its decoded 4 MiB spans, and one span of read-ahead."""
+compressed plus its decoded 4 MiB spans, one span of read-ahead, and the chunks held
+for the cache until the reads pause (STORE_HOLD_BYTES, 128 MiB)."""
 
 
 @pytest.fixture(scope="module")
