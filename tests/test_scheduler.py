@@ -392,6 +392,27 @@ async def test_a_failed_warm_leaves_the_chunk_to_its_own_fetch(push, make_fetche
     assert fetcher.stats.request_errors == 1
 
 
+async def test_chunks_are_written_to_the_cache_once_the_link_is_quiet(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(3)
+    fetcher = make_fetcher(fill_idle_s=0.3)
+    first, second = layer.chunks[0], layer.chunks[1]
+    assert await fetcher.get(layer.blob, first) == layer.contents[0]
+    # Held in memory, not written yet: readable without another request.
+    assert not fetcher.has(layer.blob, first)
+    assert fetcher.held(layer.blob, first) == layer.contents[0]
+    assert await fetcher.get(layer.blob, first) == layer.contents[0]
+    assert _range_gets(fault_proxy, layer.blob.digest) == 1
+    await asyncio.wait_for(fetcher.wait_idle(), 5)
+    assert fetcher.has(layer.blob, first) and fetcher.held(layer.blob, first) is None
+    # Closing writes what is still held.
+    await fetcher.get(layer.blob, second)
+    assert fetcher.held(layer.blob, second) == layer.contents[1]
+    await fetcher.close()
+    assert fetcher.has(layer.blob, second)
+
+
 async def test_a_corrupted_response_is_refetched(push, make_fetcher, fault_proxy):
     layer = await push(3)
     fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))

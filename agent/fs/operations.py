@@ -258,6 +258,11 @@ class LayerFS(pyfuse3.Operations):
             self.cache.read(blob.digest, piece.chunk.key, piece.start, piece.length)
             for piece in plan
         ]
+        for i, part in enumerate(parts):
+            if part is None:
+                piece = plan[i]
+                held = self.fetcher.held(blob, piece.chunk)
+                parts[i] = None if held is None else held[piece.start : piece.start + piece.length]
         missing = [i for i, part in enumerate(parts) if part is None]
         metrics.CACHE_HITS.inc(len(plan) - len(missing))
         if missing:
