@@ -379,7 +379,7 @@ class ChunkFetcher:
         return self._cache.contains(blob.digest, chunk.key)
 
     async def wait_idle(self) -> None:
-        """Until nothing is queued or in flight."""
+        """Until nothing is queued, in flight or held for the cache (see STORE_HOLD_BYTES)."""
         await self._idle.wait()
 
     async def close(self) -> None:
