@@ -186,6 +186,13 @@ class _HostQueue:
     def urgent_in_flight(self) -> int:
         return self.in_flight[Priority.DEMAND] + self.in_flight[Priority.PREFETCH]
 
+    def quiet_left(self, now: float, idle: float) -> float | None:
+        """Seconds until no demand or prefetch request will have run for ``idle`` (zero
+        or less: quiet already); None while one is on the wire (its end asks again)."""
+        if self.urgent_in_flight:
+            return None
+        return idle - (now - self.urgent_done_at)
+
 
 class ChunkFetcher:
     """Fetches, verifies and caches chunks for the FUSE layer. Use within one event loop."""
@@ -461,14 +468,14 @@ class ChunkFetcher:
         """Background fill runs only on an otherwise quiet link: it shares the link and
         the CPUs with a starting container, whose reads come in bursts a few ms apart,
         so it waits until no demand or prefetch request has run for ``fill_idle_s``."""
-        if queue.urgent_in_flight:
-            return False  # the urgent request's end pumps again
         loop = asyncio.get_running_loop()
-        quiet_for = loop.time() - queue.urgent_done_at
-        if quiet_for >= self._fill_idle:
+        left = queue.quiet_left(loop.time(), self._fill_idle)
+        if left is None:
+            return False  # the urgent request's end pumps again
+        if left <= 0:
             return True
         if queue.wake is None or queue.wake.cancelled():
-            queue.wake = loop.call_later(self._fill_idle - quiet_for, self._wake, host)
+            queue.wake = loop.call_later(left, self._wake, host)
         return False
 
     def _wake(self, host: str) -> None:
@@ -574,10 +581,10 @@ class ChunkFetcher:
     def _quiet_wait(self, now: float) -> float:
         """Seconds until no demand or prefetch work will have run for ``fill_idle_s``
         (an estimate while some is queued or in flight: then it is asked again)."""
-        if any(queue.urgent_in_flight or _urgent(queue.peek()) for queue in self._hosts.values()):
+        lefts = [queue.quiet_left(now, self._fill_idle) for queue in self._hosts.values()]
+        if None in lefts or any(_urgent(queue.peek()) for queue in self._hosts.values()):
             return max(self._fill_idle, 0.05)
-        last = max((queue.urgent_done_at for queue in self._hosts.values()), default=0.0)
-        return self._fill_idle - (now - last)
+        return max((left for left in lefts if left is not None), default=0.0)
 
     async def _write(self, blob: BlobSource, good: list[tuple[_Job, bytes]]) -> None:
         """Cache verified chunks on the writer threads; their jobs are over then."""
