@@ -30,6 +30,7 @@ import msgpack
 
 from fetcher.mediatypes import GZIP_LAYERS, TAR_LAYERS
 from formats.gzip_index import (
+    DEFAULT_PIECE,
     DEFAULT_SPAN,
     WINDOW_SIZE,
     Checkpoint,
@@ -39,6 +40,7 @@ from formats.gzip_index import (
     RangePlan,
     SpanDecoder,
     decompress_window,
+    inflate_prefix,
     inflate_range,
     inflate_span,
     plan_range,
@@ -65,7 +67,13 @@ from formats.toc import (
 )
 
 MAGIC = "acceld.layer-index"
-VERSION = 1
+VERSION = 2
+"""2 added span pieces (``piece_size``, ``piece_digests``, ``piece_ends``); version 1
+indexes are still read, and their spans are fetched whole."""
+_VERSIONS = (1, VERSION)
+_PIECE_FIELDS = {"piece_size", "piece_digests", "piece_ends"}
+MIN_PIECE = 4096
+"""Smaller pieces would cost more index (36 bytes each) than they save fetching."""
 MIN_SPAN = WINDOW_SIZE
 MAX_SPAN = 1 << 30
 MAX_LAYER_SIZE = 1 << 44
@@ -113,6 +121,10 @@ class LayerIndex:
     windows: list[bytes] = field(default_factory=list)
     span_digests: list[bytes] = field(default_factory=list)
     entries: list[TocEntry] = field(default_factory=list)
+    piece_size: int = 0
+    """0: spans are only fetched whole (a plain tar layer, or a version 1 index)."""
+    piece_digests: list[list[bytes]] = field(default_factory=list)
+    piece_ends: list[list[int]] = field(default_factory=list)
 
     @property
     def is_gzip(self) -> bool:
@@ -154,6 +166,26 @@ class LayerIndex:
             raise CorruptSpanError(f"span {number} of {self.layer_digest} fails its digest")
         return fetched
 
+    def pieces(self, number: int) -> int:
+        """How many of span ``number``'s leading pieces can be read without the rest."""
+        return len(self.piece_ends[number]) if self.piece_size else 0
+
+    def prefix_fetch(self, number: int, count: int) -> tuple[int, int]:
+        """Compressed ``(start, end)`` to fetch for the first ``count`` pieces of span
+        ``number`` (``1 <= count <= pieces(number)``)."""
+        return self.checkpoints[number].compressed_offset, self.piece_ends[number][count - 1]
+
+    def read_prefix(self, number: int, count: int, fetched: bytes) -> bytes:
+        """The first ``count`` pieces of span ``number``, each checked against its
+        digest (CorruptSpanError otherwise), from the bytes ``prefix_fetch`` names."""
+        return inflate_prefix(
+            self.checkpoints[number],
+            self.window(number),
+            fetched,
+            self.piece_size,
+            self.piece_digests[number][:count],
+        )
+
     def span_decoder(self, number: int) -> SpanDecoder:
         """``read_span`` fed while the span's bytes arrive (same outcome, earlier)."""
         return SpanDecoder(
@@ -183,12 +215,15 @@ def build_layer_index(
     layer_digest: str,
     media_type: str,
     span: int = DEFAULT_SPAN,
+    piece: int = DEFAULT_PIECE,
 ) -> LayerIndex:
     """Index a layer in one streaming pass over its blob (a stream or chunks, e.g. a
     registry download): checkpoints and span digests while inflating, and the file
     table while walking the tar (plain tar layers get span digests of their own)."""
     if not MIN_SPAN <= span <= MAX_SPAN:
         raise ValueError(f"span must be within {MIN_SPAN}..{MAX_SPAN}")
+    if piece < MIN_PIECE:
+        raise ValueError(f"piece must be at least {MIN_PIECE}")
     compressed = _Counted(_iter_chunks(source) if isinstance(source, io.IOBase) else source)
     checkpointer: GzipCheckpointer | None = None
     plain_spans: _PlainSpans | None = None
@@ -197,7 +232,7 @@ def build_layer_index(
         plain_spans = _PlainSpans(span)
         uncompressed = plain_spans.hash(compressed)
     elif media_type in GZIP_LAYERS:
-        checkpointer = GzipCheckpointer(span)
+        checkpointer = GzipCheckpointer(span, piece)
         uncompressed = _in_background(checkpointer.inflate(compressed))
     else:
         raise UnsupportedLayerError(
@@ -224,6 +259,9 @@ def build_layer_index(
         index.checkpoints = found.checkpoints
         index.windows = found.stored_windows
         index.span_digests = found.span_digests
+        index.piece_size = checkpointer.piece
+        index.piece_digests = found.piece_digests
+        index.piece_ends = found.piece_ends
     if plain_spans is not None:
         index.span_digests = plain_spans.finish()
     return index
@@ -391,6 +429,9 @@ def serialize(index: LayerIndex) -> bytes:
         ],
         "windows": index.windows,
         "span_digests": b"".join(index.span_digests),
+        "piece_size": index.piece_size,
+        "piece_digests": [b"".join(digests) for digests in index.piece_digests],
+        "piece_ends": index.piece_ends,
         "entry_count": len(index.entries),
         "toc": zlib.compress(msgpack.packb(toc, use_bin_type=True, unicode_errors=_NAME_ERRORS), 9),
     }
@@ -499,7 +540,7 @@ def parse_spans(data: bytes) -> DecodedIndex:
     if document.get("magic") != MAGIC:
         raise IndexFormatError("not an acceld layer index (bad magic)")
     version = document.get("version")
-    if version != VERSION:
+    if type(version) is not int or version not in _VERSIONS:  # (True == 1)
         raise IndexFormatError(f"unsupported layer index version {version!r}")
     expected = {
         "magic",
@@ -514,7 +555,7 @@ def parse_spans(data: bytes) -> DecodedIndex:
         "span_digests",
         "entry_count",
         "toc",
-    }
+    } | (_PIECE_FIELDS if version >= 2 else set())
     if set(document) != expected:
         raise IndexFormatError(f"unexpected fields {sorted(set(document) ^ expected)}")
     index = LayerIndex(
@@ -525,6 +566,8 @@ def parse_spans(data: bytes) -> DecodedIndex:
         span_size=_int(document["span_size"], "span_size", MAX_SPAN, MIN_SPAN),
     )
     _parse_checkpoints(index, document)
+    if version >= 2:
+        _parse_pieces(index, document)
     return DecodedIndex(index, _decode_toc(document))
 
 
@@ -589,9 +632,7 @@ def _parse_checkpoints(index: LayerIndex, document: dict[str, Any]) -> None:
         spans = -(-index.uncompressed_size // index.span_size)
         if len(digests) != spans * _DIGEST_BYTES:
             raise IndexFormatError(f"a plain tar layer of this size has {spans} span digests")
-        index.span_digests = [
-            digests[i : i + _DIGEST_BYTES] for i in range(0, len(digests), _DIGEST_BYTES)
-        ]
+        index.span_digests = _digest_list(digests)
         return
     limit = min(MAX_CHECKPOINTS, index.uncompressed_size // index.span_size + 1)
     if not 1 <= count <= limit:
@@ -618,9 +659,49 @@ def _parse_checkpoints(index: LayerIndex, document: dict[str, Any]) -> None:
         except GzipIndexError as exc:
             raise IndexFormatError(f"window {number}: {exc}") from None
         index.windows.append(stored)
-    index.span_digests = [
-        digests[i : i + _DIGEST_BYTES] for i in range(0, len(digests), _DIGEST_BYTES)
-    ]
+    index.span_digests = _digest_list(digests)
+
+
+def _parse_pieces(index: LayerIndex, document: dict[str, Any]) -> None:
+    """Span pieces: each span's pieces but the last, every one ``piece_size`` bytes from
+    the span's start (so their number follows from the span's length) and each ending
+    further into the span's compressed bytes, within them."""
+    size, digests, ends = (document[key] for key in ("piece_size", "piece_digests", "piece_ends"))
+    if size == 0 and digests == [] and ends == []:
+        return  # spans are fetched whole
+    if not index.is_gzip:
+        raise IndexFormatError("a plain tar layer has no span pieces")
+    index.piece_size = _int(size, "piece_size", index.span_size, MIN_PIECE)
+    count = len(index.checkpoints)
+    if not isinstance(digests, list) or not isinstance(ends, list):
+        raise IndexFormatError("piece_digests and piece_ends must be arrays")
+    if len(digests) != count or len(ends) != count:
+        raise IndexFormatError("piece_digests and piece_ends must have one item per span")
+    for number in range(count):
+        start, stop = index.span_range(number)
+        piece = index.piece_size
+        pieces = min(-(-index.span_size // piece) - 1, (stop - start) // piece)
+        span_digests, span_ends = digests[number], ends[number]
+        if (
+            not isinstance(span_digests, bytes)
+            or len(span_digests) != pieces * _DIGEST_BYTES
+            or not isinstance(span_ends, list)
+            or len(span_ends) != pieces
+        ):
+            raise IndexFormatError(f"span {number} must have {pieces} piece digests and ends")
+        low = index.checkpoints[number].compressed_offset
+        high = (
+            index.checkpoints[number + 1].fetch_end if number + 1 < count else index.compressed_size
+        )
+        for piece, end in enumerate(span_ends):
+            low = _int(end, f"span {number} piece {piece} end", high, low + 1)
+        index.piece_digests.append(_digest_list(span_digests))
+        index.piece_ends.append(span_ends)
+
+
+def _digest_list(raw: bytes) -> list[bytes]:
+    """Concatenated sha256 digests (a whole number of them), one by one."""
+    return [raw[i : i + _DIGEST_BYTES] for i in range(0, len(raw), _DIGEST_BYTES)]
 
 
 def _checkpoint(raw: Any, number: int, index: LayerIndex) -> Checkpoint:

@@ -37,6 +37,7 @@ from formats.layer_index import (
 from formats.toc import MAX_ENTRY_SIZE, MAX_NAME_BYTES, HostileLayerError
 
 SPAN = 64 * 1024
+PIECE = 16 * 1024
 DIGEST = "sha256:" + "ab" * 32
 
 
@@ -77,7 +78,9 @@ GZ = gzip.compress(RAW, 6)
 
 def _build(blob: bytes, media_type: str = OCI_LAYER_GZIP, chunk: int = 10_000) -> LayerIndex:
     chunks = [blob[i : i + chunk] for i in range(0, len(blob), chunk)]
-    return build_layer_index(chunks, layer_digest=DIGEST, media_type=media_type, span=SPAN)
+    return build_layer_index(
+        chunks, layer_digest=DIGEST, media_type=media_type, span=SPAN, piece=PIECE
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +130,47 @@ def test_spans_verify_and_corruption_is_refused(index: LayerIndex) -> None:
             index.read_span(number, bytes(damaged))
 
 
+def test_span_prefixes_read_from_their_pieces_alone(index: LayerIndex) -> None:
+    """A span's leading pieces come from the compressed bytes up to where the last of
+    them ends, and are held to their digests."""
+    assert index.piece_size == PIECE
+    for number in range(len(index.checkpoints)):
+        start, end = index.span_range(number)
+        assert index.pieces(number) == min(SPAN // PIECE - 1, (end - start) // PIECE)
+        for count in range(1, index.pieces(number) + 1):
+            fetch_start, fetch_end = index.prefix_fetch(number, count)
+            fetched = GZ[fetch_start:fetch_end]
+            assert index.read_prefix(number, count, fetched) == RAW[start : start + count * PIECE]
+            with pytest.raises(CorruptSpanError, match="ended after"):
+                index.read_prefix(number, count, fetched[: -len(fetched) // 4])
+            damaged = bytearray(fetched)
+            damaged[-len(damaged) // 3] ^= 0x01
+            with pytest.raises(CorruptSpanError):
+                index.read_prefix(number, count, bytes(damaged))
+    assert sum(map(index.pieces, range(len(index.checkpoints)))) > 10
+
+
+def test_multi_member_prefixes_take_the_general_path() -> None:
+    multi = gzip.compress(RAW[:100_000], 1) + gzip.compress(RAW[100_000:], 9)
+    indexed = _build(multi)
+    for number in range(len(indexed.checkpoints)):
+        start, _ = indexed.span_range(number)
+        for count in range(1, indexed.pieces(number) + 1):
+            fetch_start, fetch_end = indexed.prefix_fetch(number, count)
+            data = indexed.read_prefix(number, count, multi[fetch_start:fetch_end])
+            assert data == RAW[start : start + count * PIECE]
+
+
+def test_version_1_indexes_are_read_with_whole_spans(index: LayerIndex) -> None:
+    document = _document(index)
+    for key in ("piece_size", "piece_digests", "piece_ends"):
+        del document[key]
+    document["version"] = 1
+    old = parse(msgpack.packb(document, use_bin_type=True))
+    assert old.piece_size == 0 and old.pieces(0) == 0
+    assert old.entries == index.entries and old.checkpoints == index.checkpoints
+
+
 def test_serialization_round_trip_and_parsed_index_reads(index: LayerIndex) -> None:
     blob = serialize(index)
     parsed = parse(blob)
@@ -140,7 +184,11 @@ def test_serialization_round_trip_and_parsed_index_reads(index: LayerIndex) -> N
 
 def test_stream_and_chunks_give_the_same_index(index: LayerIndex) -> None:
     from_stream = build_layer_index(
-        io.BufferedReader(io.BytesIO(GZ)), layer_digest=DIGEST, media_type=OCI_LAYER_GZIP, span=SPAN
+        io.BufferedReader(io.BytesIO(GZ)),
+        layer_digest=DIGEST,
+        media_type=OCI_LAYER_GZIP,
+        span=SPAN,
+        piece=PIECE,
     )
     assert from_stream == index == _build(GZ, chunk=1 << 20)
 
@@ -236,9 +284,22 @@ def _mutations(index: LayerIndex) -> dict[str, dict[str, Any]]:
         return _with_toc(copy.deepcopy(base), new_rows)
 
     points = base["checkpoints"]
+    ends, piece_digests = base["piece_ends"], base["piece_digests"]
     return {
         "bad magic": changed(magic="estargz"),
-        "future version": changed(version=2),
+        "future version": changed(version=3),
+        "version true": changed(version=True),
+        "version 1 with pieces": changed(version=1),
+        "tiny piece": changed(piece_size=1),
+        "piece bigger than span": changed(piece_size=SPAN * 2),
+        "piece ends missing": changed(piece_ends=ends[1:]),
+        "piece count": changed(piece_ends=[ends[0][:-1], *ends[1:]]),
+        "piece digest count": changed(piece_digests=[piece_digests[0][:-32], *piece_digests[1:]]),
+        "piece digest text": changed(piece_digests=["x" * 32, *piece_digests[1:]]),
+        "piece ends backwards": changed(piece_ends=[ends[0][::-1], *ends[1:]]),
+        "piece end at its checkpoint": changed(piece_ends=[[0, *ends[0][1:]], *ends[1:]]),
+        "piece end past its span": changed(piece_ends=[[*ends[0][:-1], len(GZ)], *ends[1:]]),
+        "piece end type": changed(piece_ends=[[str(ends[0][0]), *ends[0][1:]], *ends[1:]]),
         "extra field": changed(extra=1),
         "string size": changed(compressed_size="12"),
         "negative size": changed(uncompressed_size=-1),
