@@ -51,30 +51,26 @@ async def load_plan(
     return plan
 
 
-def _chunks_for(
+def _files_for(
     session: ImageSession, entry: PrefetchEntry, early: Mapping[str, EarlyLayer]
-) -> list[tuple[ChunkSpec, BlobSource]] | None:
-    """(chunk, blob) pairs for one plan entry; None while its layer is not mounted yet
-    and, if decoded already, its file is not found there (the tree then decides)."""
+) -> list[tuple[LazyLayer, TocEntry]] | None:
+    """The regular files one plan entry names, with their layers; None while its layer
+    is not mounted yet and, if decoded already, its file is not found there (the tree
+    then decides)."""
     path = tree_path(entry.path)
     if path is None:
         return []
     if entry.layer is not None:
         mounted = session.mounted.get(entry.layer)
         if mounted is None:
-            return _early_chunks(early.get(entry.layer), path, entry.ranges)
-        found = [(mounted, mounted.tree.lookup(path))]
+            return _early_file(early.get(entry.layer), path)
     else:
         top = session.topmost(path)
         if top is None:
             return [] if len(session.mounted) == len(session.layer_order) else None
-        found = [(top[1], top[1].tree.lookup(path))]
-    pairs: list[tuple[ChunkSpec, BlobSource]] = []
-    for mounted, node in found:
-        if node is not None:
-            chunks = node_chunks(mounted.layer, node, entry.ranges)
-            pairs.extend((chunk, mounted.layer.blob) for chunk in chunks)
-    return pairs
+        mounted = top[1]
+    node = mounted.tree.lookup(path)
+    return [(mounted.layer, file) for file in node_files(node)] if node is not None else []
 
 
 def tree_path(path: str) -> str | None:
@@ -99,16 +95,13 @@ def warm_files(plan: Sequence[PrefetchEntry], layer_digest: str) -> list[WantedF
     return wanted
 
 
-def _early_chunks(
-    early: EarlyLayer | None, path: str, ranges: Sequence[tuple[int, int]] | None
-) -> list[tuple[ChunkSpec, BlobSource]] | None:
-    """A plan entry's chunks from a layer decoded but not mounted yet: what lets the
-    fetch start while the layer's table is checked and its tree built."""
+def _early_file(early: EarlyLayer | None, path: str) -> list[tuple[LazyLayer, TocEntry]] | None:
+    """A plan entry's file in a layer decoded but not mounted yet: what lets the fetch
+    start while the layer's table is checked and its tree built."""
     entry = early.files.live_entry(path) if early is not None else None
     if early is None or entry is None:
         return None
-    blob = early.layer.blob
-    return [(chunk, blob) for chunk in entry_chunks(early.layer, entry, ranges)]
+    return [(early.layer, entry)]
 
 
 def entry_chunks(
@@ -116,17 +109,15 @@ def entry_chunks(
 ) -> list[ChunkSpec]:
     """The chunks holding ``ranges`` of one file (the whole file without ranges)."""
     chunks: list[ChunkSpec] = []
-    for start, end in ranges or ((0, entry.size),):
+    for start, end in _wanted(entry, ranges):
         chunks.extend(piece.chunk for piece in layer.read_plan(entry, start, max(0, end - start)))
     return chunks
 
 
-def node_chunks(
-    layer: LazyLayer, node: Node, ranges: Sequence[tuple[int, int]] | None = None
-) -> list[ChunkSpec]:
-    """The chunks holding ``ranges`` of a file node (the whole file without ranges); for
-    a directory, those of every regular file below it. The one rule by which both a
-    learned profile and the converter's prefetch list turn a path into chunks."""
+def node_files(node: Node) -> list[TocEntry]:
+    """The regular file of a file node; for a directory, every regular file below it.
+    The one rule by which both a learned profile and the converter's prefetch list turn
+    a path into files."""
     targets = [node]
     if node.is_dir:
         stack = [node]
@@ -135,11 +126,15 @@ def node_chunks(
             current = stack.pop()
             for child in (current.children or {}).values():
                 (stack if child.is_dir else targets).append(child)
-    chunks: list[ChunkSpec] = []
-    for target in targets:
-        if target.entry.type in ("reg", "hardlink"):
-            chunks.extend(entry_chunks(layer, target.entry, ranges))
-    return chunks
+    return [target.entry for target in targets if target.entry.type in ("reg", "hardlink")]
+
+
+def node_chunks(
+    layer: LazyLayer, node: Node, ranges: Sequence[tuple[int, int]] | None = None
+) -> list[ChunkSpec]:
+    """The chunks holding ``ranges`` of a file node (the whole file without ranges); for
+    a directory, those of every regular file below it."""
+    return [chunk for file in node_files(node) for chunk in entry_chunks(layer, file, ranges)]
 
 
 def enqueue_ready(
@@ -149,18 +144,34 @@ def enqueue_ready(
     by layer digest) with the entry's file found in it; returns the chunk count."""
     if not session.plan:
         return 0
-    queued = 0
+    ready: list[tuple[PrefetchEntry, list[tuple[LazyLayer, TocEntry]]]] = []
     for index, entry in enumerate(session.plan):
         if index in session.planned:
             continue
-        pairs = _chunks_for(session, entry, early)
-        if pairs is None:
-            continue
-        session.planned.add(index)
+        files = _files_for(session, entry, early)
+        if files is not None:
+            session.planned.add(index)
+            ready.append((entry, files))
+    # Each layer hears every read first: its chunks are then made to fit all of them.
+    reads: dict[int, tuple[LazyLayer, list[tuple[TocEntry, int, int]]]] = {}
+    for entry, files in ready:
+        for layer, file in files:
+            told = reads.setdefault(id(layer), (layer, []))[1]
+            wanted = _wanted(file, entry.ranges)
+            told.extend((file, start, end - start) for start, end in wanted)
+    for layer, told in reads.values():
+        layer.expect_reads(told)
+    queued = 0
+    for entry, files in ready:
         by_blob: dict[BlobSource, list[ChunkSpec]] = {}
-        for chunk, blob in pairs:
-            by_blob.setdefault(blob, []).append(chunk)
+        for layer, file in files:
+            by_blob.setdefault(layer.blob, []).extend(entry_chunks(layer, file, entry.ranges))
         for blob, chunks in by_blob.items():
             fetcher.enqueue(blob, chunks, Priority.PREFETCH)
             queued += len(chunks)
     return queued
+
+
+def _wanted(file: TocEntry, ranges: Sequence[tuple[int, int]] | None) -> Sequence[tuple[int, int]]:
+    """The byte ranges of ``file`` to prefetch: ``ranges``, or without them all of it."""
+    return ranges or ((0, file.size),)

@@ -24,6 +24,7 @@ from agent.fs.tree import InodeAllocator, LayerTree
 from agent.image_sessions import ImageSession
 from agent.layers.discovery import EarlyLayer
 from agent.layers.indexed_layer import IndexedLayer
+from agent.layers.lazy_layer import ReadAheadBudget
 from agent.lazy_provider import prefetch_chunks
 from agent.profile_prefetch import enqueue_ready, entry_chunks, node_chunks
 from fetcher.chunk_cache import ChunkCache
@@ -33,6 +34,7 @@ from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
 from formats import layer_index
+from formats.gzip_index import DEFAULT_PIECE
 from formats.layer_index import build_layer_index
 from profiles.plan import PrefetchEntry
 
@@ -43,7 +45,7 @@ def _mounted() -> MountedLayer:
     return _mounted_with_blob()[0]
 
 
-def _mounted_with_blob() -> tuple[MountedLayer, bytes]:
+def _mounted_with_blob(piece: int = DEFAULT_PIECE) -> tuple[MountedLayer, bytes]:
     """A real index-only layer of incompressible files and small spans, so files fall
     in different chunks; and its blob."""
     buf = io.BytesIO()
@@ -65,6 +67,7 @@ def _mounted_with_blob() -> tuple[MountedLayer, bytes]:
         layer_digest=digest,
         media_type=OCI_LAYER_GZIP,
         span=SPAN,
+        piece=piece,
     )
     source = BlobSource(ImageReference.parse("127.0.0.1:5000/app:1"), digest, len(blob))
     layer = IndexedLayer(source, index)
@@ -227,3 +230,68 @@ async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at
             assert fetcher.stats.bytes_fetched[Priority.PREFETCH] > 0
         finally:
             await fetcher.close()
+
+
+async def test_a_plan_fetches_only_the_span_prefixes_it_reads(
+    registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    """Told the plan's reads first, an index-only layer fetches a span only as far as
+    its pieces hold them, checks them, and serves later reads within that start from
+    it; reads beyond it take the whole span."""
+    mounted, blob_bytes = _mounted_with_blob(piece=16 * 1024)
+    layer = mounted.layer
+    assert isinstance(layer, IndexedLayer)
+    reference = ImageReference.parse(f"{registry.host}/{repo_name}")
+    digest = layer.blob.digest
+    heads = ["/app/main.py", "/app/lib/a.py", "/app/lib/b.py", "/etc/conf"]
+    async with RegistryClient() as client:
+        assert await client.push_blob(reference, blob_bytes) == digest
+        blob = BlobSource(reference, digest, len(blob_bytes))
+        mounted = MountedLayer("layer", IndexedLayer(blob, layer.index), mounted.tree, 0)
+        whole = {
+            path: entry_chunks(mounted.layer, _entry(mounted, path), ((0, 100),)) for path in heads
+        }
+        session = ImageSession(reference, "sha256:" + "0" * 64, [digest])
+        session.mounted[digest] = mounted
+        session.plan = [PrefetchEntry(digest, path, ((0, 100),)) for path in heads]
+        fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", max_bytes=64 << 20))
+        try:
+            assert enqueue_ready(fetcher, session, {}) == len(heads)
+            await fetcher.wait_idle()
+            for path in heads:
+                entry = _entry(mounted, path)
+                (piece,) = mounted.layer.read_plan(entry, 0, 100)
+                content = await fetcher.get(blob, piece.chunk, Priority.DEMAND)
+                assert content[piece.start : piece.start + 100] == _file_bytes(path)[:100]
+                assert piece.chunk.key.startswith(whole[path][0].key)
+            prefixes = [
+                mounted.layer.read_plan(_entry(mounted, path), 0, 100)[0].chunk for path in heads
+            ]
+            assert any("p" in chunk.key for chunk in prefixes)
+            fetched = fetcher.stats.bytes_fetched[Priority.PREFETCH]
+            spans = {chunk.key: chunk.fetch_length for chunks in whole.values() for chunk in chunks}
+            assert fetched < sum(spans.values())
+            # Beyond its prefix a read takes the whole span; read-ahead goes on after it.
+            entry = _entry(mounted, "/app/lib/a.py")
+            assert {p.chunk.key for p in mounted.layer.read_plan(entry, 0, entry.size)} >= {
+                chunk.key for chunk in whole["/app/lib/a.py"]
+            }
+            budget = ReadAheadBudget(1 << 30, 1 << 30)
+            for chunk in prefixes:
+                after = mounted.layer.chunks_after(chunk, budget)
+                assert all("p" not in later.key for later in after)
+        finally:
+            await fetcher.close()
+
+
+def _entry(mounted: MountedLayer, path: str) -> Any:
+    node = mounted.tree.lookup(path.lstrip("/"))
+    assert node is not None
+    return node.entry
+
+
+def _file_bytes(path: str) -> bytes:
+    """The data ``_mounted_with_blob`` wrote last under ``path``."""
+    names = ["app/main.py", "app/lib/a.py", "app/lib/b.py", "etc/conf", "app/main.py"]
+    number = len(names) - 1 - names[::-1].index(path.lstrip("/"))
+    return random.Random(number).randbytes(100_000 + 30_000 * number)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import operator
+from collections.abc import Iterable
 from functools import partial
 
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
@@ -95,6 +96,9 @@ class EstargzLayer:
         if index == len(self._offsets) or self._offsets[index] != chunk.fetch_start:
             return []
         return budget.take(map(self._spec, itertools.islice(self._offsets, index + 1, None)))
+
+    def expect_reads(self, reads: Iterable[tuple[TocEntry, int, int]]) -> None:
+        """Nothing to narrow: a member holds one file's chunk, or several small files."""
 
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Members before the prefetch landmark: what the image's builder said startup needs."""

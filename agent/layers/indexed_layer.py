@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
@@ -21,6 +21,9 @@ class IndexedLayer:
         self.index = index
         self._bounds = self._span_bounds()
         self._specs: dict[int, ChunkSpec] = {}
+        self._prefixes: dict[int, ChunkSpec] = {}
+        """Spans whose reads, as far as a prefix of them reaches, are served from that
+        prefix (see ``expect_reads``)."""
 
     @property
     def entries(self) -> list[TocEntry]:
@@ -63,22 +66,61 @@ class IndexedLayer:
             self._specs[number] = spec
         return spec
 
-    def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
-        """Span slices holding the file's bytes [offset, offset+length) (clipped at EOF)."""
+    def _prefix_spec(self, number: int, count: int) -> ChunkSpec:
+        start, end = self.index.prefix_fetch(number, count)
+        return ChunkSpec(
+            f"s{number:08d}p{count}",
+            start,
+            end,
+            count * self.index.piece_size,
+            partial(self.index.read_prefix, number, count),
+        )
+
+    def _slices(self, entry: TocEntry, offset: int, length: int) -> list[tuple[int, int, int]]:
+        """(span, start in span, length) for the file's bytes [offset, offset+length)."""
         end = min(offset + length, entry.size)
         if offset >= end:
             return []
         position = entry.offset + offset
         stop = entry.offset + end
-        plan = []
+        slices = []
         number = self._span_of(position)
         while position < stop:
             span_start, span_end = self._bounds[number]
             take = min(span_end, stop) - position
-            plan.append(ChunkSlice(self._spec(number), position - span_start, take))
+            slices.append((number, position - span_start, take))
             position += take
             number += 1
+        return slices
+
+    def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
+        """Span slices holding the file's bytes [offset, offset+length) (clipped at EOF):
+        of a span's expected prefix where that reaches far enough, else of the span."""
+        plan = []
+        for number, start, take in self._slices(entry, offset, length):
+            prefix = self._prefixes.get(number)
+            if prefix is None or start + take > prefix.decoded_size:
+                prefix = self._spec(number)
+            plan.append(ChunkSlice(prefix, start, take))
         return plan
+
+    def expect_reads(self, reads: Iterable[tuple[TocEntry, int, int]]) -> None:
+        """Told what a prefetch is about to ask for (file, offset, length): a span that
+        these reads need only the start of is fetched and checked only that far, by its
+        pieces, and later reads within that start are served from it. A span's digest
+        covers all of its 4 MiB, so otherwise python-fat-api's learned start fetched
+        41.8 MB of its big layer's spans where their first pieces hold it in 32.7 MB.
+        Spans told once keep what they were told (chunk keys must not change under
+        readers); reads beyond a prefix take the whole span."""
+        reach: dict[int, int] = {}
+        for entry, offset, length in reads:
+            for number, start, take in self._slices(entry, offset, length):
+                reach[number] = max(reach.get(number, 0), start + take)
+        piece = self.index.piece_size
+        for number, end in reach.items():
+            count = -(-end // piece) if piece else 0
+            if number not in self._prefixes and 0 < count <= self.index.pieces(number):
+                self._prefixes[number] = self._prefix_spec(number, count)
 
     def file_chunks(self, entry: TocEntry) -> list[ChunkSpec]:
         """Every span holding part of the file."""
@@ -90,7 +132,7 @@ class IndexedLayer:
 
     def chunks_after(self, chunk: ChunkSpec, budget: ReadAheadBudget) -> list[ChunkSpec]:
         """The following spans, within ``budget``."""
-        following = range(int(chunk.key[1:]) + 1, len(self._bounds))
+        following = range(int(chunk.key[1:9]) + 1, len(self._bounds))  # s<span>[p<pieces>]
         return budget.take(self._spec(number) for number in following)
 
     def prefetch_chunks(self) -> list[ChunkSpec]:

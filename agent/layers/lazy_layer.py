@@ -83,3 +83,9 @@ class LazyLayer(Protocol):
     def prefetch_chunks(self) -> list[ChunkSpec]:
         """Chunks the layer itself marks as needed first (eStargz landmark area)."""
         ...
+
+    def expect_reads(self, reads: Iterable[tuple[TocEntry, int, int]]) -> None:
+        """Told, before a prefetch asks for chunks, every (file, offset, length) it is
+        about to ask for, so that a layer whose chunks are larger than those reads can
+        make them smaller first."""
+        ...
