@@ -45,9 +45,10 @@ from formats.estargz_writer import DEFAULT_MIN_CHUNK_SIZE
 
 log = get_logger(__name__)
 
-CONVERTER_FORMAT = 2
+CONVERTER_FORMAT = 3
 """Bumped whenever the output for the same input and settings changes (format 2: small
-files share gzip members), so that conversions by an older converter are redone."""
+files share gzip members; 3: index-only spans are digested in pieces too), so that
+conversions by an older converter are redone."""
 
 
 @dataclass(frozen=True)

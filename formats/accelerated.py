@@ -7,6 +7,8 @@ an accelerated form came from, and the media types of the index-only artifact.
 
 from __future__ import annotations
 
+import json
+
 ACCELERATED_SUFFIX = "_accelerated"
 
 ANNOTATION_SOURCE_DIGEST = "io.acceld.source.digest"
@@ -26,6 +28,18 @@ MEDIA_TYPE_PROFILE = "application/vnd.acceld.profile.v1+msgpack"
 ANNOTATION_PROFILE_KIND = "io.acceld.profile.kind"
 
 EMPTY_JSON = b"{}"
+
+
+def conversion_format(annotations: dict[str, str]) -> int:
+    """The converter format an accelerated form was made by (0: unknown). Registries keep
+    every index artifact ever pushed for an image, so after a reconversion by a newer
+    converter the agent must pick the newest form, not the first one listed."""
+    try:
+        settings = json.loads(annotations.get(ANNOTATION_CONVERSION, ""))
+    except ValueError:
+        return 0
+    number = settings.get("format") if isinstance(settings, dict) else None
+    return number if type(number) is int else 0
 
 
 def accelerated_tag(tag: str) -> str:

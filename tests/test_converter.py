@@ -15,6 +15,7 @@ import pytest
 from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError, open_estargz
 from agent.layers.indexed_layer import IndexedLayer
 from common.digest import sha256_digest
+from converter import convert as convert_module
 from converter.convert import ConvertOptions, convert_image
 from converter.errors import ConversionError
 from converter.prefetch import PrefetchList
@@ -82,6 +83,28 @@ async def test_a_conversion_is_reused_only_with_the_same_settings(pushed_feature
         listed = PrefetchList.parse_lines([HELLO_PATH])
         with_list = ConvertOptions(mode="full", prefetch=listed, **SMALL)
         assert not (await convert_image(client, ref, with_list)).skipped
+
+
+async def test_a_reconversion_by_a_newer_converter_is_the_one_served(
+    image_pusher, built_features, monkeypatch
+):
+    """Registries keep every index artifact pushed for an image: after a newer
+    converter redoes a conversion, the agent must serve the newer one (spans in pieces),
+    whichever the referrers list names first."""
+    pushed = await image_pusher.push(built_features)
+    ref = ImageReference.parse(pushed.reference)
+    built = pushed.built
+    async with RegistryClient() as client:
+        monkeypatch.setattr(convert_module, "CONVERTER_FORMAT", convert_module.CONVERTER_FORMAT - 1)
+        older = await convert_image(client, ref, ConvertOptions(mode="index", span=2 << 20))
+        monkeypatch.undo()
+        newer = await convert_image(client, ref, ConvertOptions(mode="index", span=1 << 20))
+        assert not newer.skipped and newer.result_digest != older.result_digest
+        assert len(await client.referrers(ref, built.digest, ARTIFACT_TYPE_INDEX)) == 2
+        for source in built.layers:
+            found = await LayerDiscovery(client).discover(str(ref), built.digest, source.digest)
+            assert isinstance(found.layer, IndexedLayer)
+            assert found.layer.index.span_size == 1 << 20
 
 
 async def test_full_mode_round_trip_and_discovery(pushed_features):

@@ -49,6 +49,7 @@ from formats.accelerated import (
     ARTIFACT_TYPE_INDEX,
     MEDIA_TYPE_LAYER_INDEX,
     accelerated_tag,
+    conversion_format,
     is_accelerated_tag,
 )
 from formats.estargz_reader import parse_toc
@@ -355,7 +356,8 @@ class LayerDiscovery:
     async def _index_artifacts(
         self, ref: ImageReference, manifest_digest: str
     ) -> list[ImageManifest]:
-        """The index-only artifacts that refer to the manifest."""
+        """The index-only artifacts that refer to the manifest, those of the newest
+        converter format first."""
         found = []
         for desc in await self.client.referrers(ref, manifest_digest, ARTIFACT_TYPE_INDEX):
             artifact = await self.client.get_manifest(ref.with_digest(desc.digest))
@@ -366,6 +368,7 @@ class LayerDiscovery:
                 and parsed.subject.digest == manifest_digest
             ):
                 found.append(parsed)
+        found.sort(key=lambda artifact: conversion_format(artifact.annotations), reverse=True)
         return found
 
     async def _from_index_artifact(
