@@ -37,6 +37,7 @@ from formats import layer_index
 from formats.gzip_index import DEFAULT_PIECE
 from formats.layer_index import build_layer_index
 from profiles.plan import PrefetchEntry
+from rig.fault_proxy import Fault, FaultProxy
 
 SPAN = 64 * 1024
 
@@ -282,6 +283,43 @@ async def test_a_plan_fetches_only_the_span_prefixes_it_reads(
                 assert all("p" not in later.key for later in after)
         finally:
             await fetcher.close()
+
+
+async def test_a_span_prefix_that_arrives_damaged_is_fetched_again(
+    registry: Any, repo_name: str, tmp_path: Path
+) -> None:
+    """A prefix is held to its piece digests like a span to its digest: a flipped byte
+    on the wire means one fetch more, never a wrong byte."""
+    mounted, blob_bytes = _mounted_with_blob(piece=16 * 1024)
+    layer = mounted.layer
+    assert isinstance(layer, IndexedLayer)
+    heads = ["/app/main.py", "/app/lib/a.py", "/app/lib/b.py", "/etc/conf"]
+    layer.expect_reads((_entry(mounted, path), 0, 100) for path in heads)
+    path = next(p for p in heads if "p" in layer.read_plan(_entry(mounted, p), 0, 100)[0].chunk.key)
+    with FaultProxy(registry.url) as proxy:
+        async with RegistryClient() as client:
+            pushed = ImageReference.parse(f"{registry.host}/{repo_name}")
+            digest = await client.push_blob(pushed, blob_bytes)
+            blob = BlobSource(
+                ImageReference.parse(f"{proxy.host}/{repo_name}"), digest, len(blob_bytes)
+            )
+            mounted = MountedLayer("layer", IndexedLayer(blob, layer.index), mounted.tree, 0)
+            session = ImageSession(blob.ref, "sha256:" + "0" * 64, [digest])
+            session.mounted[digest] = mounted
+            session.plan = [PrefetchEntry(digest, path, ((0, 100),))]
+            flips = proxy.add(Fault("flip", path_contains=digest, after_bytes=100))
+            fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", max_bytes=64 << 20))
+            try:
+                assert enqueue_ready(fetcher, session, {}) == 1
+                await fetcher.wait_idle()
+                (piece,) = mounted.layer.read_plan(_entry(mounted, path), 0, 100)
+                assert "p" in piece.chunk.key
+                content = await fetcher.get(blob, piece.chunk, Priority.DEMAND)
+                assert content[piece.start : piece.start + 100] == _file_bytes(path)[:100]
+                assert flips.hits == 1
+                assert (fetcher.stats.corrupt_refetches, fetcher.stats.corrupt_chunks) == (1, 0)
+            finally:
+                await fetcher.close()
 
 
 def _entry(mounted: MountedLayer, path: str) -> Any:
