@@ -3,8 +3,11 @@
 With it the agent serves a layer's files straight from the untouched registry blob: the
 file table says where a file's bytes lie in the uncompressed tar, the checkpoints say
 which compressed byte range to fetch and where to start inflating, and the span and file
-digests prove what was inflated. The artifact arrives from the registry, so parsing
-treats it as hostile: every count, offset and name is checked before anything trusts it.
+digests prove what was inflated. Since version 2 each span is also digested in pieces,
+with where each piece's compressed bytes end, so that a reader who needs only the start
+of a span fetches and checks only that. The artifact arrives from the registry, so
+parsing treats it as hostile: every count, offset and name is checked before anything
+trusts it.
 
 Encoding: a msgpack map. The file table, which repeats itself a lot (paths, owners,
 small offset gaps), is a zlib-compressed msgpack array of per-entry arrays, with each
