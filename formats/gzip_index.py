@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import zlib
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -304,7 +304,7 @@ class GzipCheckpointer:
                 self._member_out += len(data)
                 yield data
             consumed = len(chunk) - inflater.avail_in
-            if piece_due and len(data) == piece_due and due > 0:
+            if piece_due and len(data) == piece_due:  # (pieces end before ``due``)
                 # Every bit that inflated to the piece has been consumed by now.
                 self._piece_digests[-1].append(self._piece_hash.digest())
                 self._piece_ends[-1].append(self._compressed + consumed)
@@ -541,16 +541,15 @@ def inflate_span(
     """The whole of span ``number`` (checkpoint ``number`` to the next one, or to the end),
     checked against its sha256: bytes that come back are the layer's bytes."""
     start, end = span_bounds(checkpoints, uncompressed_size, number)
-    data = _inflate_in_member(checkpoints[number], window, compressed, end - start)
-    if data is not None and hashlib.sha256(data).digest() == span_digests[number]:
-        return data
-    try:  # the general path decides, and names what is wrong
-        data = inflate_range(checkpoints[number], window, compressed, start, end - start)
-    except CorruptSpanError as exc:
-        raise CorruptSpanError(f"span {number}: {exc}") from None
-    if hashlib.sha256(data).digest() != span_digests[number]:
-        raise _span_mismatch(number, start, end)
-    return data
+    return _inflate_checked(
+        checkpoints[number],
+        window,
+        compressed,
+        end - start,
+        lambda data: hashlib.sha256(data).digest() == span_digests[number],
+        f"span {number}",
+        _span_mismatch(number, start, end),
+    )
 
 
 def inflate_prefix(
@@ -565,19 +564,41 @@ def inflate_prefix(
     from the checkpoint to where the last of them ends. A span's digest covers all of
     it, so without pieces a reader who needs its first 100 KiB fetches all 4 MiB."""
     length = piece * len(piece_digests)
+    return _inflate_checked(
+        checkpoint,
+        window,
+        compressed,
+        length,
+        lambda data: _pieces_match(data, piece, piece_digests),
+        "span prefix",
+        CorruptSpanError(
+            f"span prefix at uncompressed {checkpoint.uncompressed_offset}+{length} "
+            "does not match its piece digests"
+        ),
+    )
+
+
+def _inflate_checked(
+    checkpoint: Checkpoint,
+    window: bytes,
+    compressed: bytes,
+    length: int,
+    matches: Callable[[bytes], bool],
+    what: str,
+    mismatch: CorruptSpanError,
+) -> bytes:
+    """``length`` bytes inflated from ``checkpoint`` that ``matches`` accepts: by the
+    fastest zlib when that works, else by the general path, which decides and names what
+    is wrong (CorruptSpanError prefixed with ``what``, or ``mismatch``)."""
     data = _inflate_in_member(checkpoint, window, compressed, length)
-    if data is None or not _pieces_match(data, piece, piece_digests):
-        try:  # the general path decides, and names what is wrong
-            data = inflate_range(
-                checkpoint, window, compressed, checkpoint.uncompressed_offset, length
-            )
-        except CorruptSpanError as exc:
-            raise CorruptSpanError(f"span prefix: {exc}") from None
-        if not _pieces_match(data, piece, piece_digests):
-            raise CorruptSpanError(
-                f"span prefix at uncompressed {checkpoint.uncompressed_offset}+{length} "
-                "does not match its piece digests"
-            )
+    if data is not None and matches(data):
+        return data
+    try:
+        data = inflate_range(checkpoint, window, compressed, checkpoint.uncompressed_offset, length)
+    except CorruptSpanError as exc:
+        raise CorruptSpanError(f"{what}: {exc}") from None
+    if not matches(data):
+        raise mismatch
     return data
 
 

@@ -680,10 +680,11 @@ def _parse_pieces(index: LayerIndex, document: dict[str, Any]) -> None:
         raise IndexFormatError("piece_digests and piece_ends must be arrays")
     if len(digests) != count or len(ends) != count:
         raise IndexFormatError("piece_digests and piece_ends must have one item per span")
+    piece = index.piece_size
+    most = -(-index.span_size // piece) - 1  # a span's last piece runs on to its end
     for number in range(count):
         start, stop = index.span_range(number)
-        piece = index.piece_size
-        pieces = min(-(-index.span_size // piece) - 1, (stop - start) // piece)
+        pieces = min(most, (stop - start) // piece)
         span_digests, span_ends = digests[number], ends[number]
         if (
             not isinstance(span_digests, bytes)
@@ -696,8 +697,8 @@ def _parse_pieces(index: LayerIndex, document: dict[str, Any]) -> None:
         high = (
             index.checkpoints[number + 1].fetch_end if number + 1 < count else index.compressed_size
         )
-        for piece, end in enumerate(span_ends):
-            low = _int(end, f"span {number} piece {piece} end", high, low + 1)
+        for place, end in enumerate(span_ends):
+            low = _int(end, f"span {number} piece {place} end", high, low + 1)
         index.piece_digests.append(_digest_list(span_digests))
         index.piece_ends.append(span_ends)
 
