@@ -173,9 +173,11 @@ class RunResult:
     agent_stats: dict[str, float] = field(default_factory=dict)
 
 
-def _ctr_run_command(
+def ctr_run_command(
     server: ContainerdServer, image: str, container_id: str, snapshotter: str
 ) -> list[str]:
+    """`ctr run --rm` of a CRI-pulled image, with runc state and IO FIFOs in the server's
+    work dir: run from a Popen, so a probe can watch its output while it runs."""
     return [
         "ctr", "--address", str(server.address), "--namespace", CRI_NAMESPACE,
         "run", "--rm", "--runc-root", str(server.runc_root), "--fifo-dir", str(server.fifo_dir),
@@ -192,7 +194,7 @@ def start_until_ready(
     removes the container, and `ContainerdServer.stop` sweeps anything left.
     """
     container_id = f"bench-{uuid.uuid4().hex[:10]}"
-    command = _ctr_run_command(server, image, container_id, snapshotter)
+    command = ctr_run_command(server, image, container_id, snapshotter)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
         try:
             ready = probe.wait(process, time.monotonic() + timeout)
@@ -317,7 +319,7 @@ def timed_lazy_start(
         raise
     link_bytes = counter.since_start()
     fallbacks = agent.metric("acceld_fallbacks_total")
-    fetched, stats = _agent_figures(agent)
+    fetched, stats = agent_figures(agent)
     return RunResult(
         mode,
         repetition,
@@ -339,7 +341,7 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
         return timed_lazy_start(setup, node, lazy_reference(setup, form), mode, repetition)
 
 
-def _agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, float]]:
+def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, float]]:
     """Compressed bytes fetched by priority, and where a lazy start's time went: round
     trips by priority, time FUSE reads waited, the agent's CPU.
 
@@ -364,11 +366,11 @@ def _agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, flo
                 stats[f"fuse_{sample.labels['op']}_{sample.labels['errno']}"] = sample.value
             elif sample.name in ("acceld_cache_hits_total", "acceld_cache_misses_total"):
                 stats[sample.name.removeprefix("acceld_").removesuffix("_total")] = sample.value
-    stats["agent_user_seconds"], stats["agent_system_seconds"] = _cpu_seconds(agent.pid)
+    stats["agent_user_seconds"], stats["agent_system_seconds"] = cpu_seconds(agent.pid)
     return fetched, stats
 
 
-def _cpu_seconds(pid: int) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU time of a process so far: on two cores the agent competes with
     the application it serves, so its CPU cost is part of a start's critical path."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
