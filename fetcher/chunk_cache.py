@@ -2,13 +2,34 @@
 
 Layout under ``root``::
 
-    sha256/<hex>/<chunk key>   verified chunk content (only ever created by rename)
-    tmp/                       writes in progress and layers being deleted
+    sha256/<hex>/<chunk key>   verified chunk content (only ever created by link(2))
+    sha256/.evicted-<uuid>/    a layer being deleted
+    tmp/                       writes in progress
 
 Everything the FUSE layer reads comes from here, so a file under a layer directory must
-be complete and verified: chunks are written to ``tmp/``, fsynced and renamed into place.
-A crash can lose a chunk that was just renamed (the directory is not fsynced: the chunk
-is simply fetched again), but never exposes a torn one. ``tmp/`` is emptied on open.
+be complete and verified: chunks are written to ``tmp/``, fsynced and hard-linked into
+place. A crash can lose a chunk that was just linked (the directory is not fsynced: the
+chunk is simply fetched again), but never exposes a torn one. ``tmp/`` and evicted
+layers are emptied on open.
+
+Locks, and why no rename crosses a directory. The cache usually shares a file system
+with containerd's writable layers. overlayfs copies a directory up while holding that
+file system's rename lock and, meanwhile, asks acceld through FUSE for the lower
+directory's attributes and xattrs. A cross-directory rename(2) on that file system waits
+for the same lock, so any FUSE answer that waits on such a rename, even through a lock,
+never comes: the node deadlocks. Hence:
+
+* No cross-directory rename: chunks are published with link(2) (which locks only the
+  destination directory), layers are evicted by a rename within their own parent.
+* ``_lock`` guards the in-memory accounting only. It is a leaf: nothing is called
+  while it is held that takes another lock or enters the kernel's file-system code.
+  The read path (FUSE handlers, on the event loop) takes only this lock.
+* ``_publish_lock`` orders the cache's own directory changes (publishing a chunk,
+  evicting a layer or chunks) so that accounting and files agree. It may be held across
+  link/unlink/same-directory rename, which wait on no FUSE answer; ``_lock`` may be
+  taken inside it, never the reverse. Readers never take it.
+* The read path writes nothing to the file system: a layer's use time is persisted to
+  its directory's mtime by the next ``put`` (a writer thread), not by the reader.
 
 Eviction is whole layers, least recently used first, because per-chunk bookkeeping on
 disk would cost a metadata write per read. The cap is a promise to the node's operator,
@@ -32,6 +53,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -53,6 +75,7 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 SPILL_BYTES = 32 << 20
 """Memory for chunks a full disk would not take (a few spans: enough for the reads in
 flight, small next to the agent's footprint)."""
+_GRAVE_PREFIX = ".evicted-"
 
 
 class CacheFullError(OSError):
@@ -100,6 +123,8 @@ class ChunkCache:
         self.max_bytes = max_bytes
         self.tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
+        self._publish_lock = threading.Lock()
+        self._touch_due: set[str] = set()
         self._layers: dict[str, _Layer] = {}
         self._dirs: dict[str, Path] = {}
         self._pins: dict[str, int] = {}
@@ -132,6 +157,9 @@ class ChunkCache:
             if algorithm_dir.name == "tmp" or not algorithm_dir.is_dir(follow_symlinks=False):
                 continue
             for layer_dir in os.scandir(algorithm_dir.path):
+                if layer_dir.name.startswith(_GRAVE_PREFIX):
+                    shutil.rmtree(layer_dir.path, ignore_errors=True)  # eviction interrupted
+                    continue
                 digest = f"{algorithm_dir.name}:{layer_dir.name}"
                 try:
                     validate_digest(digest)
@@ -184,13 +212,21 @@ class ChunkCache:
             return layer is not None and bool(layer.chunks)
 
     def _used(self, blob_digest: str, layer: _Layer) -> None:
-        """Mark a use; persist it to the directory mtime now and then (caller holds lock)."""
+        """Mark a use (caller holds ``_lock``); now and then it is due to be persisted to
+        the directory's mtime, which the next ``put`` does (see the module docstring)."""
         now = time.time()
         layer.last_used = now
         if now - layer.touched > TOUCH_INTERVAL:
             layer.touched = now
+            self._touch_due.add(blob_digest)
+
+    def _persist_use_times(self) -> None:
+        """Write due use times to layer directories' mtimes (writer threads only)."""
+        with self._lock:
+            due, self._touch_due = self._touch_due, set()
+        for digest in due:
             with contextlib.suppress(FileNotFoundError):
-                os.utime(self._layer_dir(blob_digest))
+                os.utime(self._layer_dir(digest))
 
     def path(self, blob_digest: str, key: str) -> Path | None:
         """The cached chunk's file, or None when it is not cached."""
@@ -295,6 +331,7 @@ class ChunkCache:
             self._bytes += charge
         stored = False
         try:
+            self._persist_use_times()
             self._evict_until(self.max_bytes, keep=blob_digest, pinned_too=True)
             try:
                 tmp = self._write_tmp_making_room(data, charge, blob_digest)
@@ -302,25 +339,41 @@ class ChunkCache:
                 self._keep_in_memory(blob_digest, key, data)
                 raise
             try:
-                with self._lock:
-                    final.parent.mkdir(parents=True, exist_ok=True)
-                    os.rename(tmp, final)
-                    layer = self._layers.setdefault(blob_digest, _Layer())
-                    if key not in layer.chunks:
-                        layer.chunks[key] = charge
-                        layer.bytes += charge
-                        stored = True
+                stored = self._publish(blob_digest, key, tmp, charge)
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
                 if exc.errno in _DISK_FULL:
                     self._keep_in_memory(blob_digest, key, data)
                     raise CacheFullError(f"no room to store {blob_digest} chunk {key}") from exc
                 raise
+            finally:
+                tmp.unlink(missing_ok=True)
         finally:
             if not stored:
                 with self._lock:
                     self._bytes -= charge  # failed, or another thread stored it first
         return final
+
+    def _publish(self, blob_digest: str, key: str, tmp: Path, charge: int) -> bool:
+        """Link a written chunk into its layer directory and account for it; False when
+        another thread had stored it first. link(2), unlike a rename out of ``tmp/``,
+        never waits for the file system's rename lock (see the module docstring)."""
+        final = self._layer_dir(blob_digest) / key
+        with self._publish_lock:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                # The same verified content, stored by another thread; anything but a
+                # regular file there is not ours to serve or to replace.
+                if not stat.S_ISREG(os.lstat(final).st_mode):
+                    raise
+            with self._lock:
+                layer = self._layers.setdefault(blob_digest, _Layer())
+                if key in layer.chunks:
+                    return False
+                layer.chunks[key] = charge
+                layer.bytes += charge
+                return True
 
     def _write_tmp_making_room(self, data: bytes, charge: int, keep: str) -> Path:
         """`_write_tmp`, evicting unpinned layers once if the filesystem is full."""
@@ -393,52 +446,69 @@ class ChunkCache:
 
     def _evict_until(self, target: int, keep: str | None = None, pinned_too: bool = False) -> int:
         """Evict LRU unpinned layers (never ``keep``) until at most ``target`` bytes;
-        with ``pinned_too``, then LRU pinned layers, then ``keep``'s oldest chunks."""
-        doomed: list[tuple[str, Path, int]] = []
-        chunk_files: list[Path] = []
-        with self._lock:
-            if self._bytes <= target:
-                return 0
-            candidates = sorted(  # unpinned (False) before pinned, each oldest first
-                (digest in self._pins, layer.last_used, digest)
-                for digest, layer in self._layers.items()
-                if digest != keep and layer.bytes > 0 and (pinned_too or digest not in self._pins)
-            )
-            for _, _, digest in candidates:
+        with ``pinned_too``, then LRU pinned layers, then ``keep``'s oldest chunks.
+
+        A layer directory is renamed to a grave beside it (same parent: no rename lock)
+        and deleted once no lock is held; dropped chunks are unlinked."""
+        graves: list[tuple[str, Path, int]] = []
+        with self._publish_lock:
+            with self._lock:
                 if self._bytes <= target:
-                    break
-                layer = self._layers.pop(digest)
-                self._bytes -= layer.bytes
-                grave = self.tmp_dir / f"evicted-{uuid.uuid4().hex}"
+                    return 0
+                doomed = self._choose_layers(target, keep, pinned_too)
+                chunk_keys: list[str] = []
+                if pinned_too and keep is not None and self._bytes > target:
+                    chunk_keys = self._drop_oldest_chunks(keep, target)
+                freed = sum(size for _, size in doomed)
+                self._evicted_layers += len(doomed)
+                self._evicted_bytes += freed
+            for digest, size in doomed:
+                directory = self._layer_dir(digest)
+                grave = directory.with_name(f"{_GRAVE_PREFIX}{uuid.uuid4().hex}")
                 try:
-                    os.rename(self._layer_dir(digest), grave)
+                    os.rename(directory, grave)
                 except FileNotFoundError:
                     continue
-                doomed.append((digest, grave, layer.bytes))
-            if pinned_too and keep is not None and self._bytes > target:
-                chunk_files = self._drop_oldest_chunks(keep, target)
-            freed = sum(size for _, _, size in doomed)
-            self._evicted_layers += len(doomed)
-            self._evicted_bytes += freed
-        for digest, grave, size in doomed:
+                graves.append((digest, grave, size))
+            if keep is not None and chunk_keys:
+                directory = self._layer_dir(keep)
+                for key in chunk_keys:
+                    (directory / key).unlink(missing_ok=True)
+        for digest, grave, size in graves:
             shutil.rmtree(grave, ignore_errors=True)
             log.info("chunk_cache.evicted", digest=digest, bytes=size)
-        for path in chunk_files:
-            path.unlink(missing_ok=True)
-        if chunk_files:
-            log.info("chunk_cache.evicted_chunks", digest=keep, chunks=len(chunk_files))
+        if chunk_keys:
+            log.info("chunk_cache.evicted_chunks", digest=keep, chunks=len(chunk_keys))
         return freed
 
-    def _drop_oldest_chunks(self, blob_digest: str, target: int) -> list[Path]:
-        """Forget the layer's first-stored chunks until at most ``target`` bytes. Their
-        files move to tmp/ under the lock (a put of the same chunk meanwhile must not lose
-        its new file); the caller, holding the lock, deletes them once it is released.
+    def _choose_layers(
+        self, target: int, keep: str | None, pinned_too: bool
+    ) -> list[tuple[str, int]]:
+        """Forget LRU layers (unpinned first) until at most ``target`` bytes (caller
+        holds both locks); their (digest, bytes)."""
+        candidates = sorted(  # unpinned (False) before pinned, each oldest first
+            (digest in self._pins, layer.last_used, digest)
+            for digest, layer in self._layers.items()
+            if digest != keep and layer.bytes > 0 and (pinned_too or digest not in self._pins)
+        )
+        doomed = []
+        for _, _, digest in candidates:
+            if self._bytes <= target:
+                break
+            layer = self._layers.pop(digest)
+            self._bytes -= layer.bytes
+            doomed.append((digest, layer.bytes))
+        return doomed
+
+    def _drop_oldest_chunks(self, blob_digest: str, target: int) -> list[str]:
+        """Forget the layer's first-stored chunks until at most ``target`` bytes (caller
+        holds both locks, and unlinks the returned keys' files before releasing
+        ``_publish_lock``, so a put of the same chunk cannot be lost in between).
         First stored stands in for least recently used: a layer bigger than the cap is
         being read through, and per-chunk use times would cost work on every read."""
         layer = self._layers.get(blob_digest)
         if layer is None:
             return []
-        directory = self._layer_dir(blob_digest)
         dropped = []
         for key in list(layer.chunks):
             if self._bytes <= target:
@@ -447,10 +517,7 @@ class ChunkCache:
             layer.bytes -= size
             self._bytes -= size
             self._evicted_bytes += size
-            grave = self.tmp_dir / f"evicted-{uuid.uuid4().hex}"
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(directory / key, grave)
-                dropped.append(grave)
+            dropped.append(key)
         return dropped
 
     # -- accounting ---------------------------------------------------------------

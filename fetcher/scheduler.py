@@ -225,6 +225,11 @@ class ChunkFetcher:
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="acceld-cache-write")
         # Demand chunks are decoded while they arrive, in order, on a thread of their own.
         self._streamer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acceld-stream")
+        # Other chunks are decoded on threads of their own too, not the loop's default
+        # executor: that one also walks containerd's writable layers (du, rmtree), which
+        # can wait behind an overlayfs copy-up that itself waits for a FUSE read; a read
+        # must never queue behind such a job.
+        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="acceld-decode")
         self._demand_timeout = demand_timeout
         self.stats = FetchStats()
         self._hosts: dict[str, _HostQueue] = {}
@@ -406,6 +411,7 @@ class ChunkFetcher:
         # Writes already started finish, so no chunk is left half-way into the cache.
         await asyncio.to_thread(self._writer.shutdown, wait=True, cancel_futures=True)
         await asyncio.to_thread(self._streamer.shutdown, wait=True)
+        await asyncio.to_thread(self._decoder.shutdown, wait=True)
 
     # -- queueing -----------------------------------------------------------------
 
@@ -532,7 +538,8 @@ class ChunkFetcher:
         if sink is not None:
             outcomes = [await self._streamed(sink)]
         elif self._decode_in_thread:
-            outcomes = await asyncio.to_thread(self._decode, specs, start, data)
+            loop = asyncio.get_running_loop()
+            outcomes = await loop.run_in_executor(self._decoder, self._decode, specs, start, data)
         else:
             outcomes = self._decode(specs, start, data)
         good: list[tuple[_Job, bytes]] = []
