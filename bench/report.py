@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Default output directory (git-ignored)."""
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -60,14 +62,44 @@ def machine() -> dict[str, Any]:
     }
 
 
+def git_revision(repo: Path = REPO_ROOT) -> dict[str, Any]:
+    """The commit the measured code is at, and the tracked files that differ from it.
+
+    A figure is traceable to a commit only if the tree was clean there; with changes
+    in flight (several people share a machine), the list says which files were not.
+    """
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        )
+
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return {"commit": None}
+    if head.returncode:
+        return {"commit": None}
+    changed = [line[3:] for line in status.stdout.splitlines()]
+    return {"commit": head.stdout.strip(), "dirty": bool(changed), "changed_files": changed}
+
+
 def write_results(
     kind: str, document: Mapping[str, Any], table: str, results_dir: Path = RESULTS_DIR
 ) -> Path:
-    """Save ``document`` (plus the machine) as JSON and ``table`` as .md; return the JSON path."""
+    """Save ``document`` (plus the machine and the git revision) as JSON and ``table`` as
+    .md; return the JSON path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = results_dir / f"{kind}-{stamp}.json"
-    payload = {"benchmark": kind, "when": stamp, "machine": machine(), **document}
+    payload = {
+        "benchmark": kind,
+        "when": stamp,
+        "machine": machine(),
+        "git": git_revision(),
+        **document,
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     path.with_suffix(".md").write_text(table + "\n")
     return path
