@@ -1,10 +1,14 @@
-"""The suite's chart: where time-to-ready goes, per mode, per image.
+"""Benchmark charts: where time-to-ready goes per mode and image, and how it grows.
 
-A table of medians hides the one thing a reader of the README wants to see at a glance:
+The suite's chart (`stacked_bars`): a table of medians hides the one thing a reader of the README wants to see at a glance:
 how much of a start is waiting for the image (pull) and how much is the application
 itself (start), and how far each mode is from what the link physically allows. Each
 image gets its own panel (their scales differ by an order of magnitude) with one
 stacked bar per mode and the physical limit drawn across it.
+
+The scale-up benchmark's chart (`lines_with_ranges`): seconds until every container
+is ready against how many were started together, one line per mode, so the slope (how
+a mode copes with a crowd) is what the eye sees.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 PULL_COLOR = "#4c72b0"
 START_COLOR = "#dd8452"
@@ -48,13 +53,7 @@ def stacked_bars(panels: Sequence[Panel], path: Path, title: str) -> Path:
     """
     if not panels:
         raise ValueError("nothing to draw")
-    # Imported here: `accelctl` imports this module, and every other command of it
-    # would pay the second matplotlib takes to load.
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a node or in CI; must precede pyplot
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     width = max(4.0, 2.2 + 0.75 * max(len(p.bars) for p in panels))
     figure, axes = plt.subplots(
         1, len(panels), figsize=(width * len(panels), 4.8), squeeze=False, constrained_layout=True
@@ -65,6 +64,26 @@ def stacked_bars(panels: Sequence[Panel], path: Path, title: str) -> Path:
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=3, frameon=False)
     figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display on a node or in CI).
+
+    Imported here, not at the top: `accelctl` imports this module, and every other
+    command of it would pay the second matplotlib takes to load.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # must precede pyplot
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -98,3 +117,61 @@ def _draw_panel(axis: Axes, panel: Panel) -> None:
     axis.set_xticks(list(positions), [bar.mode for bar in panel.bars], rotation=35, ha="right")
     axis.set_title(panel.image, fontsize=10)
     axis.margins(y=0.12)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One x of a line: the median y and the range the repetitions spread over."""
+
+    x: float
+    y: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Line:
+    """One mode's curve."""
+
+    label: str
+    points: Sequence[Point]
+
+
+def lines_with_ranges(
+    lines: Sequence[Line], path: Path, title: str, x_label: str, y_label: str
+) -> Path:
+    """Medians joined by lines, min-max as error bars, one line per label; a PNG at
+    ``path``. For a figure that grows with a parameter (seconds to ready against the
+    number of containers started), where the slope is the point."""
+    if not any(line.points for line in lines):
+        raise ValueError("nothing to draw")
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+    for line in lines:
+        points = sorted(line.points, key=lambda point: point.x)
+        if not points:
+            continue
+        xs = [point.x for point in points]
+        ys = [point.y for point in points]
+        spread = [
+            [point.y - point.low for point in points],
+            [point.high - point.y for point in points],
+        ]
+        axis.errorbar(xs, ys, yerr=spread, marker="o", capsize=3, label=line.label)
+        for point in points:
+            axis.annotate(
+                f"{point.y:.1f}",
+                (point.x, point.y),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+    xs = sorted({point.x for line in lines for point in line.points})
+    axis.set_xticks(xs, [f"{x:g}" for x in xs])
+    axis.set_xlabel(x_label)
+    axis.set_ylabel(y_label)
+    axis.set_ylim(bottom=0)
+    axis.grid(alpha=0.3)
+    axis.legend(frameon=False)
+    axis.set_title(title, fontsize=10)
+    return _save(figure, path)
