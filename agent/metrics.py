@@ -60,6 +60,12 @@ FUSE_ERRORS = Counter(
     ["op", "errno"],
     registry=REGISTRY,
 )
+FUSE_INTERNAL_ERRORS = Counter(
+    "acceld_fuse_internal_errors_total",
+    "FUSE operations whose handler raised an unexpected exception (answered EIO)",
+    ["op"],
+    registry=REGISTRY,
+)
 FUSE_SECONDS = Histogram(
     "acceld_fuse_op_seconds",
     "Latency of FUSE operations",

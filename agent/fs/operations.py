@@ -5,6 +5,11 @@ tree. Layer data is immutable (content-addressed), so entries and attributes get
 kernel cache timeouts and opened files keep their page cache: after the first read of a
 page, the kernel never asks again. Reads are answered from the chunk cache or by
 awaiting the fetcher; a fetch that fails or times out becomes EIO, never wrong bytes.
+
+Every handler is served through `LayerFS._serve`: pyfuse3 answers a request only when
+its handler returns or raises FUSEError, so any other exception would leave the reader
+blocked in the kernel (D state) forever. `_serve` also records the request in the
+in-flight table the watchdog reads, and counts it.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import math
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import pyfuse3
 
 from agent import metrics
+from agent.fs.in_flight import InFlightRequests
 from agent.fs.tree import InodeAllocator, LayerTree, Node
 from agent.layers.lazy_layer import LazyLayer, ReadAheadBudget
 from common.gc_pause import gc_paused
@@ -82,6 +88,7 @@ class LayerFS(pyfuse3.Operations):
         fetcher: ChunkFetcher,
         cache: ChunkCache,
         listener: FsListener | None = None,
+        requests: InFlightRequests | None = None,
     ) -> None:
         super().__init__()
         self.fetcher = fetcher
@@ -90,6 +97,7 @@ class LayerFS(pyfuse3.Operations):
         self._layers: dict[bytes, MountedLayer] = {}
         self._owner: dict[int, tuple[Node, MountedLayer]] = {}
         self.listener = listener
+        self.requests = requests if requests is not None else InFlightRequests()
         self._root_mtime = time.time_ns()
 
     # -- layer management ---------------------------------------------------------
@@ -135,15 +143,27 @@ class LayerFS(pyfuse3.Operations):
 
     # -- helpers ----------------------------------------------------------------------
 
-    async def _timed(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _serve(self, op: str, inode: int | None, call: Awaitable[T]) -> T:
+        """Run one handler: listed as in flight while it runs, counted, and answered
+        with EIO on an unexpected exception rather than never answered."""
         started = time.perf_counter()
         metrics.FUSE_OPS.labels(op).inc()
+        request = self.requests.begin(op, inode, call)
         try:
-            return await call()
-        except BaseException as exc:
+            return await call
+        except pyfuse3.FUSEError as exc:
+            metrics.FUSE_ERRORS.labels(op, errno.errorcode.get(exc.errno, "?")).inc()
+            raise
+        except Exception as exc:
+            metrics.FUSE_ERRORS.labels(op, errno.errorcode[errno.EIO]).inc()
+            metrics.FUSE_INTERNAL_ERRORS.labels(op).inc()
+            log.exception("fs.handler_failed", op=op, inode=inode, error=repr(exc))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except BaseException as exc:  # cancelled at shutdown: pyfuse3 must see it
             metrics.FUSE_ERRORS.labels(op, errno.errorcode.get(_errno_of(exc), "?")).inc()
             raise
         finally:
+            self.requests.end(request)
             metrics.FUSE_SECONDS.labels(op).observe(time.perf_counter() - started)
 
     def _node(self, inode: int) -> tuple[Node, MountedLayer]:
@@ -188,67 +208,85 @@ class LayerFS(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: Any = None
     ) -> pyfuse3.EntryAttributes:
-        async def run() -> pyfuse3.EntryAttributes:
-            if parent_inode == pyfuse3.ROOT_INODE:
-                mounted = self._layers.get(name)
-                if mounted is None:
-                    raise pyfuse3.FUSEError(errno.ENOENT)
-                return self._attrs(mounted.tree.root)
-            node, _ = self._node(parent_inode)
-            child = (node.children or {}).get(name)
-            if child is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
-            return self._attrs(child)
-
-        return await self._timed("lookup", run)
+        return await self._serve("lookup", parent_inode, self._lookup(parent_inode, name))
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        async def run() -> pyfuse3.EntryAttributes:
-            if inode == pyfuse3.ROOT_INODE:
-                return self._root_attrs()
-            return self._attrs(self._node(inode)[0])
-
-        return await self._timed("getattr", run)
+        return await self._serve("getattr", inode, self._getattr(inode))
 
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return await self._serve("readlink", inode, self._readlink(inode))
+
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        return await self._serve("opendir", inode, self._opendir(inode))
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._serve("readdir", fh, self._readdir(fh, start_id, token))
+
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        return await self._serve("open", inode, self._open(inode, flags, ctx))
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._serve("read", fh, self._read(fh, off, size))
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        return await self._serve("getxattr", inode, self._getxattr(inode, name))
+
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return await self._serve("listxattr", inode, self._listxattr(inode))
+
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        return await self._serve("statfs", None, self._statfs())
+
+    # -- their answers ----------------------------------------------------------------
+
+    async def _lookup(self, parent_inode: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if parent_inode == pyfuse3.ROOT_INODE:
+            mounted = self._layers.get(name)
+            if mounted is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attrs(mounted.tree.root)
+        node, _ = self._node(parent_inode)
+        child = (node.children or {}).get(name)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(child)
+
+    async def _getattr(self, inode: int) -> pyfuse3.EntryAttributes:
+        if inode == pyfuse3.ROOT_INODE:
+            return self._root_attrs()
+        return self._attrs(self._node(inode)[0])
+
+    async def _readlink(self, inode: int) -> bytes:
         node, _ = self._node(inode)
         if node.entry.type != "symlink":
             raise pyfuse3.FUSEError(errno.EINVAL)
-        metrics.FUSE_OPS.labels("readlink").inc()
         return node.entry.link_name.encode("utf-8", "surrogateescape")
 
-    async def opendir(self, inode: int, ctx: Any = None) -> int:
+    async def _opendir(self, inode: int) -> int:
         if inode != pyfuse3.ROOT_INODE and not self._node(inode)[0].is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        async def run() -> None:
-            if fh == pyfuse3.ROOT_INODE:
-                items = [(name, m.tree.root) for name, m in sorted(self._layers.items())]
-            else:
-                node, _ = self._node(fh)
-                items = sorted((node.children or {}).items())
-            for index in range(start_id, len(items)):
-                name, child = items[index]
-                if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):
-                    break
+    async def _readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh == pyfuse3.ROOT_INODE:
+            items = [(name, m.tree.root) for name, m in sorted(self._layers.items())]
+        else:
+            node, _ = self._node(fh)
+            items = sorted((node.children or {}).items())
+        for index in range(start_id, len(items)):
+            name, child = items[index]
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):
+                break
 
-        await self._timed("readdir", run)
-
-    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+    async def _open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
-        node, _ = self._node(inode)
+        node, mounted = self._node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        metrics.FUSE_OPS.labels("open").inc()
         if self.listener is not None and ctx is not None:
-            self.listener.opened(self._node(inode)[1], node.entry, ctx.pid)
+            self.listener.opened(mounted, node.entry, ctx.pid)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self._timed("read", lambda: self._read(fh, off, size))
 
     async def _read(self, inode: int, offset: int, size: int) -> bytes:
         node, mounted = self._node(inode)
@@ -293,7 +331,7 @@ class LayerFS(pyfuse3.Operations):
             metrics.FIRST_BYTE_SECONDS.observe(time.monotonic() - mounted.mounted_at)
         return b"".join(p for p in parts if p is not None)
 
-    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         if inode == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         node, _ = self._node(inode)
@@ -302,12 +340,12 @@ class LayerFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
-    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+    async def _listxattr(self, inode: int) -> list[bytes]:
         if inode == pyfuse3.ROOT_INODE:
             return []
         return list(self._node(inode)[0].xattrs)
 
-    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+    async def _statfs(self) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         data.f_bsize = data.f_frsize = 4096
         data.f_namemax = 255
