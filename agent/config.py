@@ -29,6 +29,14 @@ class AgentConfig:
     `registry_not_allowed` and containerd pulls and unpacks it itself (containerd's
     own registry access is outside the agent's control). Blob redirect targets (CDNs)
     and token realms named by an allowed registry are followed without a check.
+
+    ``watchdog_stall_threshold_s``: how long the event loop may run no callback before
+    the watchdog logs a `watchdog.stall` record (with every thread's stacks) and
+    /healthz answers 503. ``watchdog_request_threshold_s``: the age at which an
+    unanswered FUSE request is reported. Keep it at most ``demand_timeout``: a read
+    waits that long for the registry at most and then fails with EIO, so a request
+    older than that is stuck in the agent itself; below it, reads slowed by the
+    registry are reported too (the default is half of it).
     """
 
     root: Path = Path("/var/lib/acceld")
@@ -46,6 +54,8 @@ class AgentConfig:
     discover_referrers: bool = True
     max_connections_per_registry: int = 8
     demand_timeout: float = 60.0
+    watchdog_stall_threshold_s: float = 5.0
+    watchdog_request_threshold_s: float = 30.0
     log_level: str = "INFO"
     profiles: bool = True
     record_profiles: bool = True
@@ -117,4 +127,7 @@ class AgentConfig:
                 raise ConfigError(f"configuration key {name!r}: {exc}") from None
         if coerced.get("cache_max_bytes", 1) <= 0:
             raise ConfigError("cache_max_bytes must be positive")
+        for name in ("watchdog_stall_threshold_s", "watchdog_request_threshold_s"):
+            if coerced.get(name, 1) <= 0:
+                raise ConfigError(f"{name} must be positive")
         return replace(config, **coerced)

@@ -95,6 +95,34 @@ FIRST_BYTE_SECONDS = Histogram(
 LAZY_LAYERS_MOUNTED = Gauge(
     "acceld_lazy_layers_mounted", "Lazy layers currently mounted", registry=REGISTRY
 )
+# The watchdog's series are set from its own thread, so they stay current while the
+# event loop (FUSE, snapshotter) is stuck; /metrics is served from a thread too.
+WATCHDOG_LOOP_STALLS = Counter(
+    "acceld_watchdog_loop_stalls_total",
+    "Times the event loop stopped running callbacks for longer than the stall threshold",
+    registry=REGISTRY,
+)
+WATCHDOG_STALLED_FUSE_REQUESTS = Counter(
+    "acceld_watchdog_stalled_fuse_requests_total",
+    "FUSE requests still unanswered after the request threshold",
+    ["op"],
+    registry=REGISTRY,
+)
+WATCHDOG_LOOP_LAG = Gauge(
+    "acceld_watchdog_loop_lag_seconds",
+    "Time since the event loop last ran the watchdog's heartbeat",
+    registry=REGISTRY,
+)
+WATCHDOG_WORST_LOOP_STALL = Gauge(
+    "acceld_watchdog_worst_loop_stall_seconds",
+    "Longest event-loop stall seen since start (grows while a stall lasts)",
+    registry=REGISTRY,
+)
+WATCHDOG_OLDEST_FUSE_REQUEST = Gauge(
+    "acceld_watchdog_oldest_fuse_request_seconds",
+    "Age of the oldest FUSE request in progress (0 when none is)",
+    registry=REGISTRY,
+)
 
 
 class RetryCollector(Collector):
