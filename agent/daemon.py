@@ -1,8 +1,10 @@
-"""The node agent process: FUSE mount, fetcher, snapshotter and metrics in one event loop.
+"""The node agent process: FUSE mount, fetcher and snapshotter in one event loop.
 
 Start order matters: the FUSE mount and fetcher must be ready before the snapshotter
 restores remote snapshots and opens its socket, so containerd never sees a lowerdir
-that is not served. Stop runs in reverse and always unmounts.
+that is not served. Stop runs in reverse and always unmounts. The watchdog starts
+first and stops last, so a hang while starting or stopping is reported too; it and
+/metrics, /healthz run on threads, so they keep answering while the loop is stuck.
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ import contextlib
 import signal
 from pathlib import Path
 
-from aiohttp import web
-from prometheus_client import generate_latest
-
 from agent import metrics
 from agent.config import AgentConfig
+from agent.fs.in_flight import InFlightRequests
 from agent.fs.mount import FuseMount
 from agent.fs.operations import LayerFS
 from agent.k8s_credentials import KubernetesCredentialStore, keep_credentials_updated
 from agent.layers.discovery import LayerDiscovery
 from agent.lazy_provider import LazyLayerProvider
+from agent.metrics_server import MetricsServer
 from agent.snapshotter.server import SnapshotterServer
 from agent.startup_recorder import RecorderSettings, StartupRecorder
+from agent.watchdog import Watchdog
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import Priority
@@ -69,7 +71,9 @@ class Agent:
         self.fs: LayerFS | None = None
         self.mount: FuseMount | None = None
         self.snapshotter: SnapshotterServer | None = None
-        self._metrics_runner: web.AppRunner | None = None
+        self.fuse_requests = InFlightRequests()
+        self.watchdog: Watchdog | None = None
+        self._metrics_server: MetricsServer | None = None
         self._gauge_task: asyncio.Task[None] | None = None
         self._secrets_task: asyncio.Task[None] | None = None
         self.provider: LazyLayerProvider | None = None
@@ -84,6 +88,12 @@ class Agent:
 
     async def _start(self) -> None:
         config = self.config
+        self.watchdog = Watchdog(
+            self.fuse_requests,
+            stall_threshold_s=config.watchdog_stall_threshold_s,
+            request_threshold_s=config.watchdog_request_threshold_s,
+        )
+        self.watchdog.start(asyncio.get_running_loop())
         await self.client.__aenter__()
         self.fetcher = ChunkFetcher(
             self.client,
@@ -96,7 +106,7 @@ class Agent:
             metrics.FetcherCollector(lambda: self.fetcher.stats if self.fetcher else None)
         )
         metrics.REGISTRY.register(metrics.RetryCollector(lambda: self.client.transport.retries))
-        self.fs = LayerFS(self.fetcher, self.cache)
+        self.fs = LayerFS(self.fetcher, self.cache, requests=self.fuse_requests)
         self.mount = FuseMount(self.fs, config.fuse_mountpoint)
         await self.mount.start()
         # The allow-list is enforced by the client's policy, under every request (also
@@ -130,7 +140,10 @@ class Agent:
         self.provider = provider
         self.snapshotter = SnapshotterServer(config.snapshots_dir, config.socket, provider)
         await self.snapshotter.start()
-        await self._start_metrics()
+        self._metrics_server = MetricsServer(
+            config.metrics_address, metrics.REGISTRY, self.watchdog.status
+        )
+        self._metrics_server.start()
         self._gauge_task = asyncio.create_task(self._update_cache_gauge())
         credentials = self.client.transport.credentials
         if isinstance(credentials, KubernetesCredentialStore):
@@ -147,21 +160,6 @@ class Agent:
             metrics=config.metrics_address,
         )
 
-    async def _start_metrics(self) -> None:
-        async def serve_metrics(_request: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(metrics.REGISTRY), content_type="text/plain")
-
-        async def healthz(_request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        app = web.Application()
-        app.router.add_get("/metrics", serve_metrics)
-        app.router.add_get("/healthz", healthz)
-        self._metrics_runner = web.AppRunner(app, access_log=None)
-        await self._metrics_runner.setup()
-        host, _, port = self.config.metrics_address.rpartition(":")
-        await web.TCPSite(self._metrics_runner, host or "127.0.0.1", int(port)).start()
-
     async def _update_cache_gauge(self) -> None:
         while True:
             metrics.CACHE_BYTES.set(self.cache.size())
@@ -169,14 +167,23 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop in reverse order; every step runs even if an earlier one fails."""
+        try:
+            await self._stop_parts()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+                self.watchdog = None
+        log.info("agent.stopped")
+
+    async def _stop_parts(self) -> None:
         for task in (self._gauge_task, self._secrets_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
-            self._metrics_runner = None
+        if self._metrics_server is not None:
+            await asyncio.to_thread(self._metrics_server.stop)
+            self._metrics_server = None
         if self.snapshotter is not None:
             await self.snapshotter.stop()
             self.snapshotter = None
@@ -190,7 +197,6 @@ class Agent:
             await self.mount.stop()
             self.mount = None
         await self.client.__aexit__(None, None, None)
-        log.info("agent.stopped")
 
     async def run_until_signalled(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop cleanly."""

@@ -2,6 +2,10 @@
 
 The Grafana dashboard and alerts query these names, so they are defined in one module
 (and tested against the dashboard) rather than wherever they are incremented.
+
+Scrapes run on the metrics server's thread (`agent.metrics_server`), not the event
+loop, so a collector here only reads: counters the loop updates in place (dicts with
+fixed keys, `Counter.get`), never state that is rebuilt or iterated while it changes.
 """
 
 from __future__ import annotations
