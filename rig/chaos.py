@@ -55,6 +55,39 @@ def checkable_image(seed: int, files: int = 4, size: int = 3 << 20) -> Checkable
     return CheckableImage(spec, expected)
 
 
+def directory_tree_image(
+    seed: int, top: int = 12, per_top: int = 12, files: int = 3, size: int = 24 << 10
+) -> CheckableImage:
+    """Busybox plus ``top * per_top`` data directories of ``files`` random files each,
+    whose start creates a directory in each data directory before reading its files.
+
+    Each mkdir makes overlayfs copy the lower directory chain up into the container's
+    writable layer, asking FUSE for the lower directories' xattrs meanwhile, while the
+    reads make the agent fetch and cache chunks: the mix that once deadlocked a node
+    when several such containers started together.
+    """
+    rng = random.Random(seed)
+    data: list[Directory | File] = [Directory(DATA_DIR)]
+    expected = {}
+    for a in range(top):
+        data.append(Directory(f"{DATA_DIR}/a{a:02d}"))
+        for b in range(per_top):
+            directory = f"{DATA_DIR}/a{a:02d}/b{b:02d}"
+            data.append(Directory(directory))
+            for i in range(files):
+                content = rng.randbytes(size)
+                data.append(File(f"{directory}/f{i}", content))
+                expected[f"/{directory}/f{i}"] = hashlib.md5(content).hexdigest()
+    base = busybox_image_spec(hello=f"tree image {seed}\n")
+    script = f'for d in /{DATA_DIR}/*/*/; do mkdir "${{d}}new" || exit 1; md5sum "$d"f*; done'
+    spec = ImageSpec(
+        layers=(*base.layers, LayerSpec(data, created_by=f"tree data {seed}")),
+        platform=base.platform,
+        config=ImageConfig(cmd=("/bin/sh", "-c", script)),
+    )
+    return CheckableImage(spec, expected)
+
+
 def parse_md5sum(output: str) -> dict[str, str]:
     """``md5sum`` output lines -> {path: md5}."""
     found = {}
