@@ -1,0 +1,173 @@
+"""What a hung node looks like from outside, and how to get it moving again.
+
+A FUSE server that stops answering leaves every process that touched its mount asleep
+in the kernel (waiting for the answer, or in state D on the locks those waiters hold),
+and the daemons above them (runc, containerd's shims) waiting on those processes: a
+benchmark or test that just times out and moves on leaves a node that hangs its next
+run too. The evidence worth keeping is in the kernel: where each of the server's
+threads sleeps, and which threads on the machine are stuck, on what. `abort_fuse` then
+does what `umount -f` would, for one connection: the kernel fails every queued and
+future request of that mount with ENOTCONN, the stuck readers wake up with an error,
+and the rest of the teardown (`rig.containerd.ContainerdServer.stop`,
+`rig.agent_process.AgentProcess.stop`) can run. Everything here reads /proc and /sys
+only (root needed for the stacks), so it never blocks on the hung mount itself: a
+`stat` of the mountpoint could.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from common.logging import get_logger
+
+log = get_logger(__name__)
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+_PROC = Path("/proc")
+_STACK_LIMIT = 4000
+"""Characters kept of one kernel stack (they are ~10-30 frames, well below this)."""
+
+
+@dataclass(frozen=True)
+class ThreadStack:
+    """One thread (or process) as the kernel sees it: state, wait channel, stack."""
+
+    pid: int
+    tid: int
+    comm: str
+    state: str
+    wchan: str
+    stack: str
+
+
+def _read(path: Path, limit: int = _STACK_LIMIT) -> str:
+    try:
+        return path.read_text(errors="replace")[:limit].strip()
+    except OSError as exc:
+        return f"({exc.strerror or exc})"
+
+
+def _state(stat_text: str) -> str:
+    """The state letter of a /proc/<pid>/stat line (the field after ``(comm)``, which
+    may itself contain spaces and parentheses)."""
+    after = stat_text.rsplit(")", 1)
+    fields = after[1].split() if len(after) == 2 else []
+    return fields[0] if fields else "?"
+
+
+def _thread(pid: int, task: Path) -> ThreadStack:
+    return ThreadStack(
+        pid=pid,
+        tid=int(task.name),
+        comm=_read(task / "comm"),
+        state=_state(_read(task / "stat")),
+        wchan=_read(task / "wchan"),
+        stack=_read(task / "stack"),
+    )
+
+
+def thread_stacks(pid: int) -> list[ThreadStack]:
+    """The kernel stack of every thread of ``pid`` (empty if it is gone)."""
+    try:
+        tasks = sorted((_PROC / str(pid) / "task").iterdir(), key=lambda p: int(p.name))
+    except OSError:
+        return []
+    return [_thread(pid, task) for task in tasks]
+
+
+def blocked_threads() -> list[ThreadStack]:
+    """Every thread on the machine that is stuck in the kernel: in uninterruptible sleep
+    (state D: on a lock, on I/O), or waiting for a FUSE server's answer (which starts as
+    an interruptible sleep, state S, in ``request_wait_answer``), with its kernel stack.
+
+    Threads, not just processes: a multithreaded reader (an interpreter, containerd)
+    often has one thread stuck while its main thread sleeps elsewhere.
+    """
+    found = []
+    for proc in _PROC.iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            tasks = list((proc / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            if _state(_read(task / "stat")) == "D" or "fuse_" in _read(task / "stack"):
+                found.append(_thread(int(proc.name), task))
+    return found
+
+
+def mount_device(mountpoint: Path) -> tuple[int, int] | None:
+    """(major, minor) of the file system mounted at ``mountpoint``, from mountinfo (the
+    topmost mount there; None if nothing is mounted)."""
+    wanted = str(mountpoint)
+    device = None
+    for line in (_PROC / "self" / "mountinfo").read_text().splitlines():
+        fields = line.split(" ")
+        point = fields[4].encode().decode("unicode_escape").encode("latin-1").decode()
+        if point == wanted:
+            major, minor = fields[2].split(":")
+            device = (int(major), int(minor))
+    return device
+
+
+def fuse_connection(mountpoint: Path) -> Path | None:
+    """The fusectl directory of the FUSE connection mounted at ``mountpoint``.
+
+    fusectl names a connection by the device number of its super block; FUSE mounts get
+    an anonymous device (major 0), whose number is then its minor.
+    """
+    device = mount_device(mountpoint)
+    if device is None or device[0] != 0:
+        return None
+    _ensure_fusectl()
+    path = FUSECTL / str(device[1])
+    return path if path.is_dir() else None
+
+
+def _ensure_fusectl() -> None:
+    """Mount fusectl if nobody has (the agent's node has no systemd to do it)."""
+    with contextlib.suppress(OSError):
+        if any(FUSECTL.iterdir()):
+            return
+    subprocess.run(
+        ["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], capture_output=True, check=False
+    )
+
+
+def fuse_waiting(mountpoint: Path) -> int | None:
+    """Requests queued on the mount's FUSE connection that its server has not answered."""
+    connection = fuse_connection(mountpoint)
+    if connection is None:
+        return None
+    try:
+        return int((connection / "waiting").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def abort_fuse(mountpoint: Path) -> bool:
+    """Abort the FUSE connection mounted at ``mountpoint``; True if one was aborted.
+
+    Every pending and later request on it fails with ENOTCONN, so processes stuck in
+    it wake up; the mount stays (dead) until it is unmounted.
+    """
+    connection = fuse_connection(mountpoint)
+    if connection is None:
+        return False
+    try:
+        (connection / "abort").write_text("1")
+    except OSError as exc:
+        log.warning("hangs.fuse_abort_failed", connection=str(connection), error=str(exc))
+        return False
+    log.warning("hangs.fuse_aborted", mountpoint=str(mountpoint), connection=connection.name)
+    return True
+
+
+def as_json(stacks: list[ThreadStack]) -> list[dict[str, Any]]:
+    """Stacks as plain dicts, for a results document."""
+    return [asdict(stack) for stack in stacks]
