@@ -1,10 +1,11 @@
 """Benchmark charts: where time-to-ready goes per mode and image, and how it grows.
 
-The suite's chart (`stacked_bars`): a table of medians hides the one thing a reader of the README wants to see at a glance:
-how much of a start is waiting for the image (pull) and how much is the application
-itself (start), and how far each mode is from what the link physically allows. Each
-image gets its own panel (their scales differ by an order of magnitude) with one
-stacked bar per mode and the physical limit drawn across it.
+The suite's chart (`stacked_bars`): a table of medians hides the one thing a reader
+of the README wants to see at a glance: how much of a start is waiting for the image
+(pull) and how much is the application itself (start), and how far each mode is from
+what the link physically allows. Each image gets its own panel (their scales differ by
+an order of magnitude) with one stacked bar per mode and the physical limit drawn
+across it.
 
 The scale-up benchmark's chart (`lines_with_ranges`): seconds until every container
 is ready against how many were started together, one line per mode, so the slope (how
