@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,14 +80,7 @@ def thread_stacks(pid: int) -> list[ThreadStack]:
     return [_thread(pid, task) for task in tasks]
 
 
-def blocked_threads() -> list[ThreadStack]:
-    """Every thread on the machine that is stuck in the kernel: in uninterruptible sleep
-    (state D: on a lock, on I/O), or waiting for a FUSE server's answer (which starts as
-    an interruptible sleep, state S, in ``request_wait_answer``), with its kernel stack.
-
-    Threads, not just processes: a multithreaded reader (an interpreter, containerd)
-    often has one thread stuck while its main thread sleeps elsewhere.
-    """
+def _threads_where(stuck: Callable[[Path], bool]) -> list[ThreadStack]:
     found = []
     for proc in _PROC.iterdir():
         if not proc.name.isdigit():
@@ -95,10 +89,27 @@ def blocked_threads() -> list[ThreadStack]:
             tasks = list((proc / "task").iterdir())
         except OSError:
             continue
-        for task in tasks:
-            if _state(_read(task / "stat")) == "D" or "fuse_" in _read(task / "stack"):
-                found.append(_thread(int(proc.name), task))
+        found += [_thread(int(proc.name), task) for task in tasks if stuck(task)]
     return found
+
+
+def _in_d_state(task: Path) -> bool:
+    return _state(_read(task / "stat")) == "D"
+
+
+def d_state_processes() -> list[ThreadStack]:
+    """Every thread on the machine in uninterruptible sleep (state D), with its kernel
+    stack. Threads, not just processes: a multithreaded reader (an interpreter,
+    containerd) often has one thread stuck while its main thread sleeps elsewhere."""
+    return _threads_where(_in_d_state)
+
+
+def blocked_threads() -> list[ThreadStack]:
+    """`d_state_processes`, plus every thread waiting for a FUSE server's answer: that
+    wait starts as an interruptible sleep (state S, in ``request_wait_answer``), so a
+    reader of a hung mount is often not in D itself while the threads queued behind
+    its locks are."""
+    return _threads_where(lambda task: _in_d_state(task) or "fuse_" in _read(task / "stack"))
 
 
 def mount_device(mountpoint: Path) -> tuple[int, int] | None:
