@@ -39,8 +39,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     return "\n".join(lines)
 
 
+NOT_AVAILABLE = "n/a"
+"""A cell with no figure; it does not make a column of figures left-aligned."""
+
+
 def _is_numeric_column(index: int, rows: Sequence[Sequence[str]]) -> bool:
-    cells = [row[index] for row in rows if index < len(row) and row[index]]
+    cells = [
+        row[index] for row in rows if index < len(row) and row[index] not in ("", NOT_AVAILABLE)
+    ]
     return bool(cells) and all(cell[:1].isdigit() or cell[:1] in "-+." for cell in cells)
 
 
