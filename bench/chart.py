@@ -172,6 +172,7 @@ def lines_with_ranges(
     axis.set_xlabel(x_label)
     axis.set_ylabel(y_label)
     axis.set_ylim(bottom=0)
+    axis.margins(x=0.1)
     axis.grid(alpha=0.3)
     axis.legend(frameon=False)
     axis.set_title(title, fontsize=10)
