@@ -10,13 +10,15 @@ few files are chosen whose md5 a container then prints with ``md5sum``:
 
 * the program the image's command runs (the interpreter or binary every start reads);
 * the application layer's files (the top layer, its largest ``top_files``);
-* the largest files of every other layer (``per_layer`` of them, each at most
-  ``max_size``): they span many chunks or index spans, so a misplaced chunk shows
-  there first.
+* the largest programs and shared libraries of every other layer (``per_layer`` of
+  them, each at most ``max_size``; other files only where a layer has too few): what
+  a start maps and runs, and they span many chunks or index spans, so a misplaced
+  chunk shows there first.
 
 `rig.chaos.verdict` then judges ``md5sum``'s output against these sums, as the soak
-does. Merging a big image's layers takes seconds, so each image's choice is cached
-next to the built images, keyed by manifest digest.
+does. The md5 of every other file is kept too, so a check can add the files a running
+container has mapped (`ImageFiles.every`). Merging a big image's layers takes
+seconds, so the sums are cached next to the built images, keyed by manifest digest.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ from rig.images import BuiltImage
 
 log = get_logger(__name__)
 
-SUMS_VERSION = 1
+SUMS_VERSION = 2
 """Part of the cache key: bump it when the choice of files changes."""
+_LOADABLE = re.compile(r"(\.so(\.[0-9]+)*|/s?bin/[^/]+)$")
+"""Shared libraries and programs: what starts map and run, unlike a static archive or
+the test data a package ships."""
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
-_SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@=,:/-]+$")
+SAFE_PATH = re.compile(r"^/[A-Za-z0-9._+@=,:/-]+$")
 """Paths md5sum prints as given (it escapes backslashes and newlines in names)."""
 _MAX_LINKS = 40
 
@@ -187,11 +192,25 @@ def program_path(merged: dict[str, Node], command: Sequence[str], path_dirs: Seq
     return ""
 
 
+@dataclass(frozen=True)
+class ImageFiles:
+    """What a check of an image's bytes can ask for."""
+
+    chosen: dict[str, str]
+    """Path -> md5 of the files every check reads (`choose_files`)."""
+    every: dict[str, str]
+    """Path -> md5 of every regular file (hard links included; symlinks not), for
+    checking files a running container turns out to have open or mapped."""
+
+
 def choose_files(
-    built: BuiltImage, top_files: int = 8, per_layer: int = 2, max_size: int = 16 << 20
+    merged: dict[str, Node],
+    built: BuiltImage,
+    top_files: int = 8,
+    per_layer: int = 3,
+    max_size: int = 16 << 20,
 ) -> dict[str, str]:
     """Path -> md5 of the files a check reads (see the module docstring)."""
-    merged = merged_root(built)
     command, path_dirs = _config(built)
     chosen: dict[str, str] = {}
 
@@ -201,7 +220,7 @@ def choose_files(
         # One path per content: a hard link or a second name adds no check.
         if node is None or node.kind != "reg" or node.md5 in chosen.values():
             return
-        if _SAFE_PATH.match(path):
+        if SAFE_PATH.match(path):
             chosen[path] = node.md5
 
     program = program_path(merged, command, path_dirs)
@@ -214,23 +233,32 @@ def choose_files(
     )
     for layer in range(len(built.layers)):
         fitting = [path for size, path, lay in by_size if lay == layer and size <= max_size]
+        if layer != top:
+            fitting.sort(key=lambda path: not _LOADABLE.search(path))  # stable: by size
         for path in fitting[: top_files if layer == top else per_layer]:
             take(path)
     return chosen
 
 
-def expected_sums(built: BuiltImage, cache_dir: Path) -> dict[str, str]:
-    """`choose_files` of ``built``, computed once per image and kept in ``cache_dir``."""
+def image_files(built: BuiltImage, cache_dir: Path) -> ImageFiles:
+    """`ImageFiles` of ``built``, computed once per image and kept in ``cache_dir``."""
     key = built.digest.removeprefix("sha256:")
     path = cache_dir / "file-sums" / f"{key}-v{SUMS_VERSION}.json"
     try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
+        cached = json.loads(path.read_text())
+        return ImageFiles(dict(cached["chosen"]), dict(cached["every"]))
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    sums = choose_files(built)
+    merged = merged_root(built)
+    files = ImageFiles(
+        choose_files(merged, built),
+        {p: node.md5 for p, node in merged.items() if node.kind == "reg"},
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(sums, indent=1, sort_keys=True) + "\n")
+    temp.write_text(json.dumps({"chosen": files.chosen, "every": files.every}) + "\n")
     temp.replace(path)
-    log.info("bench.file_sums", image=built.digest, files=len(sums))
-    return sums
+    log.info(
+        "bench.file_sums", image=built.digest, chosen=len(files.chosen), files=len(files.every)
+    )
+    return files
