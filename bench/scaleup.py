@@ -18,9 +18,11 @@ unseen. This benchmark starts N containers together and reports:
   its FUSE connection has not answered, the agent's log tail), then the node is
   unwedged (tasks killed, the agent's FUSE connection aborted, agent and containerd
   stopped; `rig.hangs`) so the next trial runs on a healthy machine;
-* wrong bytes: once every container is ready, page caches are dropped and, per
-  container, a second container of the same image prints the md5 of a few files whose
-  sums are known from the image's layers (`bench.file_sums`), judged like the soak's
+* wrong bytes: once every container is ready, each one still running lists the files
+  its processes have mapped (programs, shared libraries: bytes its start surely read);
+  then page caches are dropped and, per container, a second container of the same
+  image prints the md5 of those files and of a few chosen ones, all with sums known
+  from the image's layers (`bench.file_sums`), judged like the soak's
   (`rig.chaos.verdict`). containerd's overlayfs is checked the same way, as a control
   of the expected sums themselves.
 
@@ -65,10 +67,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import catalog
 from bench.chart import Line, Point, lines_with_ranges
-from bench.file_sums import expected_sums
+from bench.file_sums import SAFE_PATH, ImageFiles, image_files
 from bench.memory import peak_rss
 from bench.readiness import LogLineProbe, ReadinessProbe
-from bench.report import RESULTS_DIR, markdown_table, write_results
+from bench.report import NOT_AVAILABLE, RESULTS_DIR, markdown_table, write_results
 from bench.startup import (
     ImageUnderTest,
     LinkCounter,
@@ -106,6 +108,8 @@ CHECKABLE_PREFIX = "checkable-"
 DEFAULT_DEADLINE_S = 180.0
 QUICK_DEADLINE_S = 60.0
 VERIFY_TIMEOUT_S = 60.0
+MAPPED_LIMIT = 48
+"""Most mapped files checked per container (a Python service maps a few dozen)."""
 """A check container not done by then counts as a hang of its container."""
 PROBE_TIMEOUT_S = 2.0
 """How long /healthz or /metrics may take: a healthy agent answers in milliseconds."""
@@ -151,7 +155,7 @@ class Target:
     """One published image: how to pull it in each mode, and the sums a check expects."""
 
     setup: Setup
-    sums: dict[str, str]
+    files: ImageFiles
 
     @property
     def name(self) -> str:
@@ -204,6 +208,9 @@ class ContainerRun:
     ready_seconds: float | None = None
     check: str | None = None
     """The md5 check's `rig.chaos.Verdict` (None when the container never got ready)."""
+    files_checked: int = 0
+    mapped_checked: int = 0
+    """Of the files checked, those the running container had mapped."""
     error: str = ""
 
 
@@ -482,6 +489,45 @@ def stop_containers(server: ContainerdServer, launches: Sequence[Launch]) -> Non
         launch.thread.join(STOP_TIMEOUT_S)
 
 
+def mapped_files(server: ContainerdServer, container_id: str) -> list[str]:
+    """Files the running container's processes have mapped (their programs and shared
+    libraries, whose bytes the start surely read), from /proc/*/maps inside it."""
+    listed = server.ctr(
+        "tasks",
+        "exec",
+        "--exec-id",
+        f"maps-{uuid.uuid4().hex[:8]}",
+        "--fifo-dir",
+        str(server.fifo_dir),
+        container_id,
+        "sh",
+        "-c",
+        "cat /proc/[0-9]*/maps",
+        namespace=CRI_NAMESPACE,
+        check=False,
+        timeout=VERIFY_TIMEOUT_S,
+    )
+    paths = set()
+    for line in listed.stdout.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and SAFE_PATH.match(fields[5]):
+            paths.add(fields[5])
+    return sorted(paths)
+
+
+def _files_to_check(server: ContainerdServer, launch: Launch, target: Target) -> dict[str, str]:
+    """The image's chosen files, plus what a still running container has mapped."""
+    expected = dict(target.files.chosen)
+    if launch.running:
+        mapped = [
+            p for p in mapped_files(server, launch.run.container_id) if p in target.files.every
+        ]
+        expected.update((path, target.files.every[path]) for path in mapped[:MAPPED_LIMIT])
+        launch.run.mapped_checked = min(len(mapped), MAPPED_LIMIT)
+    launch.run.files_checked = len(expected)
+    return expected
+
+
 def check_bytes(
     server: ContainerdServer,
     snapshotter: str,
@@ -489,21 +535,30 @@ def check_bytes(
     targets: Sequence[Target],
 ) -> Launch | None:
     """Per ready container, a second container of its image prints the md5 of the
-    image's checked files, page caches dropped first so the bytes come through the
-    snapshotter again. Returns the launch whose check hung, if one did (the rest are
-    then left unchecked: the node is stuck)."""
-    drop_page_caches()
+    image's chosen files and of the files the container has mapped, page caches
+    dropped first so the bytes come through the snapshotter again. Returns the launch
+    whose check hung, if one did (the rest are then left unchecked: the node is
+    stuck)."""
+    checks = []
     for launch, target in zip(launches, targets, strict=True):
-        run = launch.run
-        if run.outcome != "ready":
+        if launch.run.outcome != "ready":
             continue
+        try:
+            checks.append((launch, _files_to_check(server, launch, target)))
+        except subprocess.TimeoutExpired:
+            launch.run.outcome, launch.run.stage, launch.run.check = "hang", "verifying", "hang"
+            launch.run.error = "listing the container's mapped files did not end in time"
+            return launch
+    drop_page_caches()
+    for launch, expected in checks:
+        run = launch.run
         check_id = f"{run.container_id}-check"
         try:
             result = server.run_container(
                 run.reference,
                 check_id,
                 "md5sum",
-                *sorted(target.sums),
+                *sorted(expected),
                 snapshotter=snapshotter,
                 namespace=CRI_NAMESPACE,
                 check=False,
@@ -513,7 +568,7 @@ def check_bytes(
             run.outcome, run.stage, run.check = "hang", "verifying", "hang"
             run.error = f"the md5 check container ({check_id}) did not end in time"
             return launch
-        run.check = verdict(target.sums, result)
+        run.check = verdict(expected, result)
         if run.check != "correct":
             run.error = f"md5 check {run.check}: {result.stdout[-800:]}{result.stderr[-800:]}"
             log.warning("scaleup.check_failed", slot=run.slot, image=run.image, error=run.error)
@@ -730,7 +785,7 @@ def summarize(trials: Sequence[TrialResult]) -> list[ScaleRow]:
 
 
 def _cell(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+    return NOT_AVAILABLE if value is None else f"{value:{spec}}{suffix}"
 
 
 def scale_table(rows: Sequence[ScaleRow]) -> str:
@@ -876,7 +931,7 @@ def published_plan(
                 options.background_fill,
                 options.deadline,
             )
-            by_name[image.name] = Target(setup, expected_sums(image.built, options.cache_dir))
+            by_name[image.name] = Target(setup, image_files(image.built, options.cache_dir))
         try:
             yield Plan(
                 tuple(by_name[name] for name in order),
@@ -914,7 +969,7 @@ def run_scaleup(options: ScaleOptions) -> tuple[dict[str, Any], list[ScaleRow]]:
                 "name": t.name,
                 "compressed_bytes": t.setup.image.compressed_bytes,
                 "conversions": t.setup.published.conversions,
-                "checked_files": t.sums,
+                "checked_files": t.files.chosen,
             }
             for t in targets
         ],
@@ -1028,8 +1083,8 @@ def main(
     chart = scale_chart(
         rows,
         path.with_suffix(".png"),
-        f"N containers started together, cold node, link {link} "
-        f"(median of {options.repeat}, min-max)",
+        f"N containers started together on a cold node\nlink {link}; "
+        f"median of {options.repeat} (bars: min-max)",
     )
     click.echo(f"\n{text}\nresults: {path}\nchart: {chart}")
     if any(row.hangs or row.wrong_bytes for row in rows):

@@ -62,6 +62,7 @@ def test_quick_scaleup_starts_every_container_with_the_right_bytes(tmp_path: Pat
         containers = trial["containers"]
         assert [c["image"] for c in containers] == ["checkable-1", "checkable-2"][: trial["n"]]
         assert all(c["outcome"] == "ready" and c["check"] == "correct" for c in containers), trial
+        assert all(c["files_checked"] >= 5 for c in containers), trial
         assert all(0 < c["pull_seconds"] <= c["ready_seconds"] for c in containers), trial
         assert trial["all_ready_seconds"] == max(c["ready_seconds"] for c in containers)
         assert trial["hangs"] == trial["wrong_bytes"] == trial["failures"] == 0
