@@ -39,7 +39,8 @@ ROUNDS = int(os.environ.get("ACCELD_CONCURRENT_ROUNDS", "1"))
 CONTAINERS = 4
 START_BOUND_S = 120.0
 """Far beyond a healthy start here (seconds): past it, a container counts as hung."""
-SMALL = {"chunk_size": 64 << 10, "span": 256 << 10}
+CHUNK_SIZE = 64 << 10
+SPAN = 256 << 10
 """Small chunks and spans: many cache writes while the containers start."""
 
 
@@ -106,7 +107,7 @@ async def test_containers_making_directories_while_chunks_are_cached_never_hang(
 ) -> None:
     seed = 100 if mode == "index" else 200
     images: list[CheckableImage] = [directory_tree_image(seed + i) for i in range(CONTAINERS)]
-    references = []
+    references: list[str] = []
     async with RegistryClient() as client:
         for image in images:
             built = await asyncio.to_thread(
@@ -114,7 +115,9 @@ async def test_containers_making_directories_while_chunks_are_cached_never_hang(
             )
             pushed = await image_pusher.push(built)
             await convert_image(
-                client, ImageReference.parse(pushed.reference), ConvertOptions(mode=mode, **SMALL)
+                client,
+                ImageReference.parse(pushed.reference),
+                ConvertOptions(mode=mode, chunk_size=CHUNK_SIZE, span=SPAN),
             )
             references.append(
                 pushed.reference if mode == "index" else accelerated_tag(pushed.reference)
