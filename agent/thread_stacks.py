@@ -15,10 +15,9 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
-_TASKS = Path("/proc/self/task")
+from common.kernel_threads import kernel_thread, thread_ids
 
 
 @dataclass(frozen=True)
@@ -37,32 +36,10 @@ class ThreadStack:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return None
-
-
 def kernel_view(native_id: int) -> tuple[str | None, str | None, str | None, str | None]:
     """(command name, state letter, wait channel, kernel stack) of one of our threads."""
-    task = _TASKS / str(native_id)
-    name = state = None
-    stat = _read(task / "stat")
-    if stat is not None and ")" in stat:
-        # "tid (comm) S ...": comm may itself hold spaces and parentheses.
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        state = stat[stat.rindex(")") + 1 :].split()[0]
-    wchan = _read(task / "wchan")
-    stack = _read(task / "stack")
-    return name, state, (wchan or None), (stack or None)
-
-
-def _task_ids() -> list[int]:
-    try:
-        return sorted(int(entry) for entry in os.listdir(_TASKS) if entry.isdigit())
-    except OSError:
-        return []
+    thread = kernel_thread(os.getpid(), native_id)
+    return thread.comm, thread.state, thread.wchan, thread.stack
 
 
 def all_thread_stacks() -> list[ThreadStack]:
@@ -83,7 +60,7 @@ def all_thread_stacks() -> list[ThreadStack]:
         seen.add(native_id)
         _, state, wchan, kernel = kernel_view(native_id)
         result.append(ThreadStack(native_id, name, python_stack, state, wchan, kernel))
-    for native_id in _task_ids():
+    for native_id in thread_ids(os.getpid()):
         if native_id not in seen:
             comm, state, wchan, kernel = kernel_view(native_id)
             result.append(ThreadStack(native_id, comm or "?", None, state, wchan, kernel))

@@ -19,97 +19,44 @@ from __future__ import annotations
 import contextlib
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from common.kernel_threads import PROC, KernelThread, threads_of
 from common.logging import get_logger
 
 log = get_logger(__name__)
 
 FUSECTL = Path("/sys/fs/fuse/connections")
-_PROC = Path("/proc")
-_STACK_LIMIT = 4000
-"""Characters kept of one kernel stack (they are ~10-30 frames, well below this)."""
 
 
-@dataclass(frozen=True)
-class ThreadStack:
-    """One thread (or process) as the kernel sees it: state, wait channel, stack."""
-
-    pid: int
-    tid: int
-    comm: str
-    state: str
-    wchan: str
-    stack: str
-
-
-def _read(path: Path, limit: int = _STACK_LIMIT) -> str:
-    try:
-        return path.read_text(errors="replace")[:limit].strip()
-    except OSError as exc:
-        return f"({exc.strerror or exc})"
-
-
-def _state(stat_text: str) -> str:
-    """The state letter of a /proc/<pid>/stat line (the field after ``(comm)``, which
-    may itself contain spaces and parentheses)."""
-    after = stat_text.rsplit(")", 1)
-    fields = after[1].split() if len(after) == 2 else []
-    return fields[0] if fields else "?"
-
-
-def _thread(pid: int, task: Path) -> ThreadStack:
-    return ThreadStack(
-        pid=pid,
-        tid=int(task.name),
-        comm=_read(task / "comm"),
-        state=_state(_read(task / "stat")),
-        wchan=_read(task / "wchan"),
-        stack=_read(task / "stack"),
-    )
-
-
-def thread_stacks(pid: int) -> list[ThreadStack]:
+def thread_stacks(pid: int) -> list[KernelThread]:
     """The kernel stack of every thread of ``pid`` (empty if it is gone)."""
-    try:
-        tasks = sorted((_PROC / str(pid) / "task").iterdir(), key=lambda p: int(p.name))
-    except OSError:
-        return []
-    return [_thread(pid, task) for task in tasks]
+    return threads_of(pid)
 
 
-def _threads_where(stuck: Callable[[Path], bool]) -> list[ThreadStack]:
+def _threads_where(stuck: Callable[[KernelThread], bool]) -> list[KernelThread]:
     found = []
-    for proc in _PROC.iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            tasks = list((proc / "task").iterdir())
-        except OSError:
-            continue
-        found += [_thread(int(proc.name), task) for task in tasks if stuck(task)]
+    for proc in PROC.iterdir():
+        if proc.name.isdigit():
+            found += [thread for thread in threads_of(int(proc.name)) if stuck(thread)]
     return found
 
 
-def _in_d_state(task: Path) -> bool:
-    return _state(_read(task / "stat")) == "D"
-
-
-def d_state_processes() -> list[ThreadStack]:
+def d_state_processes() -> list[KernelThread]:
     """Every thread on the machine in uninterruptible sleep (state D), with its kernel
     stack. Threads, not just processes: a multithreaded reader (an interpreter,
     containerd) often has one thread stuck while its main thread sleeps elsewhere."""
-    return _threads_where(_in_d_state)
+    return _threads_where(lambda thread: thread.state == "D")
 
 
-def blocked_threads() -> list[ThreadStack]:
+def blocked_threads() -> list[KernelThread]:
     """`d_state_processes`, plus every thread waiting for a FUSE server's answer: that
     wait starts as an interruptible sleep (state S, in ``request_wait_answer``), so a
     reader of a hung mount is often not in D itself while the threads queued behind
     its locks are."""
-    return _threads_where(lambda task: _in_d_state(task) or "fuse_" in _read(task / "stack"))
+    return _threads_where(lambda thread: thread.state == "D" or "fuse_" in (thread.stack or ""))
 
 
 def mount_device(mountpoint: Path) -> tuple[int, int] | None:
@@ -117,7 +64,7 @@ def mount_device(mountpoint: Path) -> tuple[int, int] | None:
     topmost mount there; None if nothing is mounted)."""
     wanted = str(mountpoint)
     device = None
-    for line in (_PROC / "self" / "mountinfo").read_text().splitlines():
+    for line in (PROC / "self" / "mountinfo").read_text().splitlines():
         fields = line.split(" ")
         point = fields[4].encode().decode("unicode_escape").encode("latin-1").decode()
         if point == wanted:
@@ -179,6 +126,6 @@ def abort_fuse(mountpoint: Path) -> bool:
     return True
 
 
-def as_json(stacks: list[ThreadStack]) -> list[dict[str, Any]]:
+def as_json(stacks: list[KernelThread]) -> list[dict[str, Any]]:
     """Stacks as plain dicts, for a results document."""
     return [asdict(stack) for stack in stacks]
