@@ -40,7 +40,7 @@ CONTAINERS = 4
 START_BOUND_S = 120.0
 """Far beyond a healthy start here (seconds): past it, a container counts as hung."""
 CHUNK_SIZE = 64 << 10
-SPAN = 256 << 10
+SPAN = 64 << 10
 """Small chunks and spans: many cache writes while the containers start."""
 
 
