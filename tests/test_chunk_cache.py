@@ -214,3 +214,69 @@ def test_full_filesystem_raises_cache_full_and_leaves_nothing_partial(tiny_tmpfs
     assert cache.load(LAYER_B, "c1") == second
     assert cache.size() == charged_size(len(second))
     assert list(cache.tmp_dir.iterdir()) == []
+
+
+def test_no_rename_crosses_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cross-directory rename waits for the file system's rename lock, which an
+    overlayfs copy-up holds while it waits for a FUSE answer: the cache must never make
+    one (publishing, evicting layers, dropping a big layer's chunks)."""
+    renames: list[tuple[Path, Path]] = []
+    real_rename = os.rename
+
+    def recording_rename(src: str | Path, dst: str | Path) -> None:
+        renames.append((Path(src), Path(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", recording_rename)
+    cache = ChunkCache(tmp_path, max_bytes=6 * BLOCK)
+    for layer in (LAYER_A, LAYER_B, LAYER_C):
+        for i in range(3):
+            cache.put(layer, f"c{i}", os.urandom(BLOCK))
+    for i in range(10):  # one layer bigger than the cap gives up its oldest chunks
+        cache.put(LAYER_D, f"c{i}", os.urandom(BLOCK))
+    assert cache.stats().evicted_layers >= 2
+    assert renames, "eviction renames layer directories aside"
+    assert [(s, d) for s, d in renames if s.parent != d.parent] == []
+    assert cache.size() <= 6 * BLOCK
+
+
+def test_reads_never_wait_for_a_chunk_being_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put stuck in the kernel while publishing (as behind a copy-up's rename lock)
+    must not hold up reads, which the FUSE handlers make on the agent's event loop."""
+    cache = ChunkCache(tmp_path, max_bytes=1 << 20)
+    cached = os.urandom(1000)
+    cache.put(LAYER_A, "c1", cached)
+    entered, release = threading.Event(), threading.Event()
+    real_link = os.link
+
+    def stuck_link(src: str | Path, dst: str | Path) -> None:
+        entered.set()
+        release.wait(30)
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", stuck_link)
+    writer = threading.Thread(target=cache.put, args=(LAYER_A, "c2", b"x" * 100))
+    writer.start()
+    try:
+        assert entered.wait(10)
+        answers: list[object] = []
+        reader = threading.Thread(
+            target=lambda: answers.extend(
+                [
+                    cache.read(LAYER_A, "c1", 0, 1000),
+                    cache.load(LAYER_A, "c1"),
+                    cache.contains(LAYER_A, "c2"),
+                    cache.stats().chunks,
+                ]
+            )
+        )
+        reader.start()
+        reader.join(10)
+        assert not reader.is_alive(), "a read waited for the stuck publication"
+        assert answers == [cached, cached, False, 1]
+    finally:
+        release.set()
+        writer.join(10)
+    assert cache.load(LAYER_A, "c2") == b"x" * 100
