@@ -19,7 +19,7 @@ from agent import metrics
 from agent.fs.operations import LayerFS, MountedLayer
 from agent.image_sessions import ImageSession, ImageSessions
 from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError, TocDecoded
-from agent.layers.lazy_layer import LazyLayer
+from agent.layers.lazy_layer import LazyLayer, metadata_tag
 from agent.layers.metadata_work import off_loop
 from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, tree_path, warm_files
 from agent.startup_recorder import StartupRecorder
@@ -42,9 +42,12 @@ PLAN_TTL_S = 120.0
 T = TypeVar("T")
 
 
-def layer_name(kind: str, digest: str) -> str:
-    """The directory of a layer under the mount root (stable across restarts)."""
-    return f"{kind}-{digest.replace(':', '-')}"
+def layer_name(layer: LazyLayer) -> str:
+    """The directory of a layer under the mount root: named after its blob and the
+    metadata its tree comes from, so that an image whose layer has other metadata (an
+    index made with other settings, or a hostile one) never borrows this tree."""
+    tag = metadata_tag(layer.metadata_digest)
+    return f"{layer.kind}-{layer.blob.digest.replace(':', '-')}-{tag}"
 
 
 def prefetch_chunks(mounted: MountedLayer, paths: list[str]) -> list[ChunkSpec]:
@@ -126,7 +129,7 @@ class LazyLayerProvider:
             metrics.LAYERS.labels("fallback").inc()
             return None
         layer = found.layer
-        name = layer_name(layer.kind, layer.blob.digest)
+        name = layer_name(layer)
         self._users[name] = self._users.get(name, 0) + 1
         first_use = self._users[name] == 1
         tree = None if self.fs.layer(name) else await off_loop(self.fs.build_tree, layer)

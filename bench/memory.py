@@ -33,7 +33,6 @@ from pathlib import Path
 
 import click
 
-from agent.lazy_provider import layer_name
 from bench.catalog import DEFAULT_CACHE
 from common.logging import configure_logging, get_logger
 from converter.convert import ConvertOptions, convert_image
@@ -76,8 +75,13 @@ class PreparedImage:
         return f"{registry_host}/{self.repository}:latest"
 
     def file_in(self, agent: AgentProcess) -> Path:
-        """Where the file appears in the agent's FUSE mount once its layer is prepared."""
-        return agent.mountpoint / layer_name("index", self.layer_digest) / FILE_PATH
+        """Where the file appears in the agent's FUSE mount once its layer is prepared
+        (the layer's directory also names its index, which this bench does not know)."""
+        prefix = f"index-{self.layer_digest.replace(':', '-')}-"
+        mounted = [p for p in agent.mountpoint.iterdir() if p.name.startswith(prefix)]
+        if len(mounted) != 1:
+            raise RuntimeError(f"expected one mounted layer {prefix}*, found {mounted}")
+        return mounted[0] / FILE_PATH
 
 
 @contextlib.contextmanager

@@ -128,6 +128,17 @@ class LayerIndex:
     """0: spans are only fetched whole (a plain tar layer, or a version 1 index)."""
     piece_digests: list[list[bytes]] = field(default_factory=list)
     piece_ends: list[list[int]] = field(default_factory=list)
+    source_digest: str = field(default="", compare=False)
+    """The digest of the artifact bytes this was parsed from (empty for an index built in
+    memory): what an agent binds its view of the layer to (see ``fingerprint``)."""
+
+    def fingerprint(self) -> str:
+        """The digest of this index as an artifact. Two indexes of one blob may lay its
+        spans out differently, so whatever is derived from one (cache keys, a mounted
+        tree) must name it, or one index's spans would be served under the other's."""
+        if not self.source_digest:
+            self.source_digest = "sha256:" + hashlib.sha256(serialize(self)).hexdigest()
+        return self.source_digest
 
     @property
     def is_gzip(self) -> bool:
@@ -567,6 +578,7 @@ def parse_spans(data: bytes) -> DecodedIndex:
         compressed_size=_int(document["compressed_size"], "compressed_size", MAX_LAYER_SIZE),
         uncompressed_size=_int(document["uncompressed_size"], "uncompressed_size", MAX_LAYER_SIZE),
         span_size=_int(document["span_size"], "span_size", MAX_SPAN, MIN_SPAN),
+        source_digest="sha256:" + hashlib.sha256(data).hexdigest(),
     )
     _parse_checkpoints(index, document)
     if version >= 2:

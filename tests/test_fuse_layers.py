@@ -69,7 +69,7 @@ async def test_lazy_rootfs_equals_overlayfs_unpack(
             for layer in built_features.layers:
                 found = await discovery.discover(str(ref), built_features.digest, layer.digest)
                 assert found.layer.kind == ("estargz" if mode == "full" else "index")
-                name = layer_name(found.layer.kind, found.layer.blob.digest)
+                name = layer_name(found.layer)
                 fs.add_layer(name, found.layer)
                 names.append(name)
             lowers = [tmp_path / "mnt" / n for n in reversed(names)]

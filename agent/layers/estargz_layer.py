@@ -8,7 +8,7 @@ import operator
 from collections.abc import Iterable
 from functools import partial
 
-from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
+from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget, metadata_tag
 from fetcher.chunks import BlobSource, ChunkSpec
 from formats.estargz_reader import ChunkRef, EstargzToc, MemberDecoder, read_member
 from formats.toc import TocEntry
@@ -27,11 +27,11 @@ def _members(chunks: dict[str, list[ChunkRef]]) -> dict[int, list[ChunkRef]]:
     return {offset: list(group) for offset, group in itertools.groupby(refs, key=_blob_offset)}
 
 
-def _member_spec(offset: int, refs: list[ChunkRef]) -> ChunkSpec:
-    """The fetchable, cacheable chunk of one member."""
+def _member_spec(tag: str, offset: int, refs: list[ChunkRef]) -> ChunkSpec:
+    """The fetchable, cacheable chunk of one member (its key names the TOC ``tag``)."""
     end = max(ref.blob_end for ref in refs)
     return ChunkSpec(
-        key=f"m{offset:012x}-{end:x}",
+        key=f"{tag}-m{offset:012x}-{end:x}",
         fetch_start=offset,
         fetch_end=end,
         decoded_size=max(ref.inner_offset + ref.size for ref in refs),
@@ -48,6 +48,8 @@ class EstargzLayer:
     def __init__(self, blob: BlobSource, toc: EstargzToc) -> None:
         self.blob = blob
         self.toc = toc
+        self.metadata_digest = toc.toc_digest
+        self._tag = metadata_tag(toc.toc_digest)
         self.entries: list[TocEntry] = toc.entries
         self._chunks: dict[str, list[ChunkRef]] = toc.chunks
         self._members = _members(self._chunks)
@@ -59,7 +61,7 @@ class EstargzLayer:
     def _spec(self, offset: int) -> ChunkSpec:
         spec = self._specs.get(offset)
         if spec is None:
-            spec = self._specs[offset] = _member_spec(offset, self._members[offset])
+            spec = self._specs[offset] = _member_spec(self._tag, offset, self._members[offset])
         return spec
 
     def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:

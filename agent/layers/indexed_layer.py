@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from functools import partial
 
-from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget
+from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget, metadata_tag
 from fetcher.chunks import BlobSource, ChunkSpec
 from formats.layer_index import LayerIndex
 from formats.toc import TocEntry
@@ -19,6 +19,9 @@ class IndexedLayer:
     def __init__(self, blob: BlobSource, index: LayerIndex) -> None:
         self.blob = blob
         self.index = index
+        self.metadata_digest = index.fingerprint()
+        self._key_prefix = f"{metadata_tag(self.metadata_digest)}-s"
+        """Span keys name the index: another index of the blob lays spans out otherwise."""
         self._bounds = self._span_bounds()
         self._specs: dict[int, ChunkSpec] = {}
         self._prefixes: dict[int, ChunkSpec] = {}
@@ -61,7 +64,12 @@ class IndexedLayer:
             else:
                 decode, streaming = partial(self.index.read_plain_span, number), None
             spec = ChunkSpec(
-                f"s{number:08d}", plan.fetch_start, plan.fetch_end, end - start, decode, streaming
+                f"{self._key_prefix}{number:08d}",
+                plan.fetch_start,
+                plan.fetch_end,
+                end - start,
+                decode,
+                streaming,
             )
             self._specs[number] = spec
         return spec
@@ -69,7 +77,7 @@ class IndexedLayer:
     def _prefix_spec(self, number: int, count: int) -> ChunkSpec:
         start, end = self.index.prefix_fetch(number, count)
         return ChunkSpec(
-            f"s{number:08d}p{count}",
+            f"{self._key_prefix}{number:08d}p{count}",
             start,
             end,
             count * self.index.piece_size,
@@ -132,7 +140,8 @@ class IndexedLayer:
 
     def chunks_after(self, chunk: ChunkSpec, budget: ReadAheadBudget) -> list[ChunkSpec]:
         """The following spans, within ``budget``."""
-        following = range(int(chunk.key[1:9]) + 1, len(self._bounds))  # s<span>[p<pieces>]
+        number = int(chunk.key[len(self._key_prefix) :][:8])  # <tag>-s<span>[p<pieces>]
+        following = range(number + 1, len(self._bounds))
         return budget.take(self._spec(number) for number in following)
 
     def prefetch_chunks(self) -> list[ChunkSpec]:

@@ -52,11 +52,22 @@ class ChunkSlice:
     length: int
 
 
+def metadata_tag(metadata_digest: str) -> str:
+    """The short form of a layer's metadata digest that cache keys and mount names carry
+    (128 bits: no one can make two indexes of a blob whose tags meet)."""
+    return metadata_digest.partition(":")[2][:32]
+
+
 class LazyLayer(Protocol):
     """A layer whose files are read from its blob on demand."""
 
     blob: BlobSource
     kind: str
+    metadata_digest: str
+    """The digest of the metadata (eStargz TOC, layer index) its files and chunks come
+    from. One blob can have several (twins and indexes made with other settings, or a
+    hostile one): what is derived from one, cached chunks and mounted trees, is named
+    after it so that two metadata views of one blob never meet."""
 
     @property
     def entries(self) -> list[TocEntry]:
