@@ -38,7 +38,8 @@ SETUID_FILE = "data/f2.bin"
 
 def _spec(top: str) -> ImageSpec:
     """Two images that share their data layer byte for byte and differ on top."""
-    data = [Directory("data"), *(File(path, content) for path, content in FILES.items())]
+    data: list[Directory | File] = [Directory("data")]
+    data += [File(path, content) for path, content in FILES.items()]
     return ImageSpec(layers=(LayerSpec(data), LayerSpec([File("top.txt", top.encode())])))
 
 
