@@ -271,8 +271,7 @@ class LayerFS(pyfuse3.Operations):
         if fh == pyfuse3.ROOT_INODE:
             items = [(name, m.tree.root) for name, m in sorted(self._layers.items())]
         else:
-            node, _ = self._node(fh)
-            items = sorted((node.children or {}).items())
+            items = self._node(fh)[0].listing()
         for index in range(start_id, len(items)):
             name, child = items[index]
             if not pyfuse3.readdir_reply(token, name, self._attrs(child), index + 1):

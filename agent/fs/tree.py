@@ -39,6 +39,16 @@ class Node:
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     nlink: int = 1
     parent: Node | None = None
+    _listing: list[tuple[bytes, Node]] | None = field(default=None, repr=False, compare=False)
+
+    def listing(self) -> list[tuple[bytes, Node]]:
+        """The directory's children sorted by name, sorted once: readdir pages through
+        it by position, and sorting again for every page made listing a large directory
+        quadratic (an `ls` of 40 000 entries held the event loop for 46 s). A tree is
+        immutable once built, so the order never goes stale."""
+        if self._listing is None:
+            self._listing = sorted((self.children or {}).items())
+        return self._listing
 
     @property
     def mode(self) -> int:
