@@ -45,6 +45,8 @@ from formats.estargz_toc import (
 from formats.fast_zlib import ZLIB
 from formats.toc import (
     ENTRY_TYPES,
+    MAX_DEVICE_MAJOR,
+    MAX_DEVICE_MINOR,
     MAX_ENTRY_SIZE,
     MAX_ID,
     MAX_NAME_BYTES,
@@ -434,8 +436,8 @@ class _TocValidator:
             self._owner_name(record, "groupName", gid),
             _modtime(record),
             self._link_name(record, kind) if kind in ("symlink", "hardlink") else "",
-            _uint(record, "devMajor", MAX_ID) if device else 0,
-            _uint(record, "devMinor", MAX_ID) if device else 0,
+            _uint(record, "devMajor", MAX_DEVICE_MAJOR) if device else 0,
+            _uint(record, "devMinor", MAX_DEVICE_MINOR) if device else 0,
             _xattrs(record),
             0,
             _optional_digest(record, "digest"),

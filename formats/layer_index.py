@@ -51,6 +51,8 @@ from formats.gzip_index import (
 )
 from formats.toc import (
     ENTRY_TYPES,
+    MAX_DEVICE_MAJOR,
+    MAX_DEVICE_MINOR,
     MAX_ENTRY_SIZE,
     MAX_ID,
     MAX_MTIME,
@@ -960,6 +962,6 @@ def _checked_entry(row: Any, number: int, previous_end: int) -> TocEntry:
     _int(row[5], f"{where} gid", MAX_ID)
     _str(row[6], f"{where} uname", MAX_OWNER_NAME)
     _str(row[7], f"{where} gname", MAX_OWNER_NAME)
-    _int(row[10], f"{where} device major", MAX_ID if device else 0)
-    _int(row[11], f"{where} device minor", MAX_ID if device else 0)
+    _int(row[10], f"{where} device major", MAX_DEVICE_MAJOR if device else 0)
+    _int(row[11], f"{where} device minor", MAX_DEVICE_MINOR if device else 0)
     return _make_entry(row, kind, offset)

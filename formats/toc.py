@@ -18,6 +18,10 @@ MAX_NAME_BYTES = 4096
 MAX_ENTRY_SIZE = 1 << 44  # 16 TiB: bigger than any real layer file, small enough to be sane
 MAX_XATTR_BYTES = 64 * 1024
 MAX_ID = (1 << 32) - 1
+MAX_DEVICE_MAJOR = (1 << 12) - 1
+MAX_DEVICE_MINOR = (1 << 20) - 1
+"""A device node's numbers as the kernel's dev_t holds them (mknod keeps no more); the
+FUSE side turns them into st_rdev with os.makedev, which larger ones overflow."""
 MAX_OWNER_NAME = 256
 """Longest user/group name the TOC formats keep (Linux caps them at 32)."""
 MAX_MTIME = float(1 << 62)
@@ -178,6 +182,9 @@ def entry_from_tarinfo(info: tarfile.TarInfo) -> TocEntry:
     numbers = (info.mode, info.uid, info.gid, info.devmajor, info.devminor)
     if not all(0 <= number <= MAX_ID for number in numbers):
         raise HostileLayerError(f"mode, owner or device number out of range for {info.name!r}")
+    device = kind in ("char", "block")
+    if device and (info.devmajor > MAX_DEVICE_MAJOR or info.devminor > MAX_DEVICE_MINOR):
+        raise HostileLayerError(f"device number beyond what the kernel holds: {info.name!r}")
     if not -MAX_MTIME < info.mtime < MAX_MTIME:  # also refuses NaN
         raise HostileLayerError(f"absurd mtime {info.mtime!r} for {info.name!r}")
     for owner in (info.uname or "", info.gname or ""):
@@ -208,8 +215,8 @@ def entry_from_tarinfo(info: tarfile.TarInfo) -> TocEntry:
         gname=info.gname or "",
         mtime=float(info.mtime),
         link_name=link,
-        dev_major=info.devmajor if kind in ("char", "block") else 0,
-        dev_minor=info.devminor if kind in ("char", "block") else 0,
+        dev_major=info.devmajor if device else 0,
+        dev_minor=info.devminor if device else 0,
         xattrs=xattrs,
         offset=info.offset_data,
     )

@@ -470,6 +470,8 @@ def test_well_formed_handmade_toc_parses() -> None:
         ([_reg(modtime="yesterday")], "RFC 3339"),
         ([_reg(modtime="2020-01-02T03:04:05")], "time zone"),
         ([_reg(uid=1 << 40)], "uid"),
+        ([{"name": "c", "type": "char", "devMajor": 1 << 31, "devMinor": 3}], "devMajor"),
+        ([{"name": "b", "type": "block", "devMajor": 8, "devMinor": 1 << 20}], "devMinor"),
         ([{"name": "l", "type": "symlink", "linkName": 5}], "linkName"),
         ([{"name": "bad\ud800", "type": "dir"}], "surrogate"),
         ([_reg(xattrs={"user.a": "é"})], "base64"),
@@ -977,3 +979,13 @@ def test_small_files_share_members_and_still_read_exactly() -> None:
     expected = {entry.name: data for entry, _, data in _tar_members(source) if entry.type == "reg"}
     assert _file_bytes_from_chunks(packed, toc) == expected
     assert gzip.decompress(packed)  # still one valid gzip stream of members
+
+
+@pytest.mark.parametrize(("major", "minor"), [(1 << 12, 0), (8, 1 << 20), (1 << 31, 3)])
+def test_a_tar_device_beyond_dev_t_is_refused(major: int, minor: int) -> None:
+    """The kernel's dev_t holds a 12-bit major and a 20-bit minor; a tar (or TOC) that
+    says more is refused, not turned into a node whose st_rdev would overflow."""
+    info = tarfile.TarInfo("dev/odd")
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, major, minor
+    with pytest.raises(HostileLayerError, match="device number"):
+        entry_from_tarinfo(info)

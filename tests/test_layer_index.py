@@ -272,6 +272,12 @@ def _mutations(index: LayerIndex) -> dict[str, dict[str, Any]]:
     base = _document(index)
     rows = _toc_rows(base)
     reg = next(i for i, r in enumerate(rows) if r[1] == 0 and r[2] > 0)
+    dev = next(i for i, r in enumerate(rows) if r[10] or r[11])
+
+    def device_changed(column: int, value: int) -> dict[str, Any]:
+        new_rows = copy.deepcopy(rows)
+        new_rows[dev][column] = value
+        return _with_toc(copy.deepcopy(base), new_rows)
 
     def changed(**fields: Any) -> dict[str, Any]:
         document = copy.deepcopy(base)
@@ -333,6 +339,8 @@ def _mutations(index: LayerIndex) -> dict[str, dict[str, Any]]:
         "mtime type": row_changed(8, "yesterday"),
         "link on file": row_changed(9, "elsewhere"),
         "device on file": row_changed(10, 7),
+        "device major past dev_t": device_changed(10, 1 << 31),
+        "device minor past dev_t": device_changed(11, 1 << 20),
         "xattr value": row_changed(12, {"user.x": "text"}),
         "negative gap": row_changed(13, -1),
         "data past end": row_changed(13, len(RAW)),
