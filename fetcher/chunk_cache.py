@@ -136,20 +136,28 @@ class ChunkCache:
         self._spill: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._spill_bytes = 0
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.root.is_symlink() or not self.root.is_dir():
+            raise NotADirectoryError(f"cache root {self.root} is not a directory")
+        os.chmod(self.root, 0o700)  # an existing root keeps no wider mode: chunks are images
         self._clean_tmp()
         self._scan()
 
     # -- opening ------------------------------------------------------------------
 
     def _clean_tmp(self) -> None:
-        """Remove writes a crash interrupted and layers whose deletion it interrupted."""
+        """Remove writes a crash interrupted. Nothing is followed out of the cache: a
+        ``tmp`` that is not a real directory (a symlink, say) is itself removed, never
+        what it points at."""
+        if self.tmp_dir.is_symlink() or (self.tmp_dir.exists() and not self.tmp_dir.is_dir()):
+            log.warning("chunk_cache.foreign_entry", path=str(self.tmp_dir))
+            self.tmp_dir.unlink()
         if self.tmp_dir.exists():
             for entry in os.scandir(self.tmp_dir):
                 if entry.is_dir(follow_symlinks=False):
                     shutil.rmtree(entry.path, ignore_errors=True)
                 else:
                     os.unlink(entry.path)
-        self.tmp_dir.mkdir(exist_ok=True)
+        self.tmp_dir.mkdir(mode=0o700, exist_ok=True)
 
     def _scan(self) -> None:
         """Rebuild the accounting from the files present (the cache survives restarts)."""
@@ -157,8 +165,13 @@ class ChunkCache:
             if algorithm_dir.name == "tmp" or not algorithm_dir.is_dir(follow_symlinks=False):
                 continue
             for layer_dir in os.scandir(algorithm_dir.path):
-                if layer_dir.name.startswith(_GRAVE_PREFIX):
+                if layer_dir.name.startswith(_GRAVE_PREFIX) and layer_dir.is_dir(
+                    follow_symlinks=False
+                ):
                     shutil.rmtree(layer_dir.path, ignore_errors=True)  # eviction interrupted
+                    continue
+                if not layer_dir.is_dir(follow_symlinks=False):
+                    log.warning("chunk_cache.foreign_entry", path=layer_dir.path)
                     continue
                 digest = f"{algorithm_dir.name}:{layer_dir.name}"
                 try:
@@ -171,7 +184,7 @@ class ChunkCache:
     def _scan_layer(self, digest: str, directory: Path) -> None:
         layer = _Layer()
         for entry in os.scandir(directory):
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)  # a temporary file from an older layout or by hand
                 continue
             try:
@@ -183,7 +196,7 @@ class ChunkCache:
                 size = charged_size(entry.stat(follow_symlinks=False).st_size)
                 layer.chunks[entry.name] = size
                 layer.bytes += size
-        layer.last_used = layer.touched = directory.stat().st_mtime
+        layer.last_used = layer.touched = directory.lstat().st_mtime
         self._layers[digest] = layer
         self._bytes += layer.bytes
 
@@ -251,38 +264,44 @@ class ChunkCache:
         """Up to ``length`` bytes at ``offset`` of a cached chunk, or None on a miss."""
         if offset < 0 or length < 0:
             raise ValueError(f"invalid read offset={offset} length={length}")
-        path = self.path(blob_digest, key)
-        data: bytes | None = None
-        if path is not None:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                self._forget(blob_digest, key)
-            else:
-                try:
-                    data = os.pread(fd, length, offset)
-                finally:
-                    os.close(fd)
-        else:
-            spilled = self._spilled(blob_digest, key)
-            if spilled is not None:
-                data = spilled[offset : offset + length]
-        self._count(data is not None)
-        return data
+        return self._read(blob_digest, key, offset, length)
 
     def load(self, blob_digest: str, key: str) -> bytes | None:
         """A cached chunk's whole content, or None on a miss."""
+        return self._read(blob_digest, key, 0, None)
+
+    def _read(self, blob_digest: str, key: str, offset: int, length: int | None) -> bytes | None:
         path = self.path(blob_digest, key)
         data: bytes | None = None
         if path is not None:
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                self._forget(blob_digest, key)
+            data = self._read_file(blob_digest, key, path, offset, length)
         else:
-            data = self._spilled(blob_digest, key)
+            spilled = self._spilled(blob_digest, key)
+            if spilled is not None:
+                data = spilled[offset:] if length is None else spilled[offset : offset + length]
         self._count(data is not None)
         return data
+
+    def _read_file(
+        self, blob_digest: str, key: str, path: Path, offset: int, length: int | None
+    ) -> bytes | None:
+        """A chunk file's bytes; None (and forgotten) if it vanished or is not a file
+        the cache wrote (a symlink is never followed out of the cache)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                raise
+            if exc.errno == errno.ELOOP:
+                log.warning("chunk_cache.foreign_entry", path=str(path))
+            self._forget(blob_digest, key)
+            return None
+        try:
+            if length is None:
+                length = os.fstat(fd).st_size
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
 
     def _spilled(self, blob_digest: str, key: str) -> bytes | None:
         with self._lock:

@@ -280,3 +280,58 @@ def test_reads_never_wait_for_a_chunk_being_published(
         release.set()
         writer.join(10)
     assert cache.load(LAYER_A, "c2") == b"x" * 100
+
+
+def test_a_symlinked_tmp_is_removed_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "tmp").symlink_to(victim)
+    cache = ChunkCache(root, max_bytes=1 << 20)
+    assert (victim / "precious").read_text() == "keep me"
+    assert cache.tmp_dir.is_dir() and not cache.tmp_dir.is_symlink()
+    cache.put(LAYER_A, "c1", b"data")
+    assert cache.load(LAYER_A, "c1") == b"data"
+
+
+def test_an_existing_root_is_made_private(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o777)
+    os.chmod(root, 0o777)
+    ChunkCache(root, max_bytes=1 << 20)
+    assert root.stat().st_mode & 0o777 == 0o700
+
+
+def test_entries_the_cache_did_not_write_are_left_alone(tmp_path: Path) -> None:
+    """Stray directories, files and symlinks under the root neither stop the cache from
+    opening nor get followed, served or deleted."""
+    first = ChunkCache(tmp_path, max_bytes=1 << 20)
+    first.put(LAYER_A, "c1", b"good")
+    layer_dir = first.path(LAYER_A, "c1").parent  # type: ignore[union-attr]
+    (layer_dir / ".stray-dir").mkdir()
+    (layer_dir / ".stray-dir" / "inside").write_text("x")
+    (layer_dir / "a-dir-named-like-a-chunk").mkdir()
+    (tmp_path / "sha256" / "stray-file").write_text("x")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "c1").write_text("not a chunk")
+    (tmp_path / "sha256" / LAYER_B.split(":")[1]).symlink_to(elsewhere)
+
+    second = ChunkCache(tmp_path, max_bytes=1 << 20)
+    assert second.load(LAYER_A, "c1") == b"good"
+    assert second.load(LAYER_B, "c1") is None
+    assert (layer_dir / ".stray-dir" / "inside").exists()
+    assert (elsewhere / "c1").read_text() == "not a chunk"
+
+
+def test_a_chunk_replaced_by_a_symlink_is_a_miss(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path / "cache", max_bytes=1 << 20)
+    chunk = cache.put(LAYER_A, "c1", b"good")
+    secret = tmp_path / "secret"
+    secret.write_text("node secret")
+    chunk.unlink()
+    chunk.symlink_to(secret)
+    assert cache.read(LAYER_A, "c1", 0, 100) is None
+    assert cache.load(LAYER_A, "c1") is None
