@@ -17,8 +17,14 @@ from typing import Any
 import aiohttp
 
 from common.logging import get_logger
+from fetcher.bodies import SMALL_BODY, json_capped
 from fetcher.credentials import Credential
-from fetcher.errors import ForbiddenError, RegistryUnavailableError, UnauthorizedError
+from fetcher.errors import (
+    ForbiddenError,
+    RegistryUnavailableError,
+    ResponseTooLargeError,
+    UnauthorizedError,
+)
 
 log = get_logger(__name__)
 
@@ -160,8 +166,8 @@ async def _token_from_response(resp: aiohttp.ClientResponse, realm: str) -> tupl
     if resp.status >= 400:
         raise RegistryUnavailableError("token service failed", status=resp.status, url=realm)
     try:
-        doc: Any = await resp.json(content_type=None)
-    except (ValueError, aiohttp.ContentTypeError):
+        doc: Any = await json_capped(resp, SMALL_BODY, "token response")
+    except (ValueError, aiohttp.ClientError, ResponseTooLargeError):
         raise UnauthorizedError("token service answered with invalid JSON", url=realm) from None
     token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
     if not isinstance(token, str) or not token:

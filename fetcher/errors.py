@@ -70,3 +70,8 @@ class InvalidReferenceError(ValueError):
 
 class CredentialsError(ValueError):
     """A credentials file that cannot be read or parsed (never echoes secret values)."""
+
+
+class ResponseTooLargeError(RegistryError):
+    """A response body larger than what it can legitimately be: refused before it is
+    held in memory (a hostile or broken registry must not grow the agent's RSS)."""

@@ -25,6 +25,7 @@ import aiohttp
 from common.digest import digest_of_hasher, new_hasher, sha256_digest, validate_digest
 from common.logging import get_logger
 from fetcher import mediatypes as mt
+from fetcher.bodies import json_capped, read_capped
 from fetcher.credentials import CredentialStore
 from fetcher.errors import (
     DigestMismatchError,
@@ -33,6 +34,7 @@ from fetcher.errors import (
     RangeNotSupportedError,
     RegistryError,
     RegistryUnavailableError,
+    ResponseTooLargeError,
     UnsupportedMediaTypeError,
 )
 from fetcher.manifest import (
@@ -92,12 +94,18 @@ class RangeSink(Protocol):
         """The next piece of the body."""
 
 
-async def _body(resp: aiohttp.ClientResponse, sink: RangeSink | None) -> bytes:
+async def _body(resp: aiohttp.ClientResponse, sink: RangeSink | None, length: int) -> bytes:
+    """A range read's body, never held past the ``length`` asked for (a longer one is
+    refused as it arrives: the caller retries)."""
     if sink is None:
-        return await resp.content.read()
+        return await read_capped(resp, length, "range body")
     sink.restart()
     pieces = []
+    total = 0
     async for piece in resp.content.iter_chunked(STREAM_CHUNK):
+        total += len(piece)
+        if total > length:
+            raise ResponseTooLargeError(f"range body runs past the {length} bytes asked for")
         sink.feed(piece)
         pieces.append(piece)
     return b"".join(pieces)
@@ -156,18 +164,21 @@ class RegistryClient:
         resp = await self.transport.send("GET", self._target(ref), url, headers={"Accept": accept})
         await raise_for_status(resp, f"manifest {ref}")
         try:
-            length = resp.content_length
-            if length is not None and length > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"manifest {ref} is {length} bytes, over the limit")
-            body = await resp.content.read(MAX_MANIFEST_BYTES + 1)
+            body = await read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {ref}")
         finally:
             resp.release()
         digest = sha256_digest(body)
-        expected = ref.digest or resp.headers.get("Docker-Content-Digest")
-        if expected and expected.startswith("sha256:") and expected != digest:
-            raise DigestMismatchError(
-                f"manifest {ref}: content hashes to {digest}, expected {expected}", url=url
-            )
+        # A pinned reference is checked in its own algorithm (validated when parsed); a
+        # registry's Docker-Content-Digest header is only a hint, checked when sha256.
+        header = resp.headers.get("Docker-Content-Digest", "")
+        expected = ref.digest or (header if header.startswith("sha256:") else None)
+        if expected:
+            hasher = new_hasher(expected)
+            hasher.update(body)
+            if digest_of_hasher(hasher) != expected:
+                raise DigestMismatchError(
+                    f"manifest {ref}: content does not hash to {expected}", url=url
+                )
         parsed = parse_manifest(body, resp.headers.get("Content-Type"))
         return FetchedManifest(digest, parsed.media_type, body, parsed)
 
@@ -248,9 +259,11 @@ class RegistryClient:
             resp = await self.transport.send("GET", self._target(ref), url)
             await raise_for_status(resp, f"tags of {ref.repository}")
             try:
-                doc = await resp.json(content_type=None)
+                doc = await json_capped(resp, MAX_MANIFEST_BYTES, f"tags of {ref.repository}")
             finally:
                 resp.release()
+            if not isinstance(doc, dict):
+                raise RegistryError(f"tags of {ref.repository}: not a JSON object")
             tags.extend(t for t in (doc.get("tags") or []) if isinstance(t, str))
             link = resp.links.get("next")
             url = urljoin(str(resp.url), str(link["url"])) if link else None
@@ -388,13 +401,18 @@ class RegistryClient:
                 if match and int(match.group(1)) != offset:
                     problem = f"Content-Range {resp.headers['Content-Range']} for {offset}"
                 else:
-                    data = await _body(resp, sink)
+                    data = await _body(resp, sink, length)
                     if len(data) == length or (
                         match and len(data) == int(match.group(2)) - offset + 1
                     ):
                         return data
                     problem = f"short body {len(data)} of {length}"
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            except (
+                aiohttp.ClientPayloadError,
+                aiohttp.ClientConnectionError,
+                TimeoutError,
+                ResponseTooLargeError,
+            ) as exc:
                 problem = exc.__class__.__name__
             finally:
                 resp.release()
@@ -497,7 +515,7 @@ class RegistryClient:
         content_type = resp.headers.get("Content-Type", "").split(";")[0]
         if resp.status == 200 and content_type == mt.OCI_INDEX:
             try:
-                body = await resp.read()
+                body = await read_capped(resp, MAX_MANIFEST_BYTES, f"referrers of {subject_digest}")
             finally:
                 resp.release()
             parsed = parse_manifest(body, content_type)

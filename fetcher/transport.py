@@ -22,6 +22,7 @@ import aiohttp
 
 from common.logging import get_logger
 from fetcher.auth import Challenge, TokenCache, basic_header, parse_challenge, repository_scope
+from fetcher.bodies import SMALL_BODY, json_capped
 from fetcher.credentials import CredentialStore
 from fetcher.errors import (
     ForbiddenError,
@@ -322,8 +323,8 @@ async def raise_for_status(resp: aiohttp.ClientResponse, what: str) -> None:
     if resp.status < 400:
         return
     try:
-        body = await resp.json(content_type=None)
-    except (ValueError, aiohttp.ClientError):
+        body = await json_capped(resp, SMALL_BODY, "error document")
+    except (ValueError, aiohttp.ClientError, RegistryError):
         body = None
     finally:
         resp.release()
