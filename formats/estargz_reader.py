@@ -72,6 +72,17 @@ _PLAIN_PACKED_FILE_KEYS = _PLAIN_FILE_KEYS | {"innerOffset"}
 """The same, for a small file sharing a gzip member with its neighbours."""
 
 
+MEMBER_SLACK = 128 << 10
+"""A gzip member's header (its optional name, comment and extra fields) and the tar
+padding and headers around what is read of it."""
+
+
+def member_bound(inflated: int) -> int:
+    """The most compressed bytes that can hold the first ``inflated`` bytes of a gzip
+    member: zlib's deflateBound (stored blocks are the worst case) plus ``MEMBER_SLACK``."""
+    return inflated + (inflated >> 12) + (inflated >> 14) + (inflated >> 25) + 13 + MEMBER_SLACK
+
+
 class ChunkRef(NamedTuple):
     """One chunk of a regular file and the compressed byte range that holds it.
 
@@ -538,13 +549,24 @@ class _TocValidator:
             self.prefetch_end = landmark.offset
 
     def _resolve_ranges(self) -> None:
-        """End each chunk's range at the next larger data offset (or the TOC)."""
+        """End each chunk's range at the next larger data offset (or the TOC), but never
+        further than deflate can spread what is read of its member: the TOC says where
+        members start, not how long they are, and a 1-byte file followed by nothing
+        until a far offset must not fetch everything in between."""
         ends: dict[int, int] = {}
         end, current = self.toc_offset, self.toc_offset
         for chunk in reversed(self.data):
             if chunk.offset != current:
                 end, current = current, chunk.offset
             ends[chunk.offset] = end
+        needed: dict[int, int] = {}
+        for open_file in self.files:
+            for chunk in open_file.chunks:
+                wanted = chunk.inner_offset + chunk.size
+                if wanted > needed.get(chunk.offset, 0):
+                    needed[chunk.offset] = wanted
+        for offset, wanted in needed.items():
+            ends[offset] = min(ends[offset], offset + member_bound(wanted))
         for open_file in self.files:
             name = open_file.entry.name
             self.chunks[name] = [  # positional: a big TOC builds tens of thousands

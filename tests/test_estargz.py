@@ -989,3 +989,17 @@ def test_a_tar_device_beyond_dev_t_is_refused(major: int, minor: int) -> None:
     info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, major, minor
     with pytest.raises(HostileLayerError, match="device number"):
         entry_from_tarinfo(info)
+
+
+def test_a_members_range_is_bounded_by_what_is_read_of_it() -> None:
+    """The TOC says where members start, not how long they are: a 1-byte file whose
+    next neighbour is 300 MB further on must not fetch the 300 MB in between."""
+    far = 300_000_000
+    toc = _parse_records(
+        [_reg("tiny", size=1, offset=100), _reg("next", size=10, offset=far)],
+        toc_offset=far + 1000,
+    )
+    (tiny,) = toc.chunks["tiny"]
+    assert tiny.blob_end - tiny.blob_offset == reader_module.member_bound(1) < 200_000
+    (following,) = toc.chunks["next"]
+    assert following.blob_end == far + 1000  # the TOC comes sooner than the bound
