@@ -122,6 +122,12 @@ WATCHDOG_WORST_LOOP_STALL = Gauge(
     "Longest event-loop stall seen since start (grows while a stall lasts)",
     registry=REGISTRY,
 )
+WATCHDOG_WORST_LOOP_LAG = Gauge(
+    "acceld_watchdog_worst_loop_lag_seconds",
+    "Longest the event loop ran a due heartbeat late since start, below the stall "
+    "threshold too: how long any FUSE answer may have waited for the loop",
+    registry=REGISTRY,
+)
 WATCHDOG_OLDEST_FUSE_REQUEST = Gauge(
     "acceld_watchdog_oldest_fuse_request_seconds",
     "Age of the oldest FUSE request in progress (0 when none is)",

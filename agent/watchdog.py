@@ -67,6 +67,8 @@ class WatchdogStatus(TypedDict):
     """"ok", or "stalled" while the event loop is stuck past the threshold."""
     loop_lag_s: float
     worst_loop_stall_s: float
+    worst_loop_lag_s: float
+    """Longest a heartbeat ran late, stalls below the threshold included."""
     loop_stalls: int
     fuse_requests_in_flight: int
     oldest_fuse_request_s: float
@@ -113,6 +115,8 @@ class Watchdog:
         self._state = _State()
         self._last_beat = time.monotonic()
         self._last_long_gap = 0.0
+        self._worst_lag = 0.0
+        """Longest a heartbeat ran late (written on the loop, read by the thread)."""
 
     # -- the loop's side --------------------------------------------------------------
 
@@ -144,6 +148,7 @@ class Watchdog:
             return
         now = time.monotonic()
         gap = now - self._last_beat
+        self._worst_lag = max(self._worst_lag, gap - self._heartbeat)
         if gap > self._stall_threshold:
             self._last_long_gap = gap  # written before the beat, so the thread sees both
         self._last_beat = now
@@ -163,6 +168,7 @@ class Watchdog:
         beat = self._last_beat
         lag = time.monotonic() - beat
         metrics.WATCHDOG_LOOP_LAG.set(lag)
+        metrics.WATCHDOG_WORST_LOOP_LAG.set(self._worst_lag)
         state = self._state
         if state.stall_beat is not None and beat != state.stall_beat:
             # The beat that ended the stall measured it whole (the thread saw only part).
@@ -270,6 +276,7 @@ class Watchdog:
                 status="stalled" if stalled else "ok",
                 loop_lag_s=round(lag, 3),
                 worst_loop_stall_s=round(max(state.worst_stall_s, lag if stalled else 0), 3),
+                worst_loop_lag_s=round(max(self._worst_lag, lag - self._heartbeat), 3),
                 loop_stalls=state.loop_stalls,
                 fuse_requests_in_flight=len(requests),
                 oldest_fuse_request_s=round(requests[0].age(now), 3) if requests else 0.0,

@@ -119,6 +119,7 @@ _LATE_S = 0.5
 DEFAULT_WORKDIR = Path("/var/tmp/acceld-bench/scaleup")
 WATCHDOG_SERIES = {
     "acceld_watchdog_worst_loop_stall_seconds": "worst_loop_stall_seconds",
+    "acceld_watchdog_worst_loop_lag_seconds": "worst_loop_lag_seconds",
     "acceld_watchdog_loop_stalls_total": "loop_stalls",
     "acceld_watchdog_stalled_fuse_requests_total": "stalled_fuse_requests",
     "acceld_watchdog_oldest_fuse_request_seconds": "oldest_fuse_request_seconds",
@@ -728,6 +729,7 @@ class ScaleRow:
     agent_cpu_seconds: float | None
     peak_rss_mib: float | None
     worst_stall_seconds: float | None
+    worst_lag_seconds: float | None
 
 
 def _median(values: Sequence[float | int | None]) -> float | None:
@@ -750,6 +752,7 @@ def _row(mode: str, n: int, trials: Sequence[TrialResult], baseline: float | Non
     ]
     median = _median(complete)
     stalls = [(t.watchdog or {}).get("worst_loop_stall_seconds") for t in trials]
+    lags = [(t.watchdog or {}).get("worst_loop_lag_seconds") for t in trials]
     fetched = _median([t.agent_fetched_bytes for t in trials])
     rss = _max([t.agent_peak_rss_bytes for t in trials])
     return ScaleRow(
@@ -770,6 +773,7 @@ def _row(mode: str, n: int, trials: Sequence[TrialResult], baseline: float | Non
         agent_cpu_seconds=_median([t.agent_cpu_seconds for t in trials]),
         peak_rss_mib=None if rss is None else rss / 2**20,
         worst_stall_seconds=_max(stalls),
+        worst_lag_seconds=_max(lags),
     )
 
 
@@ -806,6 +810,7 @@ def scale_table(rows: Sequence[ScaleRow]) -> str:
         "agent CPU s",
         "peak RSS MiB",
         "worst stall s",
+        "worst loop lag s",
     ]
     body = [
         [
@@ -824,6 +829,7 @@ def scale_table(rows: Sequence[ScaleRow]) -> str:
             _cell(r.agent_cpu_seconds),
             _cell(r.peak_rss_mib, ".0f"),
             _cell(r.worst_stall_seconds, ".3f"),
+            _cell(r.worst_lag_seconds, ".3f"),
         ]
         for r in rows
     ]

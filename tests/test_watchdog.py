@@ -190,6 +190,9 @@ def test_a_stalled_loop_is_reported_once_and_healthz_answers_503_while_it_lasts(
     recovered = next(e for e in logs if e["event"] == "watchdog.loop_recovered")
     assert recovered["stalled_s"] >= 3 * threshold
     assert watchdog.status()["status"] == "ok"
+    # The worst lateness is kept (and exported) after the stall ends.
+    assert watchdog.status()["worst_loop_lag_s"] >= 3 * threshold
+    assert counted("acceld_watchdog_worst_loop_lag_seconds") >= 3 * threshold
 
 
 # -- a real FUSE mount ------------------------------------------------------------------
