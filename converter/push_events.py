@@ -59,6 +59,31 @@ class ServerConfig:
     webhook_url: str | None = None
     plain_http: tuple[str, ...] = ()
     docker_config: Path | None = None
+    token: str | None = None
+    """The bearer token `POST /events` requires (read from ``token_file``: a mounted
+    Secret). Without it anyone who reaches the port could make us pull and push."""
+    allowed_registries: tuple[str, ...] = ()
+    """``host:port`` patterns (fnmatch) an event may name when ``registry`` is unset; an
+    event naming any other host is refused, never contacted."""
+    queue_size: int = 256
+    """Pushes waiting for conversion; past it /events answers 429 and the registry
+    retries (its notification queue is the backpressure)."""
+
+    def check_servable(self) -> None:
+        """ServerConfigError unless /events is authenticated and the registries it may
+        make us contact are fixed."""
+        if not self.token:
+            raise ServerConfigError("convert-server needs token_file: /events must not be open")
+        if self.registry is None and not self.allowed_registries:
+            raise ServerConfigError("convert-server needs registry or allowed_registries")
+        if self.queue_size < 1:
+            raise ServerConfigError("queue_size must be at least 1")
+
+    def allows(self, registry: str) -> bool:
+        """Whether an event may make us contact ``registry``."""
+        if self.registry is not None:
+            return registry == self.registry
+        return any(fnmatch.fnmatchcase(registry, pattern) for pattern in self.allowed_registries)
 
     @classmethod
     def load(cls, path: Path) -> ServerConfig:
@@ -90,7 +115,24 @@ class ServerConfig:
         host, _, port = str(doc.get("listen", "127.0.0.1:8089")).rpartition(":")
         if not port.isdigit():
             raise ServerConfigError(f"{source}: listen must be host:port")
+        token = None
+        if doc.get("token_file"):
+            try:
+                token = Path(doc["token_file"]).read_text().strip()
+            except OSError as exc:
+                raise ServerConfigError(f"{source}: token_file: {exc}") from None
+            if not token:
+                raise ServerConfigError(f"{source}: token_file is empty")
+        allowed = doc.get("allowed_registries") or []
+        if not isinstance(allowed, list) or not all(isinstance(a, str) for a in allowed):
+            raise ServerConfigError(f"{source}: allowed_registries must be a list of host:port")
+        queue_size = doc.get("queue_size", 256)
+        if type(queue_size) is not int or queue_size < 1:
+            raise ServerConfigError(f"{source}: queue_size must be a positive integer")
         return cls(
+            token=token,
+            allowed_registries=tuple(allowed),
+            queue_size=queue_size,
             listen_host=host or "127.0.0.1",
             listen_port=int(port),
             registry=doc.get("registry"),

@@ -5,12 +5,17 @@ we answer 2xx, blocking its notification queue meanwhile, so events are acknowle
 once and conversions run from a queue, one at a time (conversion is CPU-bound). Each
 finished conversion is reported three ways: a log line, Prometheus metrics, and an
 optional outgoing webhook.
+
+What an event can make us do is bounded: /events needs the configured bearer token,
+only configured registries are contacted, the queue has a size (429 past it), and one
+conversion that fails in any way is recorded as failed without stopping the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 from dataclasses import dataclass
 
@@ -68,10 +73,12 @@ class ConvertServer:
     """Receives notifications and runs conversions in the background."""
 
     def __init__(self, config: ServerConfig) -> None:
+        config.check_servable()
         self.config = config
         self.metrics = _Metrics.create()
         self.results: list[ConversionResult] = []
-        self._queue: asyncio.Queue[PushedImage] = asyncio.Queue()
+        self.failed = 0
+        self._queue: asyncio.Queue[PushedImage] = asyncio.Queue(config.queue_size)
         self._pending: set[tuple[str, str, str]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._client: RegistryClient | None = None
@@ -109,6 +116,12 @@ class ConvertServer:
             await self._http.close()
 
     async def _events(self, request: web.Request) -> web.Response:
+        assert self.config.token is not None
+        offered = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(offered, f"Bearer {self.config.token}".encode()):
+            self.metrics.events.labels("unauthorized").inc()
+            log.warning("convert_server.unauthorized", peer=request.remote)
+            return web.Response(status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             envelope = json.loads(await request.read())
             pushed = images_to_convert(envelope, self.config.registry)
@@ -118,12 +131,20 @@ class ConvertServer:
             return web.Response(status=400, text=str(exc))
         for image in pushed:
             key = (image.registry, image.repository, image.digest)
+            if not self.config.allows(image.registry):
+                self.metrics.events.labels("registry_not_allowed").inc()
+                log.warning("convert_server.registry_not_allowed", registry=image.registry)
+                continue
             if self.config.rule_for(image.repository) is None:
                 self.metrics.events.labels("no_rule").inc()
                 continue
             if key in self._pending:
                 self.metrics.events.labels("duplicate").inc()
                 continue
+            if self._queue.full():
+                # The registry sends the envelope again; what was queued is deduplicated.
+                self.metrics.events.labels("queue_full").inc()
+                return web.Response(status=429, headers={"Retry-After": "10"})
             self._pending.add(key)
             self.metrics.events.labels("queued").inc()
             log.info(
@@ -139,13 +160,26 @@ class ConvertServer:
         return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
 
     async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.json_response({"queued": self._queue.qsize(), "done": len(self.results)})
+        working = self._worker is not None and not self._worker.done()
+        body = {
+            "queued": self._queue.qsize(),
+            "done": len(self.results),
+            "failed": self.failed,
+            "worker": "running" if working else "stopped",
+        }
+        return web.json_response(body, status=200 if working else 503)
 
     async def _work(self) -> None:
         while True:
             image = await self._queue.get()
             try:
                 await self._convert(image)
+            except Exception as exc:
+                # Whatever one push makes go wrong is that push's failure, not the end
+                # of conversions for every later one.
+                self.failed += 1
+                self.metrics.conversions.labels("unknown", "failed").inc()
+                log.exception("convert_server.failed", image=image.repository, error=repr(exc))
             finally:
                 self._pending.discard((image.registry, image.repository, image.digest))
                 self._queue.task_done()
@@ -164,6 +198,7 @@ class ConvertServer:
             try:
                 result = await convert_image(self._client, ref, options)
             except (ConversionError, RegistryError, OSError) as exc:
+                self.failed += 1
                 self.metrics.conversions.labels(rule.mode, "failed").inc()
                 log.error("convert_server.failed", image=str(ref), error=str(exc))
                 report.update(outcome="failed", error=str(exc))

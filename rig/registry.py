@@ -128,6 +128,7 @@ class RegistryServer:
         port: int | None = None,
         auth: HtpasswdAuth | TokenAuth | None = None,
         notification_urls: Sequence[str] = (),
+        notification_headers: Mapping[str, str] | None = None,
         delete_enabled: bool = True,
         storage_dir: Path | None = None,
         extra_config: Mapping[str, Any] | None = None,
@@ -141,6 +142,7 @@ class RegistryServer:
         self.port = port or 0
         self.auth = auth
         self.notification_urls = list(notification_urls)
+        self.notification_headers = dict(notification_headers or {})
         self.delete_enabled = delete_enabled
         self.storage_dir = storage_dir or work_dir / "storage"
         self.extra_config = dict(extra_config or {})
@@ -204,6 +206,7 @@ class RegistryServer:
                         "timeout": "2s",
                         "threshold": 3,
                         "backoff": "1s",
+                        "headers": {k: [v] for k, v in self.notification_headers.items()},
                     }
                     for index, url in enumerate(self.notification_urls)
                 ]

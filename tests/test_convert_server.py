@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 
+import pytest
 from aiohttp import web
 
 from converter.prefetch import PrefetchList
-from converter.push_events import RepositoryRule, ServerConfig
+from converter.push_events import RepositoryRule, ServerConfig, ServerConfigError
 from converter.server import ConvertServer
 from fetcher.errors import NotFoundError
 from fetcher.manifest import ImageManifest
@@ -20,7 +24,10 @@ from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from formats.accelerated import ARTIFACT_TYPE_INDEX
 from rig.images import oci_layout_reference
+from rig.ports import free_port
 from rig.threaded_server import ThreadedServer
+
+TOKEN = "s3cret-token"
 
 
 class _Receiver:
@@ -64,6 +71,8 @@ async def test_skopeo_push_is_converted_and_reported(make_registry, built_busybo
     config = ServerConfig(
         rules=(RepositoryRule("rig/*", "index", PrefetchList.parse_lines(["/bin/"])),),
         webhook_url=f"{receiver.server.url}/hook",
+        token=TOKEN,
+        allowed_registries=("127.0.0.1:*",),
     )
     convert_server = ConvertServer(config)
 
@@ -73,7 +82,10 @@ async def test_skopeo_push_is_converted_and_reported(make_registry, built_busybo
     server = ThreadedServer(app, name="convert-server")
     server.start()
     try:
-        registry = make_registry(notification_urls=[f"{server.url}/events"])
+        registry = make_registry(
+            notification_urls=[f"{server.url}/events"],
+            notification_headers={"Authorization": f"Bearer {TOKEN}"},
+        )
         target = f"{registry.host}/{repo_name}:v1"
         await asyncio.to_thread(
             subprocess.run,
@@ -101,7 +113,107 @@ async def test_skopeo_push_is_converted_and_reported(make_registry, built_busybo
         # Our own pushes (the artifact, the referrers tag, `_accelerated`) are not converted.
         await asyncio.sleep(2)
         health = await asyncio.to_thread(_get, f"{server.url}/healthz")
-        assert json.loads(health) == {"queued": 0, "done": 1}
+        assert json.loads(health) == {"queued": 0, "done": 1, "failed": 0, "worker": "running"}
     finally:
         server.stop()
         receiver.server.stop()
+
+
+def _envelope(registry: str, *images: tuple[str, str]) -> bytes:
+    """A notification envelope of tagged manifest pushes ((repository, digest) each)."""
+    events = [
+        {
+            "action": "push",
+            "target": {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "repository": repository,
+                "tag": "v1",
+                "digest": digest,
+                "url": f"http://{registry}/v2/{repository}/manifests/{digest}",
+            },
+        }
+        for repository, digest in images
+    ]
+    return json.dumps({"events": events}).encode()
+
+
+def _post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(url, data=body, method="POST")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers)
+
+
+@contextlib.contextmanager
+def _serving(config: ServerConfig) -> Iterator[tuple[ThreadedServer, ConvertServer]]:
+    convert_server = ConvertServer(config)
+
+    async def app() -> web.Application:
+        return convert_server.app()
+
+    server = ThreadedServer(app, name="convert-server")
+    server.start()
+    try:
+        yield server, convert_server
+    finally:
+        server.stop()
+
+
+UNREACHABLE = f"127.0.0.1:{free_port()}"
+"""A registry nobody listens on: a conversion from it fails after its retries."""
+DIGEST = "sha256:" + "c" * 64
+
+
+def _config(**changes: object) -> ServerConfig:
+    settings: dict[str, object] = {
+        "rules": (RepositoryRule("*", "index", PrefetchList(())),),
+        "token": TOKEN,
+        "allowed_registries": ("127.0.0.1:*",),
+    }
+    return ServerConfig(**(settings | changes))  # type: ignore[arg-type]
+
+
+def test_a_server_with_open_events_or_open_registries_does_not_start() -> None:
+    with pytest.raises(ServerConfigError, match="token"):
+        ConvertServer(_config(token=None))
+    with pytest.raises(ServerConfigError, match="registry"):
+        ConvertServer(_config(allowed_registries=()))
+
+
+def test_events_need_the_token_and_name_an_allowed_registry() -> None:
+    with _serving(_config()) as (server, convert_server):
+        body = _envelope(UNREACHABLE, ("app", DIGEST))
+        assert _post(f"{server.url}/events", body, token=None)[0] == 401
+        assert _post(f"{server.url}/events", body, token="wrong")[0] == 401
+        assert convert_server.metrics.events.labels("unauthorized")._value.get() == 2
+        elsewhere = _envelope("registry.example:443", ("app", DIGEST))
+        assert _post(f"{server.url}/events", elsewhere)[0] == 200
+        assert convert_server.metrics.events.labels("registry_not_allowed")._value.get() == 1
+        assert convert_server.metrics.events.labels("queued")._value.get() == 0
+
+
+def test_a_push_that_breaks_its_conversion_does_not_stop_the_worker() -> None:
+    with _serving(_config()) as (server, convert_server):
+        # A digest the reference parser refuses: the conversion raises ValueError.
+        assert _post(f"{server.url}/events", _envelope(UNREACHABLE, ("app", "sha256:zz")))[0] == 200
+        assert _post(f"{server.url}/events", _envelope(UNREACHABLE, ("app", DIGEST)))[0] == 200
+        deadline = time.monotonic() + 60
+        while convert_server.failed < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        health = json.loads(_get(f"{server.url}/healthz"))
+        assert health == {"queued": 0, "done": 0, "failed": 2, "worker": "running"}
+
+
+def test_a_full_queue_answers_429_and_queues_nothing_more() -> None:
+    with _serving(_config(queue_size=1)) as (server, convert_server):
+        images = [(f"app{i}", DIGEST) for i in range(4)]  # the first keeps the worker busy
+        statuses = [
+            _post(f"{server.url}/events", _envelope(UNREACHABLE, image)) for image in images
+        ]
+        assert [status for status, _ in statuses][:2] == [200, 200]
+        assert statuses[-1][0] == 429 and statuses[-1][1]["Retry-After"]
+        assert convert_server.metrics.events.labels("queue_full")._value.get() >= 1
