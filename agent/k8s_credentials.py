@@ -59,10 +59,10 @@ class KubernetesCredentialStore(CredentialStore):
         """Swap the whole secret layer (hosts missing now are forgotten)."""
         self._from_secrets = {normalize_registry_key(h): c for h, c in credentials.items()}
 
-    def lookup(self, registry: str) -> Credential | None:
+    def lookup(self, registry: str, ask_helper: bool = True) -> Credential | None:
         """Secrets first, then the node's own sources."""
         found = self._from_secrets.get(normalize_registry_key(registry))
-        return found if found is not None else super().lookup(registry)
+        return found if found is not None else super().lookup(registry, ask_helper)
 
 
 def credentials_from_secret(secret: Any) -> dict[str, Credential]:

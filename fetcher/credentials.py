@@ -12,6 +12,7 @@ import binascii
 import json
 import os
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ import yaml
 
 from fetcher.errors import CredentialsError
 from fetcher.reference import DOCKER_HUB, DOCKER_HUB_API_HOST
+
+HELPER_TTL_S = 300.0
+"""How long a credential helper's answer is used before the helper is asked again."""
 
 DOCKERCONFIGJSON_TYPE = "kubernetes.io/dockerconfigjson"
 DOCKERCONFIGJSON_KEY = ".dockerconfigjson"
@@ -79,6 +83,7 @@ class CredentialStore:
         self._by_host: dict[str, Credential] = {}
         self._helpers: dict[str, str] = {}
         self._default_helper: str | None = None
+        self._helper_answers: dict[str, tuple[Credential | None, float]] = {}
 
     def add(self, registry: str, credential: Credential) -> None:
         """Register a credential for ``registry`` (host[:port] or a config.json URL key)."""
@@ -140,15 +145,23 @@ class CredentialStore:
                 raise CredentialsError(f"{path}: {DOCKERCONFIGJSON_KEY} is not JSON") from None
         self.add_docker_config(doc, str(path))
 
-    def lookup(self, registry: str) -> Credential | None:
-        """The credential for ``registry``, asking a Docker credential helper if configured."""
+    def lookup(self, registry: str, ask_helper: bool = True) -> Credential | None:
+        """The credential for ``registry``, asking a Docker credential helper if one is
+        configured. A helper's answer is kept for HELPER_TTL_S (helpers are processes and
+        say nothing of expiry); ``ask_helper=False`` returns the last answer, however old,
+        without running anything (for code on the event loop)."""
         host = normalize_registry_key(registry)
         if host in self._by_host:
             return self._by_host[host]
         helper = self._helpers.get(host, self._default_helper)
-        if helper:
-            return _ask_credential_helper(helper, host)
-        return None
+        if not helper:
+            return None
+        answered = self._helper_answers.get(host)
+        if not ask_helper or (answered and time.monotonic() - answered[1] < HELPER_TTL_S):
+            return answered[0] if answered else None
+        credential = _ask_credential_helper(helper, host)
+        self._helper_answers[host] = (credential, time.monotonic())
+        return credential
 
     @classmethod
     def from_files(

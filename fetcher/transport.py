@@ -24,6 +24,7 @@ from common.logging import get_logger
 from fetcher.auth import Challenge, TokenCache, basic_header, parse_challenge, repository_scope
 from fetcher.bodies import SMALL_BODY, json_capped
 from fetcher.credentials import CredentialStore
+from fetcher.delegation import may_send_credentials, redirect_allowed
 from fetcher.errors import (
     ForbiddenError,
     NotFoundError,
@@ -155,7 +156,8 @@ class RegistryTransport:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            credential = self.credentials.lookup(target.registry)
+            # What the last challenge looked up (a helper is asked again on the next 401).
+            credential = self.credentials.lookup(target.registry, ask_helper=False)
             return basic_header(credential) if credential and credential.username else None
         if challenge.scheme == "bearer":
             scope = repository_scope(target.repository, target.push)
@@ -169,7 +171,8 @@ class RegistryTransport:
         """Answer a 401 challenge: remember it and return the Authorization to retry with."""
         challenge = parse_challenge(header)
         self._challenges[target.registry] = challenge
-        credential = self.credentials.lookup(target.registry)
+        # Off the loop: a Docker credential helper is a subprocess.
+        credential = await asyncio.to_thread(self.credentials.lookup, target.registry)
         if challenge.scheme == "basic":
             if credential is None or not credential.username:
                 raise UnauthorizedError(
@@ -177,6 +180,10 @@ class RegistryTransport:
                 )
             return basic_header(credential)
         if challenge.scheme == "bearer":
+            realm = challenge.params.get("realm", "")
+            if credential is not None and not may_send_credentials(target.registry, realm):
+                log.warning("registry.realm_credentials_withheld", registry=target.registry)
+                credential = None
             scope = repository_scope(target.repository, target.push)
             token = await self._tokens.fetch(
                 self.session, challenge, scope, credential, self.timeout
@@ -258,7 +265,7 @@ class RegistryTransport:
         if blob_digest:
             cached = self.cached_redirect(target, blob_digest)
             if cached:
-                resp = await self._follow(method, cached, headers, MAX_REDIRECTS)
+                resp = await self._follow(target, method, cached, headers, MAX_REDIRECTS)
                 if resp.status < 400 or resp.status in RETRYABLE_STATUS:
                     return resp
                 resp.release()
@@ -296,16 +303,30 @@ class RegistryTransport:
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
             location = urljoin(url, resp.headers["Location"])
             resp.release()
+            self._check_redirect(target, location)
             if blob_digest:
                 self._redirects[(target.registry, blob_digest)] = (
                     location,
                     redirect_expiry(location, time.monotonic(), self._redirect_ttl),
                 )
-            return await self._follow(method, location, headers, MAX_REDIRECTS - 1)
+            return await self._follow(target, method, location, headers, MAX_REDIRECTS - 1)
         return resp
 
+    @staticmethod
+    def _check_redirect(target: Target, location: str) -> None:
+        if not redirect_allowed(target.registry, location):
+            raise RegistryError(
+                f"{target.registry} redirected to a non-public address; not followed",
+                url=str(urlsplit(location)._replace(query="").geturl()),
+            )
+
     async def _follow(
-        self, method: str, url: str, headers: Mapping[str, str] | None, hops: int
+        self,
+        target: Target,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        hops: int,
     ) -> aiohttp.ClientResponse:
         """Follow a redirect without our registry credentials (they are not the CDN's)."""
         resp = await self.session.request(
@@ -314,7 +335,8 @@ class RegistryTransport:
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers and hops > 0:
             location = urljoin(url, resp.headers["Location"])
             resp.release()
-            return await self._follow(method, location, headers, hops - 1)
+            self._check_redirect(target, location)
+            return await self._follow(target, method, location, headers, hops - 1)
         return resp
 
 
