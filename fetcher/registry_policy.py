@@ -13,10 +13,11 @@ Entry forms (host names compare case-insensitively):
 Docker Hub's names (``docker.io``, ``index.docker.io``, ``registry-1.docker.io``) are
 one registry. No entries at all means every registry is allowed.
 
-What is not a registry is not checked: the hosts a registry delegates to, i.e. blob
-redirect targets (pre-signed storage/CDN URLs) and token realms. The allowed registry
-chose them, its answer is what we already trust, and operators cannot know their CDN's
-host names in advance.
+What is not a registry is not checked against this list: the hosts a registry
+delegates to, i.e. blob redirect targets (pre-signed storage/CDN URLs) and token realms.
+The allowed registry chose them, and operators cannot know their CDN's host names in
+advance; what may go to them, and which addresses they may be, is
+`fetcher.delegation`'s rule.
 """
 
 from __future__ import annotations
