@@ -26,6 +26,7 @@ from converter.convert import ConvertOptions, convert_image
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.retry import RetryPolicy
+from formats.accelerated import ANNOTATION_SOURCE_DIGEST
 from rig.certificates import write_self_signed
 from rig.fault_proxy import Fault, FaultProxy
 from rig.images import build_image, busybox_image_spec
@@ -222,8 +223,11 @@ async def test_full_mode_image_is_rewritten_and_pod_steered(
     response = await webhook.review(pod)
 
     result = patched(pod, response)
-    assert result["spec"]["containers"][0]["image"] == f"{image}_accelerated"
-    assert result["spec"]["initContainers"][0]["image"] == f"{image}_accelerated"
+    async with RegistryClient() as client:
+        twin = await client.get_manifest(ImageReference.parse(f"{image}_accelerated"))
+    # Pinned to the twin checked at admission: the tag may move before the pod starts.
+    assert result["spec"]["containers"][0]["image"] == f"{image}_accelerated@{twin.digest}"
+    assert result["spec"]["initContainers"][0]["image"] == f"{image}_accelerated@{twin.digest}"
     assert result["spec"]["containers"][1] == pod["spec"]["containers"][1]
     assert node_terms(result) == [{"matchExpressions": [OPT_IN]}]
     # A second call (the namespace entry also matched) leaves the patched pod alone.
@@ -266,9 +270,8 @@ async def test_namespace_entry_mutates_unlabelled_pods_but_honours_opt_out(
         make_pod(image, labels={ON_DEMAND_LABEL: "false"}), NAMESPACE_LABEL_PATH
     )
 
-    assert patched(make_pod(image), selected)["spec"]["containers"][0]["image"].endswith(
-        ":latest_accelerated"
-    )
+    rewritten = patched(make_pod(image), selected)["spec"]["containers"][0]["image"]
+    assert rewritten.startswith(f"{image}_accelerated@sha256:")
     assert "patch" not in opted_out
 
 
@@ -417,3 +420,47 @@ async def test_reviews_of_other_kinds_pass_untouched(webhook):
 
     assert status == 200
     assert answer["response"] == {"uid": "uid-1", "allowed": True}
+
+
+def _pod_review_with(**spec_or_metadata: Any) -> bytes:
+    review = admission_review(make_pod("busybox", labels={ON_DEMAND_LABEL: "true"}), "uid-2")
+    pod = review["request"]["object"]
+    for key, value in spec_or_metadata.items():
+        (pod if key == "metadata" else pod["spec"])[key] = value
+    return json.dumps(review).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_pod_review_with(metadata=["not", "an", "object"]), "metadata"),
+        (_pod_review_with(metadata={"labels": "acceld=true"}), "labels"),
+        (_pod_review_with(containers={"name": "c"}), "containers"),
+        (_pod_review_with(affinity=["zone"]), "affinity"),
+        (
+            _pod_review_with(affinity={"nodeAffinity": {REQUIRED: {"nodeSelectorTerms": "x"}}}),
+            "nodeSelectorTerms",
+        ),
+    ],
+)
+async def test_a_malformed_pod_is_a_clear_400_not_a_500(webhook, body, message):
+    status, answer = await webhook.post(POD_LABEL_PATH, body)
+
+    assert status == 400
+    assert message in answer["error"]
+
+
+async def test_a_twin_that_names_no_source_is_not_used(webhook, image_pusher, built_busybox):
+    """Anyone who can push a tag can push `<tag>_accelerated`: a twin is used only if it
+    records the digest of the image the tag names now."""
+    image = await _converted(image_pusher, built_busybox, "full")
+    twin_ref = ImageReference.parse(f"{image}_accelerated")
+    async with RegistryClient() as client:
+        twin = await client.get_manifest(twin_ref)
+        doc = json.loads(twin.body)
+        del doc["annotations"][ANNOTATION_SOURCE_DIGEST]
+        await client.push_manifest(twin_ref, json.dumps(doc).encode(), twin.media_type)
+
+    response = await webhook.review(make_pod(image), NAMESPACE_LABEL_PATH)
+
+    assert "patch" not in response

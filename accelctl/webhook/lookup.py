@@ -121,12 +121,15 @@ class AcceleratedImageLookup:
                 fetched = await self.client.get_manifest(target)
             except NotFoundError:
                 return NOT_ACCELERATED
+            # The twin must say which image it was made from, and be of that image as
+            # the tag stands now: anyone who can push a tag can push a "twin".
             recorded = fetched.parsed.annotations.get(ANNOTATION_SOURCE_DIGEST)
-            if recorded and recorded != await self.client.manifest_digest(source):
+            if recorded is None or recorded != await self.client.manifest_digest(source):
                 log.info("webhook.stale_accelerated_form", image=image, target=str(target))
                 return NOT_ACCELERATED
         except (TimeoutError, RegistryError, aiohttp.ClientError) as exc:
             raise RegistryLookupError(f"{target}: {exc.__class__.__name__}: {exc}") from exc
         if _is_index_only(fetched.parsed):
             return LookupResult(Acceleration.INDEX_ONLY)
-        return LookupResult(Acceleration.FULL, str(target))
+        # Pinned to the twin checked just now: the tag may move before the pod starts.
+        return LookupResult(Acceleration.FULL, str(target.with_digest(fetched.digest)))

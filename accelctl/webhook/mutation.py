@@ -74,12 +74,39 @@ def parse_review(body: bytes) -> PodAdmission:
         raise ReviewError("request.object must be the Pod")
     if is_pod and not isinstance(obj.get("spec"), dict):  # type: ignore[union-attr]
         raise ReviewError("request.object.spec must be an object")
+    if is_pod:
+        _check_pod_shape(obj)  # type: ignore[arg-type]
     return PodAdmission(
         uid=uid,
         operation=str(request.get("operation", "")),
         namespace=str(request.get("namespace", "")),
         pod=obj if is_pod else None,
     )
+
+
+def _check_pod_shape(pod: dict[str, Any]) -> None:
+    """ReviewError unless every part of the pod this webhook reads has its API type: a
+    malformed review gets a 400 that names the field, never a 500."""
+
+    def expect(value: Any, kind: type, where: str) -> Any:
+        if value is not None and not isinstance(value, kind):
+            raise ReviewError(f"{where} must be {'an object' if kind is dict else 'a list'}")
+        return value if value is not None else kind()
+
+    metadata = expect(pod.get("metadata"), dict, "request.object.metadata")
+    expect(metadata.get("labels"), dict, "request.object.metadata.labels")
+    spec = pod["spec"]
+    for list_name in CONTAINER_LISTS:
+        expect(spec.get(list_name), list, f"request.object.spec.{list_name}")
+    affinity = expect(spec.get("affinity"), dict, "request.object.spec.affinity")
+    node = expect(affinity.get("nodeAffinity"), dict, "spec.affinity.nodeAffinity")
+    required = expect(node.get(REQUIRED), dict, f"nodeAffinity.{REQUIRED}")
+    terms = expect(required.get("nodeSelectorTerms"), list, "nodeSelectorTerms")
+    for index, term in enumerate(terms):
+        term = expect(term, dict, f"nodeSelectorTerms[{index}]")
+        expressions = expect(term.get("matchExpressions"), list, "matchExpressions")
+        for expression in expressions:
+            expect(expression, dict, f"nodeSelectorTerms[{index}].matchExpressions[]")
 
 
 def review_response(uid: str, patch: JsonPatch, warning: str | None = None) -> dict[str, Any]:
