@@ -43,8 +43,8 @@ class Node:
 
     def listing(self) -> list[tuple[bytes, Node]]:
         """The directory's children sorted by name, sorted once: readdir pages through
-        it by position, and sorting again for every page made listing a large directory
-        quadratic (an `ls` of 40 000 entries held the event loop for 46 s). A tree is
+        it by position, and sorting again for every page made listing a directory
+        quadratic in its size, on the event loop every FUSE answer shares. A tree is
         immutable once built, so the order never goes stale."""
         if self._listing is None:
             self._listing = sorted((self.children or {}).items())
