@@ -16,12 +16,16 @@ from converter.server import serve
     "config_path",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="YAML: listen, registry, repositories[{match, mode, prefetch_list}], webhook.",
+    help=(
+        "YAML: listen, token_file, registry or allowed_registries, queue_size, "
+        "repositories[{match, mode, prefetch_list}], webhook."
+    ),
 )
 def convert_server(config_path: Path) -> None:
     """Receive registry push notifications (POST /events) and convert pushed tags."""
     try:
         config = ServerConfig.load(config_path)
+        config.check_servable()
     except ServerConfigError as exc:
         raise click.ClickException(str(exc)) from None
     serve(config)
