@@ -13,6 +13,7 @@ import asyncio
 import collections
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,9 @@ from fetcher.registry_policy import RegistryPolicy
 from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
 
 log = get_logger(__name__)
+
+_CREDENTIAL_LOOKUPS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="acceld-credentials")
+"""Credential lookups that may run a Docker credential helper (one at a time)."""
 RETRY_CAUSES = ("status", "connection", "range", "stream", "upload")
 """Why a registry request was sent again: a retryable HTTP status, a failed connection,
 a bad Range answer, a blob stream cut short, a failed upload."""
@@ -171,8 +175,13 @@ class RegistryTransport:
         """Answer a 401 challenge: remember it and return the Authorization to retry with."""
         challenge = parse_challenge(header)
         self._challenges[target.registry] = challenge
-        # Off the loop: a Docker credential helper is a subprocess.
-        credential = await asyncio.to_thread(self.credentials.lookup, target.registry)
+        # Off the loop, on a thread of its own: a Docker credential helper is a
+        # subprocess, and the loop's default executor also runs file-system walks
+        # that can wait behind overlayfs.
+        loop = asyncio.get_running_loop()
+        credential = await loop.run_in_executor(
+            _CREDENTIAL_LOOKUPS, self.credentials.lookup, target.registry
+        )
         if challenge.scheme == "basic":
             if credential is None or not credential.username:
                 raise UnauthorizedError(
