@@ -65,6 +65,21 @@ async def _wait_for(client: RegistryClient, ref: ImageReference, timeout: float 
             await asyncio.sleep(0.5)
 
 
+@contextlib.contextmanager
+def _serving(config: ServerConfig) -> Iterator[tuple[ThreadedServer, ConvertServer]]:
+    convert_server = ConvertServer(config)
+
+    async def app() -> web.Application:
+        return convert_server.app()
+
+    server = ThreadedServer(app, name="convert-server")
+    server.start()
+    try:
+        yield server, convert_server
+    finally:
+        server.stop()
+
+
 async def test_skopeo_push_is_converted_and_reported(make_registry, built_busybox, repo_name):
     receiver = _Receiver()
     receiver.server.start()
@@ -74,48 +89,41 @@ async def test_skopeo_push_is_converted_and_reported(make_registry, built_busybo
         token=TOKEN,
         allowed_registries=("127.0.0.1:*",),
     )
-    convert_server = ConvertServer(config)
-
-    async def app() -> web.Application:
-        return convert_server.app()
-
-    server = ThreadedServer(app, name="convert-server")
-    server.start()
     try:
-        registry = make_registry(
-            notification_urls=[f"{server.url}/events"],
-            notification_headers={"Authorization": f"Bearer {TOKEN}"},
-        )
-        target = f"{registry.host}/{repo_name}:v1"
-        await asyncio.to_thread(
-            subprocess.run,
-            [
-                "skopeo",
-                "copy",
-                "--dest-tls-verify=false",
-                oci_layout_reference(built_busybox.layout, built_busybox.tag),
-                f"docker://{target}",
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        async with RegistryClient() as client:
-            accelerated = await _wait_for(client, ImageReference.parse(target + "_accelerated"))
-        assert isinstance(accelerated.parsed, ImageManifest)
-        assert accelerated.parsed.artifact_type == ARTIFACT_TYPE_INDEX
-        assert await asyncio.to_thread(receiver.received.wait, 30)
-        assert [r["outcome"] for r in receiver.reports] == ["converted"]
-        assert receiver.reports[0]["target"] == target + "_accelerated"
-        text = await asyncio.to_thread(_get, f"{server.url}/metrics")
-        assert 'acceld_conversions_total{mode="index",outcome="converted"} 1.0' in text
-        # Our own pushes (the artifact, the referrers tag, `_accelerated`) are not converted.
-        await asyncio.sleep(2)
-        health = await asyncio.to_thread(_get, f"{server.url}/healthz")
-        assert json.loads(health) == {"queued": 0, "done": 1, "failed": 0, "worker": "running"}
+        with _serving(config) as (server, _):
+            registry = make_registry(
+                notification_urls=[f"{server.url}/events"],
+                notification_headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            target = f"{registry.host}/{repo_name}:v1"
+            await asyncio.to_thread(
+                subprocess.run,
+                [
+                    "skopeo",
+                    "copy",
+                    "--dest-tls-verify=false",
+                    oci_layout_reference(built_busybox.layout, built_busybox.tag),
+                    f"docker://{target}",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            async with RegistryClient() as client:
+                accelerated = await _wait_for(client, ImageReference.parse(target + "_accelerated"))
+            assert isinstance(accelerated.parsed, ImageManifest)
+            assert accelerated.parsed.artifact_type == ARTIFACT_TYPE_INDEX
+            assert await asyncio.to_thread(receiver.received.wait, 30)
+            assert [r["outcome"] for r in receiver.reports] == ["converted"]
+            assert receiver.reports[0]["target"] == target + "_accelerated"
+            text = await asyncio.to_thread(_get, f"{server.url}/metrics")
+            assert 'acceld_conversions_total{mode="index",outcome="converted"} 1.0' in text
+            # Our own pushes (the artifact, the referrers tag, `_accelerated`) are not converted.
+            await asyncio.sleep(2)
+            health = await asyncio.to_thread(_get, f"{server.url}/healthz")
+            assert json.loads(health) == {"queued": 0, "done": 1, "failed": 0, "worker": "running"}
     finally:
-        server.stop()
         receiver.server.stop()
 
 
@@ -146,21 +154,6 @@ def _post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict[s
             return response.status, dict(response.headers)
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers)
-
-
-@contextlib.contextmanager
-def _serving(config: ServerConfig) -> Iterator[tuple[ThreadedServer, ConvertServer]]:
-    convert_server = ConvertServer(config)
-
-    async def app() -> web.Application:
-        return convert_server.app()
-
-    server = ThreadedServer(app, name="convert-server")
-    server.start()
-    try:
-        yield server, convert_server
-    finally:
-        server.stop()
 
 
 UNREACHABLE = f"127.0.0.1:{free_port()}"
