@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 import tarfile
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -26,6 +27,15 @@ MAX_OWNER_NAME = 256
 """Longest user/group name the TOC formats keep (Linux caps them at 32)."""
 MAX_MTIME = float(1 << 62)
 """Beyond any date a file system stores; the index-only file table refuses larger ones."""
+MAX_EXTENDED_HEADER = 1 << 20
+"""Largest pax or GNU long-name record one member may carry. tarfile reads such a
+record whole before anything can look at it (a 300 MB pax header took the converter
+to 827 MB); real ones hold a path (4 KiB) and a few xattrs (64 KiB each at most)."""
+MAX_HEADER_BLOCKS = 16
+"""Most extended headers (pax, global pax, GNU long names) before one member: tarfile
+reads a chain of them recursively, and keeps each record until the member is made."""
+MAX_HEADER_CHAIN = MAX_HEADER_BLOCKS * (MAX_EXTENDED_HEADER + tarfile.BLOCKSIZE)
+"""Bytes from where a member's headers start to where its data does, at most."""
 
 ENTRY_TYPES = ("reg", "dir", "symlink", "hardlink", "char", "block", "fifo")
 _TAR_TYPES = {
@@ -168,6 +178,38 @@ class TocEntry:
         return posixpath.join(head, base[len(WHITEOUT_PREFIX) :])
 
 
+_EXTENDED_TYPES = frozenset(
+    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE}
+    | {tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
+)
+_CHAIN_BLOCKS: ContextVar[int] = ContextVar("acceld_tar_header_chain", default=0)
+"""Extended headers read so far in the chain being parsed (tarfile recurses through a
+chain, so a context variable scoped by that recursion counts it)."""
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended records are capped before tarfile reads them.
+
+    tarfile takes the header class as its documented ``tarinfo`` argument; the hook
+    overridden is its per-header dispatch, the one place that sees a record's size
+    before the record is read."""
+
+    def _proc_member(self, tarfile: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type not in _EXTENDED_TYPES:
+            return super()._proc_member(tarfile)  # type: ignore[misc]
+        blocks = _CHAIN_BLOCKS.get() + 1
+        if self.size > MAX_EXTENDED_HEADER or blocks > MAX_HEADER_BLOCKS:
+            raise HostileLayerError(
+                f"extended tar header of {self.size} bytes ({blocks} in a row); "
+                f"at most {MAX_EXTENDED_HEADER} bytes and {MAX_HEADER_BLOCKS} headers"
+            )
+        token = _CHAIN_BLOCKS.set(blocks)
+        try:
+            return super()._proc_member(tarfile)  # type: ignore[misc]
+        finally:
+            _CHAIN_BLOCKS.reset(token)
+
+
 def entry_from_tarinfo(info: tarfile.TarInfo) -> TocEntry:
     """Translate and validate one tar header; raise HostileLayerError on anything unsafe."""
     kind = _TAR_TYPES.get(info.type)
@@ -233,7 +275,9 @@ def iter_tar_entries(
     """
     kinds: dict[str, str] = {}
     try:
-        with tarfile.open(fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT) as tar:
+        with tarfile.open(
+            fileobj=stream, mode="r|", format=tarfile.PAX_FORMAT, tarinfo=BoundedTarInfo
+        ) as tar:
             for info in tar:
                 entry = entry_from_tarinfo(info)
                 # As when unpacking: a hard link needs an earlier non-directory to share.
