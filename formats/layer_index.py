@@ -520,6 +520,13 @@ class DecodedIndex:
             entry = self._row_entry(self._names.get(entry.link_name))
         return entry if entry is not None and entry.type == "reg" else None
 
+    def row_ends(self) -> list[int]:
+        """Where each row's data ends, in table order (empty as for ``live_entry``)."""
+        if self._ends is None:
+            self._index_rows()
+        assert self._ends is not None
+        return self._ends
+
     def _index_rows(self) -> None:
         """Names to row numbers and where each row's data ends, at C speed; empty when
         the table's shape or types would need the row-by-row checks to make sense of."""
