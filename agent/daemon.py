@@ -21,6 +21,7 @@ from agent.fs.mount import FuseMount
 from agent.fs.operations import LayerFS
 from agent.k8s_credentials import KubernetesCredentialStore, keep_credentials_updated
 from agent.layers.discovery import LayerDiscovery
+from agent.layers.distrust import DistrustedMetadata
 from agent.lazy_provider import LazyLayerProvider
 from agent.metrics_server import MetricsServer
 from agent.snapshotter.server import SnapshotterServer
@@ -106,14 +107,15 @@ class Agent:
             metrics.FetcherCollector(lambda: self.fetcher.stats if self.fetcher else None)
         )
         metrics.REGISTRY.register(metrics.RetryCollector(lambda: self.client.transport.retries))
-        self.fs = LayerFS(self.fetcher, self.cache, requests=self.fuse_requests)
+        distrust = DistrustedMetadata(config.root / "distrusted-metadata.json")
+        self.fs = LayerFS(self.fetcher, self.cache, requests=self.fuse_requests, distrust=distrust)
         self.mount = FuseMount(self.fs, config.fuse_mountpoint)
         await self.mount.start()
         # The allow-list is enforced by the client's policy, under every request (also
         # profile and twin lookups), with its host/wildcard rules: discovery's own
         # exact-name check would refuse hosts the policy allows.
         discovery = LayerDiscovery(
-            self.client, config.discover_referrers, self.fetcher.metadata_first
+            self.client, config.discover_referrers, self.fetcher.metadata_first, distrust
         )
         recorder = None
         if config.record_profiles:

@@ -129,6 +129,12 @@ class LazyLayerProvider:
             metrics.LAYERS.labels("fallback").inc()
             return None
         layer = found.layer
+        if self.fs.distrust.reason(layer.metadata_digest) is not None:
+            # Caught lying after discovery's shared lookup found it: mounting it again
+            # would only give this image EIO where a plain pull gives it its files.
+            metrics.FALLBACKS.labels("distrusted-metadata").inc()
+            metrics.LAYERS.labels("fallback").inc()
+            return None
         name = layer_name(layer)
         self._users[name] = self._users.get(name, 0) + 1
         first_use = self._users[name] == 1

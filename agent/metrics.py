@@ -90,6 +90,12 @@ LAYERS = Counter(
 FALLBACKS = Counter(
     "acceld_fallbacks_total", "Layers that fell back to a full pull", ["reason"], registry=REGISTRY
 )
+DISTRUSTED_METADATA = Counter(
+    "acceld_distrusted_metadata_total",
+    "Layer metadata (index artifacts) caught contradicting the layer's own bytes",
+    ["kind"],
+    registry=REGISTRY,
+)
 FIRST_BYTE_SECONDS = Histogram(
     "acceld_prepare_to_first_byte_seconds",
     "Time from a layer's Prepare to its first byte served",

@@ -108,10 +108,12 @@ def entry_chunks(
     layer: LazyLayer, entry: TocEntry, ranges: Sequence[tuple[int, int]] | None = None
 ) -> list[ChunkSpec]:
     """The chunks holding ``ranges`` of one file (the whole file without ranges)."""
-    chunks: list[ChunkSpec] = []
+    chunks: dict[str, ChunkSpec] = {}
     for start, end in _wanted(entry, ranges):
-        chunks.extend(piece.chunk for piece in layer.read_plan(entry, start, max(0, end - start)))
-    return chunks
+        length = max(0, end - start)
+        plan = layer.header_plan(entry, start, length) + layer.read_plan(entry, start, length)
+        chunks.update((piece.chunk.key, piece.chunk) for piece in plan)
+    return list(chunks.values())
 
 
 def node_files(node: Node) -> list[TocEntry]:

@@ -126,7 +126,7 @@ def test_kind_mismatches_absent_and_hostile_paths_prefetch_nothing() -> None:
 def _decoded(mounted: MountedLayer) -> EarlyLayer:
     assert isinstance(mounted.layer, IndexedLayer)
     decoded = layer_index.parse_spans(layer_index.serialize(mounted.layer.index))
-    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index), decoded)
+    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index, decoded), decoded)
 
 
 def test_a_decoded_index_finds_each_file_where_the_tree_shows_it() -> None:
@@ -153,7 +153,7 @@ def _table(mounted: MountedLayer, change: Callable[[list[list[Any]]], None]) -> 
     document["toc"] = zlib.compress(msgpack.packb(rows))
     document["entry_count"] = len(rows)
     decoded = layer_index.parse_spans(msgpack.packb(document))
-    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index), decoded)
+    return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index, decoded), decoded)
 
 
 def _set(row: int, field: int, value: Any) -> Callable[[list[list[Any]]], None]:
@@ -205,7 +205,7 @@ async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at
         assert await client.push_blob(reference, blob_bytes) == digest
         blob = BlobSource(reference, digest, len(blob_bytes))
         mounted = MountedLayer("layer", IndexedLayer(blob, mounted.layer.index), mounted.tree, 0)
-        early = EarlyLayer(IndexedLayer(blob, early.layer.index), early.files)
+        early = EarlyLayer(IndexedLayer(blob, early.layer.index, early.files), early.files)
         session = ImageSession(reference, "sha256:" + "0" * 64, [digest])
         session.plan = [
             PrefetchEntry(digest, "/etc/conf", None),

@@ -28,13 +28,15 @@ import pyfuse3
 from agent import metrics
 from agent.fs.in_flight import InFlightRequests
 from agent.fs.tree import InodeAllocator, LayerTree, Node
-from agent.layers.lazy_layer import LazyLayer, ReadAheadBudget
+from agent.layers.distrust import DistrustedMetadata
+from agent.layers.lazy_layer import ChunkSlice, LazyLayer, ReadAheadBudget
 from common.gc_pause import gc_paused
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import ChunkFetchError, Priority
 from fetcher.errors import RegistryError
 from fetcher.scheduler import ChunkFetcher
+from formats.header_check import HeaderMismatchError
 from formats.toc import TocEntry
 
 log = get_logger(__name__)
@@ -89,10 +91,12 @@ class LayerFS(pyfuse3.Operations):
         cache: ChunkCache,
         listener: FsListener | None = None,
         requests: InFlightRequests | None = None,
+        distrust: DistrustedMetadata | None = None,
     ) -> None:
         super().__init__()
         self.fetcher = fetcher
         self.cache = cache
+        self.distrust = distrust if distrust is not None else DistrustedMetadata()
         self._inodes = InodeAllocator(first=pyfuse3.ROOT_INODE + 1)
         self._layers: dict[bytes, MountedLayer] = {}
         self._owner: dict[int, tuple[Node, MountedLayer]] = {}
@@ -289,7 +293,31 @@ class LayerFS(pyfuse3.Operations):
 
     async def _read(self, inode: int, offset: int, size: int) -> bytes:
         node, mounted = self._node(inode)
-        plan = mounted.layer.read_plan(node.entry, offset, size)
+        layer = mounted.layer
+        refused = self.distrust.reason(layer.metadata_digest)
+        if refused is not None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        header = layer.header_plan(node.entry, offset, size)
+        plan = header + layer.read_plan(node.entry, offset, size)
+        parts = await self._gather(mounted, node.entry, offset, plan)
+        if header:
+            try:
+                layer.check_header(node.entry, b"".join(parts[: len(header)]))
+            except HeaderMismatchError as exc:
+                self.distrust.mark(layer.metadata_digest, layer.kind, mounted.name, str(exc))
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        if self.listener is not None:
+            self.listener.read(mounted, node.entry, offset, size)
+        if not mounted.first_byte_seen:
+            mounted.first_byte_seen = True
+            metrics.FIRST_BYTE_SECONDS.observe(time.monotonic() - mounted.mounted_at)
+        return b"".join(parts[len(header) :])
+
+    async def _gather(
+        self, mounted: MountedLayer, entry: TocEntry, offset: int, plan: list[ChunkSlice]
+    ) -> list[bytes]:
+        """The bytes of every slice of ``plan``: from the cache, from chunks the fetcher
+        holds, or fetched now (EIO if that fails)."""
         blob = mounted.layer.blob
         parts: list[bytes | None] = [
             self.cache.read(blob.digest, piece.chunk.key, piece.start, piece.length)
@@ -307,28 +335,23 @@ class LayerFS(pyfuse3.Operations):
             ahead = mounted.layer.chunks_after(plan[missing[-1]].chunk, READ_AHEAD)
             if ahead:
                 self.fetcher.enqueue(blob, ahead, Priority.PREFETCH)
+            wanted = {plan[i].chunk.key: plan[i].chunk for i in missing}
             try:
-                chunks = await self.fetcher.get_many(
-                    blob, [plan[i].chunk for i in missing], Priority.DEMAND
-                )
+                fetched = await self.fetcher.get_many(blob, list(wanted.values()), Priority.DEMAND)
             except (ChunkFetchError, RegistryError, ValueError, OSError) as exc:
                 log.error(
                     "fs.read_failed",
                     layer=mounted.name,
-                    path=node.entry.name,
+                    path=entry.name,
                     offset=offset,
                     error=str(exc),
                 )
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            for i, chunk in zip(missing, chunks, strict=True):
+            chunks = dict(zip(wanted, fetched, strict=True))
+            for i in missing:
                 piece = plan[i]
-                parts[i] = chunk[piece.start : piece.start + piece.length]
-        if self.listener is not None:
-            self.listener.read(mounted, node.entry, offset, size)
-        if not mounted.first_byte_seen:
-            mounted.first_byte_seen = True
-            metrics.FIRST_BYTE_SECONDS.observe(time.monotonic() - mounted.mounted_at)
-        return b"".join(p for p in parts if p is not None)
+                parts[i] = chunks[piece.chunk.key][piece.start : piece.start + piece.length]
+        return [part if part is not None else b"" for part in parts]
 
     async def _getxattr(self, inode: int, name: bytes) -> bytes:
         if inode == pyfuse3.ROOT_INODE:

@@ -30,6 +30,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from agent.layers.distrust import DistrustedMetadata
 from agent.layers.estargz_layer import EstargzLayer
 from agent.layers.indexed_layer import IndexedLayer
 from agent.layers.metadata_work import off_loop
@@ -185,7 +186,7 @@ def _early_layer(blob: BlobSource, raw: bytes) -> EarlyLayer:
     index = decoded.index
     if index.layer_digest != blob.digest or index.compressed_size != blob.size:
         raise layer_index.IndexFormatError("index describes another layer")
-    return EarlyLayer(IndexedLayer(blob, index), decoded)
+    return EarlyLayer(IndexedLayer(blob, index, decoded), decoded)
 
 
 def _indexed_layer(early: EarlyLayer) -> IndexedLayer:
@@ -215,9 +216,12 @@ class LayerDiscovery:
         client: RegistryClient,
         use_referrers: bool = True,
         metadata_first: MetadataFirst = contextlib.nullcontext,
+        distrust: DistrustedMetadata | None = None,
     ) -> None:
         self.client = client
         self.use_referrers = use_referrers
+        self.distrust = distrust if distrust is not None else DistrustedMetadata()
+        """Index artifacts caught lying: never loaded again."""
         self.metadata_first = metadata_first
         """Held around each index or TOC download and parse (the fetcher then lets it go
         first); an index's is let go once it is decoded, for its early prefetch."""
@@ -378,15 +382,23 @@ class LayerDiscovery:
             ("index-artifacts", str(ref.with_digest(manifest_digest))),
             lambda: self._index_artifacts(ref, manifest_digest),
         )
+        distrusted = None
         for parsed in artifacts:
             for blob_desc in parsed.layers:
                 if (
                     blob_desc.media_type == MEDIA_TYPE_LAYER_INDEX
                     and blob_desc.annotations.get(ANNOTATION_LAYER_DIGEST) == layer.digest
                 ):
+                    if self.distrust.reason(blob_desc.digest) is not None:
+                        distrusted = blob_desc.digest
+                        continue
                     blob = BlobSource(ref, layer.digest, layer.size)
                     indexed = await self._load_index(manifest_digest, blob, blob_desc.digest)
                     return DiscoveredLayer(indexed, _prefetch_from(parsed.annotations))
+        if distrusted is not None:
+            raise NoAccelerationError(
+                "distrusted-metadata", f"index {distrusted} of {layer.digest}"
+            )
         return None
 
     async def _load_index(

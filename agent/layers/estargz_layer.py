@@ -83,6 +83,14 @@ class EstargzLayer:
             index += 1
         return plan
 
+    def header_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
+        """Nothing: the TOC's own digest (from the manifest or the blob) covers every
+        row, and each chunk's digest in it the file's bytes."""
+        return []
+
+    def check_header(self, entry: TocEntry, evidence: bytes) -> None:
+        """Nothing to check (see ``header_plan``)."""
+
     def file_chunks(self, entry: TocEntry) -> list[ChunkSpec]:
         """Every member holding part of the file, in file order."""
         specs = [self._spec(ref.blob_offset) for ref in self._chunks.get(entry.name, [])]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from functools import partial
 
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget, metadata_tag
 from fetcher.chunks import BlobSource, ChunkSpec
-from formats.layer_index import LayerIndex
+from formats.header_check import check_header, member_end
+from formats.layer_index import DecodedIndex, LayerIndex
 from formats.toc import TocEntry
 
 
@@ -16,9 +18,13 @@ class IndexedLayer:
 
     kind = "index"
 
-    def __init__(self, blob: BlobSource, index: LayerIndex) -> None:
+    def __init__(
+        self, blob: BlobSource, index: LayerIndex, decoded: DecodedIndex | None = None
+    ) -> None:
         self.blob = blob
         self.index = index
+        self._decoded = decoded
+        """The table as decoded, for finding headers before it is checked (prefetch)."""
         self.metadata_digest = index.fingerprint()
         self._key_prefix = f"{metadata_tag(self.metadata_digest)}-s"
         """Span keys name the index: another index of the blob lays spans out otherwise."""
@@ -27,6 +33,11 @@ class IndexedLayer:
         self._prefixes: dict[int, ChunkSpec] = {}
         """Spans whose reads, as far as a prefix of them reaches, are served from that
         prefix (see ``expect_reads``)."""
+        self._row_ends: list[int] = []
+        """Where each row's data ends, in table order: a file's tar headers start at the
+        end of the row before it, which ``header_plan`` fetches to check it against."""
+        self._checked: set[int] = set()
+        """Data offsets of the files whose rows matched their tar headers."""
 
     @property
     def entries(self) -> list[TocEntry]:
@@ -89,8 +100,10 @@ class IndexedLayer:
         end = min(offset + length, entry.size)
         if offset >= end:
             return []
-        position = entry.offset + offset
-        stop = entry.offset + end
+        return self._stream_slices(entry.offset + offset, entry.offset + end)
+
+    def _stream_slices(self, position: int, stop: int) -> list[tuple[int, int, int]]:
+        """(span, start in span, length) for the tar stream's bytes [position, stop)."""
         slices = []
         number = self._span_of(position)
         while position < stop:
@@ -104,13 +117,55 @@ class IndexedLayer:
     def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
         """Span slices holding the file's bytes [offset, offset+length) (clipped at EOF):
         of a span's expected prefix where that reaches far enough, else of the span."""
+        return self._plan(self._slices(entry, offset, length))
+
+    def _plan(self, slices: list[tuple[int, int, int]]) -> list[ChunkSlice]:
+        """Each slice from its span's expected prefix if every slice of that span fits
+        in it, else from the whole span (one chunk per span per read, never both)."""
+        reach: dict[int, int] = {}
+        for number, start, take in slices:
+            reach[number] = max(reach.get(number, 0), start + take)
         plan = []
-        for number, start, take in self._slices(entry, offset, length):
-            prefix = self._prefixes.get(number)
-            if prefix is None or start + take > prefix.decoded_size:
-                prefix = self._spec(number)
-            plan.append(ChunkSlice(prefix, start, take))
+        for number, start, take in slices:
+            chunk = self._prefixes.get(number)
+            if chunk is None or reach[number] > chunk.decoded_size:
+                chunk = self._spec(number)
+            plan.append(ChunkSlice(chunk, start, take))
         return plan
+
+    def _header_slices(self, entry: TocEntry) -> list[tuple[int, int, int]]:
+        """Slices of the stream between the previous row's end and the file's data;
+        none once the row is checked."""
+        if entry.type != "reg" or not entry.size or entry.offset in self._checked:
+            return []
+        ends = self._ends()
+        previous = bisect.bisect_right(ends, entry.offset) - 1
+        start = member_end(ends[previous]) if previous >= 0 else 0
+        return self._stream_slices(start, entry.offset) if start < entry.offset else []
+
+    def _ends(self) -> list[int]:
+        """Row ends of the checked table; before it is checked, of the decoded one (which
+        only steers prefetch: reads come after the check, and check again)."""
+        if not self._row_ends and self.entries:
+            self._row_ends = [entry.offset + entry.size for entry in self.entries]
+        if self._row_ends or self._decoded is None:
+            return self._row_ends
+        return self._decoded.row_ends()
+
+    def header_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
+        """The bytes a regular file's row is checked against before its data is first
+        served (here with bytes [offset, offset+length)): its own tar headers in the
+        verified stream. The spans' digests prove the bytes, not that the table tells
+        the truth about them."""
+        header = self._header_slices(entry)
+        if not header:
+            return []
+        return self._plan(header + self._slices(entry, offset, length))[: len(header)]
+
+    def check_header(self, entry: TocEntry, chain: bytes) -> None:
+        """Compare the row with the headers ``header_plan`` read (HeaderMismatchError)."""
+        check_header(chain, entry)
+        self._checked.add(entry.offset)
 
     def expect_reads(self, reads: Iterable[tuple[TocEntry, int, int]]) -> None:
         """Told what a prefetch is about to ask for (file, offset, length): a span that
@@ -122,7 +177,8 @@ class IndexedLayer:
         readers); reads beyond a prefix take the whole span."""
         reach: dict[int, int] = {}
         for entry, offset, length in reads:
-            for number, start, take in self._slices(entry, offset, length):
+            slices = self._header_slices(entry) + self._slices(entry, offset, length)
+            for number, start, take in slices:
                 reach[number] = max(reach.get(number, 0), start + take)
         piece = self.index.piece_size
         for number, end in reach.items():

@@ -78,6 +78,16 @@ class LazyLayer(Protocol):
         """The chunk slices that make up the file's bytes [offset, offset+length)."""
         ...
 
+    def header_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
+        """What must be read with the file's bytes [offset, offset+length), and handed to
+        ``check_header``, before its data is first served: the evidence for metadata no
+        digest covers (empty if there is none, or it was checked)."""
+        ...
+
+    def check_header(self, entry: TocEntry, evidence: bytes) -> None:
+        """Raise HeaderMismatchError if ``evidence`` contradicts the file's metadata."""
+        ...
+
     def file_chunks(self, entry: TocEntry) -> list[ChunkSpec]:
         """Every chunk holding part of the file (for prefetch)."""
         ...
