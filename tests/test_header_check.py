@@ -17,6 +17,8 @@ import errno
 import io
 import json
 import random
+import subprocess
+import sys
 import tarfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -291,3 +293,43 @@ async def test_a_distrusted_index_and_no_other_form_means_a_plain_pull(
     with pytest.raises(NoAccelerationError) as refused:
         await discovery.discover(image.reference, image.digest, built.layers[0].digest)
     assert refused.value.reason == "distrusted-metadata"
+
+
+_HUGE_PAX_CHILD = """
+import io, resource, sys, tarfile
+from formats.toc import HostileLayerError, iter_tar_entries
+
+class Stream(io.RawIOBase):
+    '''A pax header announcing 300 MB of records, then zeros, made as it is read.'''
+    def __init__(self):
+        header = tarfile.TarInfo("././@PaxHeader")
+        header.type, header.size = tarfile.XHDTYPE, 300 << 20
+        self.head, self.left = header.tobuf(tarfile.USTAR_FORMAT), 300 << 20
+    def readable(self):
+        return True
+    def readinto(self, buffer):
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+try:
+    list(iter_tar_entries(io.BufferedReader(Stream())))
+    print("accepted")
+except HostileLayerError as exc:
+    print("refused", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_a_huge_pax_header_is_refused_in_bounded_memory():
+    """A 300 MB pax record once took the converter's tar walk to 827 MB."""
+    result = subprocess.run(
+        [sys.executable, "-c", _HUGE_PAX_CHILD], capture_output=True, text=True, check=True
+    )
+    verdict, _, peak_mib = result.stdout.strip().partition(" ")
+    assert verdict == "refused", result.stdout + result.stderr
+    assert int(peak_mib) < 128, f"peak RSS {peak_mib} MiB"
