@@ -333,3 +333,26 @@ def test_a_huge_pax_header_is_refused_in_bounded_memory():
     verdict, _, peak_mib = result.stdout.strip().partition(" ")
     assert verdict == "refused", result.stdout + result.stderr
     assert int(peak_mib) < 128, f"peak RSS {peak_mib} MiB"
+
+
+async def test_an_artifact_deleted_from_the_referrers_list_does_not_hide_the_others(
+    registry, image_pusher, tmp_path, node
+):
+    """The tag-schema list is edited by clients: after a deletion it still names the
+    deleted artifact, and discovery must go on to the ones that remain."""
+    fs, mount, discovery = node
+    built = await asyncio.to_thread(build_image, _spec(), tmp_path / "layout", "stale")
+    image = await image_pusher.push(built)
+    ref = ImageReference.parse(image.reference)
+    async with RegistryClient() as client:
+        await convert_image(client, ref, ConvertOptions())
+        (first,) = await client.referrers(ref, image.digest, ARTIFACT_TYPE_INDEX)
+        await convert_image(client, ref, ConvertOptions(span=64 << 10))
+        await client.delete_manifest(ref.with_digest(first.digest))
+        listed = await client.referrers(ref, image.digest, ARTIFACT_TYPE_INDEX)
+    assert first.digest in {d.digest for d in listed} and len(listed) == 2
+    found = await discovery.discover(image.reference, image.digest, built.layers[0].digest)
+    name = layer_name(found.layer)
+    fs.add_layer(name, found.layer)
+    for path, content in FILES.items():
+        assert await asyncio.to_thread(_read, mount.mountpoint / name / path) == content

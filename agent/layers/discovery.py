@@ -364,7 +364,15 @@ class LayerDiscovery:
         converter format first."""
         found = []
         for desc in await self.client.referrers(ref, manifest_digest, ARTIFACT_TYPE_INDEX):
-            artifact = await self.client.get_manifest(ref.with_digest(desc.digest))
+            try:
+                artifact = await self.client.get_manifest(ref.with_digest(desc.digest))
+            except NotFoundError:
+                # The tag-schema referrers list is kept by clients, not the registry: an
+                # artifact deleted since (or a bogus entry) must not hide the others.
+                log.warning(
+                    "discovery.referrer_missing", subject=manifest_digest, artifact=desc.digest
+                )
+                continue
             parsed = artifact.parsed
             if (
                 isinstance(parsed, ImageManifest)
