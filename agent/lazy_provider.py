@@ -19,13 +19,16 @@ from agent import metrics
 from agent.fs.operations import LayerFS, MountedLayer
 from agent.image_sessions import ImageSession, ImageSessions
 from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError, TocDecoded
+from agent.layers.indexed_layer import IndexedLayer
 from agent.layers.lazy_layer import LazyLayer, metadata_tag
 from agent.layers.metadata_work import off_loop
+from agent.layers.table_audit import AuditStopped, audit_table
 from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, tree_path, warm_files
 from agent.startup_recorder import StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
-from fetcher.chunks import BlobSource, ChunkSpec, FetcherClosedError, Priority
+from fetcher.chunks import BlobSource, ChunkFetchError, ChunkSpec, FetcherClosedError, Priority
+from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
 from formats.estargz_extents import Extent, WantedFile, member_extents
@@ -173,6 +176,25 @@ class LazyLayerProvider:
         self._fills.pop(name, None)
         if self.fs.layer(name) is not None:
             self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
+            if isinstance(layer, IndexedLayer):
+                self._spawn(self._audit(name, layer))
+
+    async def _audit(self, name: str, layer: IndexedLayer) -> None:
+        """Check the whole file table against the layer the fill brings (table_audit)."""
+        try:
+            verdict = await audit_table(
+                layer, self.fetcher, lambda: self.fs.layer(name) is not None
+            )
+        except (AuditStopped, FetcherClosedError):
+            return
+        except (ChunkFetchError, RegistryError, OSError) as exc:
+            # No verdict: rows keep being checked one by one as files are read.
+            log.warning("agent.table_audit_incomplete", layer=name, error=str(exc))
+            return
+        if verdict is None:
+            log.info("agent.table_audited", layer=name, rows=len(layer.entries))
+        else:
+            self.fs.distrust.mark(layer.metadata_digest, layer.kind, name, verdict)
 
     def _track_image(
         self, labels: dict[str, str], layer_digest: str, mounted: MountedLayer

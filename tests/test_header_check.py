@@ -30,6 +30,8 @@ from agent.fs.mount import FuseMount
 from agent.fs.operations import LayerFS
 from agent.layers.discovery import LayerDiscovery, NoAccelerationError
 from agent.layers.distrust import DistrustedMetadata
+from agent.layers.indexed_layer import IndexedLayer
+from agent.layers.table_audit import AuditStopped, audit_table, first_difference
 from agent.lazy_provider import layer_name
 from converter.convert import ConvertOptions, convert_image
 from fetcher import mediatypes as mt
@@ -73,6 +75,9 @@ def _tar() -> bytes:
     sym.type, sym.linkname = tarfile.SYMTYPE, "data/f1.bin"
     members.append(_member(sym, b""))
     members.append(_member(tarfile.TarInfo("gnu/" + "g" * 150), b"gnu!\n", gnu=True))
+    directory = tarfile.TarInfo("data")
+    directory.type = tarfile.DIRTYPE
+    members.append(_member(directory, b""))
     return b"".join(members) + b"\0" * 1024
 
 
@@ -356,3 +361,67 @@ async def test_an_artifact_deleted_from_the_referrers_list_does_not_hide_the_oth
     fs.add_layer(name, found.layer)
     for path, content in FILES.items():
         assert await asyncio.to_thread(_read, mount.mountpoint / name / path) == content
+
+
+# -- the whole table against the whole stream, once the fill has brought the layer --
+
+
+def test_the_whole_table_of_a_real_tar_matches_and_each_kind_of_lie_is_found():
+    stream = _tar()
+    rows = _rows(stream)
+    assert first_difference(rows, io.BytesIO(stream)) is None
+    lies = {
+        "symlink target": [
+            dataclasses.replace(r, link_name="/etc/shadow") if r.type == "symlink" else r
+            for r in rows
+        ],
+        "hardlink mode": [
+            dataclasses.replace(r, mode=0o4755) if r.type == "hardlink" else r for r in rows
+        ],
+        "directory mode": [
+            dataclasses.replace(r, mode=0o777) if r.type == "dir" else r for r in rows
+        ],
+        "a row missing": rows[:-1],
+        "a row too many": [*rows, dataclasses.replace(rows[0], name="extra", offset=len(stream))],
+    }
+    for lie, table in lies.items():
+        assert first_difference(table, io.BytesIO(stream)) is not None, lie
+
+
+async def test_a_filled_layer_is_audited_row_by_row(registry, image_pusher, tmp_path):
+    """A directory's mode is no file's data: only the whole-stream audit can catch a lie
+    about it. With the real registry and fetcher."""
+    spec = ImageSpec(
+        layers=(LayerSpec([Directory("etc"), *[File(p, c) for p, c in FILES.items()]]),)
+    )
+    built = await asyncio.to_thread(build_image, spec, tmp_path / "layout", "audit")
+    image = await image_pusher.push(built)
+    ref = ImageReference.parse(image.reference)
+    async with RegistryClient() as client:
+        await convert_image(client, ref, ConvertOptions(span=64 << 10))
+        found = await LayerDiscovery(client).discover(
+            image.reference, image.digest, built.layers[0].digest
+        )
+        honest = found.layer
+        assert isinstance(honest, IndexedLayer)
+        fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", 1 << 30))
+        try:
+            assert await audit_table(honest, fetcher, lambda: True) is None
+            some_file = next(e for e in honest.entries if e.type == "reg" and e.size)
+            assert honest.header_plan(some_file, 0, 1) == []  # audited: nothing left to read
+
+            index = honest.index
+            lying = dataclasses.replace(
+                index,
+                entries=[
+                    dataclasses.replace(e, mode=0o777) if e.name == "etc" else e
+                    for e in index.entries
+                ],
+                source_digest="",
+            )
+            verdict = await audit_table(IndexedLayer(honest.blob, lying), fetcher, lambda: True)
+            assert verdict is not None and "'etc'" in verdict
+            with pytest.raises(AuditStopped):
+                await audit_table(IndexedLayer(honest.blob, lying), fetcher, lambda: False)
+        finally:
+            await fetcher.close()

@@ -162,6 +162,11 @@ class IndexedLayer:
             return []
         return self._plan(header + self._slices(entry, offset, length))[: len(header)]
 
+    def mark_audited(self) -> None:
+        """The whole table matched the whole stream (``table_audit``): no row needs its
+        header read again."""
+        self._checked.update(entry.offset for entry in self.entries)
+
     def check_header(self, entry: TocEntry, chain: bytes) -> None:
         """Compare the row with the headers ``header_plan`` read (HeaderMismatchError)."""
         check_header(chain, entry)
