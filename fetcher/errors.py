@@ -60,6 +60,12 @@ class RegistryNotAllowedError(RegistryError):
     """The registry is not in the configured allow-list; nothing was sent to it."""
 
 
+class DelegationRefusedError(RegistryError):
+    """A registry on a public address sent the client (a blob redirect, a token realm)
+    to a loopback, link-local, private or reserved address: not followed, nothing sent
+    there (`fetcher.delegation`)."""
+
+
 class RangeNotSupportedError(RegistryError):
     """The registry ignored a Range request; lazy loading needs ranges."""
 
