@@ -36,6 +36,7 @@ from fetcher.errors import (
     RegistryUnavailableError,
     UnauthorizedError,
 )
+from fetcher.http_errors import TRANSIENT_ERRORS, malformed
 from fetcher.registry_policy import RegistryPolicy
 from fetcher.resolver import PublicOnlyResolver, RegistryResolver
 from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
@@ -264,8 +265,9 @@ class RegistryTransport:
         """Send one request with auth, redirects and retries; return the open response.
 
         Retries connection failures and RETRYABLE_STATUS (honouring Retry-After). Other
-        statuses are returned for the caller to map. ``body`` is a factory so a retry
-        can resend it. ``blob_digest`` enables redirect caching for blob GET/HEAD.
+        statuses are returned for the caller to map; an answer that is not readable HTTP
+        raises MalformedResponseError. ``body`` is a factory so a retry can resend it.
+        ``blob_digest`` enables redirect caching for blob GET/HEAD.
         A registry the policy does not allow raises RegistryNotAllowedError before
         anything is sent; the hosts it delegates to are not held to the policy's list,
         only to `fetcher.delegation`'s rule (DelegationRefusedError).
@@ -276,9 +278,11 @@ class RegistryTransport:
         for attempt in range(attempts):
             try:
                 resp = await self._send_once(method, target, url, headers, body, blob_digest)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 last_error = f"{exc.__class__.__name__}: {exc}"
                 retry_after = None
+            except aiohttp.ClientError as exc:
+                raise malformed(f"{method} {url}", exc, url) from None
             else:
                 if resp.status not in RETRYABLE_STATUS:
                     return resp
@@ -386,7 +390,7 @@ async def raise_for_status(resp: aiohttp.ClientResponse, what: str) -> None:
         return
     try:
         body = await json_capped(resp, SMALL_BODY, "error document")
-    except (ValueError, aiohttp.ClientError, RegistryError):
+    except (ValueError, RegistryError):
         body = None
     finally:
         resp.release()
