@@ -25,6 +25,7 @@ from fetcher.errors import (
     ResponseTooLargeError,
     UnauthorizedError,
 )
+from fetcher.http_errors import TRANSIENT_ERRORS, malformed
 
 log = get_logger(__name__)
 
@@ -152,10 +153,12 @@ async def _request_token(
             headers["Authorization"] = basic_header(credential)
         async with session.get(realm, params=params, headers=headers, timeout=timeout) as resp:
             return await _token_from_response(resp, realm)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except TRANSIENT_ERRORS as exc:
         raise RegistryUnavailableError(
             f"token service {realm} unreachable: {exc.__class__.__name__}", url=realm
         ) from None
+    except aiohttp.ClientError as exc:
+        raise malformed(f"token service {realm}", exc, realm) from None
 
 
 async def _token_from_response(resp: aiohttp.ClientResponse, realm: str) -> tuple[str, float]:
@@ -167,7 +170,7 @@ async def _token_from_response(resp: aiohttp.ClientResponse, realm: str) -> tupl
         raise RegistryUnavailableError("token service failed", status=resp.status, url=realm)
     try:
         doc: Any = await json_capped(resp, SMALL_BODY, "token response")
-    except (ValueError, aiohttp.ClientError, ResponseTooLargeError):
+    except (ValueError, ResponseTooLargeError):
         raise UnauthorizedError("token service answered with invalid JSON", url=realm) from None
     token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
     if not isinstance(token, str) or not token:

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from fetcher.errors import ResponseTooLargeError
+from fetcher.http_errors import reading_body
 
 SMALL_BODY = 64 << 10
 """Error documents and token responses (a JWT with a certificate chain is a few KiB)."""
@@ -22,19 +23,21 @@ _PIECE = 1 << 20
 
 async def read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> bytes:
     """The whole body, or ResponseTooLargeError as soon as it passes ``cap`` bytes
-    (at once when Content-Length already says so). Reads to the end of the body: a
-    single read may return only what has arrived so far."""
+    (at once when Content-Length already says so), or BodyInterruptedError if it is
+    cut short. Reads to the end of the body: a single read may return only what has
+    arrived so far."""
     url = str(resp.url.with_query(None))
     length = resp.content_length
     if length is not None and length > cap:
         raise ResponseTooLargeError(f"{what}: {length} bytes announced, over {cap}", url=url)
     parts: list[bytes] = []
     total = 0
-    async for piece in resp.content.iter_chunked(_PIECE):
-        total += len(piece)
-        if total > cap:
-            raise ResponseTooLargeError(f"{what}: body runs past {cap} bytes", url=url)
-        parts.append(piece)
+    with reading_body(what, url):
+        async for piece in resp.content.iter_chunked(_PIECE):
+            total += len(piece)
+            if total > cap:
+                raise ResponseTooLargeError(f"{what}: body runs past {cap} bytes", url=url)
+            parts.append(piece)
     return b"".join(parts)
 
 

@@ -8,13 +8,17 @@ The client follows, but what it takes along and where it goes are its own decisi
   beside it). A realm elsewhere over plain http gets an anonymous token request: the
   credentials would otherwise cross the network in the clear to whoever the registry
   named.
-* A redirect never leads to loopback, link-local, private or otherwise non-public
-  addresses unless the registry itself is on such an address: a public registry (or a
-  man in the middle of plain http) must not make the agent reach the node's own
-  services or its cloud's metadata endpoint.
+* A realm or redirect never leads to loopback, link-local, private or otherwise
+  non-public addresses unless the registry itself is on such an address: a public
+  registry (or a man in the middle of plain http) must not make the agent reach the
+  node's own services or its cloud's metadata endpoint.
 
-Host names are judged as written (an IP literal or a `localhost` name); a public name
-that resolves to a private address is not caught here.
+Addresses are judged, not names. A host written as an IP literal is the address
+connected to, and is judged here as written. A name is judged by what it resolves to,
+in the resolver of the connection itself (`fetcher.resolver`): the addresses checked
+are the ones connected to, so a DNS answer that changes between a check and the
+connect (rebinding) finds no gap between them. A registry is on a non-public address
+when it is written as one, or when every address its name has resolved to was one.
 """
 
 from __future__ import annotations
@@ -25,30 +29,40 @@ from urllib.parse import urlsplit
 from fetcher.registry_policy import split_host_port
 
 
-def _host_of_url(url: str) -> str:
+def host_of_url(url: str) -> str:
+    """The host of ``url``, lower-case, IPv6 without brackets."""
     return (urlsplit(url).hostname or "").lower()
 
 
-def _registry_host(registry: str) -> str:
+def registry_host(registry: str) -> str:
+    """The host of a ``host[:port]`` registry, lower-case, IPv6 without brackets."""
     return split_host_port(registry)[0].strip("[]")
 
 
-def _non_public(host: str) -> bool:
-    """Whether ``host`` names a loopback, link-local, private or reserved address."""
+def is_public_address(address: str) -> bool:
+    """Whether the IP address ``address`` (text, an IPv6 zone allowed) is globally
+    reachable: not loopback, link-local, private, shared, reserved or multicast."""
+    parsed = ipaddress.ip_address(address)
+    return parsed.is_global and not parsed.is_multicast
+
+
+def written_non_public(host: str) -> bool:
+    """Whether ``host`` as written names a non-public address: `localhost`, or an IP
+    literal of one. Any other name is judged by the addresses it resolves to."""
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
-        address = ipaddress.ip_address(host)
+        return not is_public_address(host)
     except ValueError:
         return False
-    return not address.is_global
 
 
 def may_send_credentials(registry: str, realm: str) -> bool:
     """Whether the registry's credentials may accompany a token request to ``realm``."""
-    return urlsplit(realm).scheme == "https" or _host_of_url(realm) == _registry_host(registry)
+    return urlsplit(realm).scheme == "https" or host_of_url(realm) == registry_host(registry)
 
 
-def redirect_allowed(registry: str, location: str) -> bool:
-    """Whether a blob redirect from ``registry`` to ``location`` may be followed."""
-    return not _non_public(_host_of_url(location)) or _non_public(_registry_host(registry))
+def delegate_allowed(registry_public: bool, url: str) -> bool:
+    """Whether a realm or redirect ``url`` may be contacted, as written, for a registry
+    on a public address (``registry_public``) or on a non-public one."""
+    return not registry_public or not written_non_public(host_of_url(url))

@@ -56,8 +56,25 @@ class RegistryUnavailableError(RegistryError):
     """The registry kept failing (resets, 5xx, 429, timeouts) until retries ran out."""
 
 
+class BodyInterruptedError(RegistryUnavailableError):
+    """A response body was cut short (the connection reset, closed or timed out while
+    it arrived). Readers that resume or retry catch it; elsewhere it ends the call."""
+
+
+class MalformedResponseError(RegistryError):
+    """The registry, or a host it sent the client to, answered with something that is
+    not HTTP the client can read (a header line past the parser's limit, say). Not
+    retried: a server that answers so is broken, not busy."""
+
+
 class RegistryNotAllowedError(RegistryError):
     """The registry is not in the configured allow-list; nothing was sent to it."""
+
+
+class DelegationRefusedError(RegistryError):
+    """A registry on a public address sent the client (a blob redirect, a token realm)
+    to a loopback, link-local, private or reserved address: not followed, nothing sent
+    there (`fetcher.delegation`)."""
 
 
 class RangeNotSupportedError(RegistryError):

@@ -28,6 +28,7 @@ from fetcher import mediatypes as mt
 from fetcher.bodies import json_capped, read_capped
 from fetcher.credentials import CredentialStore
 from fetcher.errors import (
+    BodyInterruptedError,
     DigestMismatchError,
     ManifestError,
     NotFoundError,
@@ -37,6 +38,7 @@ from fetcher.errors import (
     ResponseTooLargeError,
     UnsupportedMediaTypeError,
 )
+from fetcher.http_errors import reading_body
 from fetcher.manifest import (
     MAX_MANIFEST_BYTES,
     Descriptor,
@@ -300,22 +302,23 @@ class RegistryClient:
             await raise_for_status(resp, f"blob {digest}")
             skip = offset if (offset and resp.status == 200) else 0
             try:
-                async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
-                    if skip:
-                        cut = min(skip, len(chunk))
-                        chunk, skip = chunk[cut:], skip - cut
-                        if not chunk:
-                            continue
-                    hasher.update(chunk)
-                    offset += len(chunk)
-                    yield chunk
+                with reading_body(f"blob {digest}", url):
+                    async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
+                        if skip:
+                            cut = min(skip, len(chunk))
+                            chunk, skip = chunk[cut:], skip - cut
+                            if not chunk:
+                                continue
+                        hasher.update(chunk)
+                        offset += len(chunk)
+                        yield chunk
                 break
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            except BodyInterruptedError as exc:
                 log.warning(
                     "registry.blob_stream_interrupted",
                     digest=digest,
                     offset=offset,
-                    error=exc.__class__.__name__,
+                    error=str(exc),
                     attempt=attempt + 1,
                 )
                 if attempt + 1 == policy.attempts:
@@ -401,19 +404,15 @@ class RegistryClient:
                 if match and int(match.group(1)) != offset:
                     problem = f"Content-Range {resp.headers['Content-Range']} for {offset}"
                 else:
-                    data = await _body(resp, sink, length)
+                    with reading_body("range body", url):
+                        data = await _body(resp, sink, length)
                     if len(data) == length or (
                         match and len(data) == int(match.group(2)) - offset + 1
                     ):
                         return data
                     problem = f"short body {len(data)} of {length}"
-            except (
-                aiohttp.ClientPayloadError,
-                aiohttp.ClientConnectionError,
-                TimeoutError,
-                ResponseTooLargeError,
-            ) as exc:
-                problem = exc.__class__.__name__
+            except (BodyInterruptedError, ResponseTooLargeError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
             finally:
                 resp.release()
             log.warning(

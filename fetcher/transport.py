@@ -3,8 +3,9 @@
 Every registry call goes through `RegistryTransport.send`, so there is one place that
 knows how to answer a 401 challenge, when a failure is worth retrying, that a blob
 redirect (e.g. a pre-signed storage URL) can be reused until it expires instead of
-costing a registry round trip per range request, and which registries may be contacted
-at all (`fetcher.registry_policy`).
+costing a registry round trip per range request, which registries may be contacted at
+all (`fetcher.registry_policy`), and where the realms and redirects a registry names may
+lead (`fetcher.delegation`, enforced at connect time by `fetcher.resolver`).
 """
 
 from __future__ import annotations
@@ -20,20 +21,24 @@ from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
 from common.logging import get_logger
 from fetcher.auth import Challenge, TokenCache, basic_header, parse_challenge, repository_scope
 from fetcher.bodies import SMALL_BODY, json_capped
 from fetcher.credentials import CredentialStore
-from fetcher.delegation import may_send_credentials, redirect_allowed
+from fetcher.delegation import delegate_allowed, may_send_credentials, registry_host
 from fetcher.errors import (
+    DelegationRefusedError,
     ForbiddenError,
     NotFoundError,
     RegistryError,
     RegistryUnavailableError,
     UnauthorizedError,
 )
+from fetcher.http_errors import TRANSIENT_ERRORS, malformed
 from fetcher.registry_policy import RegistryPolicy
+from fetcher.resolver import PublicOnlyResolver, RegistryResolver
 from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
 
 log = get_logger(__name__)
@@ -117,33 +122,66 @@ class RegistryTransport:
         self._max_per_host = max_connections_per_host
         self._redirect_ttl = redirect_ttl
         self._session: aiohttp.ClientSession | None = None
+        self._public_session: aiohttp.ClientSession | None = None
+        self._registry_resolver = RegistryResolver()
         self._challenges: dict[str, Challenge] = {}
         self._tokens = TokenCache()
         self._redirects: dict[tuple[str, str], tuple[str, float]] = {}
 
     async def open(self) -> None:
-        """Create the pooled session (it must be created inside the running loop)."""
+        """Create the pooled sessions (they must be created inside the running loop)."""
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._max_per_host)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=self.timeout,
-                headers={"User-Agent": "acceld/0.1"},
-                auto_decompress=False,
-            )
+            self._session = self._new_session(self._registry_resolver)
+            self._public_session = self._new_session(PublicOnlyResolver())
+
+    def _new_session(self, resolver: AbstractResolver) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=self._max_per_host, resolver=resolver
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=self.timeout,
+            headers={"User-Agent": "acceld/0.1"},
+            auto_decompress=False,
+        )
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._public_session):
+            if session is not None:
+                await session.close()
+        self._session = self._public_session = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
-        """The pooled session; `open()` must have run."""
+        """The pooled session to registries; `open()` must have run."""
         if self._session is None:
             raise RuntimeError("RegistryTransport used before open()")
         return self._session
+
+    def _registry_public(self, target: Target) -> bool:
+        return not self._registry_resolver.on_non_public_address(registry_host(target.registry))
+
+    def _delegate_session(self, target: Target) -> aiohttp.ClientSession:
+        """The session for the realms and redirects ``target``'s registry names: for a
+        registry on a public address, one whose connections reach public addresses only.
+        A connection pool of its own, so that no connection another request made to a
+        private address is ever reused for them."""
+        if not self._registry_public(target):
+            return self.session
+        if self._public_session is None:
+            raise RuntimeError("RegistryTransport used before open()")
+        return self._public_session
+
+    def _check_delegate(self, target: Target, url: str, what: str) -> None:
+        """Refuse a realm or redirect written as a non-public address (a name is judged
+        when the delegate session resolves it)."""
+        if not delegate_allowed(self._registry_public(target), url):
+            log.warning("registry.delegate_refused", registry=target.registry, what=what)
+            raise DelegationRefusedError(
+                f"{target.registry}: {what} to a non-public address, not followed",
+                url=str(urlsplit(url)._replace(query="").geturl()),
+            )
 
     def base_url(self, registry: str) -> str:
         """`http(s)://host` for a registry: plain HTTP only where configured or on loopback."""
@@ -190,12 +228,13 @@ class RegistryTransport:
             return basic_header(credential)
         if challenge.scheme == "bearer":
             realm = challenge.params.get("realm", "")
+            self._check_delegate(target, realm, "token realm")
             if credential is not None and not may_send_credentials(target.registry, realm):
                 log.warning("registry.realm_credentials_withheld", registry=target.registry)
                 credential = None
             scope = repository_scope(target.repository, target.push)
             token = await self._tokens.fetch(
-                self.session, challenge, scope, credential, self.timeout
+                self._delegate_session(target), challenge, scope, credential, self.timeout
             )
             return f"Bearer {token}"
         raise UnauthorizedError(f"unsupported auth scheme {challenge.scheme!r}", status=401)
@@ -226,10 +265,12 @@ class RegistryTransport:
         """Send one request with auth, redirects and retries; return the open response.
 
         Retries connection failures and RETRYABLE_STATUS (honouring Retry-After). Other
-        statuses are returned for the caller to map. ``body`` is a factory so a retry
-        can resend it. ``blob_digest`` enables redirect caching for blob GET/HEAD.
+        statuses are returned for the caller to map; an answer that is not readable HTTP
+        raises MalformedResponseError. ``body`` is a factory so a retry can resend it.
+        ``blob_digest`` enables redirect caching for blob GET/HEAD.
         A registry the policy does not allow raises RegistryNotAllowedError before
-        anything is sent (redirect targets are followed unchecked: see the policy).
+        anything is sent; the hosts it delegates to are not held to the policy's list,
+        only to `fetcher.delegation`'s rule (DelegationRefusedError).
         """
         self.policy.check(target.registry)
         attempts = attempts or self.retry.attempts
@@ -237,9 +278,11 @@ class RegistryTransport:
         for attempt in range(attempts):
             try:
                 resp = await self._send_once(method, target, url, headers, body, blob_digest)
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 last_error = f"{exc.__class__.__name__}: {exc}"
                 retry_after = None
+            except aiohttp.ClientError as exc:
+                raise malformed(f"{method} {url}", exc, url) from None
             else:
                 if resp.status not in RETRYABLE_STATUS:
                     return resp
@@ -312,7 +355,7 @@ class RegistryTransport:
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
             location = urljoin(url, resp.headers["Location"])
             resp.release()
-            self._check_redirect(target, location)
+            self._check_delegate(target, location, "redirect")
             if blob_digest:
                 self._redirects[(target.registry, blob_digest)] = (
                     location,
@@ -320,14 +363,6 @@ class RegistryTransport:
                 )
             return await self._follow(target, method, location, headers, MAX_REDIRECTS - 1)
         return resp
-
-    @staticmethod
-    def _check_redirect(target: Target, location: str) -> None:
-        if not redirect_allowed(target.registry, location):
-            raise RegistryError(
-                f"{target.registry} redirected to a non-public address; not followed",
-                url=str(urlsplit(location)._replace(query="").geturl()),
-            )
 
     async def _follow(
         self,
@@ -338,13 +373,13 @@ class RegistryTransport:
         hops: int,
     ) -> aiohttp.ClientResponse:
         """Follow a redirect without our registry credentials (they are not the CDN's)."""
-        resp = await self.session.request(
+        resp = await self._delegate_session(target).request(
             method, url, headers=dict(headers or {}), allow_redirects=False
         )
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers and hops > 0:
             location = urljoin(url, resp.headers["Location"])
             resp.release()
-            self._check_redirect(target, location)
+            self._check_delegate(target, location, "redirect")
             return await self._follow(target, method, location, headers, hops - 1)
         return resp
 
@@ -355,7 +390,7 @@ async def raise_for_status(resp: aiohttp.ClientResponse, what: str) -> None:
         return
     try:
         body = await json_capped(resp, SMALL_BODY, "error document")
-    except (ValueError, aiohttp.ClientError, RegistryError):
+    except (ValueError, RegistryError):
         body = None
     finally:
         resp.release()

@@ -1,9 +1,11 @@
 """An HTTP proxy in front of a real registry that injects the faults registries show.
 
 Real registries and their CDNs reset connections mid-body, shed load with 503/429 and
-Retry-After, stall, truncate and (rarely) corrupt bytes. Tests put this proxy between
-acceld and the real `docker-registry` so every such fault is reproduced on demand, while
-everything else is served by the real registry unchanged.
+Retry-After, stall, truncate, (rarely) corrupt bytes, and now and then answer with
+something that is not HTTP a client can read, such as a header line far past any
+parser's limit. Tests put this proxy between acceld and the real `docker-registry` so
+every such fault is reproduced on demand, while everything else is served by the real
+registry unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rig.threaded_server import ThreadedServer
 
 log = get_logger(__name__)
 
-FaultKind = Literal["reset", "status", "stall", "truncate", "flip"]
+FaultKind = Literal["reset", "status", "stall", "truncate", "flip", "header"]
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -46,6 +48,7 @@ class Fault:
     stall: send ``after_bytes`` then stop sending for ``stall_seconds``.
     truncate: declare the full length, send ``after_bytes``, close cleanly.
     flip: invert one byte at offset ``after_bytes`` of the body.
+    header: the registry's answer plus one header line of ``header_bytes``.
     """
 
     kind: FaultKind
@@ -56,6 +59,7 @@ class Fault:
     retry_after: str | None = None
     after_bytes: int = 0
     stall_seconds: float = 5.0
+    header_bytes: int = 1 << 20
     hits: int = field(default=0, init=False)
 
 
@@ -145,6 +149,9 @@ class FaultProxy(ThreadedServer):
         payload: bytes,
     ) -> web.StreamResponse:
         log.info("fault_proxy.inject", kind=fault.kind, path=request.path)
+        if fault.kind == "header":
+            headers = {**headers, "X-Fault-Padding": "x" * fault.header_bytes}
+            return web.Response(status=status, headers=headers, body=payload)
         if fault.kind == "flip" and fault.after_bytes < len(payload):
             flipped = bytearray(payload)
             flipped[fault.after_bytes] ^= 0xFF

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.config import AgentConfig
 from converter.convert import ConvertOptions, convert_image
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
@@ -70,6 +72,50 @@ def _log_shows(agent: AgentProcess, event: str, timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def _mounted(agent: AgentProcess, digest: str) -> Path:
+    """Where the agent's FUSE mount serves the layer with blob ``digest``."""
+    (found,) = agent.mountpoint.glob(f"*-{digest.replace(':', '-')}-*")
+    return found
+
+
+# Half the agent's own deadline for a read: an EIO that came only from that deadline,
+# after a fetch that hung, would come too late.
+READ_BOUND = AgentConfig().demand_timeout / 2
+
+
+def _cat(path: Path) -> subprocess.CompletedProcess[bytes]:
+    """Read a file through the mount as any program would (a hang fails the test)."""
+    return subprocess.run(["cat", str(path)], capture_output=True, timeout=READ_BOUND)
+
+
+async def test_an_oversized_header_line_gives_eio_and_the_agent_serves_on(
+    image_pusher, built_busybox, proxy, agent, lazy_containerd
+):
+    """Issue 21, item 3: a registry answering a range request with an oversized header
+    line raised an exception of the HTTP library's own, which escaped the read handler
+    and left `cat` blocked. The read fails with EIO as a registry error, not through the
+    handler's last-resort catch; reads of other layers go on being served, and the same
+    read succeeds once the registry answers properly again."""
+    image = await _converted(image_pusher, built_busybox, "index", proxy)
+    await asyncio.to_thread(lazy_containerd.cri_pull_image, image)
+    busybox_layer, hello_layer = (layer.digest for layer in built_busybox.layers)
+    busybox = _mounted(agent, busybox_layer) / "bin" / "busybox"
+    hello = _mounted(agent, hello_layer) / "etc" / "hello.txt"
+    fault = proxy.add(Fault("header", path_contains=busybox_layer, times=10_000))
+
+    broken = await asyncio.to_thread(_cat, busybox)
+    assert broken.returncode != 0
+    assert b"Input/output error" in broken.stderr
+    assert fault.hits >= 1
+    assert (await asyncio.to_thread(_cat, hello)).stdout == b"hello from acceld\n"
+    assert await asyncio.to_thread(_log_shows, agent, "fs.read_failed")
+    assert agent.metric("acceld_fuse_internal_errors_total") == 0
+
+    proxy.clear()
+    healed = await asyncio.to_thread(_cat, busybox)
+    assert hashlib.md5(healed.stdout).hexdigest() == BUSYBOX_MD5
 
 
 @pytest.mark.parametrize("mode", ["index", "full"])

@@ -20,8 +20,10 @@ from common.digest import sha256_digest
 from fetcher import mediatypes as mt
 from fetcher.credentials import Credential, CredentialStore
 from fetcher.errors import (
+    BodyInterruptedError,
     DigestMismatchError,
     ForbiddenError,
+    MalformedResponseError,
     NotFoundError,
     RegistryUnavailableError,
     UnauthorizedError,
@@ -325,6 +327,38 @@ async def test_truncated_and_flipped_bodies(registry, repo_name):
             proxy.add(Fault("flip", path_contains=digest, after_bytes=10, times=100))
             with pytest.raises(DigestMismatchError):
                 await client.get_blob(proxied, digest)
+
+
+async def test_an_oversized_header_line_is_our_error_and_not_retried(registry, repo_name):
+    """Issue 21, item 3: aiohttp's own exception for a header line past its parser's
+    limit escaped the client and, in the agent, the FUSE handler that called it."""
+    ref = ImageReference.parse(f"{registry.host}/{repo_name}:huge-header")
+    layer = _layer(13, 100_000)
+    async with RegistryClient() as client:
+        digest = await client.push_blob(ref, layer)
+    with FaultProxy(registry.url) as proxy:
+        proxied = ImageReference.parse(f"{proxy.host}/{repo_name}:huge-header")
+        fault = proxy.add(Fault("header", path_contains=digest, header_bytes=1 << 20, times=100))
+        async with RegistryClient(retry=FAST_RETRY) as client:
+            with pytest.raises(MalformedResponseError, match="unreadable answer") as raised:
+                await client.get_range(proxied, digest, 0, 1000)
+            assert len(str(raised.value)) < 1000  # not the megabyte it was sent
+            assert fault.hits == 1
+            assert client.transport.retries == {}
+            proxy.clear()
+            assert await client.get_range(proxied, digest, 0, 1000) == layer[:1000]
+
+
+async def test_a_manifest_body_cut_short_is_our_error(registry, repo_name):
+    ref = ImageReference.parse(f"{registry.host}/{repo_name}:cut")
+    async with RegistryClient() as client:
+        await _push_image(client, ref, [_layer(14)])
+    with FaultProxy(registry.url) as proxy:
+        proxied = ImageReference.parse(f"{proxy.host}/{repo_name}:cut")
+        proxy.add(Fault("truncate", path_contains="/manifests/", after_bytes=10, times=1))
+        async with RegistryClient(retry=FAST_RETRY) as client:
+            with pytest.raises(BodyInterruptedError, match="cut short"):
+                await client.get_manifest(proxied)
 
 
 async def test_redirects_followed_and_reused_until_expiry(make_redirecting_registry, repo_name):

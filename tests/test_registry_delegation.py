@@ -1,25 +1,42 @@
 """Where a registry may send the client, and what goes along (issue 21, item 7):
 credentials reach a token realm only over https or on the registry's own host,
-redirects never lead a public registry's client to non-public addresses, and Docker
-credential helpers run off the event loop, once per HELPER_TTL_S."""
+redirects and token realms never lead a public registry's client to non-public
+addresses (written as such, or names that resolve to them, also when the name server
+changes its answer between lookups), and Docker credential helpers run off the event
+loop, once per HELPER_TTL_S.
+
+Registries on public addresses and names that resolve where a test says exist only in
+a network and mount namespace of the test's own (`rig.isolated_net`): the scenarios
+below run there, in a child process, and the tests judge what they report."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import os
 import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from fetcher.credentials import Credential, CredentialStore
-from fetcher.delegation import may_send_credentials, redirect_allowed
+from fetcher.delegation import (
+    delegate_allowed,
+    may_send_credentials,
+    registry_host,
+    written_non_public,
+)
+from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
+from rig.dns_server import DnsServer
+from rig.isolated_net import run_isolated
 from rig.threaded_server import ThreadedServer
 
 MANIFEST = json.dumps(
@@ -119,7 +136,231 @@ def test_the_realm_rule(registry: str, realm: str, allowed: bool) -> None:
     ],
 )
 def test_the_redirect_rule(registry: str, location: str, allowed: bool) -> None:
-    assert redirect_allowed(registry, location) is allowed
+    registry_public = not written_non_public(registry_host(registry))
+    assert delegate_allowed(registry_public, location) is allowed
+
+
+# -- names that resolve to non-public addresses ----------------------------------------
+
+PUBLIC_REGISTRY = "11.0.0.10"
+PUBLIC_STORAGE = "11.0.0.20"
+"""Public addresses that exist only inside a test's own network namespace."""
+BLOB = bytes(range(256)) * 16
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+RANGE = (100, 1000)
+
+
+class _Delegate(ThreadedServer):
+    """Storage and token service on every address at once, recording the address each
+    request reached: the one the client actually connected to."""
+
+    def __init__(self) -> None:
+        super().__init__(self._app, name="delegate", host="0.0.0.0")
+        self.reached: list[str] = []
+
+    async def _app(self) -> web.Application:
+        def record(request: web.Request) -> None:
+            assert request.transport is not None
+            self.reached.append(request.transport.get_extra_info("sockname")[0])
+
+        async def blob(request: web.Request) -> web.Response:
+            record(request)
+            first, last = request.http_range.start, request.http_range.stop
+            headers = {"Content-Range": f"bytes {first}-{last - 1}/{len(BLOB)}"}
+            return web.Response(status=206, body=BLOB[first:last], headers=headers)
+
+        async def token(request: web.Request) -> web.Response:
+            record(request)
+            return web.json_response({"token": "t0ken", "expires_in": 300})
+
+        app = web.Application()
+        app.router.add_get("/blob", blob)
+        app.router.add_get("/token", token)
+        return app
+
+
+class _DelegatingRegistry(ThreadedServer):
+    """A registry stand-in on ``address`` that sends each repository's blob GETs to
+    ``redirects[repository]`` and its manifest GETs for a token to ``realms[repository]``
+    (URL templates; ``{port}`` is the delegate's)."""
+
+    def __init__(
+        self,
+        address: str,
+        delegate: _Delegate,
+        redirects: dict[str, str] | None = None,
+        realms: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(self._app, name="delegating-registry", host=address)
+        self.delegate = delegate
+        self.redirects = redirects or {}
+        self.realms = realms or {}
+
+    async def _app(self) -> web.Application:
+        port = self.delegate.port
+
+        async def blob(request: web.Request) -> web.Response:
+            location = self.redirects[request.match_info["repo"]].format(port=port)
+            return web.Response(status=307, headers={"Location": location})
+
+        async def manifest(request: web.Request) -> web.Response:
+            if request.headers.get("Authorization") != "Bearer t0ken":
+                realm = self.realms[request.match_info["repo"]].format(port=port)
+                challenge = f'Bearer realm="{realm}",service="svc"'
+                return web.Response(status=401, headers={"WWW-Authenticate": challenge})
+            media = "application/vnd.oci.image.manifest.v1+json"
+            return web.Response(body=MANIFEST, headers={"Content-Type": media})
+
+        app = web.Application()
+        app.router.add_get("/v2/{repo}/blobs/{digest}", blob)
+        app.router.add_get("/v2/{repo}/manifests/{reference}", manifest)
+        return app
+
+
+async def _outcome(registry: str, repository: str, what: str) -> str:
+    """What one read by a fresh client came to: ``ok`` or the error's class name."""
+    reference = ImageReference.parse(f"{registry}/{repository}:v1")
+    try:
+        async with RegistryClient(plain_http_hosts={registry}) as client:
+            if what == "blob":
+                data = await client.get_range(reference, BLOB_DIGEST, RANGE[0], RANGE[1])
+                assert data == BLOB[RANGE[0] : RANGE[0] + RANGE[1]]
+            else:
+                assert (await client.get_manifest(reference)).body == MANIFEST
+    except RegistryError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+@contextlib.contextmanager
+def _serving(*servers: ThreadedServer) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            server.start()
+            stack.callback(server.stop)
+        yield
+
+
+async def _public_registry_delegates_to_names() -> dict[str, Any]:
+    """A registry on a public address redirects, and names token realms, by name: to
+    names that resolve to loopback and to names that resolve to a public address."""
+    delegate = _Delegate()
+    registry = _DelegatingRegistry(
+        PUBLIC_REGISTRY,
+        delegate,
+        redirects={
+            "private": "http://storage.private.test:{port}/blob",
+            "public": "http://storage.public.test:{port}/blob",
+        },
+        realms={
+            "private": "http://auth.private.test:{port}/token",
+            "public": "http://auth.public.test:{port}/token",
+        },
+    )
+    with _serving(delegate, registry):
+        name = f"registry.public.test:{registry.port}"
+        outcomes = {
+            f"{what} {repository}": await _outcome(name, repository, what)
+            for what in ("blob", "manifest")
+            for repository in ("private", "public")
+        }
+    return {"outcomes": outcomes, "reached": delegate.reached}
+
+
+@pytest.mark.netns
+def test_names_that_resolve_to_loopback_are_refused_for_a_public_registry(
+    tmp_path: Path,
+) -> None:
+    report = run_isolated(
+        f"{__name__}:_public_registry_delegates_to_names",
+        tmp_path,
+        addresses=[PUBLIC_REGISTRY, PUBLIC_STORAGE],
+        hosts={
+            "registry.public.test": PUBLIC_REGISTRY,
+            "storage.public.test": PUBLIC_STORAGE,
+            "auth.public.test": PUBLIC_STORAGE,
+            "storage.private.test": "127.0.0.1",
+            "auth.private.test": "127.0.0.1",
+        },
+    )
+    assert report["outcomes"] == {
+        "blob private": "DelegationRefusedError",
+        "blob public": "ok",
+        "manifest private": "DelegationRefusedError",
+        "manifest public": "ok",
+    }
+    assert report["reached"] == [PUBLIC_STORAGE, PUBLIC_STORAGE]
+
+
+REBINDING_READS = 6
+
+
+async def _rebinding_storage() -> dict[str, Any]:
+    """A registry on a public address redirects to a name whose name server answers a
+    public address and loopback by turns, never to be cached: each read by a fresh
+    client looks the name up anew."""
+    answers = 0
+
+    def answer(name: str) -> list[str] | None:
+        nonlocal answers
+        if name != "storage.rebinding.test":
+            return None
+        answers += 1
+        return [PUBLIC_STORAGE] if answers % 2 else ["127.0.0.1"]
+
+    delegate = _Delegate()
+    registry = _DelegatingRegistry(
+        PUBLIC_REGISTRY,
+        delegate,
+        redirects={"app": "http://storage.rebinding.test:{port}/blob"},
+    )
+    with DnsServer(answer), _serving(delegate, registry):
+        outcomes = [await _outcome(registry.host, "app", "blob") for _ in range(REBINDING_READS)]
+    return {"outcomes": outcomes, "reached": delegate.reached}
+
+
+@pytest.mark.netns
+def test_a_name_rebound_to_loopback_between_lookups_never_gets_a_connection(
+    tmp_path: Path,
+) -> None:
+    report = run_isolated(
+        f"{__name__}:_rebinding_storage",
+        tmp_path,
+        addresses=[PUBLIC_REGISTRY, PUBLIC_STORAGE],
+    )
+    assert "127.0.0.1" not in report["reached"]
+    assert set(report["outcomes"]) == {"ok", "DelegationRefusedError"}, report
+    assert report["reached"] == [PUBLIC_STORAGE] * report["outcomes"].count("ok")
+
+
+async def _private_registry_delegates_to_names() -> dict[str, Any]:
+    """A registry known by a name that resolves to loopback redirects and names its
+    realm by names that resolve to loopback too."""
+    delegate = _Delegate()
+    registry = _DelegatingRegistry(
+        "127.0.0.1",
+        delegate,
+        redirects={"app": "http://storage.corp.test:{port}/blob"},
+        realms={"app": "http://auth.corp.test:{port}/token"},
+    )
+    with _serving(delegate, registry):
+        name = f"registry.corp.test:{registry.port}"
+        outcomes = [await _outcome(name, "app", what) for what in ("blob", "manifest")]
+    return {"outcomes": outcomes, "reached": delegate.reached}
+
+
+@pytest.mark.netns
+def test_a_registry_whose_name_resolves_to_loopback_may_delegate_there(tmp_path: Path) -> None:
+    report = run_isolated(
+        f"{__name__}:_private_registry_delegates_to_names",
+        tmp_path,
+        hosts={
+            "registry.corp.test": "127.0.0.1",
+            "storage.corp.test": "127.0.0.2",
+            "auth.corp.test": "127.0.0.2",
+        },
+    )
+    assert report == {"outcomes": ["ok", "ok"], "reached": ["127.0.0.2", "127.0.0.2"]}
 
 
 def _counting_helper(directory: Path, username: str, password: str) -> Path:
