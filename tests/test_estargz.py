@@ -336,6 +336,90 @@ def test_prefetch_entries_lead_then_the_landmark() -> None:
     assert _file_bytes_from_chunks(blob, toc) == expected
 
 
+def _unpacked(entries: list[TocEntry]) -> dict[str, tuple[Any, ...]]:
+    """What unpacking leaves, as the agent's tree states it: per path its mode, which
+    file it is (by uid: unique per file written), xattrs, and the first path of its
+    inode (hard links share one)."""
+    tree = LayerTree(entries, InodeAllocator())
+    found: list[tuple[str, Any]] = []
+    stack = [(tree.root, "")]
+    while stack:
+        directory, path = stack.pop()
+        for raw, child in (directory.children or {}).items():
+            child_path = f"{path}/{raw.decode()}" if path else raw.decode()
+            found.append((child_path, child))
+            stack.append((child, child_path))
+    first: dict[int, str] = {}
+    return {
+        path: (node.mode, node.entry.uid, node.xattrs, first.setdefault(node.inode, path))
+        for path, node in sorted(found)
+    }
+
+
+_PLACES = ["a", "b", "d", "d/a", "d/b", "d/e/a"]
+_LAYER_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["reg", "reg", "dir", "link", "link", "whiteout"]),
+        st.sampled_from(_PLACES),
+        st.integers(0, 9),
+    ),
+    min_size=1,
+    max_size=10,
+)
+_PREFETCH = st.lists(
+    st.sampled_from(["/a", "/b", "/d/", "/d/a", "/d/b", "/d/e/", "/d/e/a"]), min_size=1, unique=True
+)
+
+
+def _layer_of(steps: list[tuple[str, str, int]]) -> bytes:
+    """A tar of ``(kind, name, which)`` steps, each entry's uid its position; a link's
+    target is the name of the ``which``-th file written before it (mostly not dangling)."""
+    out = io.BytesIO()
+    files: list[str] = []
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for uid, (kind, name, which) in enumerate(steps, start=1):
+            target = (files or _PLACES)[which % len(files or _PLACES)]
+            if kind in ("reg", "link"):
+                files.append(name)
+            if kind == "reg":
+                _add(tar, name, b"x" * uid, uid=uid, mtime=uid)
+            elif kind == "dir":
+                _add(tar, name, type=tarfile.DIRTYPE, mode=0o700 + uid % 8, uid=uid)
+            elif kind == "link":
+                _add(tar, name, type=tarfile.LNKTYPE, linkname=target, uid=uid)
+            else:
+                head, _, base = name.rpartition("/")
+                _add(tar, f"{head}/.wh.{base}" if head else f".wh.{base}", b"", uid=uid)
+    return out.getvalue()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(steps=_LAYER_STEPS, prefetch=_PREFETCH)
+def test_prefetch_never_changes_what_the_layer_unpacks_to(
+    steps: list[tuple[str, str, int]], prefetch: list[str]
+) -> None:
+    """Entries pulled ahead for prefetch stay behind the earlier ones they meet (one
+    name written twice, files and directories in each other's way, hard links to names
+    written again, whiteouts): the converted layer unpacks to the same files, contents
+    and hard links as the original."""
+    source = _layer_of(steps)
+    try:
+        blob, result = _convert(source, prefetch=prefetch)
+    except HostileLayerError:
+        return  # a link to nothing, or to a directory: refused, with or without prefetch
+    original = [entry for entry, _, _ in _tar_members(source)]
+    assert _unpacked(_open_blob(blob, result.toc_digest).entries) == _unpacked(original)
+
+
+def test_a_file_replaced_after_a_link_to_it_stays_behind_the_link() -> None:
+    source = _layer_of([("reg", "a", 0), ("link", "b", 0), ("reg", "a", 0)])
+    blob, result = _convert(source, prefetch=["/a"])
+    names = [entry.name for entry, _, _ in _tar_members(gzip.decompress(blob))]
+    assert names == ["a", PREFETCH_LANDMARK, "b", "a", TOC_TAR_NAME]
+    toc = _open_blob(blob, result.toc_digest)
+    assert _unpacked(toc.entries)["b"][1] == 1  # the first "a"
+
+
 def test_prefetch_of_only_absent_paths_marks_no_prefetch() -> None:
     blob, result = _convert(_varied_tar(), prefetch=["/etc/absent"])
     names = [entry.name for entry, _, _ in _tar_members(gzip.decompress(blob))]
