@@ -1,8 +1,9 @@
 """Hard links whose target name is replaced later in the same layer, end to end: the
-layer pushed to the real registry, converted (full eStargz and index-only), served
-through the real FUSE mount, and compared with what GNU tar unpacks from the original
-layer. A link shares the inode its target name had when the link was written; a later
-file of that name is a new inode, as unpacking gives it."""
+layer pushed to the real registry, converted (full eStargz, with and without a prefetch
+list, and index-only), served through the real FUSE mount, and compared with what GNU
+tar unpacks from the original layer (as is the eStargz blob itself, unpacked whole).
+A link shares the inode its target name had when the link was written; a later file of
+that name is a new inode, as unpacking gives it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from agent.fs.operations import LayerFS
 from agent.layers.discovery import LayerDiscovery
 from agent.lazy_provider import layer_name
 from converter.convert import ConvertOptions, convert_image
+from converter.prefetch import PrefetchList
 from fetcher.chunk_cache import ChunkCache
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
@@ -75,20 +77,29 @@ def _gnu_tar_unpack(blob: Path, target: Path) -> Path:
     """The layer as GNU tar unpacks it (owners kept: the tests run as root). A file
     that replaces a directory takes it with it, as containerd's unpack does."""
     target.mkdir()
-    subprocess.run(
+    done = subprocess.run(
         ["tar", "--extract", "--gzip", "--same-owner", "--same-permissions",
          "--numeric-owner", "--recursive-unlink", "--file", str(blob), "--directory",
          str(target)],
-        check=True,
         capture_output=True,
         text=True,
     )  # fmt: skip
+    assert done.returncode == 0, f"GNU tar cannot unpack {blob.name}: {done.stderr}"
     return target
 
 
-@pytest.mark.parametrize("mode", ["full", "index"])
+# With a prefetch list, the converter pulls the named entries ahead of the rest; the
+# replacements must still come after the links made to the names they replace.
+PREFETCH = PrefetchList.parse_lines(["/a", "/big", "/d"])
+
+
+@pytest.mark.parametrize(
+    ("mode", "prefetch"),
+    [("full", PrefetchList(())), ("full", PREFETCH), ("index", PrefetchList(()))],
+    ids=["full", "full-prefetch", "index"],
+)
 async def test_links_to_replaced_names_serve_what_gnu_tar_unpacks(
-    mode, image_pusher, built_replaced_targets, tmp_path
+    mode, prefetch, image_pusher, built_replaced_targets, tmp_path
 ):
     built = built_replaced_targets
     (layer,) = built.layers
@@ -102,7 +113,19 @@ async def test_links_to_replaced_names_serve_what_gnu_tar_unpacks(
     pushed = await image_pusher.push(built)
     ref = ImageReference.parse(pushed.reference)
     async with RegistryClient() as client:
-        await convert_image(client, ref, ConvertOptions(mode=mode, **SMALL))
+        result = await convert_image(
+            client, ref, ConvertOptions(mode=mode, prefetch=prefetch, **SMALL)
+        )
+        (converted,) = result.platforms[0].layers
+        if converted.estargz is not None:  # still a layer any runtime can pull and unpack
+            blob = tmp_path / "converted.estargz"
+            await client.download_blob(ref, converted.estargz.blob_digest, blob)
+            unpacked = _gnu_tar_unpack(blob, tmp_path / "converted")
+            for marker in ("stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"):
+                (unpacked / marker).unlink(missing_ok=True)
+            problems = tree_differences(expected, describe_tree(unpacked))
+            assert problems == [], "\n".join(problems)
+            assert _link_groups(unpacked) == expected_links
         cache = ChunkCache(tmp_path / "cache", 1 << 30)
         fetcher = ChunkFetcher(client, cache)
         fs = LayerFS(fetcher, cache)
