@@ -101,14 +101,55 @@ class ChunkRef(NamedTuple):
     digest: str
 
 
+class FileChunks:
+    """Each regular file's chunks in file order, found by its entry (the object in
+    ``EstargzToc.entries``), not by its name: a layer can hold several files of one
+    name, each with data of its own, and a hard link written between them serves the
+    earlier one (agent/fs/tree.py). Neither the name nor the member offset tells them
+    apart, as small files share members. Entries are unhashable dataclasses, so they
+    are held by identity, the entry kept with its chunks so that its id stays its own;
+    an equal copy of an entry finds nothing."""
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[TocEntry, list[ChunkRef]]] = {}
+
+    def add(self, entry: TocEntry, chunks: list[ChunkRef]) -> None:
+        self._by_id[id(entry)] = (entry, chunks)
+
+    def get(self, entry: TocEntry) -> list[ChunkRef]:
+        """The entry's chunks: none for a file without data, or an entry not of this TOC."""
+        found = self._by_id.get(id(entry))
+        return found[1] if found is not None and found[0] is entry else []
+
+    def items(self) -> Iterator[tuple[TocEntry, list[ChunkRef]]]:
+        """(entry, chunks) of every regular file, in TOC order."""
+        return iter(self._by_id.values())
+
+    def values(self) -> Iterator[list[ChunkRef]]:
+        """The chunks of every regular file, in TOC order."""
+        return (chunks for _, chunks in self._by_id.values())
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal files with equal chunks, in the same order: what two parses of one TOC
+        give."""
+        if not isinstance(other, FileChunks):
+            return NotImplemented
+        return list(self.items()) == list(other.items())
+
+
 @dataclass
 class EstargzToc:
     """A validated TOC. ``entries`` keep blob order and tar semantics (a later entry of
     the same name wins); landmark files are not entries but ``prefetch_end``."""
 
     entries: list[TocEntry]
-    chunks: dict[str, list[ChunkRef]]
-    """Per regular file name, its chunks in file order (the last entry of a name wins)."""
+    chunks: FileChunks
+    """Per regular file entry (every one, replaced or not), its chunks in file order."""
     toc_digest: str
     toc_offset: int
     prefetch_end: int | None
@@ -296,7 +337,7 @@ class _TocValidator:
     def __init__(self, toc_offset: int) -> None:
         self.toc_offset = toc_offset
         self.entries: list[TocEntry] = []
-        self.chunks: dict[str, list[ChunkRef]] = {}
+        self.chunks = FileChunks()
         self.kinds: dict[str, str] = {}
         self.owner_names: dict[tuple[str, int], str] = {}
         self.open_file: _OpenFile | None = None
@@ -569,7 +610,7 @@ class _TocValidator:
             ends[offset] = min(ends[offset], offset + member_bound(wanted))
         for open_file in self.files:
             name = open_file.entry.name
-            self.chunks[name] = [  # positional: a big TOC builds tens of thousands
+            refs = [  # positional: a big TOC builds tens of thousands
                 ChunkRef(
                     name,
                     chunk.file_offset,
@@ -581,6 +622,7 @@ class _TocValidator:
                 )
                 for chunk in open_file.chunks
             ]
+            self.chunks.add(open_file.entry, refs)
 
 
 def _is_plain_shaped(record: Any) -> bool:

@@ -79,7 +79,8 @@ class EstargzResult:
     toc_offset: int
     missed_prefetch: tuple[str, ...]
     """Prefetch paths not put in the prioritized area: absent from this layer (they may
-    be in another), or hard links whose target came earlier in the tar, unprioritized."""
+    be in another), or entries that must stay behind an earlier, unprioritized one (a
+    hard link behind its target, a file behind a link made to its name before it)."""
 
     def annotations(self) -> dict[str, str]:
         """The layer descriptor annotations stargz-snapshotter looks for."""
@@ -168,6 +169,67 @@ class _PrefetchPlan:
 
     def missed(self) -> tuple[str, ...]:
         return tuple(raw for raw, request in self.requested if request not in self.matched)
+
+
+def _ancestors(name: str) -> list[str]:
+    """The directories above a normalized name, the root left out."""
+    parts = name.split("/")
+    return ["/".join(parts[:end]) for end in range(1, len(parts))]
+
+
+def _written_name(entry: TocEntry) -> str:
+    """The name an entry changes when unpacked: a whiteout's is the name it removes."""
+    return entry.whiteout_target if entry.is_whiteout else entry.name
+
+
+class _Footprint:
+    """What the entries of the back part do to names, to tell whether a later entry may
+    go ahead of them, into the prioritized front, without changing what unpacking the
+    blob gives. An entry writes its name, needs directories above it (a file in the way
+    is replaced by one) and, if it is a hard link, reads its target: the file the
+    target name holds when the link is unpacked. Two entries give the same result in
+    either order unless one writes or reads a name the other writes, or one writes a
+    non-directory or reads a file where the other needs a directory, or one writes a
+    non-directory above a name the other reads."""
+
+    def __init__(self) -> None:
+        self.written: set[str] = set()
+        self.files: set[str] = set()
+        """Names written by non-directories."""
+        self.dirs_needed: set[str] = set()
+        """Directories above written names."""
+        self.read: set[str] = set()
+        """Hard link targets."""
+        self.above_read: set[str] = set()
+        """Directories above hard link targets."""
+
+    def add(self, entry: TocEntry) -> None:
+        name = _written_name(entry)
+        self.written.add(name)
+        self.dirs_needed.update(_ancestors(name))
+        if entry.type != "dir":
+            self.files.add(name)
+        if entry.type == "hardlink":
+            self.read.add(entry.link_name)
+            self.above_read.update(_ancestors(entry.link_name))
+
+    def meets(self, entry: TocEntry) -> bool:
+        """Whether ``entry`` must stay behind these entries."""
+        name = _written_name(entry)
+        if name in self.written or name in self.read:
+            return True
+        if entry.type != "dir" and (name in self.dirs_needed or name in self.above_read):
+            return True
+        if any(above in self.files or above in self.read for above in _ancestors(name)):
+            return True
+        if entry.type != "hardlink":
+            return False
+        target = entry.link_name
+        return (
+            target in self.written
+            or target in self.dirs_needed
+            or any(above in self.files for above in _ancestors(target))
+        )
 
 
 class _Output:
@@ -293,6 +355,7 @@ class _Builder:
         self.front = _Part(out, None, self.diff_hash)
         self.spool = spool
         self.back: _Part | None = None
+        self.behind = _Footprint()
         if spool is not None:
             self.back = _Part(out, spool, None)
         else:
@@ -308,6 +371,8 @@ class _Builder:
         record = self._record(entry, info, tar_name)
         part = self._part_for(entry)
         part.names.add(entry.name)
+        if part is self.back:
+            self.behind.add(entry)
         part.append(_tar_header(info, tar_name, entry))
         part.records.append(record)
         if entry.type == "reg":
@@ -315,15 +380,15 @@ class _Builder:
             self._add_data(part, record, reader, entry.size)
 
     def _part_for(self, entry: TocEntry) -> _Part:
-        """Front for prioritized entries, unless that would reorder what tar relies on:
-        a name already in the back part (a later duplicate must stay later) or a hard
-        link whose target went to the back (the target must precede the link)."""
+        """Front for prioritized entries, unless that would change what unpacking gives:
+        an entry that meets one already in the back part stays behind it (``_Footprint``),
+        and a hard link whose target went to the back follows it."""
         if self.back is None:
             return self.front
         request = self.plan.request_for(entry.name)
         if (
             (request is not None or entry.name in self.plan.ancestors)
-            and entry.name not in self.back.names
+            and not self.behind.meets(entry)
             and (entry.type != "hardlink" or entry.link_name in self.front.names)
         ):
             if request is not None:

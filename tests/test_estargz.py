@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import formats.estargz_reader as reader_module
 import formats.estargz_writer as writer_module
+from agent.fs.tree import InodeAllocator, LayerTree
 from agent.layers.estargz_layer import EstargzLayer
 from agent.layers.lazy_layer import ReadAheadBudget
 from fetcher.chunks import BlobSource
@@ -144,10 +145,16 @@ def _tar_view(tar_bytes: bytes) -> list[tuple[Any, ...]]:
 
 
 def _file_bytes_from_chunks(blob: bytes, toc: EstargzToc) -> dict[str, bytes]:
+    """Each name's bytes, of the last file of that name (the one extraction leaves)."""
     return {
-        name: b"".join(read_chunk(c, blob[c.blob_offset : c.blob_end]) for c in chunks)
-        for name, chunks in toc.chunks.items()
+        entry.name: b"".join(read_chunk(c, blob[c.blob_offset : c.blob_end]) for c in chunks)
+        for entry, chunks in toc.chunks.items()
     }
+
+
+def _chunks_named(toc: EstargzToc, name: str) -> list[Any]:
+    """The chunks of the last file called ``name``."""
+    return toc.chunks.get(next(e for e in reversed(toc.entries) if e.name == name))
 
 
 @pytest.fixture(params=["preferred", "stdlib"])
@@ -210,14 +217,15 @@ def test_reader_rebuilds_every_file_from_chunks_alone(zlib_backend: str) -> None
     for entry, (_, data) in zip(toc.entries, members, strict=True):
         if entry.type == "reg":
             assert entry.digest == "sha256:" + hashlib.sha256(data).hexdigest()
-    for name, chunks in toc.chunks.items():
-        assert len(chunks) == math.ceil(len(expected[name]) / CHUNK)
-        assert [c.file_offset for c in chunks] == list(range(0, len(expected[name]), CHUNK))
+    for entry, chunks in toc.chunks.items():
+        assert len(chunks) == math.ceil(entry.size / CHUNK)
+        assert [c.file_offset for c in chunks] == list(range(0, entry.size, CHUNK))
         for chunk in chunks:
+            assert chunk.name == entry.name
             assert blob[chunk.blob_offset : chunk.blob_offset + 2] == b"\x1f\x8b"
             assert chunk.blob_end <= result.toc_offset
-        final = next(e for e in reversed(toc.entries) if e.name == name)
-        assert final.offset == (chunks[0].blob_offset if chunks else 0)
+        assert entry.offset == (chunks[0].blob_offset if chunks else 0)
+    assert len(toc.chunks) == sum(entry.type == "reg" for entry in toc.entries)
 
 
 def test_layer_serves_files_from_shared_members_fetched_once() -> None:
@@ -234,7 +242,7 @@ def test_layer_serves_files_from_shared_members_fetched_once() -> None:
     expected = {entry.name: data for entry, _, data in _tar_members(source) if entry.type == "reg"}
     final = {entry.name: entry for entry in layer.entries}  # a later entry of a name wins
     for entry in final.values():
-        if entry.type == "reg" and entry.name in toc.chunks:
+        if entry.type == "reg":
             plan = layer.read_plan(entry, 0, entry.size)
             served = b"".join(decoded[p.chunk.key][p.start : p.start + p.length] for p in plan)
             assert served == expected[entry.name], entry.name
@@ -251,6 +259,54 @@ def test_layer_serves_files_from_shared_members_fetched_once() -> None:
         tampered[12] ^= 0xFF
         with pytest.raises(ChunkDigestError):
             member.decode(bytes(tampered))
+
+
+def test_every_file_of_a_repeated_name_keeps_its_own_chunks() -> None:
+    """A hard link written before its target name is replaced serves the earlier file
+    (agent/fs/tree.py), so that file's data stays in the blob, the TOC and the layer:
+    chunks belong to an entry, not to a name. Small files share a member, so both files
+    called ``a`` start at the same blob offset and only the entry tells them apart."""
+    old, new = b"old small\n", b"the new one, longer\n"
+    big_old, big_new = bytes(range(256)) * 9, bytes(range(255, -1, -1)) * 11
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "a", old, mode=0o640)
+        _add(tar, "b", type=tarfile.LNKTYPE, linkname="a")
+        _add(tar, "a", new)
+        _add(tar, "big", big_old)
+        _add(tar, "big-link", type=tarfile.LNKTYPE, linkname="big")
+        _add(tar, "big", big_new)
+    source = out.getvalue()
+    blob, result = _convert(source)
+    assert _tar_view(gzip.decompress(blob)) == _tar_view(source)  # both files, in order
+    toc = _open_blob(blob, result.toc_digest)
+    first_a, second_a, first_big, second_big = [e for e in toc.entries if e.type == "reg"]
+    assert [first_a.name, second_a.name, first_big.name, second_big.name] == [
+        *("a", "a", "big", "big")
+    ]
+    assert first_a.offset == second_a.offset  # one member
+    assert len(toc.chunks.get(first_big)) == 3 and len(toc.chunks.get(second_big)) == 3
+    assert toc.chunks.get(copy.copy(first_a)) == []  # by the entry itself
+
+    layer = EstargzLayer(
+        BlobSource(ImageReference.parse("r.test/a:b"), "sha256:" + "0" * 64, len(blob)), toc
+    )
+    decoded = {m.key: m.decode(blob[m.fetch_start : m.fetch_end]) for m in layer.all_chunks()}
+
+    def served(entry: TocEntry) -> bytes:
+        plan = layer.read_plan(entry, 0, entry.size)
+        return b"".join(decoded[p.chunk.key][p.start : p.start + p.length] for p in plan)
+
+    expected = [old, new, big_old, big_new]
+    assert [served(e) for e in (first_a, second_a, first_big, second_big)] == expected
+    tree = LayerTree(toc.entries, InodeAllocator())
+    by_path = {path: tree.lookup(path) for path in ("a", "b", "big", "big-link")}
+    assert {path: served(node.entry) for path, node in by_path.items() if node} == {
+        "a": new,
+        "b": old,
+        "big": big_new,
+        "big-link": big_old,
+    }
 
 
 def test_prefetch_entries_lead_then_the_landmark() -> None:
@@ -272,11 +328,96 @@ def test_prefetch_entries_lead_then_the_landmark() -> None:
     toc = _open_blob(blob, result.toc_digest)
     assert toc.prefetch_end is not None
     front_files = {f"etc/f{BIG}", f"{UNICODE}.txt"}
-    for name, chunks in toc.chunks.items():
+    for entry, chunks in toc.chunks.items():
         for chunk in chunks:
-            assert (chunk.blob_offset < toc.prefetch_end) == (name in front_files), name
+            in_front = entry.name in front_files
+            assert (chunk.blob_offset < toc.prefetch_end) == in_front, entry.name
     expected = {entry.name: data for entry, _, data in _tar_members(source) if entry.type == "reg"}
     assert _file_bytes_from_chunks(blob, toc) == expected
+
+
+def _unpacked(entries: list[TocEntry]) -> dict[str, tuple[Any, ...]]:
+    """What unpacking leaves, as the agent's tree states it: per path its mode, which
+    file it is (by uid: unique per file written), xattrs, and the first path of its
+    inode (hard links share one)."""
+    tree = LayerTree(entries, InodeAllocator())
+    found: list[tuple[str, Any]] = []
+    stack = [(tree.root, "")]
+    while stack:
+        directory, path = stack.pop()
+        for raw, child in (directory.children or {}).items():
+            child_path = f"{path}/{raw.decode()}" if path else raw.decode()
+            found.append((child_path, child))
+            stack.append((child, child_path))
+    first: dict[int, str] = {}
+    return {
+        path: (node.mode, node.entry.uid, node.xattrs, first.setdefault(node.inode, path))
+        for path, node in sorted(found)
+    }
+
+
+_PLACES = ["a", "b", "d", "d/a", "d/b", "d/e/a"]
+_LAYER_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["reg", "reg", "dir", "link", "link", "whiteout"]),
+        st.sampled_from(_PLACES),
+        st.integers(0, 9),
+    ),
+    min_size=1,
+    max_size=10,
+)
+_PREFETCH = st.lists(
+    st.sampled_from(["/a", "/b", "/d/", "/d/a", "/d/b", "/d/e/", "/d/e/a"]), min_size=1, unique=True
+)
+
+
+def _layer_of(steps: list[tuple[str, str, int]]) -> bytes:
+    """A tar of ``(kind, name, which)`` steps, each entry's uid its position; a link's
+    target is the name of the ``which``-th file written before it (mostly not dangling)."""
+    out = io.BytesIO()
+    files: list[str] = []
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for uid, (kind, name, which) in enumerate(steps, start=1):
+            target = (files or _PLACES)[which % len(files or _PLACES)]
+            if kind in ("reg", "link"):
+                files.append(name)
+            if kind == "reg":
+                _add(tar, name, b"x" * uid, uid=uid, mtime=uid)
+            elif kind == "dir":
+                _add(tar, name, type=tarfile.DIRTYPE, mode=0o700 + uid % 8, uid=uid)
+            elif kind == "link":
+                _add(tar, name, type=tarfile.LNKTYPE, linkname=target, uid=uid)
+            else:
+                head, _, base = name.rpartition("/")
+                _add(tar, f"{head}/.wh.{base}" if head else f".wh.{base}", b"", uid=uid)
+    return out.getvalue()
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(steps=_LAYER_STEPS, prefetch=_PREFETCH)
+def test_prefetch_never_changes_what_the_layer_unpacks_to(
+    steps: list[tuple[str, str, int]], prefetch: list[str]
+) -> None:
+    """Entries pulled ahead for prefetch stay behind the earlier ones they meet (one
+    name written twice, files and directories in each other's way, hard links to names
+    written again, whiteouts): the converted layer unpacks to the same files, contents
+    and hard links as the original."""
+    source = _layer_of(steps)
+    try:
+        blob, result = _convert(source, prefetch=prefetch)
+    except HostileLayerError:
+        return  # a link to nothing, or to a directory: refused, with or without prefetch
+    original = [entry for entry, _, _ in _tar_members(source)]
+    assert _unpacked(_open_blob(blob, result.toc_digest).entries) == _unpacked(original)
+
+
+def test_a_file_replaced_after_a_link_to_it_stays_behind_the_link() -> None:
+    source = _layer_of([("reg", "a", 0), ("link", "b", 0), ("reg", "a", 0)])
+    blob, result = _convert(source, prefetch=["/a"])
+    names = [entry.name for entry, _, _ in _tar_members(gzip.decompress(blob))]
+    assert names == ["a", PREFETCH_LANDMARK, "b", "a", TOC_TAR_NAME]
+    toc = _open_blob(blob, result.toc_digest)
+    assert _unpacked(toc.entries)["b"][1] == 1  # the first "a"
 
 
 def test_prefetch_of_only_absent_paths_marks_no_prefetch() -> None:
@@ -378,12 +519,14 @@ def test_well_formed_handmade_toc_parses() -> None:
     assert [e.name for e in toc.entries] == ["d", "d/f", "d/h", "g"]
     assert toc.entries[0].mode == 0o755
     assert toc.entries[1].uname == "root"  # inherited: same uid, name recorded once
-    assert [(c.file_offset, c.size, c.blob_offset, c.blob_end) for c in toc.chunks["d/f"]] == [
+    assert [
+        (c.file_offset, c.size, c.blob_offset, c.blob_end) for c in _chunks_named(toc, "d/f")
+    ] == [
         (0, 10, 100, 200),
         (10, 10, 200, 300),
         (20, 10, 300, 400),
     ]
-    assert toc.chunks["g"][0].blob_end == 10_000
+    assert _chunks_named(toc, "g")[0].blob_end == 10_000
     assert toc.prefetch_end == 400
     assert toc.entries[3].mtime == 1577934245.0
 
@@ -551,7 +694,7 @@ def test_footer_round_trip_and_refusals() -> None:
 def test_chunk_corruption_is_detected() -> None:
     blob, _ = _convert(_varied_tar())
     toc = _open_blob(blob)
-    chunk = toc.chunks[f"etc/f{BIG}"][2]
+    chunk = _chunks_named(toc, f"etc/f{BIG}")[2]
     member = bytearray(blob[chunk.blob_offset : chunk.blob_end])
     assert read_chunk(chunk, bytes(member))
     member[len(member) // 2] ^= 0xFF
@@ -559,7 +702,7 @@ def test_chunk_corruption_is_detected() -> None:
         read_chunk(chunk, bytes(member))
     with pytest.raises(ChunkDigestError, match="inflated"):
         read_chunk(chunk, blob[chunk.blob_offset : chunk.blob_offset + 30])
-    other = toc.chunks[f"etc/f{BIG}"][3]
+    other = _chunks_named(toc, f"etc/f{BIG}")[3]
     with pytest.raises(ChunkDigestError, match="chunk digest"):
         read_chunk(other, blob[chunk.blob_offset : chunk.blob_end])
 
@@ -923,11 +1066,11 @@ def test_ctr_remote_conversions_read_exactly_and_match_our_toc(tmp_path: Path) -
         _summary(e) for e in reference_toc.entries
     ]
     assert {
-        name: [(c.file_offset, c.size, c.digest) for c in chunks]
-        for name, chunks in our_toc.chunks.items()
+        entry.name: [(c.file_offset, c.size, c.digest) for c in chunks]
+        for entry, chunks in our_toc.chunks.items()
     } == {
-        name: [(c.file_offset, c.size, c.digest) for c in chunks]
-        for name, chunks in reference_toc.chunks.items()
+        entry.name: [(c.file_offset, c.size, c.digest) for c in chunks]
+        for entry, chunks in reference_toc.chunks.items()
     }
     assert _record_shapes(_toc_json(ours)) == _record_shapes(_toc_json(reference_blob))
 
@@ -999,7 +1142,7 @@ def test_a_members_range_is_bounded_by_what_is_read_of_it() -> None:
         [_reg("tiny", size=1, offset=100), _reg("next", size=10, offset=far)],
         toc_offset=far + 1000,
     )
-    (tiny,) = toc.chunks["tiny"]
+    (tiny,) = _chunks_named(toc, "tiny")
     assert tiny.blob_end - tiny.blob_offset == reader_module.member_bound(1) < 200_000
-    (following,) = toc.chunks["next"]
+    (following,) = _chunks_named(toc, "next")
     assert following.blob_end == far + 1000  # the TOC comes sooner than the bound

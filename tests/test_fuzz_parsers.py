@@ -258,8 +258,8 @@ def _open_estargz(blob: bytes, expected_digest: str | None = None) -> EstargzToc
 
 def _check_accepted_toc(toc: EstargzToc, blob: bytes) -> None:
     assert_entries_stay_inside(toc.entries)
-    for name, chunks in toc.chunks.items():
-        assert normalize_name(name) == name
+    for entry, chunks in toc.chunks.items():
+        assert normalize_name(entry.name) == entry.name
         for chunk in chunks:
             assert 0 < chunk.blob_offset < chunk.blob_end <= toc.toc_offset
             try:

@@ -5,6 +5,10 @@ Built from the layer's TOC. The tar's OCI whiteouts become what overlayfs itself
 turns into the `trusted.overlay.opaque=y` xattr on its directory. Later tar entries of
 the same name replace earlier ones (tar semantics), hardlinks share one inode, and
 directories the tar only implies are created with containerd's defaults (0755, root).
+
+A hardlink is made where it stands in the tar, to the file its target name holds at
+that point, as unpacking does: a later entry that replaces the target name (or a
+directory above it) makes a new inode, and the link keeps the old one.
 """
 
 from __future__ import annotations
@@ -82,6 +86,11 @@ def _visible_xattrs(entry: TocEntry) -> dict[bytes, bytes]:
     return {k.encode(): v for k, v in entry.xattrs.items() if not k.startswith("trusted.")}
 
 
+def _nested(first: str, second: str) -> bool:
+    """Whether one of two different normalized names is a directory above the other."""
+    return first.startswith(second + "/") or second.startswith(first + "/")
+
+
 def _implied_dir(name: str) -> TocEntry:
     return TocEntry(name=name, type="dir", mode=0o755)
 
@@ -94,14 +103,13 @@ class LayerTree:
         self.root = Node(inodes.take(), _implied_dir(""), children={})
         self.nodes: dict[int, Node] = {self.root.inode: self.root}
         self._by_path: dict[str, Node] = {"": self.root}
-        pending_links: list[TocEntry] = []
         # Names are normalized (formats/toc.py), so rpartition splits them as posixpath
         # would, at a fraction of the cost: a layer can hold tens of thousands of
         # entries and this runs while containerd waits on the pull.
         for entry in entries:
             head, _, base = entry.name.rpartition("/")
             if entry.type == "hardlink":
-                pending_links.append(entry)
+                self._link(entry)
             elif not base.startswith(WHITEOUT_PREFIX):
                 if entry.name:
                     self._add_child(self._directory(head), base, entry)
@@ -119,8 +127,6 @@ class LayerTree:
                     mtime=entry.mtime,
                 )
                 self._add_child(self._directory(head), base[len(WHITEOUT_PREFIX) :], whiteout)
-        for link in pending_links:
-            self._link(link)
 
     def _update_root(self, entry: TocEntry) -> None:
         self.root.entry = entry
@@ -169,7 +175,8 @@ class LayerTree:
     def _drop(self, node: Node, path: str) -> None:
         """Forget a node replaced at ``path`` and, for a directory, everything below it
         (the paths it was reached by, not its entry's name: a hardlinked file keeps its
-        other names). A loop, for the same reason as in ``_directory``."""
+        other names, and stays in ``nodes`` while any is left). A loop, for the same
+        reason as in ``_directory``."""
         stack = [(node, path)]
         while stack:
             node, path = stack.pop()
@@ -184,9 +191,14 @@ class LayerTree:
                 stack.append((child, posixpath.join(path, name)))
 
     def _link(self, link: TocEntry) -> None:
+        """Give the file now at the link's target name the link's name too."""
         target = self._by_path.get(link.link_name)
-        if target is None or target.is_dir:
-            return  # a dangling hardlink: unpacking fails on it too, so serve nothing
+        if target is None or target.is_dir or _nested(link.name, link.link_name):
+            # Dangling: no file there yet (or any more), a directory, or names nested
+            # in each other (the link would replace the directory holding its target,
+            # or needs its target file to be a directory). Unpacking fails on it too,
+            # so serve nothing for it.
+            return
         head, _, name = link.name.rpartition("/")
         parent = self._directory(head)
         assert parent.children is not None

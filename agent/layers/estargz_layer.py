@@ -10,18 +10,19 @@ from functools import partial
 
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget, metadata_tag
 from fetcher.chunks import BlobSource, ChunkSpec
-from formats.estargz_reader import ChunkRef, EstargzToc, MemberDecoder, read_member
+from formats.estargz_reader import ChunkRef, EstargzToc, FileChunks, MemberDecoder, read_member
 from formats.toc import TocEntry
 
 _file_offset = operator.attrgetter("file_offset")
 _blob_offset = operator.attrgetter("blob_offset")
 
 
-def _members(chunks: dict[str, list[ChunkRef]]) -> dict[int, list[ChunkRef]]:
+def _members(chunks: FileChunks) -> dict[int, list[ChunkRef]]:
     """The chunks each gzip member holds, by the member's blob offset, in blob order.
 
     Small files share a member (``innerOffset``); caching the member rather than each file
     means one request, one inflate, one digest pass and one cache file for all of them.
+    Files a later one of the same name replaced count too: a hard link can serve them.
     """
     refs = sorted(itertools.chain.from_iterable(chunks.values()), key=_blob_offset)
     return {offset: list(group) for offset, group in itertools.groupby(refs, key=_blob_offset)}
@@ -30,11 +31,14 @@ def _members(chunks: dict[str, list[ChunkRef]]) -> dict[int, list[ChunkRef]]:
 def _member_spec(tag: str, offset: int, refs: list[ChunkRef]) -> ChunkSpec:
     """The fetchable, cacheable chunk of one member (its key names the TOC ``tag``)."""
     end = max(ref.blob_end for ref in refs)
+    inflated = max(ref.inner_offset + ref.size for ref in refs)
     return ChunkSpec(
-        key=f"{tag}-m{offset:012x}-{end:x}",
+        # The key says how far the member is inflated: cached bytes are never taken
+        # for a longer stretch than they hold.
+        key=f"{tag}-m{offset:012x}-{end:x}-{inflated:x}",
         fetch_start=offset,
         fetch_end=end,
-        decoded_size=max(ref.inner_offset + ref.size for ref in refs),
+        decoded_size=inflated,
         decode=partial(read_member, refs),
         streaming=partial(MemberDecoder, refs),
     )
@@ -51,7 +55,7 @@ class EstargzLayer:
         self.metadata_digest = toc.toc_digest
         self._tag = metadata_tag(toc.toc_digest)
         self.entries: list[TocEntry] = toc.entries
-        self._chunks: dict[str, list[ChunkRef]] = toc.chunks
+        self._chunks = toc.chunks
         self._members = _members(self._chunks)
         self._offsets = list(self._members)
         self._specs: dict[int, ChunkSpec] = {}
@@ -66,7 +70,7 @@ class EstargzLayer:
 
     def read_plan(self, entry: TocEntry, offset: int, length: int) -> list[ChunkSlice]:
         """Member slices for the file's bytes [offset, offset+length) (clipped at EOF)."""
-        refs = self._chunks.get(entry.name, [])
+        refs = self._chunks.get(entry)
         end = min(offset + length, entry.size)
         if offset >= end or not refs:
             return []
@@ -93,7 +97,7 @@ class EstargzLayer:
 
     def file_chunks(self, entry: TocEntry) -> list[ChunkSpec]:
         """Every member holding part of the file, in file order."""
-        specs = [self._spec(ref.blob_offset) for ref in self._chunks.get(entry.name, [])]
+        specs = [self._spec(ref.blob_offset) for ref in self._chunks.get(entry)]
         return list(dict.fromkeys(specs))
 
     def all_chunks(self) -> list[ChunkSpec]:
