@@ -34,6 +34,7 @@ from formats.estargz_toc import (
     PREFETCH_LANDMARK,
     TAR_BLOCK,
     TAR_END_OF_ARCHIVE,
+    TOC_BYTES_PER_VALUE,
     TOC_TAR_NAME,
     TOC_VERSION,
     ChunkDigestError,
@@ -64,6 +65,8 @@ from formats.toc import (
 
 # A pax header, the TOC's header, the JSON, its padding and the end-of-archive blocks.
 _MAX_TOC_TAR_BYTES = 4 * TAR_BLOCK + MAX_TOC_JSON_BYTES + len(TAR_END_OF_ARCHIVE)
+# Room for the document's own fields, so that a TOC of a few entries never comes near.
+_FREE_VALUES = 64
 _PLAIN_FILE_FIELDS = ("name", "type", "size", "mode", "modtime", "offset", "digest", "chunkDigest")
 _PLAIN_COLUMNS = operator.itemgetter(*_PLAIN_FILE_FIELDS)
 _PLAIN_FILE_KEYS = frozenset(_PLAIN_FILE_FIELDS)
@@ -328,7 +331,22 @@ def _toc_json(toc_member: bytes) -> bytes:
         raise EstargzFormatError(f"TOC member is not a tar entry: {exc}") from None
     if len(toc_json) != info.size:
         raise EstargzFormatError("TOC JSON is truncated")
+    _check_structure(toc_json)
     return toc_json
+
+
+def _check_structure(toc_json: bytes) -> None:
+    """Refuse, before json builds them, more arrays, objects and values than the TOC's
+    size and the entry cap allow a real one. Every value but a container's first follows
+    a ',', so counting '{', '[' and ',' bounds them all, and counting them inside strings
+    as well only over-counts."""
+    containers = toc_json.count(b"{") + toc_json.count(b"[")
+    values = containers + toc_json.count(b",")
+    if values > len(toc_json) // TOC_BYTES_PER_VALUE + _FREE_VALUES:
+        raise EstargzFormatError(f"TOC has {values} values in {len(toc_json)} bytes of JSON")
+    # The document, its entries list, and per entry its object and an xattrs object.
+    if containers > 2 + 2 * MAX_TOC_ENTRIES:
+        raise EstargzFormatError(f"TOC has {containers} objects and arrays")
 
 
 class _TocValidator:

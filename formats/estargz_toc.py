@@ -37,6 +37,13 @@ FOOTER_SIZE: Final = 51
 MAX_TOC_JSON_BYTES: Final = 128 << 20
 """About 400k entries; beyond that a TOC is an attack on the agent's memory, not a layer."""
 MAX_TOC_ENTRIES: Final = 1_000_000
+TOC_BYTES_PER_VALUE: Final = 6
+"""The fewest bytes of JSON a TOC may spend per '{', '[' or ',' (one per value, counted
+before parsing). An entry's smallest field (``,"uid":0``) takes 8, and the smallest
+entry (``{"name":"a","type":"dir"},``) 26 for three; the margin is for brackets and
+commas inside names, which count too. Held to it, a TOC cannot make the JSON parser
+build Python objects much faster per byte than a TOC of the smallest entries does,
+whereas ``[],`` turned every 3 bytes into a list of 56 bytes and more."""
 MAX_CHUNK_BYTES: Final = 256 << 20
 """The agent inflates a chunk in memory; real writers cut chunks at 4 MiB by default."""
 

@@ -25,13 +25,14 @@ import operator
 import queue
 import threading
 import zlib
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 import msgpack
 
 from fetcher.mediatypes import GZIP_LAYERS, TAR_LAYERS
+from formats.bounded_msgpack import BoundedUnpacker
 from formats.gzip_index import (
     DEFAULT_PIECE,
     DEFAULT_SPAN,
@@ -86,6 +87,14 @@ MAX_CHECKPOINTS = 1 << 22
 MAX_ENTRIES = 1 << 22
 MAX_TOC_BYTES = 1 << 28
 MAX_ARTIFACT_BYTES = 1 << 30
+MAX_XATTRS = (64 << 10) // len("user.x\0")
+"""Linux lists a file's xattr names, each NUL-terminated and at least ``user.`` and a
+byte long, in at most 64 KiB (XATTR_LIST_MAX): no file it serves can carry more."""
+_MAX_PIECES = MAX_SPAN // MIN_PIECE
+# Name limits count characters; in UTF-8 a character takes up to four bytes.
+_MAX_TEXT_BYTES = 4 * MAX_NAME_BYTES
+# Above any header field's text (digest and media type: at most 200 characters).
+_MAX_FIELD_TEXT = 1024
 _DIGEST_BYTES = 32
 _READ_CHUNK = 1 << 20
 # How far behind the tar walker's read position file data may start (tarfile reads
@@ -557,28 +566,13 @@ def parse_spans(data: bytes) -> DecodedIndex:
     (IndexFormatError on anything off); ``DecodedIndex.checked`` does the rest."""
     if len(data) > MAX_ARTIFACT_BYTES:
         raise IndexFormatError("layer index is too large")
-    document = _unpack(data, "layer index")
-    if not isinstance(document, dict):
-        raise IndexFormatError("layer index is not a msgpack map")
+    document = _read_document(data)
     if document.get("magic") != MAGIC:
         raise IndexFormatError("not an acceld layer index (bad magic)")
     version = document.get("version")
     if type(version) is not int or version not in _VERSIONS:  # (True == 1)
         raise IndexFormatError(f"unsupported layer index version {version!r}")
-    expected = {
-        "magic",
-        "version",
-        "layer_digest",
-        "media_type",
-        "compressed_size",
-        "uncompressed_size",
-        "span_size",
-        "checkpoints",
-        "windows",
-        "span_digests",
-        "entry_count",
-        "toc",
-    } | (_PIECE_FIELDS if version >= 2 else set())
+    expected = set(_FIELD_READERS) - (set() if version >= 2 else _PIECE_FIELDS)
     if set(document) != expected:
         raise IndexFormatError(f"unexpected fields {sorted(set(document) ^ expected)}")
     index = LayerIndex(
@@ -595,19 +589,51 @@ def parse_spans(data: bytes) -> DecodedIndex:
     return DecodedIndex(index, _decode_toc(document))
 
 
-def _unpack(data: bytes, what: str, unicode_errors: str = "strict") -> Any:
-    try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            unicode_errors=unicode_errors,
-        )
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError) as exc:
-        raise IndexFormatError(f"{what} is not valid msgpack: {exc}") from None
-    except msgpack.StackError:
-        raise IndexFormatError(f"{what} nests too deeply") from None
+def _read_document(data: bytes) -> dict[str, Any]:
+    """The artifact's top-level map, each field read as far as the format's caps allow
+    (its arrays' lengths checked before their items are read, a checkpoint the one
+    array an item may build): what the fields say is checked afterwards."""
+    reader = BoundedUnpacker(
+        data,
+        IndexFormatError,
+        "layer index",
+        max_str_len=_MAX_FIELD_TEXT,
+        max_bin_len=MAX_ARTIFACT_BYTES,
+        max_array_len=3,
+    )
+    document = reader.fields(_FIELD_READERS, "layer index")
+    reader.finish()
+    return document
+
+
+def _piece_ends(reader: BoundedUnpacker) -> list[Any]:
+    spans = reader.array(MAX_CHECKPOINTS, "piece_ends")
+    return [reader.values(reader.array(_MAX_PIECES, "a span's piece ends")) for _ in range(spans)]
+
+
+_FIELD_READERS: dict[str, Callable[[BoundedUnpacker], Any]] = {
+    **dict.fromkeys(
+        (
+            "magic",
+            "version",
+            "layer_digest",
+            "media_type",
+            "compressed_size",
+            "uncompressed_size",
+            "span_size",
+            "span_digests",
+            "piece_size",
+            "entry_count",
+            "toc",
+        ),
+        BoundedUnpacker.value,
+    ),
+    "checkpoints": lambda reader: reader.items(MAX_CHECKPOINTS, "checkpoints", arrays_each=1),
+    "windows": lambda reader: reader.items(MAX_CHECKPOINTS, "windows"),
+    "piece_digests": lambda reader: reader.items(MAX_CHECKPOINTS, "piece_digests"),
+    "piece_ends": _piece_ends,
+}
+"""How each field of a version 2 artifact is read (version 1 has no piece fields)."""
 
 
 def _int(value: Any, name: str, maximum: int, minimum: int = 0) -> int:
@@ -741,6 +767,9 @@ def _checkpoint(raw: Any, number: int, index: LayerIndex) -> Checkpoint:
 
 
 def _decode_toc(document: dict[str, Any]) -> list[Any]:
+    """The file table's rows, decoded without trusting it: the array must hold
+    ``entry_count`` rows, and the rows (15 fields, one of them the xattrs map) may
+    build one array and one map each, so no table builds more than that."""
     count = _int(document["entry_count"], "entry_count", MAX_ENTRIES)
     blob = document["toc"]
     if not isinstance(blob, bytes):
@@ -752,9 +781,21 @@ def _decode_toc(document: dict[str, Any]) -> list[Any]:
         raise IndexFormatError(f"toc does not decompress: {exc}") from None
     if len(packed) > MAX_TOC_BYTES or not inflater.eof or inflater.unused_data:
         raise IndexFormatError("toc is not one zlib stream of a sane size")
-    rows = _unpack(packed, "toc", _NAME_ERRORS)
-    if not isinstance(rows, list) or len(rows) != count:
+    table = BoundedUnpacker(
+        packed,
+        IndexFormatError,
+        "toc",
+        max_str_len=_MAX_TEXT_BYTES,
+        max_bin_len=MAX_XATTR_BYTES,
+        max_array_len=_ENTRY_FIELDS,
+        max_map_len=MAX_XATTRS,
+        unicode_errors=_NAME_ERRORS,
+    )
+    if table.array(MAX_ENTRIES, "toc") != count:
         raise IndexFormatError(f"toc must be an array of entry_count ({count}) entries")
+    table.allow(arrays=count, maps=count)
+    rows = table.values(count)
+    table.finish()
     return rows
 
 

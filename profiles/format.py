@@ -1,11 +1,13 @@
 """The learned prefetch profile and its wire format (msgpack behind a magic and version).
 
 Profiles travel through the registry, where any node (or anyone with push rights) can
-put one, so the parser treats every blob as hostile: size limits before decoding,
-msgpack's own container limits while decoding, then a strict schema in which every
-field has one type, one range and one canonical order. Anything else is refused with
-ProfileFormatError naming the offending field; an unknown version is refused rather
-than half-read, because a newer writer may have changed what a field means.
+put one, so the parser treats every blob as hostile: size limits before decoding, the
+schema's caps while decoding (a list's length is checked before its items are read,
+and no more lists are built than the caps allow: formats/bounded_msgpack.py), then a
+strict schema in which every field has one type, one range and one canonical order.
+Anything else is refused with ProfileFormatError naming the offending field; an unknown
+version is refused rather than half-read, because a newer writer may have changed what
+a field means.
 
 Canonical order (files by layer position then path, everything else sorted) means one
 profile has exactly one encoding, so identical merges produce identical blobs and the
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from common.digest import InvalidDigestError, validate_digest
+from formats.bounded_msgpack import BoundedUnpacker
 from formats.toc import MAX_NAME_BYTES, HostileLayerError, normalize_name
 from profiles.coverage import Segments
 
@@ -152,20 +155,40 @@ def parse(data: bytes) -> Profile:
         raise ProfileFormatError(
             f"unsupported profile version {version} (this build reads {FORMAT_VERSION})"
         )
-    try:
-        body = msgpack.unpackb(
-            bytes(data[header_end:]),
-            raw=False,
-            strict_map_key=True,
-            max_str_len=max(MAX_NAME_BYTES, 4096),
-            max_bin_len=0,
-            max_array_len=max(MAX_FILES, MAX_PINNED, MAX_SUPERSEDES),
-            max_map_len=16,
-            max_ext_len=0,
-        )
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise ProfileFormatError(f"profile body is not valid msgpack: {exc}") from None
+    reader = BoundedUnpacker(
+        bytes(data[header_end:]),
+        ProfileFormatError,
+        "profile body",
+        max_str_len=max(MAX_NAME_BYTES, 4096),
+        max_bin_len=0,
+        max_array_len=MAX_SEGMENTS_PER_FILE,
+    )
+    body = reader.fields(_BODY_READERS, "profile")
+    reader.finish()
     return _profile(body)
+
+
+# -- decoding: each list read with its cap, and only as many lists as the caps allow ---
+
+_RUNS_READERS: dict[str, Callable[[BoundedUnpacker], Any]] = {
+    **dict.fromkeys(("count", "crashed", "timed_out", "page_cache_blind"), BoundedUnpacker.value),
+    "nodes": lambda reader: reader.items(MAX_NODES, "runs.nodes", arrays_each=1),
+    "sources": lambda reader: reader.items(len(SOURCE_KEYS), "runs.sources", arrays_each=1),
+    "bytes_read": lambda reader: reader.items(MAX_SAMPLES, "runs.bytes_read", arrays_each=1),
+}
+_BODY_READERS: dict[str, Callable[[BoundedUnpacker], Any]] = {
+    "image": BoundedUnpacker.value,
+    "layers": lambda reader: reader.items(MAX_LAYERS, "layers"),
+    "threshold": BoundedUnpacker.value,
+    "runs": lambda reader: reader.fields(_RUNS_READERS, "runs"),
+    # A file row is a list holding its coverage and first-access lists, with up to
+    # MAX_SAMPLES samples; segments number up to MAX_TOTAL_SEGMENTS in all the rows.
+    "files": lambda reader: reader.items(
+        MAX_FILES, "files", arrays_each=3 + MAX_SAMPLES, arrays_besides=MAX_TOTAL_SEGMENTS
+    ),
+    "pinned": lambda reader: reader.items(MAX_PINNED, "pinned", arrays_each=1),
+    "supersedes": lambda reader: reader.items(MAX_SUPERSEDES, "supersedes"),
+}
 
 
 # -- strict schema -------------------------------------------------------------------

@@ -49,6 +49,7 @@ from formats.estargz import (
     write_estargz,
 )
 from formats.toc import HostileLayerError, TocEntry, entry_from_tarinfo
+from tests.decode_memory import PEAK_LIMIT, decode_in_child
 
 CHUNK = 1000  # deliberately not a multiple of the tar block size
 BIG = 5 * CHUNK + 7
@@ -666,6 +667,33 @@ def test_absurd_entry_counts_are_refused(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(reader_module, "MAX_TOC_ENTRIES", 3)
     with pytest.raises(EstargzFormatError, match="more than 3"):
         _parse_records([{"name": f"d{i}", "type": "dir"} for i in range(4)])
+    with pytest.raises(EstargzFormatError, match="objects and arrays"):
+        _parse_records([{"name": f"d{i}", "type": "dir", "xattrs": {}} for i in range(4)])
+
+
+def test_a_toc_of_empty_arrays_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """JSON makes a list of 56 bytes and more of every 3 bytes of ``[],``: a TOC member
+    of a few kilobytes must not become a gigabyte of lists before its entries are
+    counted."""
+    member = _toc_member(b'{"version":1,"entries":[' + b"[]," * 11_000_000 + b"[]]}")
+    outcome, peak = decode_in_child(
+        tmp_path,
+        member,
+        "from formats.estargz import EstargzFormatError, parse_toc",
+        "parse_toc(data, 1 << 40)",
+        "EstargzFormatError",
+    )
+    assert outcome == "refused"
+    assert peak < PEAK_LIMIT, f"{peak >> 20} MiB to refuse {len(member)} bytes"
+
+
+def test_compact_tocs_of_the_smallest_entries_still_parse() -> None:
+    """The values-per-byte limit leaves room for compact JSON of the smallest fields."""
+    records = [{"name": name, "type": "dir", "uid": 1, "gid": 1} for name in "abcdefgh" * 1000]
+    toc_json = json.dumps({"version": 1, "entries": records}, separators=(",", ":"))
+    assert len(toc_json) / sum(map(toc_json.count, "{[,")) < 8.5
+    toc = parse_toc(_toc_member(toc_json.encode()), 10_000)
+    assert len(toc.entries) == len(records)
 
 
 def test_toc_digest_is_checked() -> None:

@@ -13,6 +13,7 @@ import random
 import tarfile
 import threading
 import zlib
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -23,6 +24,7 @@ from hypothesis import strategies as st
 from fetcher.mediatypes import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
 from formats.gzip_index import CorruptSpanError, GzipFormatError
 from formats.layer_index import (
+    MAX_XATTRS,
     IndexFormatError,
     LayerIndex,
     UnsupportedLayerError,
@@ -35,6 +37,7 @@ from formats.layer_index import (
     serialize,
 )
 from formats.toc import MAX_ENTRY_SIZE, MAX_NAME_BYTES, HostileLayerError
+from tests.decode_memory import PEAK_LIMIT, decode_in_child
 
 SPAN = 64 * 1024
 PIECE = 16 * 1024
@@ -342,6 +345,8 @@ def _mutations(index: LayerIndex) -> dict[str, dict[str, Any]]:
         "device major past dev_t": device_changed(10, 1 << 31),
         "device minor past dev_t": device_changed(11, 1 << 20),
         "xattr value": row_changed(12, {"user.x": "text"}),
+        "xattr count": row_changed(12, {f"user.{i}": b"" for i in range(MAX_XATTRS + 1)}),
+        "row in a row": row_changed(0, rows[0]),
         "negative gap": row_changed(13, -1),
         "data past end": row_changed(13, len(RAW)),
         "short digest": row_changed(14, b"\x01" * 31),
@@ -512,3 +517,40 @@ def test_fuzzed_bytes_parse_or_raise_index_format_error(blob: bytes) -> None:
     for candidate in (blob, real[: len(blob)], blob + real[len(blob) :]):
         with contextlib.suppress(IndexFormatError):
             parse(candidate)
+
+
+def _tree(depth: int) -> bytes:
+    """A 15-ary msgpack tree of empty arrays ``depth`` levels deep: no array in it is
+    longer than a file-table row."""
+    return b"\x90" if depth == 0 else b"\x9f" + _tree(depth - 1) * 15
+
+
+def _hostile_artifacts(index: LayerIndex) -> dict[str, bytes]:
+    nested_row = _document(index)
+    nested_row["entry_count"] = 1
+    nested_row["toc"] = zlib.compress(b"\x91" + _tree(6), 9)
+    array_windows = _document(index)
+    array_windows["windows"] = [[]] * (6 << 20)  # one list, packed 6 Mi times
+    return {
+        "row of a tree of arrays": msgpack.packb(nested_row, use_bin_type=True),
+        "windows of empty arrays": msgpack.packb(array_windows, use_bin_type=True),
+    }
+
+
+@pytest.mark.parametrize("case", ["row of a tree of arrays", "windows of empty arrays"])
+def test_hostile_artifacts_are_refused_before_they_are_built(
+    index: LayerIndex, tmp_path: Path, case: str
+) -> None:
+    """msgpack's limits cap each array, not how many there are, and every byte of
+    0x90 is a list: kilobytes of (inflated) artifact must not become a gigabyte of
+    lists before a count is checked."""
+    artifact = _hostile_artifacts(index)[case]
+    outcome, peak = decode_in_child(
+        tmp_path,
+        artifact,
+        "from formats.layer_index import IndexFormatError, parse",
+        "parse(data)",
+        "IndexFormatError",
+    )
+    assert outcome == "refused"
+    assert peak < PEAK_LIMIT, f"{peak >> 20} MiB to refuse {len(artifact)} bytes"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -24,6 +25,7 @@ from profiles.format import (
 )
 from profiles.learn import learn
 from profiles.trace import FileAccess, Outcome, RunTrace
+from tests.decode_memory import PEAK_LIMIT, decode_in_child
 
 IMAGE = "sha256:" + "1" * 64
 LAYERS = ("sha256:" + "a" * 64, "sha256:" + "b" * 64)
@@ -98,7 +100,7 @@ def test_refuses_absurd_sizes(profile_blob: bytes) -> None:
         parse(profile_blob + b"\0" * MAX_PROFILE_BYTES)
     body = _body(profile_blob)
     body["files"][0][3] = [[i * 2, i * 2 + 1, 1] for i in range(MAX_SEGMENTS_PER_FILE + 1)]
-    with pytest.raises(ProfileFormatError, match="at most"):
+    with pytest.raises(ProfileFormatError, match="exceeds max_array_len"):
         parse(_blob(body))
     body = _body(profile_blob)
     body["runs"]["count"] = 1 << 60
@@ -151,6 +153,26 @@ def test_refuses_wrong_types_and_orders(profile_blob: bytes, case: str) -> None:
     mutate(body)
     with pytest.raises(ProfileFormatError, match=message):
         parse(_blob(body))
+
+
+def test_a_profile_of_empty_lists_is_refused_before_it_is_built(
+    profile_blob: bytes, tmp_path: Path
+) -> None:
+    """Every list within msgpack's per-list limits, yet eight million of them: each
+    byte of 0x90 a list of 56 bytes and more, they must be refused before they are all
+    built, not when the schema finally looks at them."""
+    body = _body(profile_blob)
+    body["files"] = [[[[]] * 1024] * 1024] * 8  # packed in full, shared here
+    blob = _blob(body)
+    outcome, peak = decode_in_child(
+        tmp_path,
+        blob,
+        "from profiles.format import ProfileFormatError, parse",
+        "parse(data)",
+        "ProfileFormatError",
+    )
+    assert outcome == "refused"
+    assert peak < PEAK_LIMIT, f"{peak >> 20} MiB to refuse {len(blob)} bytes"
 
 
 def test_refuses_non_map_body() -> None:
