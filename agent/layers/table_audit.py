@@ -11,19 +11,27 @@ for row.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+import io
+from collections.abc import Callable
 from typing import BinaryIO
 
 from agent.layers.indexed_layer import IndexedLayer
 from fetcher.chunks import Priority
 from fetcher.scheduler import ChunkFetcher
-from fetcher.sync_stream import consume_in_thread
 from formats.toc import HostileLayerError, TocEntry, iter_tar_entries
+
+_AUDITS = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="acceld-audit")
+"""One audit at a time, on a thread of its own. Never the loop's default executor: an
+audit's walk waits there for spans, and a few layers audited at once took every thread
+the snapshotter's own work needs, so containers waited on their snapshots."""
+_POLL_S = 1.0
 
 
 class AuditStopped(Exception):
-    """The layer went away before its audit finished: no verdict either way."""
+    """The layer (or the agent) went away before its audit finished: no verdict."""
 
 
 def first_difference(table: list[TocEntry], stream: BinaryIO) -> str | None:
@@ -45,22 +53,73 @@ def first_difference(table: list[TocEntry], stream: BinaryIO) -> str | None:
     return None
 
 
+class _SpanStream(io.RawIOBase):
+    """The layer's tar stream for a walk on the audit thread: each span asked of the
+    fetcher on the event loop when the walk reaches it (from the cache, or fetched at
+    background priority), so no more than one span is held at a time."""
+
+    def __init__(
+        self,
+        layer: IndexedLayer,
+        fetcher: ChunkFetcher,
+        loop: asyncio.AbstractEventLoop,
+        still_wanted: Callable[[], bool],
+    ) -> None:
+        self._layer, self._fetcher, self._loop = layer, fetcher, loop
+        self._still_wanted = still_wanted
+        self._specs = iter(layer.all_chunks())
+        self._current = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    async def _next_span(self) -> bytes | None:
+        if not self._still_wanted():
+            raise AuditStopped(self._layer.blob.digest)
+        spec = next(self._specs, None)
+        if spec is None:
+            return None
+        return await self._fetcher.get(self._layer.blob, spec, Priority.BACKGROUND)
+
+    def _ask_loop(self) -> bytes | None:
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._next_span(), self._loop)
+        except RuntimeError:  # the loop is closed: the agent is shutting down
+            raise AuditStopped(self._layer.blob.digest) from None
+        while True:
+            try:
+                return future.result(_POLL_S)
+            except concurrent.futures.TimeoutError:
+                if not self._loop.is_running():
+                    future.cancel()
+                    raise AuditStopped(self._layer.blob.digest) from None
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._current:
+            span = self._ask_loop()
+            if span is None:
+                return 0
+            self._current = memoryview(span)
+        n = min(len(buffer), len(self._current))
+        buffer[:n] = self._current[:n]
+        self._current = self._current[n:]
+        return n
+
+
 async def audit_table(
     layer: IndexedLayer, fetcher: ChunkFetcher, still_wanted: Callable[[], bool]
 ) -> str | None:
-    """Stream every span of the layer (from the cache, or fetched at background
-    priority) through a tar walk on a worker thread; the first difference, or None.
+    """Walk every span of the layer through a tar reader on the audit thread; the first
+    difference from the file table, or None (and the layer is marked audited).
     AuditStopped once ``still_wanted`` says the layer is gone."""
+    loop = asyncio.get_running_loop()
+    stream = _SpanStream(layer, fetcher, loop, still_wanted)
 
-    async def spans() -> AsyncIterator[bytes]:
-        for spec in layer.all_chunks():
-            if not still_wanted():
-                raise AuditStopped(layer.blob.digest)
-            yield await fetcher.get(layer.blob, spec, Priority.BACKGROUND)
+    def walk() -> str | None:
+        with io.BufferedReader(stream, buffer_size=1 << 20) as reader:
+            return first_difference(layer.entries, reader)
 
-    verdict = await consume_in_thread(
-        spans(), lambda stream: first_difference(layer.entries, stream)
-    )
+    verdict = await loop.run_in_executor(_AUDITS, walk)
     if verdict is None:
         layer.mark_audited()
     return verdict
