@@ -23,6 +23,7 @@ from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
 from formats.estargz_extents import WantedFile
+from formats.header_check import HeaderMismatchError
 from formats.toc import HostileLayerError, TocEntry, normalize_name
 from profiles.format import ProfileFormatError
 from profiles.plan import PrefetchEntry, prefetch_plan
@@ -111,7 +112,11 @@ def entry_chunks(
     chunks: dict[str, ChunkSpec] = {}
     for start, end in _wanted(entry, ranges):
         length = max(0, end - start)
-        plan = layer.header_plan(entry, start, length) + layer.read_plan(entry, start, length)
+        try:
+            header = layer.header_plan(entry, start, length)
+        except HeaderMismatchError:
+            header = []  # a lying row: its first read distrusts the layer, not prefetch
+        plan = header + layer.read_plan(entry, start, length)
         chunks.update((piece.chunk.key, piece.chunk) for piece in plan)
     return list(chunks.values())
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import gzip
+import hashlib
 import io
 import json
 import random
@@ -36,6 +38,7 @@ from agent.lazy_provider import layer_name
 from converter.convert import ConvertOptions, convert_image
 from fetcher import mediatypes as mt
 from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import BlobSource
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
@@ -428,3 +431,29 @@ async def test_a_filled_layer_is_audited_row_by_row(registry, image_pusher, tmp_
                 await audit_table(IndexedLayer(honest.blob, lying), fetcher, lambda: False)
         finally:
             await fetcher.close()
+
+
+def _indexed(stream: bytes, entries: list[TocEntry] | None = None) -> IndexedLayer:
+    blob = gzip.compress(stream)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    index = layer_index.build_layer_index(
+        [blob], layer_digest=digest, media_type=mt.OCI_LAYER_GZIP, span=64 << 10
+    )
+    if entries is not None:
+        index.entries = entries
+    source = BlobSource(ImageReference.parse("127.0.0.1:5000/app:1"), digest, len(blob))
+    return IndexedLayer(source, index)
+
+
+def test_a_row_with_no_room_for_its_header_is_a_lie_before_anything_is_fetched():
+    stream = _tar()
+    honest = _indexed(stream)
+    rows = list(honest.entries)
+    number = next(i for i, row in enumerate(rows) if i and row.type == "reg" and row.size)
+    assert honest.header_plan(rows[number], 0, 1)  # the header lies before the data
+    previous = rows[number - 1]
+    rows[number] = dataclasses.replace(rows[number], offset=previous.offset + previous.size)
+    lying = _indexed(stream, rows)
+    with pytest.raises(HeaderMismatchError, match="no tar header chain"):
+        lying.header_plan(rows[number], 0, 1)
+    lying.expect_reads([(rows[number], 0, 1)])  # prefetch plans nothing, raises nothing

@@ -297,15 +297,15 @@ class LayerFS(pyfuse3.Operations):
         refused = self.distrust.reason(layer.metadata_digest)
         if refused is not None:
             raise pyfuse3.FUSEError(errno.EIO)
-        header = layer.header_plan(node.entry, offset, size)
-        plan = header + layer.read_plan(node.entry, offset, size)
-        parts = await self._gather(mounted, node.entry, offset, plan)
-        if header:
-            try:
+        try:
+            header = layer.header_plan(node.entry, offset, size)
+            plan = header + layer.read_plan(node.entry, offset, size)
+            parts = await self._gather(mounted, node.entry, offset, plan)
+            if header:
                 layer.check_header(node.entry, b"".join(parts[: len(header)]))
-            except HeaderMismatchError as exc:
-                self.distrust.mark(layer.metadata_digest, layer.kind, mounted.name, str(exc))
-                raise pyfuse3.FUSEError(errno.EIO) from None
+        except HeaderMismatchError as exc:
+            self.distrust.mark(layer.metadata_digest, layer.kind, mounted.name, str(exc))
+            raise pyfuse3.FUSEError(errno.EIO) from None
         if self.listener is not None:
             self.listener.read(mounted, node.entry, offset, size)
         if not mounted.first_byte_seen:

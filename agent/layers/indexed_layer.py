@@ -8,9 +8,9 @@ from functools import partial
 
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget, metadata_tag
 from fetcher.chunks import BlobSource, ChunkSpec
-from formats.header_check import check_header, member_end
+from formats.header_check import HeaderMismatchError, check_header, member_end
 from formats.layer_index import DecodedIndex, LayerIndex
-from formats.toc import TocEntry
+from formats.toc import MAX_HEADER_CHAIN, TocEntry
 
 
 class IndexedLayer:
@@ -133,15 +133,26 @@ class IndexedLayer:
             plan.append(ChunkSlice(chunk, start, take))
         return plan
 
-    def _header_slices(self, entry: TocEntry) -> list[tuple[int, int, int]]:
+    def _header_slices(self, entry: TocEntry, strict: bool = True) -> list[tuple[int, int, int]]:
         """Slices of the stream between the previous row's end and the file's data;
-        none once the row is checked."""
+        none once the row is checked. A row with no room for headers there is a lie
+        (HeaderMismatchError), or, not ``strict`` (prefetch), nothing to fetch."""
         if entry.type != "reg" or not entry.size or entry.offset in self._checked:
             return []
         ends = self._ends()
         previous = bisect.bisect_right(ends, entry.offset) - 1
         start = member_end(ends[previous]) if previous >= 0 else 0
-        return self._stream_slices(start, entry.offset) if start < entry.offset else []
+        if not 0 < entry.offset - start <= MAX_HEADER_CHAIN:
+            # No room for a header chain (or room for far more than one): the row is a
+            # lie before anything is read. (Before the table is checked, when row ends
+            # only steer prefetch, nothing is planned.)
+            if not strict or not self.entries:
+                return []
+            raise HeaderMismatchError(
+                f"{entry.name!r}: {entry.offset - start} bytes between the previous row's "
+                "end and its data can hold no tar header chain"
+            )
+        return self._stream_slices(start, entry.offset)
 
     def _ends(self) -> list[int]:
         """Row ends of the checked table; before it is checked, of the decoded one (which
@@ -182,7 +193,7 @@ class IndexedLayer:
         readers); reads beyond a prefix take the whole span."""
         reach: dict[int, int] = {}
         for entry, offset, length in reads:
-            slices = self._header_slices(entry) + self._slices(entry, offset, length)
+            slices = self._header_slices(entry, strict=False) + self._slices(entry, offset, length)
             for number, start, take in slices:
                 reach[number] = max(reach.get(number, 0), start + take)
         piece = self.index.piece_size
