@@ -97,7 +97,8 @@ class Fault:
 
     ``at`` is where in the body it strikes (a fraction of its length); ``amount`` is the
     kind's number (bytes added, Content-Range shift, status code, which field or media
-    type); ``seconds`` how long a stall or trickle lasts. Only the agent's requests
+    type); ``seconds`` how long a stall or trickle lasts, or how long after its answer
+    a smuggled response follows. Only the agent's requests
     (User-Agent ``acceld/...``) are touched unless ``agent_only`` is False, and only
     the first ``times`` of them.
     """
@@ -118,7 +119,7 @@ class Fault:
             "truncate": f"to {self.at:.2f}",
             "cut": f"at {self.at:.2f}",
             "extend": f"+{self.amount} bytes",
-            "smuggle": f"{self.amount} bytes",
+            "smuggle": f"{self.amount} bytes after {self.seconds:g} s",
             "stall": f"{self.seconds:g} s at {self.at:.2f}",
             "trickle": f"for {self.seconds:g} s",
             "drop": f"at {self.at:.2f}",
@@ -337,9 +338,12 @@ class HostileRegistry(ThreadedServer):
         if fault.kind == "smuggle":
             await response.write(body)
             await response.write_eof()
-            if transport is not None:
-                # A whole second response, which the client reads as the answer to
-                # its next request on this connection.
+            # A whole second response, which the client reads as the answer to its next
+            # request on this connection: sent at once it may still arrive with the
+            # first (a client then drops the connection), a moment later it waits in the
+            # idle connection of the client's pool.
+            await asyncio.sleep(fault.seconds)
+            if transport is not None and not transport.is_closing():
                 junk = bytes((i * 131 + 7) & 0xFF for i in range(fault.amount))
                 transport.write(
                     b"HTTP/1.1 206 Partial Content\r\n"
