@@ -233,6 +233,8 @@ def _served_whole(verdict: Verdict) -> bool:
     return verdict.read and not verdict.eio and verdict.lazy_layers == LAYERS
 
 
+# No shrinking: every example costs a pull, and a failing plan is short enough to read
+# as it was drawn. No database: the seed alone says which examples run.
 ADVERSARY = settings(
     max_examples=EXAMPLES,
     deadline=None,
