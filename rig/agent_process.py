@@ -51,6 +51,11 @@ class AgentProcess:
         return self._process.pid
 
     @property
+    def running(self) -> bool:
+        """Whether the agent's process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
     def mountpoint(self) -> Path:
         """The agent's FUSE mount."""
         return self.root / "mnt"

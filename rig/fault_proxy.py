@@ -24,7 +24,7 @@ from rig.threaded_server import ThreadedServer
 log = get_logger(__name__)
 
 FaultKind = Literal["reset", "status", "stall", "truncate", "flip", "header"]
-_HOP_BY_HOP = frozenset(
+HOP_BY_HOP = frozenset(
     {
         "connection",
         "keep-alive",
@@ -37,6 +37,7 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+"""Headers a proxy must not pass on (and Content-Length, which each answer sets anew)."""
 
 
 @dataclass
@@ -122,7 +123,7 @@ class FaultProxy(ThreadedServer):
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
             return web.Response(status=fault.status, headers=headers, text="injected fault")
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         body = await request.read()
         async with self._session.request(
             request.method,
@@ -132,9 +133,7 @@ class FaultProxy(ThreadedServer):
             allow_redirects=False,
         ) as upstream:
             self.requests.append((request.method, request.path_qs, upstream.status))
-            out_headers = {
-                k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
-            }
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
             payload = await upstream.read()
         if fault is None or request.method == "HEAD":
             return web.Response(status=upstream.status, headers=out_headers, body=payload)

@@ -37,6 +37,32 @@ def _content_hash(path: str) -> str:
     return digest.hexdigest()
 
 
+def describe_path(path: str, with_dir_mtimes: bool = True) -> FileFacts:
+    """The facts of one entry (not following a symlink); OSError if any part of it
+    cannot be read."""
+    st = os.lstat(path)
+    kind = stat.S_IFMT(st.st_mode)
+    detail: object = None
+    if stat.S_ISREG(kind):
+        detail = (st.st_size, _content_hash(path))
+    elif stat.S_ISLNK(kind):
+        detail = os.readlink(path)
+    elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
+        detail = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    mtime = st.st_mtime_ns // 1_000_000_000
+    if stat.S_ISDIR(kind) and not with_dir_mtimes:
+        mtime = 0
+    return (
+        kind,
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_gid,
+        detail,
+        _xattrs(path),
+        mtime,
+    )
+
+
 def describe_tree(root: Path, with_dir_mtimes: bool = True) -> dict[str, FileFacts]:
     """Relative path -> facts, for every entry below ``root`` (not following symlinks)."""
     facts: dict[str, FileFacts] = {}
@@ -45,28 +71,7 @@ def describe_tree(root: Path, with_dir_mtimes: bool = True) -> dict[str, FileFac
         dirs.sort()
         for name in sorted(dirs + files):
             full = os.path.join(directory, name)
-            rel = os.path.relpath(full, base)
-            st = os.lstat(full)
-            kind = stat.S_IFMT(st.st_mode)
-            detail: object = None
-            if stat.S_ISREG(kind):
-                detail = (st.st_size, _content_hash(full))
-            elif stat.S_ISLNK(kind):
-                detail = os.readlink(full)
-            elif stat.S_ISCHR(kind) or stat.S_ISBLK(kind):
-                detail = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            mtime = st.st_mtime_ns // 1_000_000_000
-            if stat.S_ISDIR(kind) and not with_dir_mtimes:
-                mtime = 0
-            facts[rel] = (
-                kind,
-                stat.S_IMODE(st.st_mode),
-                st.st_uid,
-                st.st_gid,
-                detail,
-                _xattrs(full),
-                mtime,
-            )
+            facts[os.path.relpath(full, base)] = describe_path(full, with_dir_mtimes)
     return facts
 
 

@@ -68,6 +68,16 @@ class ThreadedServer:
         thread.join(15)
         self._thread = None
 
+    def drop_connections(self) -> None:
+        """Close every client connection now (answers still being sent are cut off),
+        so that the next requests start on fresh ones."""
+        self.call(self._drop_connections())
+
+    async def _drop_connections(self) -> None:
+        server = self._runner.server if self._runner else None
+        for connection in server.connections if server else []:
+            connection.force_close()
+
     def call(self, coro: Awaitable[object]) -> object:
         """Run a coroutine on the server's loop from another thread and wait for it."""
         assert self._loop is not None
