@@ -52,7 +52,7 @@ from formats.estargz_toc import (
     footer_bytes,
     tar_padding,
 )
-from formats.fast_zlib import ZLIB
+from formats.fast_zlib import ZLIB, MemberInflater
 from formats.toc import HostileLayerError, TocEntry, iter_tar_entries, normalize_name
 
 DEFAULT_LEVEL = 6
@@ -524,21 +524,11 @@ class _Builder:
         Output per call is capped: a member of zeros inflates a thousandfold.
         """
         spool.seek(0)
-        inflater = ZLIB.decompressobj(GZIP_WBITS)
+        inflater = MemberInflater(_INFLATE_LIMIT)
         while block := spool.read(_COPY_BLOCK):
             self.out.write_blob(block)
-            while True:
-                data = inflater.decompress(block, _INFLATE_LIMIT)
+            for data in inflater.feed(block):
                 self.diff_hash.update(data)
-                if inflater.eof:
-                    block = inflater.unused_data
-                    inflater = ZLIB.decompressobj(GZIP_WBITS)
-                    if not block:
-                        break
-                else:
-                    block = inflater.unconsumed_tail
-                    if not block and len(data) < _INFLATE_LIMIT:
-                        break
 
 
 def _deflate_member(pieces: list[bytes], level: int, chunk_first: bool) -> tuple[bytes, str]:
