@@ -20,14 +20,14 @@ from agent.fs.operations import LayerFS, MountedLayer
 from agent.image_sessions import ImageSession, ImageSessions
 from agent.layers.discovery import EarlyLayer, LayerDiscovery, NoAccelerationError, TocDecoded
 from agent.layers.indexed_layer import IndexedLayer
+from agent.layers.layer_audit import AuditStopped, audit_layer
 from agent.layers.lazy_layer import LazyLayer, metadata_tag
 from agent.layers.metadata_work import off_loop
-from agent.layers.table_audit import AuditStopped, audit_table
 from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, tree_path, warm_files
 from agent.startup_recorder import StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
-from fetcher.chunks import BlobSource, ChunkFetchError, ChunkSpec, FetcherClosedError, Priority
+from fetcher.chunks import BlobSource, ChunkSpec, FetcherClosedError, Priority
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
@@ -174,25 +174,34 @@ class LazyLayerProvider:
 
     def _fill(self, name: str, layer: LazyLayer) -> None:
         self._fills.pop(name, None)
-        if self.fs.layer(name) is not None:
+        if self.fs.layer(name) is None:
+            return
+        if isinstance(layer, IndexedLayer):
+            self._spawn(self._audit(name, layer))
+        else:
             self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
-            if isinstance(layer, IndexedLayer):
-                self._spawn(self._audit(name, layer))
 
     async def _audit(self, name: str, layer: IndexedLayer) -> None:
-        """Check the whole file table against the layer the fill brings (table_audit)."""
+        """Fill an index-only layer by streaming its blob through the audit, which
+        checks the index against it (layer_audit); if the stream fails, by its spans."""
+        started = time.monotonic()
+        stream = self.discovery.client.iter_blob(layer.blob.ref, layer.blob.digest)
         try:
-            verdict = await audit_table(
-                layer, self.fetcher, lambda: self.fs.layer(name) is not None
+            verdict, downloaded = await audit_layer(
+                layer, stream, self.cache, lambda: self.fs.layer(name) is not None
             )
-        except (AuditStopped, FetcherClosedError):
+        except AuditStopped:
             return
-        except (ChunkFetchError, RegistryError, OSError) as exc:
-            # No verdict: rows keep being checked one by one as files are read.
-            log.warning("agent.table_audit_incomplete", layer=name, error=str(exc))
+        except (RegistryError, OSError) as exc:
+            log.warning("agent.layer_audit_incomplete", layer=name, error=str(exc))
+            if self.fs.layer(name) is not None:
+                self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
             return
+        self.fetcher.stats.record_request(
+            Priority.BACKGROUND, downloaded, time.monotonic() - started
+        )
         if verdict is None:
-            log.info("agent.table_audited", layer=name, rows=len(layer.entries))
+            log.info("agent.layer_audited", layer=name, rows=len(layer.entries))
         else:
             self.fs.distrust.mark(layer.metadata_digest, layer.kind, name, verdict)
 

@@ -33,7 +33,7 @@ from agent.fs.operations import LayerFS
 from agent.layers.discovery import LayerDiscovery, NoAccelerationError
 from agent.layers.distrust import DistrustedMetadata
 from agent.layers.indexed_layer import IndexedLayer
-from agent.layers.table_audit import AuditStopped, audit_table, first_difference
+from agent.layers.layer_audit import AuditStopped, audit_layer, first_difference
 from agent.lazy_provider import layer_name
 from converter.convert import ConvertOptions, convert_image
 from fetcher import mediatypes as mt
@@ -44,6 +44,7 @@ from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
 from formats import layer_index
 from formats.accelerated import ANNOTATION_CONVERSION, ARTIFACT_TYPE_INDEX
+from formats.gzip_index import compress_window, decompress_window, inflate_range
 from formats.header_check import HeaderMismatchError, check_header, member_end
 from formats.toc import MAX_EXTENDED_HEADER, HostileLayerError, TocEntry, iter_tar_entries
 from rig.images import ImageSpec, build_image
@@ -394,9 +395,48 @@ def test_the_whole_table_of_a_real_tar_matches_and_each_kind_of_lie_is_found():
         assert first_difference(table, io.BytesIO(stream)) is not None, lie
 
 
-async def test_a_filled_layer_is_audited_row_by_row(registry, image_pusher, tmp_path):
-    """A directory's mode is no file's data: only the whole-stream audit can catch a lie
-    about it. With the real registry and fetcher."""
+async def _audited(
+    client: RegistryClient, layer: IndexedLayer, cache: ChunkCache, wanted: bool = True
+) -> str | None:
+    stream = client.iter_blob(layer.blob.ref, layer.blob.digest)
+    verdict, downloaded = await audit_layer(layer, stream, cache, lambda: wanted)
+    assert verdict is not None or downloaded == layer.blob.size, (verdict, downloaded)
+    return verdict
+
+
+def _forged_window(layer: IndexedLayer, blob: bytes) -> IndexedLayer:
+    """The index of ``layer`` with one span's stored window changed and that span's
+    digest signed again to match: every claim checks out, the bytes are not the layer's."""
+    index = layer.index
+    number = next(i for i, w in enumerate(index.windows) if i and decompress_window(w))
+    window = decompress_window(index.windows[number])
+    forged = bytes(b ^ 0x55 for b in window)
+    start, end = index.span_range(number)
+    plan = index.plan_read(start, end - start)
+    point = index.checkpoints[number]
+    output = inflate_range(
+        point, forged, blob[plan.fetch_start : plan.fetch_end], start, end - start
+    )
+    windows = list(index.windows)
+    windows[number] = compress_window(forged)
+    digests = list(index.span_digests)
+    digests[number] = hashlib.sha256(output).digest()
+    lying = dataclasses.replace(
+        index,
+        windows=windows,
+        span_digests=digests,
+        piece_size=0,
+        piece_digests=[],
+        piece_ends=[],
+        source_digest="",
+    )
+    return IndexedLayer(layer.blob, lying)
+
+
+async def test_the_fill_audits_a_layer_against_its_own_blob(registry, image_pusher, tmp_path):
+    """The fill streams the blob once, from its start: the spans it checks and caches,
+    and the rows it walks, are the layer's own. What no read can check (a directory's
+    mode, a forged window whose span is signed again) is caught there. Real registry."""
     spec = ImageSpec(
         layers=(LayerSpec([Directory("etc"), *[File(p, c) for p, c in FILES.items()]]),)
     )
@@ -410,27 +450,31 @@ async def test_a_filled_layer_is_audited_row_by_row(registry, image_pusher, tmp_
         )
         honest = found.layer
         assert isinstance(honest, IndexedLayer)
-        fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", 1 << 30))
-        try:
-            assert await audit_table(honest, fetcher, lambda: True) is None
-            some_file = next(e for e in honest.entries if e.type == "reg" and e.size)
-            assert honest.header_plan(some_file, 0, 1) == []  # audited: nothing left to read
+        cache = ChunkCache(tmp_path / "cache", 1 << 30)
+        assert await _audited(client, honest, cache) is None
+        assert all(cache.contains(honest.blob.digest, c.key) for c in honest.all_chunks())
+        some_file = next(e for e in honest.entries if e.type == "reg" and e.size)
+        assert honest.header_plan(some_file, 0, 1) == []  # audited: nothing left to read
 
-            index = honest.index
-            lying = dataclasses.replace(
-                index,
-                entries=[
-                    dataclasses.replace(e, mode=0o777) if e.name == "etc" else e
-                    for e in index.entries
-                ],
-                source_digest="",
-            )
-            verdict = await audit_table(IndexedLayer(honest.blob, lying), fetcher, lambda: True)
-            assert verdict is not None and "'etc'" in verdict
-            with pytest.raises(AuditStopped):
-                await audit_table(IndexedLayer(honest.blob, lying), fetcher, lambda: False)
-        finally:
-            await fetcher.close()
+        index = honest.index
+        lying_dir = dataclasses.replace(
+            index,
+            entries=[
+                dataclasses.replace(e, mode=0o777) if e.name == "etc" else e for e in index.entries
+            ],
+            source_digest="",
+        )
+        fresh = ChunkCache(tmp_path / "fresh", 1 << 30)
+        verdict = await _audited(client, IndexedLayer(honest.blob, lying_dir), fresh)
+        assert verdict is not None and "'etc'" in verdict
+
+        blob = await client.get_blob(ref, honest.blob.digest, 1 << 26)
+        forged = _forged_window(honest, blob)
+        verdict = await _audited(client, forged, fresh)
+        assert verdict is not None and "span" in verdict
+
+        with pytest.raises(AuditStopped):
+            await _audited(client, IndexedLayer(honest.blob, lying_dir), fresh, wanted=False)
 
 
 def _indexed(stream: bytes, entries: list[TocEntry] | None = None) -> IndexedLayer:

@@ -40,6 +40,11 @@ class IndexedLayer:
         """Data offsets of the files whose rows matched their tar headers."""
 
     @property
+    def span_bounds(self) -> list[tuple[int, int]]:
+        """Uncompressed (start, end) of every span, in order."""
+        return self._bounds
+
+    @property
     def entries(self) -> list[TocEntry]:
         """The index's file table: empty while it is only decoded, not yet checked."""
         return self.index.entries
@@ -174,7 +179,7 @@ class IndexedLayer:
         return self._plan(header + self._slices(entry, offset, length))[: len(header)]
 
     def mark_audited(self) -> None:
-        """The whole table matched the whole stream (``table_audit``): no row needs its
+        """The whole table matched the whole stream (``layer_audit``): no row needs its
         header read again."""
         self._checked.update(entry.offset for entry in self.entries)
 
