@@ -37,6 +37,12 @@ class AgentConfig:
     waits that long for the registry at most and then fails with EIO, so a request
     older than that is stuck in the agent itself; below it, reads slowed by the
     registry are reported too (the default is half of it).
+
+    ``discovery_timeout_s``: how long finding and reading a layer's accelerated form
+    (manifests, referrers, an index or TOC) may take before the layer falls back to
+    containerd's own pull. Each read of the registry has its own timeouts, but a
+    registry that trickles its answers, or a connection left out of step, renews them
+    byte by byte: without an overall bound a Prepare, and the pod's pull, waits for it.
     """
 
     root: Path = Path("/var/lib/acceld")
@@ -54,6 +60,7 @@ class AgentConfig:
     discover_referrers: bool = True
     max_connections_per_registry: int = 8
     demand_timeout: float = 60.0
+    discovery_timeout_s: float = 30.0
     watchdog_stall_threshold_s: float = 5.0
     watchdog_request_threshold_s: float = 30.0
     log_level: str = "INFO"

@@ -138,6 +138,7 @@ class Agent:
             config.background_fill,
             recorder,
             config.background_fill_delay_s,
+            config.discovery_timeout_s,
         )
         self.provider = provider
         self.snapshotter = SnapshotterServer(config.snapshots_dir, config.socket, provider)

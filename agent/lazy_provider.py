@@ -81,6 +81,7 @@ class LazyLayerProvider:
         background_fill: bool = True,
         recorder: StartupRecorder | None = None,
         background_fill_delay_s: float = 10.0,
+        discovery_timeout_s: float = 30.0,
     ) -> None:
         self.discovery = discovery
         self.fs = fs
@@ -90,6 +91,7 @@ class LazyLayerProvider:
         self.prefetch = prefetch
         self.background_fill = background_fill
         self.background_fill_delay_s = background_fill_delay_s
+        self.discovery_timeout_s = discovery_timeout_s
         self._users: dict[str, int] = {}
         self.sessions = ImageSessions()
         self.recorder = recorder
@@ -117,9 +119,21 @@ class LazyLayerProvider:
         if self.prefetch:
             self._start_plan_fetch(labels)
         try:
-            found = await self.discovery.discover(
-                image_ref, labels.get(LABEL_MANIFEST_DIGEST), layer_digest
+            async with asyncio.timeout(self.discovery_timeout_s):
+                found = await self.discovery.discover(
+                    image_ref, labels.get(LABEL_MANIFEST_DIGEST), layer_digest
+                )
+        except TimeoutError:
+            log.warning(
+                "agent.layer_fallback",
+                image=image_ref,
+                layer=layer_digest,
+                reason="discovery-timeout",
+                detail=f"no accelerated form found in {self.discovery_timeout_s:g} s",
             )
+            metrics.FALLBACKS.labels("discovery-timeout").inc()
+            metrics.LAYERS.labels("fallback").inc()
+            return None
         except NoAccelerationError as exc:
             log.info(
                 "agent.layer_fallback",

@@ -54,6 +54,7 @@ ESTARGZ_OWN = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
 fallback in ``full`` mode) shows them, the agent (like stargz-snapshotter) does not.
 Not compared."""
 LAZY_LAYERS = 'acceld_layers_total{mode="lazy"}'
+DISTRUSTED = "acceld_distrusted_metadata_total"
 REPOSITORY = "rig/adversary"
 
 
@@ -83,14 +84,19 @@ class Limits:
         synchronously)."""
         return 8 * self.demand_timeout + 15
 
+    audit_s: float = 20.0
+    """How long the fill's audit of an index-only layer may take to distrust a forged
+    artifact once the image was read (the layers here are a few MB)."""
+
     def agent_settings(self) -> dict[str, object]:
-        """The agent's configuration: these bounds, no background fill (each example's
-        traffic stays its own), no recording, and a chunk cache so small that what
-        one example fetched is not there for the next."""
+        """The agent's configuration: these bounds, background fill at once (for an
+        index-only layer it is the audit that must catch what reads cannot), no
+        recording, and a chunk cache so small that what one example fetched is not
+        there for the next."""
         return {
             "demand_timeout": self.demand_timeout,
             "watchdog_request_threshold_s": self.watchdog_threshold,
-            "background_fill": False,
+            "background_fill_delay_s": 0.0,
             "record_profiles": False,
             "ebpf": False,
             "cache_max_bytes": 64 << 10,
@@ -255,8 +261,11 @@ class Arena:
         reference = f"{self.hostile.host}/{alias}:{tag}"
         health = self._health()
         lazy_before = self.agent.metric(LAZY_LAYERS)
+        distrusted_before = self.agent.metric(DISTRUSTED)
         try:
             self._pull_and_read(plan, reference, verdict)
+            if plan.forgeries and verdict.violations:
+                self._excuse_until_caught(plan, verdict, distrusted_before)
         finally:
             self._clean_up(verdict)
             served = self.hostile.unstage(alias)
@@ -306,6 +315,33 @@ class Arena:
             return
         verdict.read = True
         self._judge(walk, verdict)
+
+    def _excuse_until_caught(self, plan: Plan, verdict: Verdict, distrusted: float) -> None:
+        """What the threat model grants an artifact forged with push rights. An index
+        artifact's claims that no read checks (rows no file's data is read by, windows
+        and checkpoints signed again) hold until the fill's audit: differences seen
+        before then are excused only if the audit then distrusts the artifact. A
+        full-mode twin found by its tag is trusted as its pusher (docs/threat-model.md,
+        open gaps): differences are recorded, not failed. Faults in transit, and twins
+        pulled pinned, are held to every byte."""
+        if plan.mode == "twin":
+            verdict.notes += [f"trusted twin's pusher: {v}" for v in verdict.violations]
+            verdict.violations.clear()
+            return
+        if plan.mode != "index":
+            return
+        deadline = time.monotonic() + self.limits.audit_s
+        while time.monotonic() < deadline:
+            if self.agent.metric(DISTRUSTED) > distrusted:
+                verdict.notes += [
+                    f"before the audit distrusted it: {v}" for v in verdict.violations
+                ]
+                verdict.violations.clear()
+                return
+            time.sleep(0.2)
+        verdict.violations.append(
+            f"the fill's audit did not distrust it in {self.limits.audit_s:g} s"
+        )
 
     def _judge(self, walk: WalkResult, verdict: Verdict) -> None:
         expected = self.reference

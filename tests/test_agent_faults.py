@@ -266,3 +266,27 @@ async def test_running_container_when_the_agent_dies(
         repr(unread_after_restart.stdout[-40:]),
         repr(unread_after_restart.stderr[-80:]),
     )
+
+
+async def test_a_registry_that_never_finishes_answering_discovery_means_a_plain_pull(
+    image_pusher, built_busybox, proxy, tmp_path, containerd_factory
+):
+    """Each read of the registry has its own timeouts, which a registry that trickles or
+    stalls its answer renews or outlasts; the lookup of a layer's accelerated form has
+    a deadline of its own, past which the layer falls back to containerd's pull."""
+    image = await _converted(image_pusher, built_busybox, "index", proxy)
+    settings = {"discovery_timeout_s": 2.0, "background_fill": False}
+    with AgentProcess(tmp_path / "slow", settings=settings) as agent:
+        lazy = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+        # The referrers list (tag schema): only the agent asks for it, and reads its body.
+        referrers = "/manifests/sha256-"
+        proxy.add(
+            Fault("stall", path_contains=referrers, after_bytes=10, stall_seconds=60, times=10_000)
+        )
+        started = time.monotonic()
+        await asyncio.to_thread(lazy.cri_pull_image, image)
+        assert time.monotonic() - started < 30
+        out = await asyncio.to_thread(_run, lazy, image, "md5sum", "/bin/busybox")
+        assert out.stdout.split()[0] == BUSYBOX_MD5
+        assert agent.metric('acceld_fallbacks_total{reason="discovery-timeout"}') >= 1
+        proxy.clear()
