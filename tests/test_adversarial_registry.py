@@ -32,6 +32,14 @@ takes too long. The example fails if
 * a plan with neither forgeries nor faults did not read the whole image, every layer
   served lazily.
 
+Forgeries are held to what docs/threat-model.md promises about them: an index-only
+artifact's claims that no read can check (rows of directories, links and whiteouts;
+windows and checkpoints with span digests signed again) may show before the background
+fill's audit, which must then distrust the artifact within a bound
+(`rig.adversary.Arena._excuse_until_caught`); a twin found by its tag is trusted as its
+pusher (an open gap: its differences are recorded, not failed). Faults in transit, and
+twins pulled by digest, are held to every byte.
+
 Budget: ``ACCELD_ADVERSARY_EXAMPLES`` generated examples (default 50: about 65 s here,
 2 cores, with one identity example per mode first); raise it for a longer hunt.
 Examples come from the seed ``ACCELD_ADVERSARY_SEED`` (default 0, so that CI fails for
