@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Self
 
 import aiohttp
 from aiohttp import web
@@ -64,16 +64,46 @@ class Fault:
     hits: int = field(default=0, init=False)
 
 
-class FaultProxy(ThreadedServer):
-    """Reverse proxy on 127.0.0.1 to ``upstream`` (http://host:port), run on its own thread."""
+class UpstreamProxy(ThreadedServer):
+    """A reverse proxy on 127.0.0.1 to ``upstream`` (http://host:port), run on its own
+    thread: every request goes to ``_handle``, which may ask upstream with ``_session``
+    (bodies passed through as they are, not decompressed)."""
 
-    def __init__(self, upstream: str) -> None:
-        super().__init__(self._make_app, name="fault-proxy")
+    def __init__(self, upstream: str, name: str) -> None:
+        super().__init__(self._make_app, name=name)
         self.upstream = upstream.rstrip("/")
-        self.faults: list[Fault] = []
-        self.requests: list[tuple[str, str, int]] = []
         self._lock = threading.Lock()
         self._session: aiohttp.ClientSession | None = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _make_app(self) -> web.Application:
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.on_cleanup.append(self._close_session)
+        return app
+
+    async def _close_session(self, _app: web.Application) -> None:
+        if self._session:
+            await self._session.close()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class FaultProxy(UpstreamProxy):
+    """Passes requests to the registry, with the armed faults applied."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream, "fault-proxy")
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str, int]] = []
 
     def add(self, fault: Fault) -> Fault:
         """Arm a fault; returns it so a test can read ``hits`` afterwards."""
@@ -97,24 +127,6 @@ class FaultProxy(ThreadedServer):
                     fault.hits += 1
                     return fault
         return None
-
-    def __enter__(self) -> FaultProxy:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def _make_app(self) -> web.Application:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        app.on_cleanup.append(self._close_session)
-        return app
-
-    async def _close_session(self, _app: web.Application) -> None:
-        if self._session:
-            await self._session.close()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         fault = self._take_fault(request.method, request.path)

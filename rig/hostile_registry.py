@@ -28,20 +28,17 @@ import fnmatch
 import gzip
 import json
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import aiohttp
 import msgpack
 from aiohttp import web
 
 from common.digest import sha256_digest
 from common.logging import get_logger
 from formats.estargz_toc import FOOTER_SIZE
-from rig.fault_proxy import HOP_BY_HOP
-from rig.threaded_server import ThreadedServer
+from rig.fault_proxy import HOP_BY_HOP, UpstreamProxy
 
 log = get_logger(__name__)
 
@@ -170,17 +167,14 @@ class _Answer:
     body: bytes
 
 
-class HostileRegistry(ThreadedServer):
+class HostileRegistry(UpstreamProxy):
     """Reverse proxy to ``upstream`` (http://host:port) that answers staged aliases as
     their `Staging` says; run on its own thread (`ThreadedServer`)."""
 
     def __init__(self, upstream: str) -> None:
-        super().__init__(self._make_app, name="hostile-registry")
-        self.upstream = upstream.rstrip("/")
+        super().__init__(upstream, "hostile-registry")
         self._stagings: dict[str, Staging] = {}
         self._served: dict[str, list[Served]] = {}
-        self._lock = threading.Lock()
-        self._session: aiohttp.ClientSession | None = None
 
     def stage(self, alias: str, staging: Staging) -> None:
         """Answer requests for repository ``alias`` from now on as ``staging`` says."""
@@ -194,24 +188,6 @@ class HostileRegistry(ThreadedServer):
         with self._lock:
             self._stagings.pop(alias, None)
             return self._served.pop(alias, [])
-
-    def __enter__(self) -> HostileRegistry:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    async def _make_app(self) -> web.Application:
-        self._session = aiohttp.ClientSession(auto_decompress=False)
-        app = web.Application(client_max_size=1 << 30)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        app.on_cleanup.append(self._close_session)
-        return app
-
-    async def _close_session(self, _app: web.Application) -> None:
-        if self._session:
-            await self._session.close()
 
     # -- requests ---------------------------------------------------------------------
 

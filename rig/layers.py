@@ -24,6 +24,7 @@ from typing import BinaryIO, ClassVar
 
 import zstandard
 
+from common.byte_streams import IteratorReader
 from common.digest import digest_of_hasher
 
 DEFAULT_MTIME = 1_700_000_000
@@ -115,31 +116,8 @@ def _open_content(content: FileContent) -> BinaryIO:
         return io.BytesIO(content)
     if isinstance(content, SparseishFile):
         # Buffered: tarfile treats any short read() as a truncated file.
-        return io.BufferedReader(_ChunkReader(content.chunks()), buffer_size=_CHUNK)
+        return io.BufferedReader(IteratorReader(content.chunks()), buffer_size=_CHUNK)
     return content.path.open("rb")
-
-
-class _ChunkReader(io.RawIOBase):
-    """A read()-able view of a chunk iterator, which is all tarfile needs to copy data."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        super().__init__()
-        self._chunks = chunks
-        self._pending = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._pending = memoryview(chunk)
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
 
 
 # -- entries -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import BinaryIO
 
 from agent.layers.indexed_layer import IndexedLayer
+from common.byte_streams import IteratorReader
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.errors import DigestMismatchError
@@ -114,28 +115,6 @@ class _SpanCheck:
             raise _Differs(f"the layer ends at {self._position}, before the index says")
 
 
-class _IteratorReader(io.RawIOBase):
-    """A readable stream over an iterator of byte strings."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self._chunks = chunks
-        self._current = memoryview(b"")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        while not self._current:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            self._current = memoryview(chunk)
-        n = min(len(buffer), len(self._current))
-        buffer[:n] = self._current[:n]
-        self._current = self._current[n:]
-        return n
-
-
 def verify_layer(
     layer: IndexedLayer, compressed: Iterator[bytes], store: Callable[[int, bytes], None]
 ) -> str | None:
@@ -154,7 +133,7 @@ def verify_layer(
 
     stream = true_stream()
     try:
-        with io.BufferedReader(_IteratorReader(stream), buffer_size=1 << 20) as reader:
+        with io.BufferedReader(IteratorReader(stream), buffer_size=1 << 20) as reader:
             verdict = first_difference(layer.entries, reader)
         if verdict is None:
             for _ in stream:  # the end-of-archive padding: its spans and the blob digest
