@@ -21,7 +21,7 @@ import json
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -243,18 +243,34 @@ def forges(label: str, *modes: str) -> Callable[[ForgeryFn], ForgeryFn]:
     return register
 
 
-def _layer_with(
-    edition: Edition, start: int, wanted: Callable[[TocEntry], bool], count: int = 1
-) -> tuple[int | None, list[TocEntry]]:
-    """(layer number, matching entries) of the first layer from ``start`` (cyclically)
-    whose index lists at least ``count`` entries ``wanted`` accepts."""
-    layers = len(edition.index_blobs)
+T = TypeVar("T")
+
+
+def _first_layer(
+    layers: int,
+    items_of: Callable[[int], list[T]],
+    start: int,
+    wanted: Callable[[T], bool],
+    count: int,
+) -> tuple[int | None, list[T]]:
+    """(layer number, matching items) of the first layer from ``start`` (cyclically)
+    holding at least ``count`` items ``wanted`` accepts: forgeries start at a drawn layer
+    so that every layer gets forged over a run, not only the first suitable one."""
     for step in range(layers):
         number = (start + step) % layers
-        found = [e for e in entries_of(edition, number) if wanted(e)]
+        found = [item for item in items_of(number) if wanted(item)]
         if len(found) >= count:
             return number, found
     return None, []
+
+
+def _layer_with(
+    edition: Edition, start: int, wanted: Callable[[TocEntry], bool], count: int = 1
+) -> tuple[int | None, list[TocEntry]]:
+    """Index entries, through :func:`_first_layer`."""
+    return _first_layer(
+        len(edition.index_blobs), lambda n: entries_of(edition, n), start, wanted, count
+    )
 
 
 def _edit_entry(edition: Edition, layer: int, target: str, **changes: Any) -> None:
@@ -727,15 +743,10 @@ def _twin_prefetch(edition: Edition, a: int, b: int, c: int) -> str:
 def _toc_records(
     edition: Edition, start: int, wanted: Callable[[dict[str, Any]], bool], count: int = 1
 ) -> tuple[int | None, list[dict[str, Any]]]:
-    """(layer number, matching TOC records) of the first twin layer from ``start``
-    (cyclically) whose TOC holds at least ``count`` records ``wanted`` accepts."""
-    layers = len(edition.estargz)
-    for step in range(layers):
-        number = (start + step) % layers
-        records = [r for r in toc_entries(edition, number) if wanted(r)]
-        if len(records) >= count:
-            return number, records
-    return None, []
+    """Twin layers' TOC records, through :func:`_first_layer`."""
+    return _first_layer(
+        len(edition.estargz), lambda n: toc_entries(edition, n), start, wanted, count
+    )
 
 
 def _toc_edit(edition: Edition, layer: int, target: str, **changes: Any) -> None:

@@ -30,7 +30,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgpack
 from aiohttp import web
@@ -59,6 +59,11 @@ FaultKind = Literal[
     "json",
     "msgpack",
 ]
+SLOW_FAULTS: tuple[FaultKind, ...] = ("smuggle", "stall", "trickle")
+"""Faults that hold a request open (or leave its connection out of step) rather than
+failing it at once."""
+QUICK_FAULTS: tuple[FaultKind, ...] = tuple(k for k in get_args(FaultKind) if k not in SLOW_FAULTS)
+"""Faults that fail a request at once."""
 FOREVER = 10**6
 _PATH = re.compile(r"^/v2/(?P<name>.+?)/(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")

@@ -72,7 +72,7 @@ from rig.adversary import Arena, Limits, Plan, Verdict, publish, reference_tree
 from rig.agent_process import AgentProcess
 from rig.containerd import ACCELD_SNAPSHOTTER, ContainerdServer
 from rig.forgery import FORGERIES, MODES, Forgery
-from rig.hostile_registry import FOREVER, Fault, HostileRegistry
+from rig.hostile_registry import FOREVER, QUICK_FAULTS, SLOW_FAULTS, Fault, HostileRegistry
 from tests.fixtures.registry import LOG_ROOT, running
 
 LIMITS = Limits(demand_timeout=2.0)
@@ -111,22 +111,8 @@ TARGETS = {
     ),
 }
 TARGETS["full"] = TARGETS["twin"]
-_QUICK = (
-    "flip",
-    "truncate",
-    "cut",
-    "extend",
-    "drop",
-    "status",
-    "content-range",
-    "content-type",
-    "digest-header",
-    "encoding",
-    "json",
-    "msgpack",
-)
-"""Faults that fail a request at once, so even one that strikes every request costs
-the example little time."""
+_QUICK = QUICK_FAULTS
+"""Even a quick fault that strikes every request costs the example little time."""
 _AMOUNTS: dict[str, st.SearchStrategy[int]] = {
     "flip": st.integers(1, 255),
     "extend": st.sampled_from([1, 100, 70_000]),
@@ -149,12 +135,12 @@ _SECONDS: dict[str, st.SearchStrategy[float]] = {
 
 @st.composite
 def fault_specs(draw: st.DrawFn, mode: str) -> Fault:
-    kinds = [k for k in (*_QUICK, "stall", "trickle", "smuggle") if _wanted(f"fault.{k}")]
+    kinds = [k for k in (*_QUICK, *SLOW_FAULTS) if _wanted(f"fault.{k}")]
     kind = draw(st.sampled_from(kinds))
     target = draw(st.sampled_from(TARGETS[mode]))
     forever = kind in _QUICK and _metadata(target) and draw(st.booleans())
     return Fault(
-        kind,  # type: ignore[arg-type]
+        kind,
         target=target,
         times=FOREVER if forever else draw(st.integers(1, 3)),
         at=draw(st.integers(0, 99)) / 100,
@@ -184,7 +170,7 @@ def plans(draw: st.DrawFn) -> Plan:
     labels = sorted(
         label for label, (applies, _) in FORGERIES.items() if mode in applies and _wanted(label)
     )
-    fault_wanted = any(_wanted(f"fault.{k}") for k in (*_QUICK, "stall", "trickle", "smuggle"))
+    fault_wanted = any(_wanted(f"fault.{k}") for k in (*_QUICK, *SLOW_FAULTS))
     forgeries = (
         draw(
             st.lists(
