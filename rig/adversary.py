@@ -42,7 +42,7 @@ from profiles.trace import FileAccess, Outcome, RunTrace
 from rig.agent_process import AgentProcess
 from rig.bounded_walk import Facts, WalkResult, bounded_walk
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdError, ContainerdServer
-from rig.forgery import FORGERIES, Forgery
+from rig.forgery import FORGERIES, Forgery, Unforgeable
 from rig.hostile_registry import Fault, HostileRegistry, Served
 from rig.images import LARGE_FILE_PATH, ImageSpec, build_image, feature_image_spec, push_image
 from rig.layers import Directory, File, LayerSpec, SparseishFile
@@ -252,7 +252,10 @@ class Arena:
             self.converted, number, accelerated="index" if plan.mode == "index" else "twin"
         )
         for forged in plan.forgeries:
-            detail = FORGERIES[forged.label][1](edition, *forged.picks)
+            try:
+                detail = FORGERIES[forged.label][1](edition, *forged.picks)
+            except Unforgeable as exc:
+                detail = f"not applied: {exc}"
             verdict.forged.append(f"{forged.label}: {detail}")
         faults = [dataclasses.replace(f) for f in plan.faults]
         alias = f"adversary/e{number}"

@@ -47,11 +47,23 @@ from rig.publication import Edition, descriptor_of
 # -- index-only artifacts --------------------------------------------------------------
 
 
+class Unforgeable(Exception):
+    """An earlier forgery of the plan left a layer's index unreadable to our parser, so
+    a forgery that edits it as parsed cannot apply (the broken index is forged enough)."""
+
+
+def _parsed(edition: Edition, layer: int) -> layer_index.LayerIndex:
+    try:
+        return layer_index.parse(edition.index_blobs[layer])
+    except layer_index.IndexFormatError as exc:
+        raise Unforgeable(f"layer {layer}'s index no longer parses: {exc}") from None
+
+
 def edit_index(
     edition: Edition, layer: int, edit: Callable[[layer_index.LayerIndex], None]
 ) -> None:
     """Re-publish layer ``layer``'s index after ``edit`` changed it (as parsed)."""
-    index = layer_index.parse(edition.index_blobs[layer])
+    index = _parsed(edition, layer)
     edit(index)
     index.source_digest = ""
     edition.index_blobs[layer] = layer_index.serialize(index)
@@ -67,7 +79,7 @@ def edit_index_field(edition: Edition, layer: int, key: str, value: Any) -> None
 
 def entries_of(edition: Edition, layer: int) -> list[TocEntry]:
     """The file table of layer ``layer``'s index as currently published."""
-    return layer_index.parse(edition.index_blobs[layer]).entries
+    return _parsed(edition, layer).entries
 
 
 def shift_checkpoint(index: layer_index.LayerIndex, plain: bytes, number: int, delta: int) -> None:
@@ -512,7 +524,7 @@ def _spanned(edition: Edition, start: int) -> int | None:
     layers = len(edition.index_blobs)
     for step in range(layers):
         number = (start + step) % layers
-        if len(layer_index.parse(edition.index_blobs[number]).checkpoints) >= 2:
+        if len(_parsed(edition, number).checkpoints) >= 2:
             return number
     return None
 
@@ -595,7 +607,7 @@ def _piece_end(edition: Edition, a: int, b: int, c: int) -> str:
     layers = len(edition.index_blobs)
     for step in range(layers):
         layer = (a + step) % layers
-        index = layer_index.parse(edition.index_blobs[layer])
+        index = _parsed(edition, layer)
         spans = [n for n, ends in enumerate(index.piece_ends) if ends]
         if spans:
             break
