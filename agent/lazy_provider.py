@@ -23,7 +23,7 @@ from agent.layers.indexed_layer import IndexedLayer
 from agent.layers.layer_audit import AuditStopped, audit_layer
 from agent.layers.lazy_layer import LazyLayer, metadata_tag
 from agent.layers.metadata_work import off_loop
-from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, tree_path, warm_files
+from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, warm_files
 from agent.startup_recorder import StartupRecorder
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
@@ -32,6 +32,7 @@ from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
 from formats.estargz_extents import Extent, WantedFile, member_extents
+from formats.plan_path import PlanPath, PlanPathError
 from formats.toc import TocEntry
 from profiles.plan import PrefetchEntry
 
@@ -58,10 +59,13 @@ def prefetch_chunks(mounted: MountedLayer, paths: list[str]) -> list[ChunkSpec]:
     a trailing `/` whole directories (as the list writes them), by the same rule as a
     learned profile's entries (``node_chunks``)."""
     chunks: dict[str, ChunkSpec] = {}
-    for path in paths:
-        name = tree_path(path)
-        node = mounted.tree.lookup(name) if name is not None else None
-        if node is not None and node.is_dir == path.endswith("/"):
+    for raw in paths:
+        try:
+            path = PlanPath.parse(raw)
+        except PlanPathError:
+            continue  # the converter wrote it, but the image's annotation is a claim
+        node = mounted.tree.lookup(path.name)
+        if node is not None and node.is_dir == path.whole_directory:
             for chunk in node_chunks(mounted.layer, node):
                 chunks.setdefault(chunk.key, chunk)
     return list(chunks.values())

@@ -23,6 +23,7 @@ from agent.image_sessions import ImageSession
 from common.logging import get_logger
 from fetcher.errors import RegistryError
 from fetcher.registry import RegistryClient
+from formats.plan_path import root_name
 from profiles.learn import from_trace
 from profiles.registry_sync import push_run_profile
 from profiles.trace import Outcome, RunTrace, TraceError, file_accesses, run_outcome
@@ -219,11 +220,11 @@ class StartupRecorder:
         for event in trace.events:
             if event.is_dir or event.outside_root or (event.kind == "exec" and not event.path):
                 continue
-            found = window.session.topmost(event.path.lstrip("/"))
-            if found is None:
+            path = root_name(event.path)
+            found = None if path is None else window.session.topmost(path)
+            if path is None or found is None:
                 continue
             length = event.length if event.kind in ("read", "mmap") else 0
-            path = event.path.lstrip("/")
             if event.kind == "mmap":
                 window.mapped.append((event.ts_ns, found[0], path, event.offset, length))
             else:
