@@ -24,7 +24,7 @@ from agent.image_sessions import ImageSession
 from agent.layers.discovery import EarlyLayer
 from agent.layers.indexed_layer import IndexedLayer
 from agent.layers.lazy_layer import ReadAheadBudget
-from agent.lazy_provider import prefetch_chunks
+from agent.prefetch_planner import prefetch_chunks
 from agent.profile_prefetch import enqueue_ready, entry_chunks, node_chunks
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
