@@ -23,6 +23,7 @@ from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient, ResolvedImage
+from formats.plan_path import PlanPath
 from profiles.coverage import size_of
 from profiles.format import Profile, ProfileFormatError, parse, serialize
 from profiles.learn import from_trace, merge_all
@@ -35,7 +36,7 @@ from tracer.trace import Tracer
 
 def render_profile(console: Console, profile: Profile) -> None:
     """The plan as a table: what startup reads, in the order it reads it."""
-    stats = {(s.layer, "/" + s.path.lstrip("/")): s for s in profile.files}
+    stats = {(s.layer, str(PlanPath(s.path, False))): s for s in profile.files}
     runs = profile.runs
     console.print(
         f"image {profile.image}: {runs.count} run(s) on {len(runs.nodes)} node(s), "

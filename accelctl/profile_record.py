@@ -27,12 +27,12 @@ from pathlib import Path
 from common.digest import chain_id
 from common.logging import get_logger
 from fetcher.registry import RegistryClient, ResolvedImage
+from formats.overlay import OPAQUE_XATTR, Presence, providing_layer, whiteout_device
+from formats.plan_path import root_name
 from profiles.trace import RunTrace, file_accesses, run_outcome
 from tracer.trace import Trace, Tracer, mntns_of
 
 log = get_logger(__name__)
-
-OPAQUE_XATTR = "trusted.overlay.opaque"
 
 
 class RecordError(RuntimeError):
@@ -56,39 +56,40 @@ def layer_dirs(mount_command: str) -> list[Path]:
     raise RecordError(f"no layer directories in {mount_command!r}")
 
 
-def _is_whiteout(path: Path) -> bool:
-    try:
-        st = path.lstat()
-    except OSError:
-        return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+class LayerDirectory:
+    """A layer directory containerd mounts as a lower directory, as a
+    `formats.overlay.LayerView`: asked through the file system, so that a plainly
+    unpacked layer and one the agent serves are read the same way."""
 
+    def __init__(self, root: Path) -> None:
+        self.root = root
 
-def _is_opaque(path: Path) -> bool:
-    try:
-        return os.getxattr(path, OPAQUE_XATTR, follow_symlinks=False) == b"y"
-    except OSError:
-        return False
+    def presence(self, path: str) -> Presence:
+        here = self.root / path if path else self.root
+        try:
+            st = here.lstat()
+        except OSError:
+            return Presence.ABSENT
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                opaque = os.getxattr(here, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+            except OSError:
+                opaque = False
+            return Presence.OPAQUE_DIRECTORY if opaque else Presence.DIRECTORY
+        rdev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+        if whiteout_device(stat.S_ISCHR(st.st_mode), *rdev):
+            return Presence.WHITEOUT
+        return Presence.OTHER
 
 
 def topmost_layer(path: str, dirs: Sequence[Path]) -> int | None:
-    """Index (in ``dirs``, topmost first) of the layer that provides ``path`` in the
-    merged view: None when a higher layer deletes it (whiteout, opaque parent) or no
-    layer has it."""
-    parts = [p for p in path.split("/") if p]
-    if not parts:
+    """Index (in ``dirs``, topmost first) of the layer that provides the absolute
+    ``path`` in the merged view (`formats.overlay`); None when no layer provides it or
+    the path is no name inside the root."""
+    name = root_name(path)
+    if name is None:
         return None
-    for index, top in enumerate(dirs):
-        for depth in range(1, len(parts) + 1):
-            here = top.joinpath(*parts[:depth])
-            if _is_whiteout(here):
-                return None
-            if depth < len(parts) and _is_opaque(here):
-                # Nothing below this directory shows through from lower layers.
-                return index if top.joinpath(*parts).exists() else None
-        if os.path.lexists(top.joinpath(*parts)):
-            return index
-    return None
+    return providing_layer(name, [LayerDirectory(d) for d in dirs])
 
 
 @dataclass(frozen=True)
@@ -251,16 +252,18 @@ def run_trace(
             f"the root file system has {len(dirs)} layer directories, the image "
             f"{len(layers)} layers: cannot tell which layer holds a file"
         )
+    views = [LayerDirectory(d) for d in dirs]
     events = []
     for event in trace.events:
         if event.is_dir or event.outside_root or not event.path:
             continue
-        index = topmost_layer(event.path, dirs)
-        if index is None:
+        name = root_name(event.path)
+        index = None if name is None else providing_layer(name, views)
+        if name is None or index is None:
             continue
         length = event.length if event.kind in ("read", "mmap") else 0
         layer = layers[len(layers) - 1 - index]
-        events.append((event.ts_ns, layer, event.path.lstrip("/"), event.offset, length))
+        events.append((event.ts_ns, layer, name, event.offset, length))
     # ctr reports a signal death as 128 + signal; the learner takes wait(2) statuses.
     status = None
     if run.returncode is not None:

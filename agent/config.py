@@ -21,6 +21,11 @@ class ConfigError(ValueError):
 class AgentConfig:
     """Every knob of the node agent.
 
+    ``prefetch``: fetch ahead what an image itself says its start needs (an eStargz
+    layer's landmark area, the converter's prefetch list). ``profiles``: fetch ahead
+    what the fleet learned its starts read (the image's profile from the registry).
+    Either works without the other; ``record_profiles`` is what teaches the fleet.
+
     ``allowed_registries``: the registries the agent may contact; empty means any.
     Entries are ``host:port`` (exactly that), ``host`` (any port) or ``*.domain``
     (optionally ``:port``; any subdomain of domain, not domain itself). Enforced under

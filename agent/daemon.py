@@ -19,11 +19,13 @@ from agent.config import AgentConfig
 from agent.fs.in_flight import InFlightRequests
 from agent.fs.mount import FuseMount
 from agent.fs.operations import LayerFS
+from agent.image_sessions import ImageSessions
 from agent.k8s_credentials import KubernetesCredentialStore, keep_credentials_updated
 from agent.layers.discovery import LayerDiscovery
 from agent.layers.distrust import DistrustedMetadata
 from agent.lazy_provider import LazyLayerProvider
 from agent.metrics_server import MetricsServer
+from agent.prefetch_planner import PrefetchPlanner
 from agent.snapshotter.server import SnapshotterServer
 from agent.startup_recorder import RecorderSettings, StartupRecorder
 from agent.watchdog import Watchdog
@@ -78,6 +80,7 @@ class Agent:
         self._gauge_task: asyncio.Task[None] | None = None
         self._secrets_task: asyncio.Task[None] | None = None
         self.provider: LazyLayerProvider | None = None
+        self.recorder: StartupRecorder | None = None
 
     async def start(self) -> None:
         """Bring every part up; on failure, tear down what already started."""
@@ -107,17 +110,9 @@ class Agent:
             metrics.FetcherCollector(lambda: self.fetcher.stats if self.fetcher else None)
         )
         metrics.REGISTRY.register(metrics.RetryCollector(lambda: self.client.transport.retries))
+        # The object graph, built here and only here: each part gets what it uses.
         distrust = DistrustedMetadata(config.root / "distrusted-metadata.json")
-        self.fs = LayerFS(self.fetcher, self.cache, requests=self.fuse_requests, distrust=distrust)
-        self.mount = FuseMount(self.fs, config.fuse_mountpoint)
-        await self.mount.start()
-        # The allow-list is enforced by the client's policy, under every request (also
-        # profile and twin lookups), with its host/wildcard rules: discovery's own
-        # exact-name check would refuse hosts the policy allows.
-        discovery = LayerDiscovery(
-            self.client, config.discover_referrers, self.fetcher.metadata_first, distrust
-        )
-        recorder = None
+        sessions = ImageSessions()
         if config.record_profiles:
             settings = RecorderSettings(
                 record_starts=config.record_starts,
@@ -126,17 +121,45 @@ class Agent:
                 deadline_s=config.trace_deadline_s,
                 use_ebpf=config.ebpf,
             )
-            recorder = StartupRecorder(self.client, settings)
-            recorder.preload()
+            self.recorder = StartupRecorder(self.client, sessions, settings)
+            self.recorder.preload()
+        self.fs = LayerFS(
+            self.fetcher,
+            self.cache,
+            listener=self.recorder,
+            requests=self.fuse_requests,
+            distrust=distrust,
+        )
+        self.mount = FuseMount(self.fs, config.fuse_mountpoint)
+        await self.mount.start()
+        planner = PrefetchPlanner(
+            self.client,
+            self.fetcher,
+            self.cache,
+            sessions,
+            prefetch=config.prefetch,
+            profiles=config.profiles,
+        )
+        # The allow-list is enforced by the client's policy, under every request (also
+        # profile and twin lookups), with its host/wildcard rules: discovery's own
+        # exact-name check would refuse hosts the policy allows.
+        discovery = LayerDiscovery(
+            self.client,
+            config.discover_referrers,
+            self.fetcher.metadata_first,
+            distrust,
+            on_early=planner.layer_decoded,
+            on_toc=planner.toc_decoded,
+        )
         provider = LazyLayerProvider(
             discovery,
+            self.client,
             self.fs,
             self.fetcher,
             self.cache,
+            planner,
             config.fuse_mountpoint,
-            config.prefetch and config.profiles,
             config.background_fill,
-            recorder,
             config.background_fill_delay_s,
             config.discovery_timeout_s,
         )
@@ -193,6 +216,9 @@ class Agent:
         if self.provider is not None:
             await self.provider.close()
             self.provider = None
+        if self.recorder is not None:
+            await self.recorder.close()
+            self.recorder = None
         if self.fetcher is not None:
             await self.fetcher.close()
             self.fetcher = None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from agent.fs.operations import MountedLayer
 from fetcher.reference import ImageReference
+from formats.overlay import Presence, providing_layer
 from profiles.plan import PrefetchEntry
 
 
@@ -32,23 +33,28 @@ class ImageSession:
     """Plan entries already handed to the fetcher."""
 
     def topmost(self, path: str) -> tuple[str, MountedLayer] | None:
-        """The layer that provides ``path`` (relative, normalized) in the merged view;
-        None when the path is deleted (whiteout) or not in a lazily served layer."""
-        for digest in reversed(self.layer_order):
-            mounted = self.mounted.get(digest)
-            if mounted is None:
-                continue
-            node = mounted.tree.lookup(path)
-            if node is None:
-                continue
-            if (
-                node.entry.type == "char"
-                and node.entry.dev_major == 0
-                and (node.entry.dev_minor == 0 and node.entry.mode == 0)
-            ):
-                return None  # an overlay whiteout: deleted in this layer
-            return digest, mounted
-        return None
+        """The layer that provides ``path`` (relative, normalized) in the merged view
+        (`formats.overlay`); None when it is deleted or hidden, or not provided by a
+        lazily served layer. A layer this agent does not serve counts as holding
+        nothing: what it would hide costs a fetch here, never a wrong byte."""
+        layers = [self.mounted.get(digest) for digest in reversed(self.layer_order)]
+        views = [_NOTHING if m is None else m.tree for m in layers]
+        found = providing_layer(path, views)
+        if found is None:
+            return None
+        mounted = layers[found]
+        assert mounted is not None  # _NOTHING provides nothing
+        return self.layer_order[-1 - found], mounted
+
+
+class _HoldsNothing:
+    """A layer served by containerd itself: the agent cannot see into it."""
+
+    def presence(self, path: str) -> Presence:
+        return Presence.ABSENT
+
+
+_NOTHING = _HoldsNothing()
 
 
 class ImageSessions:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from agent.fs.tree import Node
 from agent.image_sessions import ImageSession
 from agent.layers.discovery import EarlyLayer
 from agent.layers.lazy_layer import LazyLayer
@@ -24,7 +23,9 @@ from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
 from formats.estargz_extents import WantedFile
 from formats.header_check import HeaderMismatchError
-from formats.toc import HostileLayerError, TocEntry, normalize_name
+from formats.layer_tree import Node
+from formats.plan_path import PlanPath, PlanPathError
+from formats.toc import TocEntry
 from profiles.format import ProfileFormatError
 from profiles.plan import PrefetchEntry, prefetch_plan
 from profiles.registry_sync import fetch_profile
@@ -58,9 +59,10 @@ def _files_for(
     """The regular files one plan entry names, with their layers; None while its layer
     is not mounted yet and, if decoded already, its file is not found there (the tree
     then decides)."""
-    path = tree_path(entry.path)
-    if path is None:
-        return []
+    try:
+        path = PlanPath.parse(entry.path).name
+    except PlanPathError:
+        return []  # profiles come from any node: never trusted
     if entry.layer is not None:
         mounted = session.mounted.get(entry.layer)
         if mounted is None:
@@ -74,25 +76,20 @@ def _files_for(
     return [(mounted.layer, file) for file in node_files(node)] if node is not None else []
 
 
-def tree_path(path: str) -> str | None:
-    """A plan's (or prefetch list's) absolute path as a layer tree names it; None for a
-    path that escapes the layer (profiles come from any node: never trusted)."""
-    try:
-        return normalize_name(path.lstrip("/"))
-    except HostileLayerError:
-        return None
-
-
 def warm_files(plan: Sequence[PrefetchEntry], layer_digest: str) -> list[WantedFile]:
     """The plan's files that may come from this layer, for warming its members before
     its TOC is validated (those of no named layer too: fetching one that the layers
     above then hide costs bytes, not correctness; directories are left to the tree)."""
     wanted: list[WantedFile] = []
     for entry in plan:
-        if entry.layer in (None, layer_digest) and not entry.path.endswith("/"):
-            path = tree_path(entry.path)
-            if path is not None:
-                wanted.append((path, entry.ranges))
+        if entry.layer not in (None, layer_digest):
+            continue
+        try:
+            path = PlanPath.parse(entry.path)
+        except PlanPathError:
+            continue  # profiles come from any node: never trusted
+        if not path.whole_directory:
+            wanted.append((path.name, entry.ranges))
     return wanted
 
 

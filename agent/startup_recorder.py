@@ -19,10 +19,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from agent.image_sessions import ImageSession
+from agent.fs.operations import MountedLayer
+from agent.image_sessions import ImageSession, ImageSessions
 from common.logging import get_logger
 from fetcher.errors import RegistryError
 from fetcher.registry import RegistryClient
+from formats.plan_path import root_name
+from formats.toc import TocEntry
 from profiles.learn import from_trace
 from profiles.registry_sync import push_run_profile
 from profiles.trace import Outcome, RunTrace, TraceError, file_accesses, run_outcome
@@ -75,10 +78,14 @@ class StartupRecorder:
     def __init__(
         self,
         client: RegistryClient,
+        sessions: ImageSessions,
         settings: RecorderSettings | None = None,
         node: str | None = None,
     ) -> None:
+        """``sessions``: the images served here, to tell which use a layer a file of
+        which was opened or read (the recorder is the file system's listener)."""
         self.client = client
+        self.sessions = sessions
         self.settings = settings or RecorderSettings()
         self.node = node or socket.gethostname()
         self._windows: dict[str, _Window] = {}
@@ -104,6 +111,14 @@ class StartupRecorder:
         if session.starts_recorded < self.settings.record_starts:
             return True
         return random.random() < self.settings.sample_rate
+
+    def opened(self, mounted: MountedLayer, entry: TocEntry, pid: int) -> None:
+        """FUSE listener: a container process opened a file (may start a recording)."""
+        self.on_open(self.sessions.using(mounted.name), pid)
+
+    def read(self, mounted: MountedLayer, entry: TocEntry, offset: int, size: int) -> None:
+        """FUSE listener: a read reached FUSE (the FUSE side of a startup trace)."""
+        self.on_demand(self.sessions.using(mounted.name), mounted.name, entry.name, offset, size)
 
     def on_open(self, sessions: list[ImageSession], pid: int) -> None:
         """A process opened a file in these images' layers: maybe start recording.
@@ -219,11 +234,11 @@ class StartupRecorder:
         for event in trace.events:
             if event.is_dir or event.outside_root or (event.kind == "exec" and not event.path):
                 continue
-            found = window.session.topmost(event.path.lstrip("/"))
-            if found is None:
+            path = root_name(event.path)
+            found = None if path is None else window.session.topmost(path)
+            if path is None or found is None:
                 continue
             length = event.length if event.kind in ("read", "mmap") else 0
-            path = event.path.lstrip("/")
             if event.kind == "mmap":
                 window.mapped.append((event.ts_ns, found[0], path, event.offset, length))
             else:

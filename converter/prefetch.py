@@ -7,12 +7,14 @@ so a typo is reported instead of silently prefetching nothing.
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from formats.toc import HostileLayerError, TocEntry, normalize_name
+from formats.layer_tree import InodeAllocator, LayerTree
+from formats.overlay import providing_layer
+from formats.plan_path import PlanPath, PlanPathError
+from formats.toc import TocEntry
 
 MAX_PREFETCH_PATHS = 100_000
 
@@ -35,13 +37,11 @@ class PrefetchList:
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            if not line.startswith("/"):
-                raise PrefetchListError(f"{source}:{number}: path must be absolute: {line!r}")
             try:
-                name = normalize_name(line[1:])
-            except HostileLayerError as exc:
+                path = PlanPath.parse(line)
+            except PlanPathError as exc:
                 raise PrefetchListError(f"{source}:{number}: {exc}") from None
-            entries.append((name, line.endswith("/")))
+            entries.append((path.name, path.whole_directory))
             if len(entries) > MAX_PREFETCH_PATHS:
                 raise PrefetchListError(f"{source}: more than {MAX_PREFETCH_PATHS} paths")
         return cls(tuple(dict.fromkeys(entries)))
@@ -57,40 +57,19 @@ class PrefetchList:
 
     def as_paths(self) -> list[str]:
         """Back to the absolute-path form (directories keep their trailing `/`)."""
-        return ["/" + name + ("/" if is_dir and name else "") for name, is_dir in self.entries]
+        return [str(PlanPath(name, is_dir)) for name, is_dir in self.entries]
 
     def missing(self, layers: Sequence[Sequence[TocEntry]]) -> list[str]:
-        """Paths of the list that the image (layers bottom to top) does not contain."""
-        present = merged_tree(layers)
+        """Paths of the list that the image (layers bottom to top) does not show, by
+        the overlay rule the agent and the recorder use (`formats.overlay`)."""
+        inodes = InodeAllocator()
+        trees = [LayerTree(list(entries), inodes) for entries in reversed(layers)]
         missing = []
         for name, is_dir in self.entries:
-            kind = present.get(name)
-            if kind is None or (is_dir and kind != "dir" and name):
-                missing.append("/" + name + ("/" if is_dir else ""))
+            if not name:
+                continue  # the root is always there
+            found = providing_layer(name, trees)
+            node = None if found is None else trees[found].lookup(name)
+            if node is None or (is_dir and not node.is_dir):
+                missing.append(str(PlanPath(name, is_dir)))
         return missing
-
-
-def merged_tree(layers: Sequence[Sequence[TocEntry]]) -> dict[str, str]:
-    """Path -> entry type of the image's root file system, applying OCI whiteouts."""
-    tree: dict[str, str] = {"": "dir"}
-    for entries in layers:
-        for entry in entries:
-            if entry.is_opaque_marker:
-                parent = posixpath.dirname(entry.name)
-                prefix = parent + "/" if parent else ""
-                for name in [n for n in tree if n.startswith(prefix) and n != parent]:
-                    del tree[name]
-        for entry in entries:
-            if entry.is_opaque_marker:
-                continue
-            if entry.is_whiteout:
-                target = entry.whiteout_target
-                for name in [n for n in tree if n == target or n.startswith(target + "/")]:
-                    del tree[name]
-                continue
-            tree[entry.name] = entry.type
-            parent = posixpath.dirname(entry.name)
-            while parent and parent not in tree:
-                tree[parent] = "dir"
-                parent = posixpath.dirname(parent)
-    return tree

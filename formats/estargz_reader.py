@@ -108,7 +108,7 @@ class FileChunks:
     """Each regular file's chunks in file order, found by its entry (the object in
     ``EstargzToc.entries``), not by its name: a layer can hold several files of one
     name, each with data of its own, and a hard link written between them serves the
-    earlier one (agent/fs/tree.py). Neither the name nor the member offset tells them
+    earlier one (formats/layer_tree.py). Neither the name nor the member offset tells them
     apart, as small files share members. Entries are unhashable dataclasses, so they
     are held by identity, the entry kept with its chunks so that its id stays its own;
     an equal copy of an entry finds nothing."""

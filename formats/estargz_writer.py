@@ -53,7 +53,8 @@ from formats.estargz_toc import (
     tar_padding,
 )
 from formats.fast_zlib import ZLIB, MemberInflater
-from formats.toc import HostileLayerError, TocEntry, iter_tar_entries, normalize_name
+from formats.plan_path import PlanPath
+from formats.toc import HostileLayerError, TocEntry, iter_tar_entries
 
 DEFAULT_LEVEL = 6
 # Files smaller than this share a gzip member with the files before them (their chunks
@@ -140,10 +141,8 @@ class _PrefetchPlan:
         self.requested: list[tuple[str, tuple[bool, str]]] = []
         self.matched: set[tuple[bool, str]] = set()
         for raw in paths:
-            if not raw.startswith("/"):
-                raise ValueError(f"prefetch paths must be absolute: {raw!r}")
-            name = normalize_name(raw.lstrip("/"))
-            is_tree = raw.endswith("/")
+            path = PlanPath.parse(raw)  # a PlanPathError is a ValueError, as before
+            name, is_tree = path.name, path.whole_directory
             (self.trees if is_tree else self.files).add(name)
             self.requested.append((raw, (is_tree, name)))
             parent = name

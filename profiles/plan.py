@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from formats.plan_path import PlanPath
 from profiles.coverage import Ranges, at_least, size_of
 from profiles.format import FileStat, Profile
 
@@ -51,10 +52,6 @@ def _covering(path: str, pinned: dict[tuple[str, bool], float]) -> list[tuple[st
     return [entry for entry in candidates if entry in pinned]
 
 
-def _absolute(name: str, is_dir: bool) -> str:
-    return "/" + name + ("/" if is_dir and name else "")
-
-
 def prefetch_plan(profile: Profile, threshold: float | None = None) -> list[PrefetchEntry]:
     """The ordered prefetch list for ``profile`` (``threshold`` overrides the profile's)."""
     need = needed_runs(profile.threshold if threshold is None else threshold, profile.runs.count)
@@ -71,8 +68,8 @@ def prefetch_plan(profile: Profile, threshold: float | None = None) -> list[Pref
         if covering or not ranges:
             continue
         key = (when, size_of(ranges), position[stat.layer], stat.path)
-        keyed.append((key, PrefetchEntry(stat.layer, _absolute(stat.path, False), ranges)))
+        keyed.append((key, PrefetchEntry(stat.layer, str(PlanPath(stat.path, False)), ranges)))
     for (name, is_dir), when in pinned_at.items():
-        keyed.append(((when, 0, -1, name), PrefetchEntry(None, _absolute(name, is_dir), None)))
+        keyed.append(((when, 0, -1, name), PrefetchEntry(None, str(PlanPath(name, is_dir)), None)))
     keyed.sort(key=lambda item: item[0])
     return [entry for _, entry in keyed]

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from common.digest import InvalidDigestError, validate_digest
-from formats.toc import HostileLayerError, normalize_name
+from formats.plan_path import root_name
 
 SOURCES = frozenset({"ebpf", "fuse"})
 FIRST_PAGE = 4096
@@ -109,10 +109,10 @@ class RunTrace:
 def access_name(access: FileAccess) -> str:
     """The access's path in the TOC's form (relative, no `.` or `//`), so profiles from
     tracers that report `/etc/x` and FUSE logs that report `etc/x` agree."""
-    try:
-        return normalize_name(access.path.lstrip("/"))
-    except HostileLayerError as exc:
-        raise TraceError(str(exc)) from None
+    name = root_name(access.path)
+    if name is None:
+        raise TraceError(f"{access.path!r} escapes the root file system (or is no name)")
+    return name
 
 
 def _check_access(access: FileAccess, layers: set[str]) -> None:

@@ -25,7 +25,6 @@ from hypothesis import strategies as st
 
 import formats.estargz_reader as reader_module
 import formats.estargz_writer as writer_module
-from agent.fs.tree import InodeAllocator, LayerTree
 from agent.layers.estargz_layer import EstargzLayer
 from agent.layers.lazy_layer import ReadAheadBudget
 from fetcher.chunks import BlobSource
@@ -48,6 +47,7 @@ from formats.estargz import (
     read_chunk,
     write_estargz,
 )
+from formats.layer_tree import InodeAllocator, LayerTree
 from formats.toc import HostileLayerError, TocEntry, entry_from_tarinfo
 from tests.decode_memory import PEAK_LIMIT, decode_in_child
 
@@ -264,7 +264,7 @@ def test_layer_serves_files_from_shared_members_fetched_once() -> None:
 
 def test_every_file_of_a_repeated_name_keeps_its_own_chunks() -> None:
     """A hard link written before its target name is replaced serves the earlier file
-    (agent/fs/tree.py), so that file's data stays in the blob, the TOC and the layer:
+    (formats/layer_tree.py), so that file's data stays in the blob, the TOC and the layer:
     chunks belong to an entry, not to a name. Small files share a member, so both files
     called ``a`` start at the same blob offset and only the entry tells them apart."""
     old, new = b"old small\n", b"the new one, longer\n"

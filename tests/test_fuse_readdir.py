@@ -12,7 +12,6 @@ import pytest
 
 from agent.fs.mount import FuseMount
 from agent.fs.operations import LayerFS
-from agent.fs.tree import InodeAllocator, LayerTree
 from agent.layers.indexed_layer import IndexedLayer
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource
@@ -21,6 +20,7 @@ from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
 from formats.layer_index import LayerIndex
+from formats.layer_tree import InodeAllocator, LayerTree
 from formats.toc import TocEntry
 
 FILES = 40_000

@@ -37,7 +37,6 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.fs.tree import InodeAllocator, LayerTree
 from fetcher import mediatypes as mt
 from fetcher.errors import RegistryError
 from fetcher.manifest import ImageIndex, ImageManifest, parse_manifest
@@ -54,6 +53,7 @@ from formats.estargz import (
     write_estargz,
 )
 from formats.gzip_index import GzipCheckpointer, GzipIndexError, inflate_span
+from formats.layer_tree import InodeAllocator, LayerTree
 from formats.toc import HostileLayerError, TocEntry, iter_tar_entries, normalize_name
 from profiles import format as profile_format
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.fs.tree import InodeAllocator, LayerTree, Node
+from formats.layer_tree import InodeAllocator, LayerTree, Node
 from formats.toc import TocEntry
 
 

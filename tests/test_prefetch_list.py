@@ -2,7 +2,7 @@
 
 import pytest
 
-from converter.prefetch import PrefetchList, PrefetchListError, merged_tree
+from converter.prefetch import PrefetchList, PrefetchListError
 from formats.toc import TocEntry
 
 
@@ -45,8 +45,6 @@ def test_bad_lines(line):
         PrefetchList.parse_lines([line])
 
 
-def test_merged_tree_whiteouts_and_opaque():
-    tree = merged_tree(_layers())
-    assert "etc/old.conf" not in tree
-    assert "opt/app/x" not in tree and tree["opt/app/y"] == "reg"
-    assert tree["usr/lib"] == "dir"
+def test_whiteouts_and_opaque_directories_hide_lower_paths():
+    plist = PrefetchList.parse_lines(["/etc/old.conf", "/opt/app/x", "/opt/app/y", "/usr/lib/"])
+    assert plist.missing(_layers()) == ["/etc/old.conf", "/opt/app/x"]

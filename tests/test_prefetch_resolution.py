@@ -20,12 +20,11 @@ import msgpack
 import pytest
 
 from agent.fs.operations import MountedLayer
-from agent.fs.tree import InodeAllocator, LayerTree
 from agent.image_sessions import ImageSession
 from agent.layers.discovery import EarlyLayer
 from agent.layers.indexed_layer import IndexedLayer
 from agent.layers.lazy_layer import ReadAheadBudget
-from agent.lazy_provider import prefetch_chunks
+from agent.prefetch_planner import prefetch_chunks
 from agent.profile_prefetch import enqueue_ready, entry_chunks, node_chunks
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
@@ -36,6 +35,7 @@ from fetcher.scheduler import ChunkFetcher
 from formats import layer_index
 from formats.gzip_index import DEFAULT_PIECE
 from formats.layer_index import build_layer_index
+from formats.layer_tree import InodeAllocator, LayerTree
 from profiles.plan import PrefetchEntry
 from rig.fault_proxy import Fault, FaultProxy
 

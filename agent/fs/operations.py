@@ -27,7 +27,6 @@ import pyfuse3
 
 from agent import metrics
 from agent.fs.in_flight import InFlightRequests
-from agent.fs.tree import InodeAllocator, LayerTree, Node
 from agent.layers.distrust import DistrustedMetadata
 from agent.layers.lazy_layer import ChunkSlice, LazyLayer, ReadAheadBudget
 from common.gc_pause import gc_paused
@@ -37,6 +36,7 @@ from fetcher.chunks import ChunkFetchError, Priority
 from fetcher.errors import RegistryError
 from fetcher.scheduler import ChunkFetcher
 from formats.header_check import HeaderMismatchError
+from formats.layer_tree import InodeAllocator, LayerTree, Node
 from formats.toc import TocEntry
 
 log = get_logger(__name__)

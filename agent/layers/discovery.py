@@ -217,7 +217,12 @@ class LayerDiscovery:
         use_referrers: bool = True,
         metadata_first: MetadataFirst = contextlib.nullcontext,
         distrust: DistrustedMetadata | None = None,
+        on_early: EarlyHook | None = None,
+        on_toc: TocHook | None = None,
     ) -> None:
+        """``on_early``: shown each index-only layer once decoded, before its check;
+        ``on_toc``: asked, before an eStargz TOC is parsed, for a callback that sees its
+        decoded records (both for prefetch: `agent.prefetch_planner`)."""
         self.client = client
         self.use_referrers = use_referrers
         self.distrust = distrust if distrust is not None else DistrustedMetadata()
@@ -225,8 +230,8 @@ class LayerDiscovery:
         self.metadata_first = metadata_first
         """Held around each index or TOC download and parse (the fetcher then lets it go
         first); an index's is let go once it is decoded, for its early prefetch."""
-        self.on_early: EarlyHook | None = None
-        self.on_toc: TocHook | None = None
+        self.on_early = on_early
+        self.on_toc = on_toc
         self._manifests: dict[str, ImageManifest] = {}
         self._ahead: dict[tuple[str, str, str], asyncio.Task[DiscoveredLayer]] = {}
         self._lookups: dict[tuple[str, ...], asyncio.Task[Any]] = {}

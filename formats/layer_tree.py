@@ -18,9 +18,10 @@ import posixpath
 import stat
 from dataclasses import dataclass, field
 
+from formats.overlay import OPAQUE_XATTR, Presence, whiteout_device
 from formats.toc import OPAQUE_MARKER, WHITEOUT_PREFIX, TocEntry
 
-OPAQUE_XATTR = b"trusted.overlay.opaque"
+_OPAQUE = OPAQUE_XATTR.encode()
 _TYPE_BITS = {
     "reg": stat.S_IFREG,
     "dir": stat.S_IFDIR,
@@ -116,7 +117,7 @@ class LayerTree:
                 else:
                     self._update_root(entry)
             elif base == OPAQUE_MARKER:
-                self._directory(head).xattrs[OPAQUE_XATTR] = b"y"
+                self._directory(head).xattrs[_OPAQUE] = b"y"
             else:
                 whiteout = TocEntry(
                     name=entry.whiteout_target,
@@ -215,6 +216,19 @@ class LayerTree:
     def lookup(self, path: str) -> Node | None:
         """The node at a normalized relative path (first name of hardlinked files)."""
         return self._by_path.get(path)
+
+    def presence(self, path: str) -> Presence:
+        """What this layer holds at ``path`` (`formats.overlay.LayerView`)."""
+        node = self._by_path.get(path)
+        if node is None:
+            return Presence.ABSENT
+        if node.is_dir:
+            opaque = node.xattrs.get(_OPAQUE) == b"y"
+            return Presence.OPAQUE_DIRECTORY if opaque else Presence.DIRECTORY
+        entry = node.entry
+        if whiteout_device(entry.type == "char", entry.dev_major, entry.dev_minor):
+            return Presence.WHITEOUT
+        return Presence.OTHER
 
     def regular_files(self) -> list[Node]:
         """Every distinct regular-file node (hardlinks counted once)."""

@@ -1,0 +1,237 @@
+"""What to fetch ahead of a start, for each image served here, and when.
+
+Two sources, two settings: ``prefetch`` covers what the image itself says startup
+needs (an eStargz layer's landmark area, the converter's prefetch list), ``profiles``
+what the fleet learned (the image's profile, fetched from the registry at its first
+Prepare). The planner keeps each image's session (`agent.image_sessions`), hears
+discovery's hooks (a layer decoded, a TOC about to be parsed) and the provider's
+(a layer mounted), and hands plan entries to the fetcher as soon as the layer holding
+them is known (`agent.profile_prefetch`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from agent.fs.operations import MountedLayer
+from agent.image_sessions import ImageSession, ImageSessions
+from agent.layers.discovery import EarlyLayer, TocDecoded
+from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, warm_files
+from common.logging import get_logger
+from fetcher.chunk_cache import ChunkCache
+from fetcher.chunks import BlobSource, ChunkSpec, FetcherClosedError, Priority
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
+from formats.estargz_extents import Extent, WantedFile, member_extents
+from formats.plan_path import PlanPath, PlanPathError
+from profiles.plan import PrefetchEntry
+
+log = get_logger(__name__)
+
+PLAN_TTL_S = 120.0
+"""How long a profile fetched at a first Prepare waits for a layer of its image to mount."""
+T = TypeVar("T")
+
+
+def prefetch_chunks(mounted: MountedLayer, paths: list[str]) -> list[ChunkSpec]:
+    """Chunks of what the converter's prefetch list names in this layer: files, and with
+    a trailing `/` whole directories (as the list writes them), by the same rule as a
+    learned profile's entries (``node_chunks``)."""
+    chunks: dict[str, ChunkSpec] = {}
+    for raw in paths:
+        try:
+            path = PlanPath.parse(raw)
+        except PlanPathError:
+            continue  # the converter wrote it, but the image's annotation is a claim
+        node = mounted.tree.lookup(path.name)
+        if node is not None and node.is_dir == path.whole_directory:
+            for chunk in node_chunks(mounted.layer, node):
+                chunks.setdefault(chunk.key, chunk)
+    return list(chunks.values())
+
+
+class PrefetchPlanner:
+    """Plans per image: the image's own hints and its learned profile, by setting."""
+
+    def __init__(
+        self,
+        client: RegistryClient,
+        fetcher: ChunkFetcher,
+        cache: ChunkCache,
+        sessions: ImageSessions,
+        prefetch: bool = True,
+        profiles: bool = True,
+    ) -> None:
+        self.client = client
+        self.fetcher = fetcher
+        self.cache = cache
+        self.sessions = sessions
+        self.prefetch = prefetch
+        self.profiles = profiles
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._plans: dict[str, asyncio.Task[list[PrefetchEntry]]] = {}
+        """Learned plans being fetched for images whose first layer is being prepared."""
+        self._early: dict[str, dict[str, EarlyLayer]] = {}
+        """Manifest digest -> layer digest -> a layer decoded but not mounted yet."""
+
+    def image_preparing(self, reference: ImageReference, manifest_digest: str) -> None:
+        """At an image's first Prepare, fetch its learned profile alongside the layer
+        lookup, not after the first mount: the profile is then at hand when the first
+        layer's tree is."""
+        if self.profiles and manifest_digest not in self.sessions.by_manifest:
+            self._plan_fetch(reference, manifest_digest)
+
+    def layer_mounted(
+        self,
+        mounted: MountedLayer,
+        hinted_paths: list[str],
+        image: tuple[ImageReference, str, list[str]] | None,
+        layer_digest: str,
+        first_use: bool,
+    ) -> None:
+        """A layer is mounted: fetch what the image says it needs from it (on its first
+        mount), add it to its image's session (``image``: reference, manifest digest and
+        layer order, when containerd named the image), and release the learned plan's
+        entries it holds (those first: the plan is ordered by need, the hints are not)."""
+        if image is not None:
+            self._add_to_session(mounted, image, layer_digest)
+        if first_use and self.prefetch:
+            layer = mounted.layer
+            chunks = layer.prefetch_chunks() + prefetch_chunks(mounted, hinted_paths)
+            if chunks:
+                self.fetcher.enqueue(layer.blob, chunks, Priority.PREFETCH)
+
+    def _add_to_session(
+        self, mounted: MountedLayer, image: tuple[ImageReference, str, list[str]], layer_digest: str
+    ) -> None:
+        reference, manifest_digest, order = image
+        session, created = self.sessions.layer_ready(
+            reference, manifest_digest, order, layer_digest, mounted
+        )
+        early = self._early.get(manifest_digest, {}).get(layer_digest)
+        if early is not None:
+            self._forget_early(manifest_digest, layer_digest, early)  # the tree decides now
+        if created and self.profiles:
+            plan = self._plan_fetch(reference, manifest_digest)
+            del self._plans[manifest_digest]  # collected: the session holds the plan now
+            self._spawn(self._prefetch_profile(session, plan))
+        elif self.profiles:
+            self._enqueue_plan(session)
+
+    def layer_decoded(self, manifest_digest: str, layer_digest: str, early: EarlyLayer) -> None:
+        """Discovery hook: a layer of the image is decoded; prefetch the plan's files
+        found in it now, not once it is checked and mounted."""
+        if not self.profiles:
+            return
+        self._early.setdefault(manifest_digest, {})[layer_digest] = early
+        # A pull that was given up on never mounts it.
+        asyncio.get_running_loop().call_later(
+            PLAN_TTL_S, self._forget_early, manifest_digest, layer_digest, early
+        )
+        session = self.sessions.by_manifest.get(manifest_digest)
+        if session is not None:
+            self._enqueue_plan(session)
+
+    def toc_decoded(
+        self, manifest_digest: str, layer_digest: str, blob: BlobSource
+    ) -> TocDecoded | None:
+        """Discovery hook, before an eStargz TOC is parsed: once its records are decoded,
+        download the members holding the plan's files in this layer, while the TOC is
+        validated and the tree built (nothing to do for a layer this node has cached)."""
+        if not self.profiles or self.cache.holds(blob.digest):
+            return None
+        loop = asyncio.get_running_loop()
+
+        def decoded(toc_offset: int, records: list[Any]) -> None:
+            # On the metadata thread, inside the TOC's parse. The plan is only read here;
+            # if it has not arrived yet (a small TOC decodes fast), nothing is warmed and
+            # the mounted tree's prefetch asks for the members as before.
+            try:
+                wanted = self._wanted_files(manifest_digest, layer_digest)
+                extents = member_extents(records, toc_offset, wanted, WARM_MAX_BYTES)
+            except Exception:
+                # A hint must never fail the parse: validation judges the TOC.
+                log.exception("agent.profile_warm_failed", layer=blob.digest)
+                return
+            if extents:
+                loop.call_soon_threadsafe(self._warm, blob, extents)
+
+        return decoded
+
+    def _wanted_files(self, manifest_digest: str, layer_digest: str) -> list[WantedFile]:
+        """The files of the image's plan (if it has arrived) to warm in this layer."""
+        session = self.sessions.by_manifest.get(manifest_digest)
+        plan = session.plan if session is not None else None
+        task = self._plans.get(manifest_digest)
+        if not plan and task is not None and task.done() and not task.cancelled():
+            plan = task.result() if task.exception() is None else None
+        return warm_files(plan or [], layer_digest)
+
+    def _warm(self, blob: BlobSource, extents: list[Extent]) -> None:
+        try:
+            self.fetcher.warm(blob, extents)
+        except FetcherClosedError:
+            return
+        log.info(
+            "agent.profile_warm",
+            layer=blob.digest,
+            members=len(extents),
+            bytes=sum(end - start for start, end in extents),
+        )
+
+    def _forget_early(self, manifest_digest: str, layer_digest: str, early: EarlyLayer) -> None:
+        layers = self._early.get(manifest_digest, {})
+        if layers.get(layer_digest) is early:
+            del layers[layer_digest]
+            if not layers:
+                del self._early[manifest_digest]
+
+    def _plan_fetch(
+        self, reference: ImageReference, manifest_digest: str
+    ) -> asyncio.Task[list[PrefetchEntry]]:
+        """The image's plan fetch: the one under way, else a new one."""
+        task = self._plans.get(manifest_digest)
+        if task is None:
+            task = self._spawn(load_plan(self.client, reference, manifest_digest))
+            self._plans[manifest_digest] = task
+            # A pull whose layers all fall back never collects it.
+            asyncio.get_running_loop().call_later(
+                PLAN_TTL_S, self._plans.pop, manifest_digest, None
+            )
+        return task
+
+    def _spawn(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """A background task that close() cancels."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _prefetch_profile(
+        self, session: ImageSession, plan: asyncio.Task[list[PrefetchEntry]]
+    ) -> None:
+        session.plan = await plan
+        self._enqueue_plan(session)
+
+    def _enqueue_plan(self, session: ImageSession) -> None:
+        """Hand the fetcher the plan entries of the session's mounted or decoded layers
+        (timed: it runs on the event loop while containerd waits for the next layer)."""
+        started = time.perf_counter()
+        queued = enqueue_ready(self.fetcher, session, self._early.get(session.manifest_digest, {}))
+        if queued:
+            log.info(
+                "agent.profile_prefetch",
+                image=str(session.reference),
+                chunks=queued,
+                seconds=round(time.perf_counter() - started, 4),
+            )
+
+    async def close(self) -> None:
+        """Stop profile fetches and plans in flight."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
