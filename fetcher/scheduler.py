@@ -47,7 +47,7 @@ by at most this much transfer."""
 WARM_TTL_S = 60.0
 """How long bytes warmed ahead of their chunks wait for them (a pull may be given up on)."""
 WARM_MAX_BYTES = 256 << 20
-"""Memory for warmed bytes: a few startups' worth (python-fat-api's is 21.5 MB)."""
+"""Memory for warmed bytes: a few startups' worth of profiled files."""
 WARM_STREAMS = 4
 """Warming requests on the wire at once: the rest of the connections stay free for the
 TOC downloads and demand reads of the same pull."""
@@ -55,9 +55,8 @@ TOC downloads and demand reads of the same pull."""
 STORE_HOLD_BYTES = 128 << 20
 """Verified chunks held in memory, not yet written, while a startup's fetches go on.
 Every cache write ends in an fsync, and a burst of them as a container starts keeps
-the filesystem's journal committing while containerd and runc wait on their own commits
-(python-fat-api: ~0.16 s of its start after the pull). Past this much, chunks are
-written at once."""
+the filesystem's journal committing while containerd and runc wait on their own commits.
+Past this much, chunks are written at once."""
 
 _HEAP_SLACK = 256
 """Stale heap entries tolerated beyond twice the live ones before a rebuild."""
@@ -307,8 +306,8 @@ class ChunkFetcher:
         """Download ``extents`` of the blob now, before the chunks they hold are known
         (call from the event loop): a chunk fetch they cover later takes its bytes from
         memory. Unlike prefetch this runs while layer metadata is parsed: it is what
-        keeps the link busy then, and it costs the parse no decoding (python-fat-api:
-        21.5 MB on the wire during a 0.7 s TOC validation that left the link idle)."""
+        keeps the link busy then (a big TOC's validation otherwise leaves it idle), and it
+        costs the parse no decoding."""
         self._check_open()
         merged: list[list[int]] = []
         for start, end in sorted(extents):
@@ -365,9 +364,8 @@ class ChunkFetcher:
         fill request.
 
         The pull waits for that download and parse. A profile's prefetch of the layers
-        below would otherwise take most of the link from the download (python-fat-api:
-        8 prefetch streams against one 1-2 MB index download) and, decoding, a core
-        from the parse (a 0.2 s index parse took 0.5 s).
+        below would otherwise take most of the link from the download (many prefetch
+        streams against one index download) and, decoding, a core from the parse.
         """
         self._metadata += 1
         try:

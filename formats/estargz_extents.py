@@ -1,7 +1,7 @@
 """Where named files lie in an eStargz blob, read from a TOC not yet validated.
 
-A big layer's TOC takes most of a second to validate (python-fat-api: 40 000 records,
-one core busy, the link idle). Which gzip members hold the files a learned profile names
+A big layer's TOC (tens of thousands of records) takes long to validate, with one core
+busy and the link idle. Which gzip members hold the files a learned profile names
 is known as soon as the TOC's JSON is decoded, so their bytes can be on their way while
 it is validated. Nothing here is trusted: the extents only say which compressed bytes to
 download early; every chunk is still inflated and checked against the validated TOC's

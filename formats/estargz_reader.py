@@ -413,10 +413,10 @@ class _TocValidator:
         regex calls; None means "look closer", not "invalid": they then go one by one.
 
         A big layer's TOC holds tens of thousands of such records and is parsed while
-        the pull waits: one at a time they took 0.6 s of python-fat-api's 40 696-record
-        TOC. What depends on the records between them (blob order across them, the
-        owner names, the file open before them) ``_take_plain`` checks where each run
-        of them is taken. The field-by-field path, which names what is wrong, builds
+        the pull waits: one at a time, in Python, they were most of the TOC's parse.
+        What depends on the records between them (blob order across them, the owner
+        names, the file open before them) ``_take_plain`` checks where each run of them
+        is taken. The field-by-field path, which names what is wrong, builds
         the same entries and chunks from them (tests/test_estargz.py holds the two to
         that).
         """

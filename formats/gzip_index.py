@@ -30,8 +30,7 @@ WINDOW_SIZE = 32 * 1024
 DEFAULT_SPAN = 4 * 1024 * 1024
 DEFAULT_PIECE = 256 * 1024
 """Spans are also digested piece by piece, and where each piece's compressed bytes end is
-kept, so that a reader who needs only the start of a span fetches and checks only that
-(python-fat-api's learned start: 32.7 MB of its big layer's spans instead of 41.8 MB)."""
+kept, so that a reader who needs only the start of a span fetches and checks only that."""
 _READ_OUT_CHUNK = 256 * 1024
 # Big steps for the builder: each return from zlib re-takes the GIL, which the tar
 # walking thread may hold for a whole switch interval (5 ms), so fewer, longer calls
@@ -614,13 +613,12 @@ def _inflate_in_member(
     checkpoint: Checkpoint, window: bytes, compressed: bytes, length: int
 ) -> bytes | None:
     """The ``length`` bytes after ``checkpoint``, inflated by the fastest zlib at hand
-    (zlib-ng inflates ~1.7x as fast as the system zlib this module drives through
-    ctypes) when that works, as it does for most spans: on python-fat-api's 336 MB layer
-    251 of its 272 spans took this path, and inflating and checking all of them took
-    4.4 s instead of 6.1 s. Python's zlib bindings have no inflatePrime, so a checkpoint
-    inside a byte is reached by shifting the bytes down to its bit; that misplaces the
-    byte-aligned stored blocks after it and adds up to 7 made-up zero bits at the end,
-    so the result is only for callers that check it against a digest. None (a stored
+    (zlib-ng inflates faster than the system zlib this module drives through ctypes)
+    when that works, as it does for most spans. Python's zlib bindings have no
+    inflatePrime, so a checkpoint inside a byte is reached by shifting the bytes down to
+    its bit; that misplaces the byte-aligned stored blocks after it and adds up to 7
+    made-up zero bits at the end, so the result is only for callers that check it
+    against a digest. None (a stored
     block after a shift, data that runs into the next member, ends early or does not
     inflate) means "take the general path"."""
     if not length:

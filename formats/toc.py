@@ -29,8 +29,8 @@ MAX_MTIME = float(1 << 62)
 """Beyond any date a file system stores; the index-only file table refuses larger ones."""
 MAX_EXTENDED_HEADER = 1 << 20
 """Largest pax or GNU long-name record one member may carry. tarfile reads such a
-record whole before anything can look at it (a 300 MB pax header took the converter
-to 827 MB); real ones hold a path (4 KiB) and a few xattrs (64 KiB each at most)."""
+record whole before anything can look at it, so a hostile one sets the converter's
+memory; real ones hold a path (4 KiB) and a few xattrs (64 KiB each at most)."""
 MAX_HEADER_BLOCKS = 16
 """Most extended headers (pax, global pax, GNU long names) before one member: tarfile
 reads a chain of them recursively, and keeps each record until the member is made."""

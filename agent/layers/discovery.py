@@ -151,9 +151,9 @@ def _estargz_layer(
     toc_digest: str | None,
     on_decoded: Callable[[list[Any]], None] | None,
 ) -> EstargzLayer:
-    """Parse the TOC and build the layer, on a worker thread: a 40 000-file TOC takes
-    ~0.6 s, and on the event loop it would hold up the FUSE requests and containerd's
-    calls for the other layers of the pull."""
+    """Parse the TOC and build the layer, on a worker thread: a big layer's TOC takes
+    long to parse, and on the event loop it would hold up the FUSE requests and
+    containerd's calls for the other layers of the pull."""
     with gc_paused():
         return EstargzLayer(blob, parse_toc(member, toc_offset, toc_digest, on_decoded))
 
@@ -162,7 +162,8 @@ def _estargz_layer(
 class EarlyLayer:
     """An index-only layer whose spans are checked and whose file table is decoded but
     not yet checked: a learned profile's files can be found in it and their spans
-    fetched while the table is checked and the tree built (python-fat-api: ~0.5 s)."""
+    fetched while the table is checked and the tree built, which for a big layer takes
+    long enough to matter to the start."""
 
     layer: IndexedLayer
     """The layer itself: its spans serve now, its entries once the table is checked."""

@@ -192,8 +192,8 @@ class IndexedLayer:
         """Told what a prefetch is about to ask for (file, offset, length): a span that
         these reads need only the start of is fetched and checked only that far, by its
         pieces, and later reads within that start are served from it. A span's digest
-        covers all of its 4 MiB, so otherwise python-fat-api's learned start fetched
-        41.8 MB of its big layer's spans where their first pieces hold it in 32.7 MB.
+        covers all of its 4 MiB, so otherwise a start that reads the first part of many
+        spans fetches their whole spans.
         Spans told once keep what they were told (chunk keys must not change under
         readers); reads beyond a prefix take the whole span."""
         reach: dict[int, int] = {}

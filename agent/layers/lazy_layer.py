@@ -30,8 +30,8 @@ class ReadAheadBudget:
         """The leading chunks that fit both budgets.
 
         Index-only spans (about 1.4 MB of blob, 4 MiB inflated) never fit: reading the
-        next span ahead on every miss fetched 74 MB instead of 55 MB for the start of
-        python-fat-api, whose reads are scattered, and made it slower (4.8 -> 5.2 s)."""
+        next span ahead on every miss fetches a span per scattered read that the start
+        never needs, which costs more link time than it saves."""
         taken: list[ChunkSpec] = []
         fetched = decoded = 0
         for spec in following:

@@ -3,8 +3,8 @@ a layer's tree.
 
 This work is pure CPU and runs while containerd waits on the pull, so it must stay off
 the event loop (which serves FUSE and containerd's calls) and must not queue behind the
-fetcher's chunk decoding on the default executor: with a profile prefetching, a 3-file
-layer's tree waited ~0.1 s there behind 4 MiB span inflates. Two threads, so a small
+fetcher's chunk decoding on the default executor: with a profile prefetching, even a
+tiny layer's tree waited there behind 4 MiB span inflates. Two threads, so a small
 layer is not held up by a big one's parse.
 """
 
