@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,23 +194,45 @@ class ContainerdServer:
         check: bool = True,
         namespace: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """`ctr run --rm` to completion, with runc state and IO FIFOs in the work dir.
+        """`ctr run --rm` to completion, with runc state and IO FIFOs in the work dir
+        (plain `ctr run` keeps both under /run/containerd, shared with every other
+        daemon). ``stdout`` is the container's output, stdout and stderr together;
+        ``stderr`` is ctr's own.
 
-        Plain `ctr run` keeps both under /run/containerd, shared with every other daemon.
+        The output is written by the shim to a file (``--log-uri``), not copied by ctr
+        from FIFOs: containerd 1.6.20's client closes a task's FIFOs before it waits for
+        their copy (task.Delete; fixed in 1.6.22), so a ctr held off the CPU at the
+        container's exit lost its output (an empty stdout, exit 0, under load). The
+        shim waits for its own copy before it deletes the task.
         """
+        log = self.state / "output" / f"{container_id}.log"
+        log.unlink(missing_ok=True)
         options = ["--rm", "--runc-root", str(self.runc_root), "--fifo-dir", str(self.fifo_dir)]
+        options += ["--log-uri", f"file://{log}"]
         if snapshotter:
             options += ["--snapshotter", snapshotter]
-        return self.ctr(
+        ran = self.ctr(
             "run",
             *options,
             image,
             container_id,
             *command,
             timeout=timeout,
-            check=check,
+            check=False,
             namespace=namespace,
         )
+        try:
+            output = log.read_text(errors="replace")
+            log.unlink()
+        except FileNotFoundError:
+            output = ""  # the task never started
+        result = subprocess.CompletedProcess(ran.args, ran.returncode, output, ran.stderr)
+        if check and ran.returncode != 0:
+            raise ContainerdError(
+                f"{' '.join(ran.args)} exited {ran.returncode}:\n"
+                f"output: {output}\nstderr: {ran.stderr}"
+            )
+        return result
 
     def allow_insecure_registry(self, host: str, endpoint: str | None = None) -> Path:
         """Let the CRI plugin pull images named ``host/...`` over plain HTTP from ``endpoint``.
@@ -232,18 +255,21 @@ class ContainerdServer:
         self, snapshotter: str = ACCELD_SNAPSHOTTER, timeout: float = 30.0
     ) -> None:
         """Until containerd reaches a restarted proxy snapshotter again (it redials with
-        a backoff of its own, a few seconds here); returns at the deadline regardless."""
+        a backoff of its own, a few seconds here); returns at the deadline regardless.
+
+        The probe must be a call containerd passes on to the snapshotter: listing
+        snapshots is answered from containerd's own metadata, so it succeeded while the
+        connection to the agent was still in its redial backoff, and the next pull's
+        Prepare failed with the old connection's error ("connection closed"). A
+        throwaway Prepare (removed again) goes through.
+        """
+        probe = ("snapshots", "--snapshotter", snapshotter)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            listed = self.ctr(
-                "snapshots",
-                "--snapshotter",
-                snapshotter,
-                "ls",
-                namespace=CRI_NAMESPACE,
-                check=False,
-            )
-            if listed.returncode == 0:
+            key = f"acceld-probe-{uuid.uuid4().hex[:12]}"
+            prepared = self.ctr(*probe, "prepare", key, namespace=CRI_NAMESPACE, check=False)
+            if prepared.returncode == 0:
+                self.ctr(*probe, "rm", key, namespace=CRI_NAMESPACE)
                 return
             time.sleep(0.5)
 

@@ -426,17 +426,10 @@ def test_cri_pull_takes_remote_layers_without_downloading_them(
     assert wait_for(
         lambda: containerd.ctr(*usage, namespace=CRI_NAMESPACE, check=False).returncode == 0
     )
-    run = containerd.ctr(
-        "run",
-        "--rm",
-        "--runc-root",
-        str(containerd.runc_root),
-        "--fifo-dir",
-        str(containerd.fifo_dir),
-        "--snapshotter",
-        ACCELD_SNAPSHOTTER,
+    run = containerd.run_container(
         pushed_busybox.reference,
         unique("remote"),
+        snapshotter=ACCELD_SNAPSHOTTER,
         namespace=CRI_NAMESPACE,
     )
     assert run.stdout == "hello from acceld\n"
