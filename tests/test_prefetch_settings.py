@@ -50,29 +50,22 @@ def _prefetched_after_pull(tmp_path, containerd_factory, reference, **settings) 
         agent.stop()
 
 
-async def test_the_images_list_is_prefetched_with_profiles_off(
-    listed_image, tmp_path, containerd_factory
+@pytest.mark.parametrize(
+    ("prefetch", "profiles", "fetches"),
+    [(True, False, True), (False, True, False)],
+    ids=["list-without-profiles", "profiles-without-list"],
+)
+async def test_the_images_list_is_prefetched_by_the_prefetch_setting_alone(
+    listed_image, tmp_path, containerd_factory, prefetch, profiles, fetches
 ):
+    """The image has a converter list and no profile: what is fetched ahead follows
+    ``prefetch`` whatever ``profiles`` says."""
     fetched = await asyncio.to_thread(
         _prefetched_after_pull,
         tmp_path / "node",
         containerd_factory,
         listed_image,
-        prefetch=True,
-        profiles=False,
+        prefetch=prefetch,
+        profiles=profiles,
     )
-    assert fetched > 0
-
-
-async def test_nothing_is_prefetched_with_prefetch_off_and_no_profile(
-    listed_image, tmp_path, containerd_factory
-):
-    fetched = await asyncio.to_thread(
-        _prefetched_after_pull,
-        tmp_path / "node",
-        containerd_factory,
-        listed_image,
-        prefetch=False,
-        profiles=True,
-    )
-    assert fetched == 0
+    assert (fetched > 0) is fetches, fetched
