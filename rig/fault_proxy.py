@@ -10,6 +10,7 @@ registry unchanged.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import threading
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class Fault:
     hits: int = field(default=0, init=False)
 
 
-class UpstreamProxy(ThreadedServer):
+class UpstreamProxy(ThreadedServer, abc.ABC):
     """A reverse proxy on 127.0.0.1 to ``upstream`` (http://host:port), run on its own
     thread: every request goes to ``_handle``, which may ask upstream with ``_session``
     (bodies passed through as they are, not decompressed)."""
@@ -93,8 +94,9 @@ class UpstreamProxy(ThreadedServer):
         if self._session:
             await self._session.close()
 
+    @abc.abstractmethod
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raise NotImplementedError
+        """Answer one request (each proxy's own business)."""
 
 
 class FaultProxy(UpstreamProxy):
