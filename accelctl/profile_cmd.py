@@ -46,17 +46,16 @@ def render_profile(console: Console, profile: Profile) -> None:
     table = Table("#", "first access", "layer", "path", "bytes", "runs")
     total = 0
     for number, entry in enumerate(prefetch_plan(profile), 1):
-        stat = stats.get((entry.layer or "", entry.path))
-        size = size_of(entry.ranges) if entry.ranges else 0
+        stat = stats[(entry.layer or "", entry.path)]  # every learned entry is a file's
+        size = size_of(entry.ranges or ())
         total += size
-        when = f"{median_first_access(stat) / 1e6:.1f} ms" if stat else "pinned"
         table.add_row(
             str(number),
-            when,
-            (entry.layer or "(merged view)")[:19],
+            f"{median_first_access(stat) / 1e6:.1f} ms",
+            (entry.layer or "")[:19],
             entry.path,
-            f"{size:,}" if entry.ranges else "whole",
-            str(stat.runs) if stat else "-",
+            f"{size:,}",
+            str(stat.runs),
         )
     console.print(table)
     console.print(f"{total:,} bytes to prefetch")

@@ -42,7 +42,6 @@ MAX_TOTAL_SEGMENTS = 500_000
 MAX_SAMPLES = 32
 MAX_NODES = 1024
 MAX_NODE_NAME = 253
-MAX_PINNED = 100_000
 MAX_SUPERSEDES = 65_536
 MAX_COUNT = 1 << 53
 MAX_OFFSET = 1 << 62
@@ -94,8 +93,7 @@ class RunStats:
 class Profile:
     """A prefetch profile for one accelerated image manifest.
 
-    ``pinned``: the converter's prefetch list as (TOC name, is_directory), always
-    prefetched. ``supersedes``: digests of profile artifacts already merged into this
+    ``supersedes``: digests of profile artifacts already merged into this
     one, so a reader that still finds them does not count their runs twice.
     """
 
@@ -104,7 +102,6 @@ class Profile:
     threshold: float
     files: tuple[FileStat, ...]
     runs: RunStats
-    pinned: tuple[tuple[str, bool], ...] = ()
     supersedes: tuple[str, ...] = ()
 
 
@@ -135,7 +132,7 @@ def serialize(profile: Profile) -> bytes:
             ]
             for f in profile.files
         ],
-        "pinned": [list(p) for p in profile.pinned],
+        "pinned": [],  # reserved: see _profile
         "supersedes": list(profile.supersedes),
     }
     return MAGIC + _HEADER.pack(FORMAT_VERSION) + msgpack.packb(body, use_bin_type=True)
@@ -186,7 +183,7 @@ _BODY_READERS: dict[str, Callable[[BoundedUnpacker], Any]] = {
     "files": lambda reader: reader.items(
         MAX_FILES, "files", arrays_each=3 + MAX_SAMPLES, arrays_besides=MAX_TOTAL_SEGMENTS
     ),
-    "pinned": lambda reader: reader.items(MAX_PINNED, "pinned", arrays_each=1),
+    "pinned": lambda reader: reader.items(0, "pinned"),
     "supersedes": lambda reader: reader.items(MAX_SUPERSEDES, "supersedes"),
 }
 
@@ -337,16 +334,6 @@ def _threshold(value: Any) -> float:
     return value
 
 
-def _pinned(value: Any) -> tuple[tuple[str, bool], ...]:
-    entries = []
-    for item in _list(value, "pinned", MAX_PINNED):
-        name, is_dir = _list(item, "pinned entry", 2, 2)
-        if type(is_dir) is not bool:
-            raise ProfileFormatError("pinned entry directory flag must be a boolean")
-        entries.append((_name(name, "pinned path", allow_root=is_dir), is_dir))
-    return _ordered(entries, lambda e: e, "pinned")
-
-
 def _profile(body: Any) -> Profile:
     names = ("image", "layers", "threshold", "runs", "files", "pinned", "supersedes")
     doc = _fields(body, "profile", names)
@@ -358,6 +345,11 @@ def _profile(body: Any) -> Profile:
     if sum(len(f.coverage) for f in files) > MAX_TOTAL_SEGMENTS:
         raise ProfileFormatError(f"profile has more than {MAX_TOTAL_SEGMENTS} segments")
     position = {layer: i for i, layer in enumerate(layers)}
+    # Format 1's ``pinned`` list once carried the converter's prefetch list, which now
+    # travels in the image's annotations and is resolved by the agent with every other
+    # plan source. Always written empty, anything else refused: one encoding per
+    # profile, and no reader acts on entries no learning made.
+    _list(doc["pinned"], "pinned (reserved, always empty)", 0)
     supersedes = [
         _digest(d, "superseded digest")
         for d in _list(doc["supersedes"], "supersedes", MAX_SUPERSEDES)
@@ -368,6 +360,5 @@ def _profile(body: Any) -> Profile:
         threshold=_threshold(doc["threshold"]),
         files=_ordered(files, lambda f: (position[f.layer], f.path), "files"),
         runs=runs,
-        pinned=_pinned(doc["pinned"]),
         supersedes=_ordered(supersedes, lambda d: d, "supersedes"),
     )

@@ -20,13 +20,11 @@ import functools
 from collections.abc import Iterable
 from dataclasses import replace
 
-from converter.prefetch import PrefetchList
 from profiles import coverage
 from profiles.format import (
     DEFAULT_THRESHOLD,
     MAX_FILES,
     MAX_NODES,
-    MAX_PINNED,
     MAX_SAMPLES,
     MAX_SEGMENTS_PER_FILE,
     MAX_SUPERSEDES,
@@ -162,7 +160,6 @@ def merge(a: Profile, b: Profile) -> Profile:
         threshold=max(a.threshold, b.threshold),
         files=_canonical_files(list(files.values()), a.layers),
         runs=_merge_stats(a.runs, b.runs),
-        pinned=tuple(sorted(set(a.pinned) | set(b.pinned))[:MAX_PINNED]),
         supersedes=tuple(supersedes),
     )
 
@@ -172,20 +169,12 @@ def merge_all(profiles: Iterable[Profile]) -> Profile:
     return functools.reduce(merge, profiles)
 
 
-def pin(profile: Profile, prefetch: PrefetchList) -> Profile:
-    """``profile`` with the converter's prefetch list as always-needed entries."""
-    pinned = sorted(set(profile.pinned) | set(prefetch.entries))[:MAX_PINNED]
-    return replace(profile, pinned=tuple(pinned))
-
-
 def learn(
     traces: Iterable[RunTrace],
     threshold: float = DEFAULT_THRESHOLD,
-    prefetch: PrefetchList | None = None,
 ) -> Profile:
     """One profile from the traces of many runs (of one image, from any nodes)."""
     runs = [from_trace(trace, threshold) for trace in traces]
     if not runs:
         raise ValueError("learning a profile needs at least one run trace")
-    learned = merge_all(runs)
-    return learned if prefetch is None else pin(learned, prefetch)
+    return merge_all(runs)

@@ -6,10 +6,9 @@ only those that many runs read. Entries come in the order a start first touches 
 (median over the recent runs, robust to one slow outlier run); at equal times the
 smaller entry goes first, so more files are ready sooner for the same bytes.
 
-The converter's prefetch list is honoured whole: a pinned file or directory is fetched
-entirely (``ranges`` None), wherever the image's merged view has it (``layer`` None),
-at the position of the earliest learned access under it (whether or not enough runs
-needed it to make the plan on their own), or first if never seen.
+The same entries carry the image's own hints (the converter's list, eStargz landmarks)
+on the node, where one resolver places every source in the image's layers
+(`agent.plan_resolver`).
 """
 
 from __future__ import annotations
@@ -44,32 +43,16 @@ def median_first_access(stat: FileStat) -> float:
     return float(np.median(np.array([t for _, t in stat.first_access], dtype=np.int64)))
 
 
-def _covering(path: str, pinned: dict[tuple[str, bool], float]) -> list[tuple[str, bool]]:
-    """The pinned entries that include ``path``: itself, or any directory above it."""
-    parts = path.split("/")
-    candidates = [(path, False), (path, True), ("", True)]
-    candidates += [("/".join(parts[:depth]), True) for depth in range(1, len(parts))]
-    return [entry for entry in candidates if entry in pinned]
-
-
 def prefetch_plan(profile: Profile, threshold: float | None = None) -> list[PrefetchEntry]:
     """The ordered prefetch list for ``profile`` (``threshold`` overrides the profile's)."""
     need = needed_runs(profile.threshold if threshold is None else threshold, profile.runs.count)
     position = {layer: i for i, layer in enumerate(profile.layers)}
-    pinned_at = {entry: -1.0 for entry in profile.pinned}
     keyed: list[tuple[tuple[float, int, int, str], PrefetchEntry]] = []
     for stat in profile.files:
-        when = median_first_access(stat)
-        covering = _covering(stat.path, pinned_at)
-        for entry in covering:
-            seen = pinned_at[entry]
-            pinned_at[entry] = when if seen < 0 else min(seen, when)
         ranges = at_least(stat.coverage, need) if stat.runs >= need else ()
-        if covering or not ranges:
+        if not ranges:
             continue
-        key = (when, size_of(ranges), position[stat.layer], stat.path)
+        key = (median_first_access(stat), size_of(ranges), position[stat.layer], stat.path)
         keyed.append((key, PrefetchEntry(stat.layer, str(PlanPath(stat.path, False)), ranges)))
-    for (name, is_dir), when in pinned_at.items():
-        keyed.append(((when, 0, -1, name), PrefetchEntry(None, str(PlanPath(name, is_dir)), None)))
     keyed.sort(key=lambda item: item[0])
     return [entry for _, entry in keyed]

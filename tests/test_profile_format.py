@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converter.prefetch import PrefetchList
 from profiles.format import (
     FORMAT_VERSION,
     MAGIC,
@@ -52,7 +51,7 @@ def _trace(node: str, started: int, outcome: Outcome = Outcome.OK) -> RunTrace:
 @pytest.fixture(scope="module")
 def profile_blob() -> bytes:
     traces = [_trace("node-a", 10), _trace("fuse-node", 20), _trace("node-b", 30, Outcome.CRASHED)]
-    profile = learn(traces, 0.6, PrefetchList.parse_lines(["/usr/lib/", "/etc/hosts"]))
+    profile = learn(traces, 0.6)
     return serialize(profile)
 
 
@@ -74,7 +73,6 @@ def test_round_trip_is_exact_and_canonical(profile_blob: bytes) -> None:
     assert profile.runs.page_cache_blind == 1
     assert dict(profile.runs.sources) == {"ebpf+fuse": 1, "fuse": 1}
     assert dict(profile.runs.nodes) == {"fuse-node": 1, "node-a": 1}
-    assert profile.pinned == (("etc/hosts", False), ("usr/lib", True))
     busybox = next(f for f in profile.files if f.path == "bin/busybox")
     assert busybox.coverage == ((0, 4096, 2), (8192, 12288, 2))
     assert [f.path for f in profile.files] == ["bin/busybox", "etc/passwd", "app/main.py"]
@@ -140,7 +138,7 @@ HOSTILE = {
     "unknown field": (_set(("extra",), 1), "exactly the fields"),
     "missing field": (lambda b: b.pop("pinned"), "exactly the fields"),
     "binary path": (_set(("files", 0, 1), b"bin/busybox"), "msgpack"),
-    "pinned flag not bool": (_set(("pinned", 0, 1), 1), "boolean"),
+    "pinned not empty": (_set(("pinned",), [["etc/hosts", False]]), "pinned"),
     "duplicate supersedes": (_set(("supersedes",), ["sha256:" + "d" * 64] * 2), "duplicates"),
     "body not a map": (lambda b: b.clear() or b.update({"a": 1}), "exactly the fields"),
 }

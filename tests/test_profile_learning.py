@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converter.prefetch import PrefetchList
 from profiles.format import MAX_SAMPLES, MAX_SEGMENTS_PER_FILE, Profile, parse, serialize
 from profiles.learn import ProfileMergeError, from_trace, learn, merge, merge_all
 from profiles.plan import PrefetchEntry, median_first_access, prefetch_plan
@@ -106,10 +105,9 @@ def test_crashed_and_timed_out_runs_teach_nothing() -> None:
     assert plan_paths(profile) == ["/bin/app"]  # 1 of 1 successful runs, not 1 of 3
 
 
-def test_only_failed_runs_plan_nothing_but_the_prefetch_list() -> None:
+def test_only_failed_runs_plan_nothing() -> None:
     crashed = run({"a:x": (1, ((0, 1),))}, 1, outcome=Outcome.CRASHED)
-    profile = learn([crashed], prefetch=PrefetchList.parse_lines(["/etc/"]))
-    assert prefetch_plan(profile) == [PrefetchEntry(None, "/etc/", None)]
+    assert prefetch_plan(learn([crashed])) == []
 
 
 def test_run_statistics_record_nodes_sources_and_blindness() -> None:
@@ -143,21 +141,6 @@ def test_fuse_only_trace_cannot_claim_page_cache_visibility() -> None:
 def test_invalid_traces_are_refused(access: FileAccess, message: str) -> None:
     with pytest.raises(TraceError, match=message):
         RunTrace(IMAGE, LAYERS, (access,), Outcome.OK, "n", frozenset({"ebpf"}), True, 1)
-
-
-def test_prefetch_list_entries_are_always_needed() -> None:
-    common = {"a:usr/lib/a.so": (50, ((0, 10),)), "a:bin/sh": (10, ((0, 10),))}
-    traces = [run(common, 1), run(common, 2)]
-    traces.append(run({**common, "b:app/late": (90, ((0, 10),)), "b:app/once": (5, ((0, 9),))}, 3))
-    listed = PrefetchList.parse_lines(["/usr/lib/", "/app/once", "/opt/never-seen"])
-    profile = learn(traces, threshold=1.0, prefetch=listed)
-    assert prefetch_plan(profile) == [
-        PrefetchEntry(None, "/opt/never-seen", None),  # never observed: first
-        PrefetchEntry(None, "/app/once", None),  # 1 of 3 runs, but pinned: whole file
-        PrefetchEntry(BASE, "/bin/sh", ((0, 10),)),
-        PrefetchEntry(None, "/usr/lib/", None),  # where a file under it was first read
-    ]  # "/app/late" (1 of 3 runs, not pinned) stays out
-    assert profile.pinned == (("app/once", False), ("opt/never-seen", False), ("usr/lib", True))
 
 
 def test_merging_different_images_is_refused() -> None:
