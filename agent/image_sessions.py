@@ -7,12 +7,25 @@ the lazily mounted tree that serves it. One session per image manifest holds tha
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from agent.fs.operations import MountedLayer
 from fetcher.reference import ImageReference
 from formats.overlay import Presence, providing_layer
 from profiles.plan import PrefetchEntry
+
+
+class PlanSource(enum.IntEnum):
+    """Where a prefetch plan entry comes from. Every source resolves by the same rules
+    (`agent.plan_resolver`); the order is the order entries go to the fetcher: the
+    learned plan first (it is ordered by need), then what the image itself names (the
+    eStargz landmark area, the converter's list), which is not."""
+
+    LEARNED = 0
+    LANDMARK = 1
+    LISTED = 2
 
 
 @dataclass
@@ -27,10 +40,29 @@ class ImageSession:
     """Image layer digest -> the lazily served layer (possibly another blob: a twin)."""
     starts_recorded: int = 0
     recording: bool = False
-    plan: list[PrefetchEntry] | None = None
-    """The learned prefetch plan, once fetched from the registry."""
-    planned: set[int] = field(default_factory=set)
-    """Plan entries already handed to the fetcher."""
+    plans: dict[PlanSource, list[PrefetchEntry]] = field(default_factory=dict)
+    """The prefetch plan, by source (the learned one once fetched from the registry)."""
+    planned: set[tuple[PlanSource, int]] = field(default_factory=set)
+    """Plan entries (source, position) already handed to the fetcher."""
+    prepared: bool = False
+    """containerd has prepared the image's top layer (lazily or not): its pull mounts
+    no more layers here, so the merged view of ``mounted`` is final."""
+
+    def add_plan(self, source: PlanSource, entries: Iterable[PrefetchEntry]) -> None:
+        """Add entries of one source, each once (every layer of an image brings the
+        image's own list again)."""
+        plan = self.plans.setdefault(source, [])
+        known = set(plan)
+        for entry in entries:
+            if entry not in known:
+                known.add(entry)
+                plan.append(entry)
+
+    def plan_entries(self) -> Iterator[tuple[tuple[PlanSource, int], PrefetchEntry]]:
+        """Every plan entry with its (source, position), sources in fetch order."""
+        for source in sorted(self.plans):
+            for position, entry in enumerate(self.plans[source]):
+                yield (source, position), entry
 
     def topmost(self, path: str) -> tuple[str, MountedLayer] | None:
         """The layer that provides ``path`` (relative, normalized) in the merged view

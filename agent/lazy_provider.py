@@ -91,8 +91,23 @@ class LazyLayerProvider:
             metrics.LAYERS.labels("fallback").inc()
             return None
         image = self._image(labels)
-        if image is not None:
-            self.planner.image_preparing(image[0], image[1])
+        if image is None:
+            return await self._serve(key, image_ref, layer_digest, labels, None)
+        self.planner.image_preparing(image[0], image[1])
+        path = await self._serve(key, image_ref, layer_digest, labels, image)
+        if path is None:
+            self.planner.layer_fell_back(image[1], layer_digest)
+        return path
+
+    async def _serve(
+        self,
+        key: str,
+        image_ref: str,
+        layer_digest: str,
+        labels: dict[str, str],
+        image: tuple[ImageReference, str] | None,
+    ) -> Path | None:
+        """Find the layer's accelerated form and mount it, or None to fall back."""
         try:
             async with asyncio.timeout(self.discovery_timeout_s):
                 found = await self.discovery.discover(
@@ -135,7 +150,7 @@ class LazyLayerProvider:
         if first_use:
             self.cache.pin(layer.blob.digest)
         order = None if image is None else (*image, self.discovery.layer_order(image[1]))
-        self.planner.layer_mounted(mounted, found.prefetch_paths, order, layer_digest, first_use)
+        self.planner.layer_mounted(mounted, found.prefetch_paths, order, layer_digest)
         if not first_use:
             return self.mountpoint / name  # already mounted for another snapshot
         if self.background_fill:

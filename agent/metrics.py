@@ -54,6 +54,12 @@ RANGE_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
+PREFETCH_CHUNKS = Counter(
+    "acceld_prefetch_chunks_total",
+    "Chunks handed to the fetcher ahead of a start, by plan source",
+    ["source"],
+    registry=REGISTRY,
+)
 CORRUPT_CHUNKS = Counter(
     "acceld_corrupt_chunks_total", "Chunks whose bytes failed verification", registry=REGISTRY
 )

@@ -1,82 +1,142 @@
-"""Prefetch what the fleet learned an image's startup reads, in the order it reads it.
+"""The one resolver that turns prefetch plan entries into chunks, for every source.
 
-At the first Prepare of an image the profile is fetched from the registry, alongside the
-lookup of that first layer, so it is at hand by the time the layer is mounted; each plan
-entry is handed to the fetcher at PREFETCH priority as soon as the layer holding it is
-mounted (or, for an index-only layer, as soon as its index is decoded and the entry's
-file is found in it), so the bytes are on their way while containerd still prepares the
-layers above and before the container asks for them.
+A plan entry (`profiles.plan.PrefetchEntry`) comes from the image's learned profile,
+its eStargz landmark area or the converter's list (`agent.image_sessions.PlanSource`);
+each is resolved here by the same rules, over the image's session:
+
+- A path is taken from the layer the merged view takes it from (`formats.overlay`).
+  An entry naming no layer (the converter's list) waits until containerd has prepared
+  the image's top layer, so that no copy a layer above hides is fetched. An entry naming
+  a layer (learned, landmark) is taken from that layer as soon as it is mounted, unless
+  a layer mounted above provides the path: fetching early is what a plan is for, and a
+  copy hidden by a layer not mounted yet costs bytes, never a wrong byte.
+- A directory entry (trailing ``/``) means every regular file the merged view shows
+  below it, each from the layer that provides it.
+- A file of a named layer that is decoded but not yet checked and mounted is found in
+  its table (``early``), so its fetch starts while the tree is built.
+- Each layer is told every read first (``expect_reads``), so a layer whose chunks are
+  larger than those reads makes them smaller before they are asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from agent.image_sessions import ImageSession
+from agent.image_sessions import ImageSession, PlanSource
 from agent.layers.discovery import EarlyLayer
 from agent.layers.lazy_layer import LazyLayer
-from common.logging import get_logger
-from fetcher.chunks import BlobSource, ChunkSpec, Priority
-from fetcher.errors import RegistryError
-from fetcher.reference import ImageReference
-from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
+from fetcher.chunks import BlobSource, ChunkSpec
 from formats.estargz_extents import WantedFile
 from formats.header_check import HeaderMismatchError
 from formats.layer_tree import Node
 from formats.plan_path import PlanPath, PlanPathError
 from formats.toc import TocEntry
-from profiles.format import ProfileFormatError
-from profiles.plan import PrefetchEntry, prefetch_plan
-from profiles.registry_sync import fetch_profile
+from profiles.plan import PrefetchEntry
 
-log = get_logger(__name__)
+ResolvedFile = tuple[LazyLayer, TocEntry]
 
 
-async def load_plan(
-    client: RegistryClient, reference: ImageReference, manifest_digest: str
-) -> list[PrefetchEntry]:
-    """The image's learned prefetch plan; empty when it has no profile or the profile
-    cannot be had (prefetching is an optimisation, never a reason to fail a pull)."""
-    try:
-        profile = await fetch_profile(client, reference, manifest_digest)
-    except (RegistryError, ProfileFormatError, ValueError) as exc:
-        log.warning("profile.fetch_failed", image=str(reference), error=str(exc))
-        return []
-    plan = prefetch_plan(profile) if profile is not None else []
-    log.info(
-        "profile.loaded",
-        image=str(reference),
-        entries=len(plan),
-        runs=profile.runs.count if profile else 0,
-    )
-    return plan
+def resolve_ready(
+    session: ImageSession, early: Mapping[str, EarlyLayer]
+) -> list[tuple[PlanSource, BlobSource, list[ChunkSpec]]]:
+    """The chunks of every plan entry that can be resolved now (its layer mounted, or
+    decoded with the entry's file found in it: ``early``, by layer digest), in plan
+    order, each marked planned; the layers holding them have been told the reads."""
+    ready: list[tuple[PlanSource, PrefetchEntry, list[ResolvedFile]]] = []
+    for key, entry in session.plan_entries():
+        if key in session.planned:
+            continue
+        files = _files_for(session, entry, early)
+        if files is not None:
+            session.planned.add(key)
+        if files:
+            ready.append((key[0], entry, files))
+    reads: dict[int, tuple[LazyLayer, list[tuple[TocEntry, int, int]]]] = {}
+    for _, entry, files in ready:
+        for layer, file in files:
+            told = reads.setdefault(id(layer), (layer, []))[1]
+            told.extend((file, start, end - start) for start, end in _wanted(file, entry.ranges))
+    for layer, told in reads.values():
+        layer.expect_reads(told)
+    resolved: list[tuple[PlanSource, BlobSource, list[ChunkSpec]]] = []
+    for source, entry, files in ready:
+        by_blob: dict[BlobSource, list[ChunkSpec]] = {}
+        for layer, file in files:
+            by_blob.setdefault(layer.blob, []).extend(entry_chunks(layer, file, entry.ranges))
+        resolved.extend((source, blob, chunks) for blob, chunks in by_blob.items())
+    return resolved
 
 
 def _files_for(
     session: ImageSession, entry: PrefetchEntry, early: Mapping[str, EarlyLayer]
-) -> list[tuple[LazyLayer, TocEntry]] | None:
-    """The regular files one plan entry names, with their layers; None while its layer
-    is not mounted yet and, if decoded already, its file is not found there (the tree
-    then decides)."""
+) -> list[ResolvedFile] | None:
+    """The regular files one plan entry names, with their layers; None while it cannot
+    be resolved yet."""
     try:
-        path = PlanPath.parse(entry.path).name
+        path = PlanPath.parse(entry.path)
     except PlanPathError:
-        return []  # profiles come from any node: never trusted
-    if entry.layer is not None:
-        mounted = session.mounted.get(entry.layer)
-        if mounted is None:
-            return _early_file(early.get(entry.layer), path)
-    else:
-        top = session.topmost(path)
-        if top is None:
-            return [] if len(session.mounted) == len(session.layer_order) else None
-        mounted = top[1]
-    node = mounted.tree.lookup(path)
-    return [(mounted.layer, file) for file in node_files(node)] if node is not None else []
+        return []  # plans come from other nodes and from image annotations: never trusted
+    if entry.layer is not None and entry.layer not in session.mounted:
+        return None if path.whole_directory else _early_file(early.get(entry.layer), path.name)
+    if entry.layer is None and not session.prepared:
+        return None
+    if not path.name:  # the root: every layer's, and none's (`formats.overlay`)
+        return _directory_files(session, path.name, entry.layer)
+    top = session.topmost(path.name)
+    if top is None:
+        return []
+    digest, mounted = top
+    if entry.layer not in (None, digest):
+        return []  # a layer above provides the path
+    node = mounted.tree.lookup(path.name)
+    if node is None or node.is_dir != path.whole_directory:
+        return []
+    if not path.whole_directory:
+        return [(mounted.layer, file) for file in _regular(node)]
+    return _directory_files(session, path.name, entry.layer)
 
 
-def warm_files(plan: Sequence[PrefetchEntry], layer_digest: str) -> list[WantedFile]:
+def _directory_files(session: ImageSession, name: str, layer: str | None) -> list[ResolvedFile]:
+    """The regular files the merged view shows below directory ``name`` (only those
+    from ``layer``, if named)."""
+    files: list[ResolvedFile] = []
+    for digest, mounted in session.mounted.items():
+        if layer not in (None, digest):
+            continue
+        node = mounted.tree.lookup(name)
+        if node is None or not node.is_dir:
+            continue
+        for path, below in _below(name, node):
+            top = session.topmost(path)
+            if top is not None and top[1] is mounted:
+                files.extend((mounted.layer, file) for file in _regular(below))
+    return files
+
+
+def _below(name: str, directory: Node) -> Iterator[tuple[str, Node]]:
+    """(path, node) of every non-directory below ``directory`` (at path ``name``)."""
+    stack = [(name, directory)]
+    while stack:
+        path, current = stack.pop()
+        for raw, child in (current.children or {}).items():
+            child_path = raw.decode("utf-8", "surrogateescape")
+            child_path = f"{path}/{child_path}" if path else child_path
+            if child.is_dir:
+                stack.append((child_path, child))
+            else:
+                yield child_path, child
+
+
+def _early_file(early: EarlyLayer | None, path: str) -> list[ResolvedFile] | None:
+    """A plan entry's file in a layer decoded but not mounted yet: what lets the fetch
+    start while the layer's table is checked and its tree built."""
+    entry = early.files.live_entry(path) if early is not None else None
+    if early is None or entry is None:
+        return None
+    return [(early.layer, entry)]
+
+
+def warm_files(plan: Iterable[PrefetchEntry], layer_digest: str) -> list[WantedFile]:
     """The plan's files that may come from this layer, for warming its members before
     its TOC is validated (those of no named layer too: fetching one that the layers
     above then hide costs bytes, not correctness; directories are left to the tree)."""
@@ -87,19 +147,10 @@ def warm_files(plan: Sequence[PrefetchEntry], layer_digest: str) -> list[WantedF
         try:
             path = PlanPath.parse(entry.path)
         except PlanPathError:
-            continue  # profiles come from any node: never trusted
+            continue  # plans come from other nodes: never trusted
         if not path.whole_directory:
             wanted.append((path.name, entry.ranges))
     return wanted
-
-
-def _early_file(early: EarlyLayer | None, path: str) -> list[tuple[LazyLayer, TocEntry]] | None:
-    """A plan entry's file in a layer decoded but not mounted yet: what lets the fetch
-    start while the layer's table is checked and its tree built."""
-    entry = early.files.live_entry(path) if early is not None else None
-    if early is None or entry is None:
-        return None
-    return [(early.layer, entry)]
 
 
 def entry_chunks(
@@ -118,62 +169,9 @@ def entry_chunks(
     return list(chunks.values())
 
 
-def node_files(node: Node) -> list[TocEntry]:
-    """The regular file of a file node; for a directory, every regular file below it.
-    The one rule by which both a learned profile and the converter's prefetch list turn
-    a path into files."""
-    targets = [node]
-    if node.is_dir:
-        stack = [node]
-        targets = []
-        while stack:
-            current = stack.pop()
-            for child in (current.children or {}).values():
-                (stack if child.is_dir else targets).append(child)
-    return [target.entry for target in targets if target.entry.type in ("reg", "hardlink")]
-
-
-def node_chunks(
-    layer: LazyLayer, node: Node, ranges: Sequence[tuple[int, int]] | None = None
-) -> list[ChunkSpec]:
-    """The chunks holding ``ranges`` of a file node (the whole file without ranges); for
-    a directory, those of every regular file below it."""
-    return [chunk for file in node_files(node) for chunk in entry_chunks(layer, file, ranges)]
-
-
-def enqueue_ready(
-    fetcher: ChunkFetcher, session: ImageSession, early: Mapping[str, EarlyLayer]
-) -> int:
-    """Hand the fetcher every plan entry whose layer is now mounted, or decoded (``early``,
-    by layer digest) with the entry's file found in it; returns the chunk count."""
-    if not session.plan:
-        return 0
-    ready: list[tuple[PrefetchEntry, list[tuple[LazyLayer, TocEntry]]]] = []
-    for index, entry in enumerate(session.plan):
-        if index in session.planned:
-            continue
-        files = _files_for(session, entry, early)
-        if files is not None:
-            session.planned.add(index)
-            ready.append((entry, files))
-    # Each layer hears every read first: its chunks are then made to fit all of them.
-    reads: dict[int, tuple[LazyLayer, list[tuple[TocEntry, int, int]]]] = {}
-    for entry, files in ready:
-        for layer, file in files:
-            told = reads.setdefault(id(layer), (layer, []))[1]
-            wanted = _wanted(file, entry.ranges)
-            told.extend((file, start, end - start) for start, end in wanted)
-    for layer, told in reads.values():
-        layer.expect_reads(told)
-    queued = 0
-    for entry, files in ready:
-        by_blob: dict[BlobSource, list[ChunkSpec]] = {}
-        for layer, file in files:
-            by_blob.setdefault(layer.blob, []).extend(entry_chunks(layer, file, entry.ranges))
-        for blob, chunks in by_blob.items():
-            fetcher.enqueue(blob, chunks, Priority.PREFETCH)
-            queued += len(chunks)
-    return queued
+def _regular(node: Node) -> list[TocEntry]:
+    """The file a node serves, if it is a regular file (or a hard link to one)."""
+    return [node.entry] if node.entry.type in ("reg", "hardlink") else []
 
 
 def _wanted(file: TocEntry, ranges: Sequence[tuple[int, int]] | None) -> Sequence[tuple[int, int]]:

@@ -1,12 +1,12 @@
 """What to fetch ahead of a start, for each image served here, and when.
 
-Two sources, two settings: ``prefetch`` covers what the image itself says startup
-needs (an eStargz layer's landmark area, the converter's prefetch list), ``profiles``
-what the fleet learned (the image's profile, fetched from the registry at its first
-Prepare). The planner keeps each image's session (`agent.image_sessions`), hears
-discovery's hooks (a layer decoded, a TOC about to be parsed) and the provider's
-(a layer mounted), and hands plan entries to the fetcher as soon as the layer holding
-them is known (`agent.profile_prefetch`).
+Two settings over the plan's sources (`agent.image_sessions.PlanSource`): ``prefetch``
+covers what the image itself says startup needs (an eStargz layer's landmark area, the
+converter's prefetch list), ``profiles`` what the fleet learned (the image's profile,
+fetched from the registry at its first Prepare). The planner keeps each image's session,
+hears discovery's hooks (a layer decoded, a TOC about to be parsed) and the provider's
+(a layer mounted), and hands plan entries to the fetcher as soon as the one resolver
+(`agent.plan_resolver`) can place them in the image's layers.
 """
 
 from __future__ import annotations
@@ -16,19 +16,22 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from agent import metrics
 from agent.fs.operations import MountedLayer
-from agent.image_sessions import ImageSession, ImageSessions
+from agent.image_sessions import ImageSession, ImageSessions, PlanSource
 from agent.layers.discovery import EarlyLayer, TocDecoded
-from agent.profile_prefetch import enqueue_ready, load_plan, node_chunks, warm_files
+from agent.plan_resolver import resolve_ready, warm_files
 from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
-from fetcher.chunks import BlobSource, ChunkSpec, FetcherClosedError, Priority
+from fetcher.chunks import BlobSource, FetcherClosedError, Priority
+from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
 from formats.estargz_extents import Extent, WantedFile, member_extents
-from formats.plan_path import PlanPath, PlanPathError
-from profiles.plan import PrefetchEntry
+from profiles.format import ProfileFormatError
+from profiles.plan import PrefetchEntry, prefetch_plan
+from profiles.registry_sync import fetch_profile
 
 log = get_logger(__name__)
 
@@ -37,21 +40,24 @@ PLAN_TTL_S = 120.0
 T = TypeVar("T")
 
 
-def prefetch_chunks(mounted: MountedLayer, paths: list[str]) -> list[ChunkSpec]:
-    """Chunks of what the converter's prefetch list names in this layer: files, and with
-    a trailing `/` whole directories (as the list writes them), by the same rule as a
-    learned profile's entries (``node_chunks``)."""
-    chunks: dict[str, ChunkSpec] = {}
-    for raw in paths:
-        try:
-            path = PlanPath.parse(raw)
-        except PlanPathError:
-            continue  # the converter wrote it, but the image's annotation is a claim
-        node = mounted.tree.lookup(path.name)
-        if node is not None and node.is_dir == path.whole_directory:
-            for chunk in node_chunks(mounted.layer, node):
-                chunks.setdefault(chunk.key, chunk)
-    return list(chunks.values())
+async def load_plan(
+    client: RegistryClient, reference: ImageReference, manifest_digest: str
+) -> list[PrefetchEntry]:
+    """The image's learned prefetch plan; empty when it has no profile or the profile
+    cannot be had (prefetching is an optimisation, never a reason to fail a pull)."""
+    try:
+        profile = await fetch_profile(client, reference, manifest_digest)
+    except (RegistryError, ProfileFormatError, ValueError) as exc:
+        log.warning("profile.fetch_failed", image=str(reference), error=str(exc))
+        return []
+    plan = prefetch_plan(profile) if profile is not None else []
+    log.info(
+        "profile.loaded",
+        image=str(reference),
+        entries=len(plan),
+        runs=profile.runs.count if profile else 0,
+    )
+    return plan
 
 
 class PrefetchPlanner:
@@ -91,35 +97,43 @@ class PrefetchPlanner:
         hinted_paths: list[str],
         image: tuple[ImageReference, str, list[str]] | None,
         layer_digest: str,
-        first_use: bool,
     ) -> None:
-        """A layer is mounted: fetch what the image says it needs from it (on its first
-        mount), add it to its image's session (``image``: reference, manifest digest and
-        layer order, when containerd named the image), and release the learned plan's
-        entries it holds (those first: the plan is ordered by need, the hints are not)."""
-        if image is not None:
-            self._add_to_session(mounted, image, layer_digest)
-        if first_use and self.prefetch:
-            layer = mounted.layer
-            chunks = layer.prefetch_chunks() + prefetch_chunks(mounted, hinted_paths)
-            if chunks:
-                self.fetcher.enqueue(layer.blob, chunks, Priority.PREFETCH)
-
-    def _add_to_session(
-        self, mounted: MountedLayer, image: tuple[ImageReference, str, list[str]], layer_digest: str
-    ) -> None:
+        """A layer is mounted: add it to its image's session (``image``: reference,
+        manifest digest and layer order, when containerd named the image) with what the
+        image says its start needs (its landmark area, the converter's list:
+        ``hinted_paths``), and hand the fetcher every plan entry that can now be placed."""
+        if image is None:
+            # Without the manifest there is no merged view to place a path in.
+            log.info("agent.prefetch_skipped", layer=layer_digest, reason="no-image-labels")
+            return
         reference, manifest_digest, order = image
         session, created = self.sessions.layer_ready(
             reference, manifest_digest, order, layer_digest, mounted
         )
+        session.prepared = session.prepared or order[-1:] == [layer_digest]
         early = self._early.get(manifest_digest, {}).get(layer_digest)
         if early is not None:
             self._forget_early(manifest_digest, layer_digest, early)  # the tree decides now
+        if self.prefetch:
+            landmarks = mounted.layer.landmark_files()
+            session.add_plan(
+                PlanSource.LANDMARK, [PrefetchEntry(layer_digest, p, None) for p in landmarks]
+            )
+            session.add_plan(
+                PlanSource.LISTED, [PrefetchEntry(None, p, None) for p in hinted_paths]
+            )
         if created and self.profiles:
             plan = self._plan_fetch(reference, manifest_digest)
             del self._plans[manifest_digest]  # collected: the session holds the plan now
             self._spawn(self._prefetch_profile(session, plan))
-        elif self.profiles:
+        self._enqueue_plan(session)
+
+    def layer_fell_back(self, manifest_digest: str, layer_digest: str) -> None:
+        """A layer of the image is left to containerd: if it is the top one, the image's
+        merged view here is final, and the entries that waited for it can be placed."""
+        session = self.sessions.by_manifest.get(manifest_digest)
+        if session is not None and session.layer_order[-1:] == [layer_digest]:
+            session.prepared = True
             self._enqueue_plan(session)
 
     def layer_decoded(self, manifest_digest: str, layer_digest: str, early: EarlyLayer) -> None:
@@ -142,7 +156,7 @@ class PrefetchPlanner:
         """Discovery hook, before an eStargz TOC is parsed: once its records are decoded,
         download the members holding the plan's files in this layer, while the TOC is
         validated and the tree built (nothing to do for a layer this node has cached)."""
-        if not self.profiles or self.cache.holds(blob.digest):
+        if not (self.profiles or self.prefetch) or self.cache.holds(blob.digest):
             return None
         loop = asyncio.get_running_loop()
 
@@ -163,13 +177,14 @@ class PrefetchPlanner:
         return decoded
 
     def _wanted_files(self, manifest_digest: str, layer_digest: str) -> list[WantedFile]:
-        """The files of the image's plan (if it has arrived) to warm in this layer."""
+        """The files of the image's plan known so far (the learned one if it has
+        arrived) to warm in this layer."""
         session = self.sessions.by_manifest.get(manifest_digest)
-        plan = session.plan if session is not None else None
+        plan = [entry for _, entry in session.plan_entries()] if session is not None else []
         task = self._plans.get(manifest_digest)
-        if not plan and task is not None and task.done() and not task.cancelled():
-            plan = task.result() if task.exception() is None else None
-        return warm_files(plan or [], layer_digest)
+        if task is not None and task.done() and not task.cancelled() and not task.exception():
+            plan += task.result()  # not in the session yet
+        return warm_files(plan, layer_digest)
 
     def _warm(self, blob: BlobSource, extents: list[Extent]) -> None:
         try:
@@ -214,20 +229,25 @@ class PrefetchPlanner:
     async def _prefetch_profile(
         self, session: ImageSession, plan: asyncio.Task[list[PrefetchEntry]]
     ) -> None:
-        session.plan = await plan
+        session.add_plan(PlanSource.LEARNED, await plan)
         self._enqueue_plan(session)
 
     def _enqueue_plan(self, session: ImageSession) -> None:
         """Hand the fetcher the plan entries of the session's mounted or decoded layers
         (timed: it runs on the event loop while containerd waits for the next layer)."""
         started = time.perf_counter()
-        queued = enqueue_ready(self.fetcher, session, self._early.get(session.manifest_digest, {}))
-        if queued:
+        queued = dict.fromkeys(PlanSource, 0)
+        early = self._early.get(session.manifest_digest, {})
+        for source, blob, chunks in resolve_ready(session, early):
+            self.fetcher.enqueue(blob, chunks, Priority.PREFETCH)
+            queued[source] += len(chunks)
+            metrics.PREFETCH_CHUNKS.labels(source.name.lower()).inc(len(chunks))
+        if any(queued.values()):
             log.info(
-                "agent.profile_prefetch",
+                "agent.prefetch_planned",
                 image=str(session.reference),
-                chunks=queued,
                 seconds=round(time.perf_counter() - started, 4),
+                **{f"{source.name.lower()}_chunks": n for source, n in queued.items() if n},
             )
 
     async def close(self) -> None:

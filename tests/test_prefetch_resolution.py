@@ -1,7 +1,8 @@
-"""Prefetch paths as the agent turns them into chunks: the converter's prefetch list on
-a mounted layer (files by name, directories written with a trailing `/` with everything
-below them, by the same rule as a learned profile's entries), and a learned profile's
-files found in an index that is decoded but not yet checked or mounted."""
+"""Prefetch paths as the agent's one resolver turns them into chunks: the converter's
+prefetch list on a mounted layer (files by name, directories written with a trailing `/`
+with everything below them, by the same rule as a learned profile's entries), and a
+learned profile's files found in an index that is decoded but not yet checked or
+mounted. How sources meet overlays: tests/test_plan_sources.py."""
 
 from __future__ import annotations
 
@@ -20,12 +21,11 @@ import msgpack
 import pytest
 
 from agent.fs.operations import MountedLayer
-from agent.image_sessions import ImageSession
+from agent.image_sessions import ImageSession, PlanSource
 from agent.layers.discovery import EarlyLayer
 from agent.layers.indexed_layer import IndexedLayer
 from agent.layers.lazy_layer import ReadAheadBudget
-from agent.prefetch_planner import prefetch_chunks
-from agent.profile_prefetch import enqueue_ready, entry_chunks, node_chunks
+from agent.plan_resolver import entry_chunks, resolve_ready
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.mediatypes import OCI_LAYER_GZIP
@@ -40,6 +40,7 @@ from profiles.plan import PrefetchEntry
 from rig.fault_proxy import Fault, FaultProxy
 
 SPAN = 64 * 1024
+REFERENCE = ImageReference.parse("127.0.0.1:5000/app:1")
 
 
 def _mounted() -> MountedLayer:
@@ -70,7 +71,7 @@ def _mounted_with_blob(piece: int = DEFAULT_PIECE) -> tuple[MountedLayer, bytes]
         span=SPAN,
         piece=piece,
     )
-    source = BlobSource(ImageReference.parse("127.0.0.1:5000/app:1"), digest, len(blob))
+    source = BlobSource(REFERENCE, digest, len(blob))
     layer = IndexedLayer(source, index)
     tree = LayerTree(layer.entries, InodeAllocator())
     return MountedLayer("layer", layer, tree, time.time()), blob
@@ -85,8 +86,30 @@ def _of(mounted: MountedLayer, *paths: str) -> list[str]:
     for path in paths:
         node = mounted.tree.lookup(path)
         assert node is not None
-        keys.update(dict.fromkeys(_keys(node_chunks(mounted.layer, node))))
+        keys.update(dict.fromkeys(_keys(entry_chunks(mounted.layer, node.entry))))
     return list(keys)
+
+
+def prefetch_chunks(mounted: MountedLayer, paths: list[str]) -> list[ChunkSpec]:
+    """What the converter's list ``paths`` resolves to in a one-layer image."""
+    session = ImageSession(REFERENCE, "sha256:" + "0" * 64, ["layer"], prepared=True)
+    session.mounted["layer"] = mounted
+    session.add_plan(PlanSource.LISTED, [PrefetchEntry(None, path, None) for path in paths])
+    chunks: dict[str, ChunkSpec] = {}
+    for _, _, resolved in resolve_ready(session, {}):
+        chunks.update((chunk.key, chunk) for chunk in resolved)
+    return list(chunks.values())
+
+
+def enqueue_ready(
+    fetcher: ChunkFetcher, session: ImageSession, early: dict[str, EarlyLayer]
+) -> int:
+    """What the planner does with the resolver's answer; returns the chunk count."""
+    queued = 0
+    for _, blob, chunks in resolve_ready(session, early):
+        fetcher.enqueue(blob, chunks, Priority.PREFETCH)
+        queued += len(chunks)
+    return queued
 
 
 def test_files_and_directories_become_their_chunks_once_each() -> None:
@@ -138,7 +161,7 @@ def test_a_decoded_index_finds_each_file_where_the_tree_shows_it() -> None:
         assert early.files.live_entry(path) == node.entry, path  # a duplicate: the live copy
         for ranges in (None, [(0, 1)], [(70_000, 140_000), (5, 6)], [(10**9, 10**9 + 1)]):
             assert _keys(entry_chunks(early.layer, node.entry, ranges)) == _keys(
-                node_chunks(mounted.layer, node, ranges)
+                entry_chunks(mounted.layer, node.entry, ranges)
             ), (path, ranges)
     for path in ("app", "app/lib", "", "nope", "app/main.py/x"):
         assert early.files.live_entry(path) is None, path  # directories wait for the tree
@@ -207,24 +230,22 @@ async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at
         mounted = MountedLayer("layer", IndexedLayer(blob, mounted.layer.index), mounted.tree, 0)
         early = EarlyLayer(IndexedLayer(blob, early.layer.index, early.files), early.files)
         session = ImageSession(reference, "sha256:" + "0" * 64, [digest])
-        session.plan = [
-            PrefetchEntry(digest, "/etc/conf", None),
-            PrefetchEntry(digest, "/app/lib/", None),
-        ]
+        session.add_plan(
+            PlanSource.LEARNED,
+            [PrefetchEntry(digest, "/etc/conf", None), PrefetchEntry(digest, "/app/lib/", None)],
+        )
         cache = ChunkCache(tmp_path / "cache", max_bytes=64 << 20)
         fetcher = ChunkFetcher(client, cache)
         try:
             conf = _of(mounted, "etc/conf")
             assert enqueue_ready(fetcher, session, {digest: early}) == len(conf)
-            assert session.planned == {0}
+            assert session.planned == {(PlanSource.LEARNED, 0)}
             await fetcher.wait_idle()
             assert all(cache.contains(digest, key) for key in conf)
             session.mounted[digest] = mounted
-            lib_dir = mounted.tree.lookup("app/lib")
-            assert lib_dir is not None
-            lib = _keys(node_chunks(mounted.layer, lib_dir))  # a shared span counts twice
+            lib = _of(mounted, "app/lib/a.py") + _of(mounted, "app/lib/b.py")  # shared: twice
             assert enqueue_ready(fetcher, session, {}) == len(lib)
-            assert session.planned == {0, 1}
+            assert session.planned == {(PlanSource.LEARNED, 0), (PlanSource.LEARNED, 1)}
             assert enqueue_ready(fetcher, session, {digest: early}) == 0
             await fetcher.wait_idle()
             assert all(cache.contains(digest, key) for key in lib)
@@ -254,7 +275,9 @@ async def test_a_plan_fetches_only_the_span_prefixes_it_reads(
         }
         session = ImageSession(reference, "sha256:" + "0" * 64, [digest])
         session.mounted[digest] = mounted
-        session.plan = [PrefetchEntry(digest, path, ((0, 100),)) for path in heads]
+        session.add_plan(
+            PlanSource.LEARNED, [PrefetchEntry(digest, path, ((0, 100),)) for path in heads]
+        )
         fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", max_bytes=64 << 20))
         try:
             assert enqueue_ready(fetcher, session, {}) == len(heads)
@@ -306,7 +329,7 @@ async def test_a_span_prefix_that_arrives_damaged_is_fetched_again(
             mounted = MountedLayer("layer", IndexedLayer(blob, layer.index), mounted.tree, 0)
             session = ImageSession(blob.ref, "sha256:" + "0" * 64, [digest])
             session.mounted[digest] = mounted
-            session.plan = [PrefetchEntry(digest, path, ((0, 100),))]
+            session.add_plan(PlanSource.LEARNED, [PrefetchEntry(digest, path, ((0, 100),))])
             flips = proxy.add(Fault("flip", path_contains=digest, after_bytes=100))
             fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", max_bytes=64 << 20))
             try:

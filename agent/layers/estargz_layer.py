@@ -11,6 +11,7 @@ from functools import partial
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget, metadata_tag
 from fetcher.chunks import BlobSource, ChunkSpec
 from formats.estargz_reader import ChunkRef, EstargzToc, FileChunks, MemberDecoder, read_member
+from formats.plan_path import PlanPath, root_name
 from formats.toc import TocEntry
 
 _file_offset = operator.attrgetter("file_offset")
@@ -114,9 +115,17 @@ class EstargzLayer:
     def expect_reads(self, reads: Iterable[tuple[TocEntry, int, int]]) -> None:
         """Nothing to narrow: a member holds one file's chunk, or several small files."""
 
-    def prefetch_chunks(self) -> list[ChunkSpec]:
-        """Members before the prefetch landmark: what the image's builder said startup needs."""
-        if self.toc.prefetch_end is None:
+    def landmark_files(self) -> list[str]:
+        """Plan paths of the files whose data lies before the prefetch landmark, in blob
+        order: what the image's builder said startup needs (resolved with every other
+        plan source, `agent.plan_resolver`)."""
+        end = self.toc.prefetch_end
+        if end is None:
             return []
-        end = bisect.bisect_left(self._offsets, self.toc.prefetch_end)
-        return [self._spec(offset) for offset in self._offsets[:end]]
+        firsts = sorted(
+            (refs[0].blob_offset, entry.name)
+            for entry, refs in self._chunks.items()
+            if refs and refs[0].blob_offset < end
+        )
+        paths = (root_name(name) for _, name in firsts)
+        return list(dict.fromkeys(str(PlanPath(name, False)) for name in paths if name))

@@ -221,6 +221,6 @@ class IndexedLayer:
         following = range(number + 1, len(self._bounds))
         return budget.take(self._spec(number) for number in following)
 
-    def prefetch_chunks(self) -> list[ChunkSpec]:
+    def landmark_files(self) -> list[str]:
         """Index-only layers keep their prefetch list in the artifact, not the blob."""
         return []

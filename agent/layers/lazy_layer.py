@@ -101,8 +101,9 @@ class LazyLayer(Protocol):
         read-ahead: files of one directory sit next to each other)."""
         ...
 
-    def prefetch_chunks(self) -> list[ChunkSpec]:
-        """Chunks the layer itself marks as needed first (eStargz landmark area)."""
+    def landmark_files(self) -> list[str]:
+        """Plan paths of the files the layer itself marks as needed first (the eStargz
+        landmark area)."""
         ...
 
     def expect_reads(self, reads: Iterable[tuple[TocEntry, int, int]]) -> None:
