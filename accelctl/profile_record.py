@@ -82,16 +82,6 @@ class LayerDirectory:
         return Presence.OTHER
 
 
-def topmost_layer(path: str, dirs: Sequence[Path]) -> int | None:
-    """Index (in ``dirs``, topmost first) of the layer that provides the absolute
-    ``path`` in the merged view (`formats.overlay`); None when no layer provides it or
-    the path is no name inside the root."""
-    name = root_name(path)
-    if name is None:
-        return None
-    return providing_layer(name, [LayerDirectory(d) for d in dirs])
-
-
 @dataclass(frozen=True)
 class ContainerRun:
     """How the traced container ended, as `ctr run` reported it."""

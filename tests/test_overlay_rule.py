@@ -8,7 +8,7 @@ directory, the stack is mounted read-only with overlayfs, and every name is aske
 of the mount: whether it exists and, by a ``user.layer`` xattr or a symlink's target,
 which layer's entry it shows. The rule must agree over the trees (the agent, the
 converter) and over the directories (the profile recorder), and so must the agent's
-image session, the recorder's `topmost_layer` and the converter's prefetch-list check.
+image session, the recorder's `LayerDirectory` and the converter's prefetch-list check.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accelctl.profile_record import LayerDirectory, topmost_layer
+from accelctl.profile_record import LayerDirectory
 from agent.fs.operations import LazyLayer, MountedLayer
 from agent.image_sessions import ImageSession
 from converter.prefetch import PrefetchList
@@ -138,7 +138,6 @@ def test_every_reader_of_a_stack_agrees_with_the_kernels_overlay(stack, tmp_path
             expected = None if shown is None else layers - 1 - shown
             assert providing_layer(name, trees) == expected, name
             assert providing_layer(name, [LayerDirectory(d) for d in dirs]) == expected, name
-            assert topmost_layer("/" + name, dirs) == expected, name
             found = session.topmost(name)
             assert (None if found is None else session.layer_order.index(found[0])) == (
                 None if shown is None else shown

@@ -15,8 +15,10 @@ import pytest
 from click.testing import CliRunner
 
 from accelctl.main import cli
-from accelctl.profile_record import RecordError, layer_dirs, topmost_layer
+from accelctl.profile_record import LayerDirectory, RecordError, layer_dirs
 from fetcher.registry import RegistryClient
+from formats.overlay import providing_layer
+from formats.plan_path import root_name
 from profiles.plan import prefetch_plan
 from profiles.registry_sync import fetch_profile
 from rig.images import build_image, push_image
@@ -32,7 +34,13 @@ def test_layer_dirs_from_ctr_mount_commands() -> None:
             layer_dirs(bad)
 
 
-def test_topmost_layer_follows_overlay_rules(tmp_path: Path) -> None:
+def _topmost(path: str, dirs: list[Path]) -> int | None:
+    """The recorder's attribution: which layer directory (topmost first) shows ``path``."""
+    name = root_name(path)
+    return None if name is None else providing_layer(name, [LayerDirectory(d) for d in dirs])
+
+
+def test_layer_directories_follow_overlay_rules(tmp_path: Path) -> None:
     top, middle, bottom = (tmp_path / n for n in ("top", "middle", "bottom"))
     for layer in (top, middle, bottom):
         (layer / "etc").mkdir(parents=True)
@@ -46,13 +54,13 @@ def test_topmost_layer_follows_overlay_rules(tmp_path: Path) -> None:
     os.setxattr(middle / "opt", "trusted.overlay.opaque", b"y")
     (middle / "opt" / "new.so").write_text("m")
     dirs = [top, middle, bottom]
-    assert topmost_layer("/etc/base.conf", dirs) == 1
-    assert topmost_layer("/etc/gone.conf", dirs) is None
-    assert topmost_layer("/opt/new.so", dirs) == 1
-    assert topmost_layer("/opt/old/lib.so", dirs) is None  # hidden by the opaque dir
-    assert topmost_layer("/etc", dirs) == 0
-    assert topmost_layer("/missing", dirs) is None
-    assert topmost_layer("/", dirs) is None
+    assert _topmost("/etc/base.conf", dirs) == 1
+    assert _topmost("/etc/gone.conf", dirs) is None
+    assert _topmost("/opt/new.so", dirs) == 1
+    assert _topmost("/opt/old/lib.so", dirs) is None  # hidden by the opaque dir
+    assert _topmost("/etc", dirs) == 0
+    assert _topmost("/missing", dirs) is None
+    assert _topmost("/", dirs) is None
 
 
 async def test_record_names_what_the_app_read_and_shares_it(registry, containerd, tmp_path):
