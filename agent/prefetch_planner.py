@@ -25,7 +25,8 @@ from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource, ChunkSpec, FetcherClosedError, Priority
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
+from fetcher.scheduler import ChunkFetcher
+from fetcher.warming import WARM_MAX_BYTES
 from formats.estargz_extents import Extent, WantedFile, member_extents
 from formats.plan_path import PlanPath, PlanPathError
 from profiles.plan import PrefetchEntry

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import threading
 
-DEFAULT_BYTES = 416 << 20
-"""The three caps the buffers had before they shared one (256 MiB for warming, 128 MiB
-for holding, 32 MiB for the spill): none of them alone is refused what it was given
-before."""
+DEFAULT_BYTES = 128 << 20
+"""What holding alone had before the buffers shared one budget: the agent's memory bound
+while serving a huge file (tests/test_resource_limits.py) was sized with it, and a
+start's warmed bytes are a small part of it (docs/bench/design-figures.md)."""
 
 
 class MemoryBudget:
