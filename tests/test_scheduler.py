@@ -557,3 +557,70 @@ def test_only_same_priority_neighbours_grow_a_run() -> None:
     assert queue.take_run(items[5], gap=20, max_bytes=10_000) == [items[5]]
     assert queue.take_run(items[0], gap=1000, max_bytes=50) == [items[0]]
     assert len(queue) == 0
+
+
+# -- the read path's one lookup and the shared memory budget ------------------------
+
+
+async def test_a_chunk_held_for_the_cache_is_read_and_prefetched_without_a_fetch(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(3)
+    parts = make_fetcher(fill_idle_s=30)  # held chunks stay unwritten for the test
+    chunk = layer.chunks[1]
+    assert await _read_one(parts, layer.blob, chunk) == layer.contents[1]
+    # The miss looked on disk once: the fetcher does not look again (it used to, so
+    # the cache counted two misses for one read).
+    assert parts.cache.stats().misses == 1
+    assert parts.store.pending(layer.blob.digest, chunk.key) == layer.contents[1]
+    assert not _cached(parts, layer.blob, chunk)
+    # A slice of it, as a read(2) asks: answered by the one lookup, no request.
+    (piece,) = await parts.reader.read(layer.blob, [ChunkSlice(chunk, 100, 50)])
+    assert piece == layer.contents[1][100:150]
+    parts.fetcher.enqueue(layer.blob, [chunk], Priority.PREFETCH)
+    await asyncio.sleep(0.1)
+    assert _range_gets(fault_proxy, layer.blob.digest) == 1
+    assert (parts.stats.cache_hits, parts.stats.cache_misses) == (1, 1)
+
+
+async def test_a_spent_budget_makes_holding_write_through_and_warming_skip(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(6)
+    warmed = layer.chunks[0].fetch_length + layer.chunks[1].fetch_length
+    parts = make_fetcher(fill_idle_s=30, memory_bytes=warmed + 1024)
+    fetcher = parts.fetcher
+    # Warming the first two chunks takes the budget (until their fetches take them).
+    fetcher.warm(layer.blob, [(c.fetch_start, c.fetch_end) for c in layer.chunks[:2]])
+    await asyncio.sleep(0.2)
+    requests = _range_gets(fault_proxy, layer.blob.digest)
+    assert requests == 1
+    # No room to hold a demand chunk: it is written now, not when the link is quiet.
+    assert await _read_one(parts, layer.blob, layer.chunks[4]) == layer.contents[4]
+    await asyncio.wait_for(parts.store.wait_idle(), 5)
+    assert _cached(parts, layer.blob, layer.chunks[4])
+    # No room to warm: the range is not requested, and its chunk is fetched when asked.
+    fetcher.warm(layer.blob, [(layer.chunks[3].fetch_start, layer.chunks[3].fetch_end)])
+    await asyncio.sleep(0.2)
+    assert _range_gets(fault_proxy, layer.blob.digest) == requests + 1
+    assert await _read_one(parts, layer.blob, layer.chunks[3]) == layer.contents[3]
+    assert _range_gets(fault_proxy, layer.blob.digest) == requests + 2
+
+
+async def test_nothing_held_is_lost_at_close_and_the_budget_is_given_back(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(8)
+    parts = make_fetcher(fill_idle_s=30)
+    fetcher = parts.fetcher
+    fetcher.warm(layer.blob, [(layer.chunks[7].fetch_start, layer.chunks[7].fetch_end)])
+    assert await _read(parts, layer.blob, *layer.chunks[:3]) == layer.contents[:3]
+    fetcher.enqueue(layer.blob, layer.chunks[3:6], Priority.PREFETCH)
+    for _ in range(250):
+        if all(parts.store.pending(layer.blob.digest, c.key) for c in layer.chunks[:6]):
+            break
+        await asyncio.sleep(0.02)
+    assert not any(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
+    await parts.close()
+    assert all(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
+    assert parts.memory.used == 0
