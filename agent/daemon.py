@@ -103,6 +103,7 @@ class Agent:
         )
         self.watchdog.start(asyncio.get_running_loop())
         await self.client.__aenter__()
+        # The object graph, built here and only here: each part gets what it uses.
         read_path = self.read_path = ReadPath.build(
             self.client,
             self.cache,
@@ -116,7 +117,6 @@ class Agent:
             metrics.FetcherCollector(lambda: self.read_path.stats if self.read_path else None)
         )
         metrics.REGISTRY.register(metrics.RetryCollector(lambda: self.client.transport.retries))
-        # The object graph, built here and only here: each part gets what it uses.
         distrust = DistrustedMetadata(config.root / "distrusted-metadata.json")
         sessions = ImageSessions()
         if config.record_profiles:

@@ -562,6 +562,14 @@ def test_only_same_priority_neighbours_grow_a_run() -> None:
 # -- the read path's one lookup and the shared memory budget ------------------------
 
 
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` (work the test cannot await) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
 async def test_a_chunk_held_for_the_cache_is_read_and_prefetched_without_a_fetch(
     push, make_fetcher, fault_proxy
 ):
@@ -592,7 +600,7 @@ async def test_a_spent_budget_makes_holding_write_through_and_warming_skip(
     fetcher = parts.fetcher
     # Warming the first two chunks takes the budget (until their fetches take them).
     fetcher.warm(layer.blob, [(c.fetch_start, c.fetch_end) for c in layer.chunks[:2]])
-    await asyncio.sleep(0.2)
+    await _until(lambda: fetcher.stats.requests[Priority.PREFETCH] == 1)
     requests = _range_gets(fault_proxy, layer.blob.digest)
     assert requests == 1
     # No room to hold a demand chunk: it is written now, not when the link is quiet.
@@ -616,10 +624,9 @@ async def test_nothing_held_is_lost_at_close_and_the_budget_is_given_back(
     fetcher.warm(layer.blob, [(layer.chunks[7].fetch_start, layer.chunks[7].fetch_end)])
     assert await _read(parts, layer.blob, *layer.chunks[:3]) == layer.contents[:3]
     fetcher.enqueue(layer.blob, layer.chunks[3:6], Priority.PREFETCH)
-    for _ in range(250):
-        if all(parts.store.pending(layer.blob.digest, c.key) for c in layer.chunks[:6]):
-            break
-        await asyncio.sleep(0.02)
+    await _until(
+        lambda: all(parts.store.pending(layer.blob.digest, c.key) for c in layer.chunks[:6])
+    )
     assert not any(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
     await parts.close()
     assert all(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
