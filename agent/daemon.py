@@ -33,9 +33,10 @@ from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import Priority
 from fetcher.credentials import CredentialStore
+from fetcher.memory_budget import MemoryBudget
+from fetcher.read_path import ReadPath
 from fetcher.registry import RegistryClient
 from fetcher.registry_policy import RegistryPolicy
-from fetcher.scheduler import ChunkFetcher
 
 log = get_logger(__name__)
 CACHE_GAUGE_INTERVAL = 5.0
@@ -69,8 +70,11 @@ class Agent:
             max_connections_per_host=config.max_connections_per_registry,
             policy=RegistryPolicy(config.allowed_registries),
         )
-        self.cache = ChunkCache(config.cache_dir, config.cache_max_bytes)
-        self.fetcher: ChunkFetcher | None = None
+        # One budget for the bytes kept in memory instead of on disk: the cache's
+        # spill, the write-behind's held chunks and the fetcher's warmed ranges.
+        self.memory = MemoryBudget()
+        self.cache = ChunkCache(config.cache_dir, config.cache_max_bytes, self.memory)
+        self.read_path: ReadPath | None = None
         self.fs: LayerFS | None = None
         self.mount: FuseMount | None = None
         self.snapshotter: SnapshotterServer | None = None
@@ -99,18 +103,19 @@ class Agent:
         )
         self.watchdog.start(asyncio.get_running_loop())
         await self.client.__aenter__()
-        self.fetcher = ChunkFetcher(
+        # The object graph, built here and only here: each part gets what it uses.
+        read_path = self.read_path = ReadPath.build(
             self.client,
             self.cache,
             max_connections_per_registry=config.max_connections_per_registry,
             demand_timeout=config.demand_timeout,
         )
-        self.fetcher.stats.add_observer(_observe_request)
+        fetcher = read_path.fetcher
+        read_path.stats.add_observer(_observe_request)
         metrics.REGISTRY.register(
-            metrics.FetcherCollector(lambda: self.fetcher.stats if self.fetcher else None)
+            metrics.FetcherCollector(lambda: self.read_path.stats if self.read_path else None)
         )
         metrics.REGISTRY.register(metrics.RetryCollector(lambda: self.client.transport.retries))
-        # The object graph, built here and only here: each part gets what it uses.
         distrust = DistrustedMetadata(config.root / "distrusted-metadata.json")
         sessions = ImageSessions()
         if config.record_profiles:
@@ -124,8 +129,7 @@ class Agent:
             self.recorder = StartupRecorder(self.client, sessions, settings)
             self.recorder.preload()
         self.fs = LayerFS(
-            self.fetcher,
-            self.cache,
+            read_path.reader,
             listener=self.recorder,
             requests=self.fuse_requests,
             distrust=distrust,
@@ -134,7 +138,7 @@ class Agent:
         await self.mount.start()
         planner = PrefetchPlanner(
             self.client,
-            self.fetcher,
+            fetcher,
             self.cache,
             sessions,
             prefetch=config.prefetch,
@@ -146,7 +150,7 @@ class Agent:
         discovery = LayerDiscovery(
             self.client,
             config.discover_referrers,
-            self.fetcher.metadata_first,
+            fetcher.demand_only,
             distrust,
             on_early=planner.layer_decoded,
             on_toc=planner.toc_decoded,
@@ -155,7 +159,7 @@ class Agent:
             discovery,
             self.client,
             self.fs,
-            self.fetcher,
+            fetcher,
             self.cache,
             planner,
             config.fuse_mountpoint,
@@ -219,9 +223,9 @@ class Agent:
         if self.recorder is not None:
             await self.recorder.close()
             self.recorder = None
-        if self.fetcher is not None:
-            await self.fetcher.close()
-            self.fetcher = None
+        if self.read_path is not None:
+            await self.read_path.close()
+            self.read_path = None
         if self.mount is not None:
             await self.mount.stop()
             self.mount = None

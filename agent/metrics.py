@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fetcher.scheduler import FetchStats
+from fetcher.fetch_stats import FetchStats
 from fetcher.transport import RETRY_CAUSES
 
 REGISTRY = CollectorRegistry()
@@ -82,12 +82,6 @@ FUSE_SECONDS = Histogram(
     ["op"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
-)
-CACHE_HITS = Counter(
-    "acceld_cache_hits_total", "Reads served from the chunk cache", registry=REGISTRY
-)
-CACHE_MISSES = Counter(
-    "acceld_cache_misses_total", "Reads that waited for a fetch", registry=REGISTRY
 )
 CACHE_BYTES = Gauge("acceld_cache_bytes", "Bytes in the on-disk chunk cache", registry=REGISTRY)
 LAYERS = Counter(
@@ -190,6 +184,8 @@ class FetcherCollector(Collector):
             "cache_write_errors",
             "Chunks served but not cached (disk full)",
         ),
+        ("acceld_cache_hits_total", "cache_hits", "Reads served from the chunk cache"),
+        ("acceld_cache_misses_total", "cache_misses", "Reads that waited for a fetch"),
         (
             "acceld_shared_fetches_total",
             "shared_fetches",

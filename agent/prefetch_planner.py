@@ -27,7 +27,8 @@ from fetcher.chunks import BlobSource, FetcherClosedError, Priority
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import WARM_MAX_BYTES, ChunkFetcher
+from fetcher.scheduler import ChunkFetcher
+from fetcher.warming import WARM_MAX_BYTES
 from formats.estargz_extents import Extent, WantedFile, member_extents
 from profiles.format import ProfileFormatError
 from profiles.plan import PrefetchEntry, prefetch_plan

@@ -39,9 +39,10 @@ from common.logging import configure_logging, get_logger
 from converter.convert import ConvertOptions, convert_image
 from converter.progress import LayerProgress
 from fetcher.chunk_cache import ChunkCache
+from fetcher.memory_budget import MemoryBudget
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from formats.accelerated import accelerated_tag
 from rig.images import BuiltImage, ImageSpec, build_image, push_image
 from rig.layers import Directory, File, LayerSpec, SparseishFile
@@ -212,15 +213,15 @@ async def measure_target(
 @contextlib.asynccontextmanager
 async def lazy_mount(client: RegistryClient, workdir: Path) -> AsyncIterator[LayerFS]:
     """The agent's FUSE stack (cache, fetcher, LayerFS, mount) in this event loop."""
-    cache = ChunkCache(workdir / "cache", 64 << 30)
-    fetcher = ChunkFetcher(client, cache)
-    fs = LayerFS(fetcher, cache)
+    memory = MemoryBudget()
+    read_path = ReadPath.build(client, ChunkCache(workdir / "cache", 64 << 30, memory))
+    fs = LayerFS(read_path.reader)
     mount = FuseMount(fs, workdir / "mnt")
     await mount.start()
     try:
         yield fs
     finally:
-        await fetcher.close()
+        await read_path.close()
         await mount.stop()
 
 

@@ -24,6 +24,8 @@ never comes: the node deadlocks. Hence:
 * ``_lock`` guards the in-memory accounting only. It is a leaf: nothing is called
   while it is held that takes another lock or enters the kernel's file-system code.
   The read path (FUSE handlers, on the event loop) takes only this lock.
+* The MemoryBudget's lock is a leaf of its own: the spill charges and releases it with
+  ``_lock`` not held.
 * ``_publish_lock`` orders the cache's own directory changes (publishing a chunk,
   evicting a layer or chunks) so that accounting and files agree. It may be held across
   link/unlink/same-directory rename, which wait on no FUSE answer; ``_lock`` may be
@@ -38,8 +40,9 @@ of present snapshots) only go after every unpinned one, and a single layer large
 the cap (a 10 GiB file read through) gives up its own oldest chunks. Evicted chunks are
 simply fetched again. A full filesystem is different: there only unpinned layers make
 room, and a chunk that still does not fit is not cached rather than taking data from
-layers in use: the last such chunks are kept in a small memory buffer instead, so that
-the several reads a chunk usually serves do not each fetch it again.
+layers in use: the last such chunks are kept in memory instead (the spill, charged to
+the agent's MemoryBudget, dropping its least recently used chunks when that is spent),
+so that the several reads a chunk usually serves do not each fetch it again.
 
 Pins live in memory: after a restart the agent re-pins the layers of its snapshots;
 opening the cache never evicts, only a later ``put`` does. One process owns a cache
@@ -64,6 +67,7 @@ from pathlib import Path
 from common.digest import validate_digest
 from common.logging import get_logger
 from fetcher.chunks import validate_chunk_key
+from fetcher.memory_budget import MemoryBudget
 
 log = get_logger(__name__)
 
@@ -72,9 +76,6 @@ BLOCK = 4096
 TOUCH_INTERVAL = 60.0
 """How stale a layer directory's mtime may get before a use refreshes it (restart LRU)."""
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
-SPILL_BYTES = 32 << 20
-"""Memory for chunks a full disk would not take (a few spans: enough for the reads in
-flight, small next to the agent's footprint)."""
 _GRAVE_PREFIX = ".evicted-"
 
 
@@ -116,7 +117,9 @@ class _Layer:
 class ChunkCache:
     """Verified chunks on disk under a byte cap, with per-layer pins and LRU eviction."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, memory: MemoryBudget | None = None) -> None:
+        """``memory`` is the budget the spill shares with the agent's other buffers; a
+        cache used alone (tools, tests) gets one of its own."""
         if max_bytes <= 0:
             raise ValueError(f"cache cap must be positive, not {max_bytes}")
         self.root = Path(root)
@@ -134,7 +137,7 @@ class ChunkCache:
         self._evicted_layers = 0
         self._evicted_bytes = 0
         self._spill: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self._spill_bytes = 0
+        self.memory = memory if memory is not None else MemoryBudget()
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.root.is_symlink() or not self.root.is_dir():
             raise NotADirectoryError(f"cache root {self.root} is not a directory")
@@ -311,15 +314,26 @@ class ChunkCache:
             return data
 
     def _keep_in_memory(self, blob_digest: str, key: str, data: bytes) -> None:
-        """Hold a chunk the disk would not take, dropping the least recently used."""
+        """Hold a chunk the disk would not take, dropping the least recently used ones
+        while the memory budget has no room for it (the budget is charged with ``_lock``
+        not held: both are leaves)."""
+        if len(data) > self.memory.max_bytes:
+            return
         with self._lock:
-            if (blob_digest, key) in self._spill or len(data) > SPILL_BYTES:
+            if (blob_digest, key) in self._spill:
                 return
-            self._spill[(blob_digest, key)] = data
-            self._spill_bytes += len(data)
-            while self._spill_bytes > SPILL_BYTES:
+        while not self.memory.try_charge(len(data)):
+            with self._lock:
+                if not self._spill:
+                    return
                 _, dropped = self._spill.popitem(last=False)
-                self._spill_bytes -= len(dropped)
+            self.memory.release(len(dropped))
+        with self._lock:
+            duplicate = (blob_digest, key) in self._spill
+            if not duplicate:
+                self._spill[(blob_digest, key)] = data
+        if duplicate:  # another writer thread spilled the same chunk meanwhile
+            self.memory.release(len(data))
 
     def _count(self, hit: bool) -> None:
         with self._lock:

@@ -3,8 +3,9 @@
 While a big eStargz TOC is validated, the members a learned profile names are already
 being downloaded (see formats/estargz_extents.py): raw compressed bytes, kept here per
 blob until the chunk fetches they were meant for come, or for ``ttl`` at most (a pull
-given up on must not pin them). A fetch whose range they cover takes its bytes from
-here instead of the network; it then inflates and digest-checks them like any other.
+given up on must not pin them), charged to the agent's MemoryBudget. A fetch whose
+range they cover takes its bytes from here instead of the network; it then inflates and
+digest-checks them like any other.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 from dataclasses import dataclass
+
+from fetcher.memory_budget import MemoryBudget
 
 
 @dataclass(eq=False)
@@ -26,15 +29,19 @@ class _Warm:
 class WarmRanges:
     """Ranges of blobs on their way or arrived, by blob digest. Use within one loop."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, memory: MemoryBudget) -> None:
         self._ttl = ttl
+        self._memory = memory
         self._blobs: dict[str, list[_Warm]] = {}
         self.bytes = 0
-        """Bytes held or on their way (a gauge, and the cap's measure)."""
+        """Bytes held or on their way (a gauge; each is charged to the budget)."""
 
-    def add(self, digest: str, start: int, end: int) -> asyncio.Future[bytes]:
+    def add(self, digest: str, start: int, end: int) -> asyncio.Future[bytes] | None:
         """Register ``[start, end)`` of a blob as on its way; resolve the returned future
-        with its bytes (or fail it, and the range is forgotten)."""
+        with its bytes (or fail it, and the range is forgotten). None when the memory
+        budget has no room for it: the range is not warmed."""
+        if not self._memory.try_charge(end - start):
+            return None
         loop = asyncio.get_running_loop()
         warm = _Warm(start, end, loop.create_future(), end - start)
         bisect.insort(self._blobs.setdefault(digest, []), warm, key=lambda w: w.start)
@@ -53,6 +60,7 @@ class WarmRanges:
             return
         held.remove(warm)
         self.bytes -= warm.end - warm.start
+        self._memory.release(warm.end - warm.start)
         if not held:
             del self._blobs[digest]
         if not warm.data.done():

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fetcher.chunk_cache import BLOCK, CacheFullError, ChunkCache, charged_size
+from fetcher.memory_budget import MemoryBudget
 
 
 def _digest(name: str) -> str:
@@ -214,6 +215,27 @@ def test_full_filesystem_raises_cache_full_and_leaves_nothing_partial(tiny_tmpfs
     assert cache.load(LAYER_B, "c1") == second
     assert cache.size() == charged_size(len(second))
     assert list(cache.tmp_dir.iterdir()) == []
+
+
+def test_chunks_a_full_disk_refuses_are_kept_in_the_shared_memory_budget(
+    tiny_tmpfs: Path,
+) -> None:
+    memory = MemoryBudget(3 << 20)
+    cache = ChunkCache(tiny_tmpfs / "cache", max_bytes=64 << 20, memory=memory)
+    chunks = [os.urandom(2 << 20) for _ in range(2)]  # each larger than the filesystem
+    for key, data in zip(("c0", "c1"), chunks, strict=True):
+        with pytest.raises(CacheFullError):
+            cache.put(LAYER_B, key, data)
+    # Both do not fit in the budget: the older one made room for the newer.
+    assert cache.load(LAYER_B, "c0") is None
+    assert cache.load(LAYER_B, "c1") == chunks[1]
+    assert memory.used == 2 << 20
+    # What another buffer charged is not the spill's to take.
+    assert memory.try_charge(1 << 20)
+    with pytest.raises(CacheFullError):
+        cache.put(LAYER_B, "c2", chunks[0])
+    assert cache.load(LAYER_B, "c1") is None and cache.load(LAYER_B, "c2") == chunks[0]
+    assert memory.used == 3 << 20
 
 
 def test_no_rename_crosses_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

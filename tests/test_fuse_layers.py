@@ -16,9 +16,9 @@ from agent.layers.discovery import LayerDiscovery
 from agent.lazy_provider import layer_name
 from converter.convert import ConvertOptions, convert_image
 from fetcher.chunk_cache import ChunkCache
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from rig.rootfs_digest import describe_tree, tree_differences
 from rig.snapshot_view import image_chain_id, mounted_view
 
@@ -59,8 +59,8 @@ async def test_lazy_rootfs_equals_overlayfs_unpack(
     async with RegistryClient() as client:
         await convert_image(client, ref, ConvertOptions(mode=mode, **SMALL))
         cache = ChunkCache(tmp_path / "cache", 1 << 30)
-        fetcher = ChunkFetcher(client, cache)
-        fs = LayerFS(fetcher, cache)
+        read_path = ReadPath.build(client, cache)
+        fs = LayerFS(read_path.reader)
         mount = FuseMount(fs, tmp_path / "mnt")
         await mount.start()
         try:
@@ -81,7 +81,7 @@ async def test_lazy_rootfs_equals_overlayfs_unpack(
             ours = await asyncio.to_thread(walk)
             problems = tree_differences(reference_tree, ours)
             assert problems == [], "\n".join(problems)
-            assert fetcher.stats.requests, "nothing was fetched lazily"
+            assert read_path.stats.requests, "nothing was fetched lazily"
         finally:
             await mount.stop()
-            await fetcher.close()
+            await read_path.close()

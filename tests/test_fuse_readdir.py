@@ -16,9 +16,9 @@ from agent.layers.indexed_layer import IndexedLayer
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource
 from fetcher.mediatypes import OCI_LAYER_TAR
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from formats.layer_index import LayerIndex
 from formats.layer_tree import InodeAllocator, LayerTree
 from formats.toc import TocEntry
@@ -49,8 +49,8 @@ def _big_directory_layer() -> IndexedLayer:
 async def mounted(tmp_path: Path) -> AsyncIterator[tuple[Path, IndexedLayer]]:
     async with RegistryClient() as client:
         cache = ChunkCache(tmp_path / "cache", 1 << 20)
-        fetcher = ChunkFetcher(client, cache)
-        fs = LayerFS(fetcher, cache)
+        read_path = ReadPath.build(client, cache)
+        fs = LayerFS(read_path.reader)
         layer = _big_directory_layer()
         fs.add_layer("layer", layer)
         mount = FuseMount(fs, tmp_path / "mnt")
@@ -59,7 +59,7 @@ async def mounted(tmp_path: Path) -> AsyncIterator[tuple[Path, IndexedLayer]]:
             yield tmp_path / "mnt" / "layer", layer
         finally:
             await mount.stop()
-            await fetcher.close()
+            await read_path.close()
 
 
 async def test_a_large_directory_lists_every_entry_once_in_order(mounted) -> None:

@@ -22,9 +22,9 @@ from agent.lazy_provider import layer_name
 from converter.convert import ConvertOptions, convert_image
 from converter.prefetch import PrefetchList
 from fetcher.chunk_cache import ChunkCache
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from rig.images import BuiltImage, ImageSpec, build_image
 from rig.layers import Directory, Entry, File, Hardlink, LayerSpec, SparseishFile
 from rig.rootfs_digest import describe_tree, tree_differences
@@ -127,8 +127,8 @@ async def test_links_to_replaced_names_serve_what_gnu_tar_unpacks(
             assert problems == [], "\n".join(problems)
             assert _link_groups(unpacked) == expected_links
         cache = ChunkCache(tmp_path / "cache", 1 << 30)
-        fetcher = ChunkFetcher(client, cache)
-        fs = LayerFS(fetcher, cache)
+        read_path = ReadPath.build(client, cache)
+        fs = LayerFS(read_path.reader)
         mount = FuseMount(fs, tmp_path / "mnt")
         await mount.start()
         try:
@@ -141,7 +141,7 @@ async def test_links_to_replaced_names_serve_what_gnu_tar_unpacks(
             actual_links = await asyncio.to_thread(_link_groups, served)
         finally:
             await mount.stop()
-            await fetcher.close()
+            await read_path.close()
     problems = tree_differences(expected, actual)
     assert problems == [], "\n".join(problems)
     assert actual_links == expected_links

@@ -39,9 +39,9 @@ from converter.convert import ConvertOptions, convert_image
 from fetcher import mediatypes as mt
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from formats import layer_index
 from formats.accelerated import ANNOTATION_CONVERSION, ARTIFACT_TYPE_INDEX
 from formats.gzip_index import compress_window, decompress_window, inflate_range
@@ -221,16 +221,16 @@ async def lying_image(registry, image_pusher, tmp_path):
 async def node(tmp_path) -> AsyncIterator[tuple[LayerFS, FuseMount, LayerDiscovery]]:
     async with RegistryClient() as client:
         cache = ChunkCache(tmp_path / "cache", 1 << 30)
-        fetcher = ChunkFetcher(client, cache)
+        read_path = ReadPath.build(client, cache)
         distrust = DistrustedMetadata(tmp_path / "distrusted.json")
-        fs = LayerFS(fetcher, cache, distrust=distrust)
+        fs = LayerFS(read_path.reader, distrust=distrust)
         mount = FuseMount(fs, tmp_path / "mnt")
         await mount.start()
         try:
             yield fs, mount, LayerDiscovery(client, distrust=distrust)
         finally:
             await mount.stop()
-            await fetcher.close()
+            await read_path.close()
 
 
 def _read(path: Path) -> bytes | int:

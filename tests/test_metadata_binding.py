@@ -25,9 +25,9 @@ from agent.layers.indexed_layer import IndexedLayer
 from agent.lazy_provider import layer_name
 from converter.convert import ConvertOptions, convert_image
 from fetcher.chunk_cache import ChunkCache
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from formats.layer_index import LayerIndex
 from rig.images import ImageSpec, build_image
 from rig.layers import Directory, File, LayerSpec
@@ -48,8 +48,8 @@ class Node:
 
     def __init__(self, client: RegistryClient, root: Path) -> None:
         self.cache = ChunkCache(root / "cache", 1 << 30)
-        self.fetcher = ChunkFetcher(client, self.cache)
-        self.fs = LayerFS(self.fetcher, self.cache)
+        self.read_path = ReadPath.build(client, self.cache)
+        self.fs = LayerFS(self.read_path.reader)
         self.mount = FuseMount(self.fs, root / "mnt")
         self.discovery = LayerDiscovery(client)
 
@@ -89,7 +89,7 @@ async def node(tmp_path) -> AsyncIterator[Node]:
             yield node
         finally:
             await node.mount.stop()
-            await node.fetcher.close()
+            await node.read_path.close()
 
 
 async def test_a_cached_span_of_one_index_is_never_served_for_another(two_images, node):
@@ -97,7 +97,7 @@ async def test_a_cached_span_of_one_index_is_never_served_for_another(two_images
     blob = x_built.layers[0].digest
     name_x = await node.mount_layer(x.reference, x.digest, blob)
     assert await asyncio.to_thread(node.read_all, name_x) == FILES
-    await node.fetcher.wait_idle()
+    await node.read_path.fetcher.wait_idle()
     assert node.cache.holds(blob)
     node.fs.remove_layer(name_x)  # its snapshot went; its cached spans stay
     await asyncio.sleep(ROOT_TIMEOUT + 0.5)  # the kernel forgets the mount root's entries

@@ -30,9 +30,9 @@ from agent.prefetch_planner import PrefetchPlanner
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource
 from fetcher.mediatypes import OCI_LAYER_GZIP
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from formats.estargz import FOOTER_SIZE, parse_footer, parse_toc, write_estargz
 from formats.layer_index import build_layer_index
 from formats.layer_tree import InodeAllocator, LayerTree
@@ -166,7 +166,8 @@ async def test_the_planner_places_the_images_hints_once_its_top_layer_is_prepare
         for blob in (lower_blob, upper_blob):
             await client.push_blob(reference, blob)
         cache = ChunkCache(tmp_path / "cache", max_bytes=64 << 20)
-        fetcher = ChunkFetcher(client, cache)
+        read_path = ReadPath.build(client, cache)
+        fetcher = read_path.fetcher
         sessions = ImageSessions()
         planner = PrefetchPlanner(client, fetcher, cache, sessions, profiles=False)
         hints = ["/etc/conf", "/app/", "/opt/"]
@@ -184,7 +185,7 @@ async def test_the_planner_places_the_images_hints_once_its_top_layer_is_prepare
                 key
                 for mounted in (lower_mount, upper_mount)
                 for key in _chunks_of(mounted, *_files(mounted))
-                if cache.contains(mounted.layer.blob.digest, key)
+                if read_path.store.contains(mounted.layer.blob.digest, key)
             }
             wanted = _chunks_of(lower_mount, "app/lib/a.py") | _chunks_of(
                 upper_mount, "etc/conf", "opt/z"
@@ -193,7 +194,7 @@ async def test_the_planner_places_the_images_hints_once_its_top_layer_is_prepare
             assert held - wanted == _chunks_of(lower_mount, "etc/conf", "app/old.py")
         finally:
             await planner.close()
-            await fetcher.close()
+            await read_path.close()
 
 
 def _files(mounted: MountedLayer) -> list[str]:

@@ -29,6 +29,7 @@ from agent.plan_resolver import entry_chunks, resolve_ready
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.mediatypes import OCI_LAYER_GZIP
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
@@ -235,7 +236,8 @@ async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at
             [PrefetchEntry(digest, "/etc/conf", None), PrefetchEntry(digest, "/app/lib/", None)],
         )
         cache = ChunkCache(tmp_path / "cache", max_bytes=64 << 20)
-        fetcher = ChunkFetcher(client, cache)
+        read_path = ReadPath.build(client, cache)
+        fetcher = read_path.fetcher
         try:
             conf = _of(mounted, "etc/conf")
             assert enqueue_ready(fetcher, session, {digest: early}) == len(conf)
@@ -251,7 +253,7 @@ async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at
             assert all(cache.contains(digest, key) for key in lib)
             assert fetcher.stats.bytes_fetched[Priority.PREFETCH] > 0
         finally:
-            await fetcher.close()
+            await read_path.close()
 
 
 async def test_a_plan_fetches_only_the_span_prefixes_it_reads(
@@ -278,15 +280,16 @@ async def test_a_plan_fetches_only_the_span_prefixes_it_reads(
         session.add_plan(
             PlanSource.LEARNED, [PrefetchEntry(digest, path, ((0, 100),)) for path in heads]
         )
-        fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", max_bytes=64 << 20))
+        cache = ChunkCache(tmp_path / "cache", max_bytes=64 << 20)
+        read_path = ReadPath.build(client, cache)
+        fetcher = read_path.fetcher
         try:
             assert enqueue_ready(fetcher, session, {}) == len(heads)
             await fetcher.wait_idle()
             for path in heads:
                 entry = _entry(mounted, path)
                 (piece,) = mounted.layer.read_plan(entry, 0, 100)
-                content = await fetcher.get(blob, piece.chunk, Priority.DEMAND)
-                assert content[piece.start : piece.start + 100] == _file_bytes(path)[:100]
+                assert await read_path.reader.read(blob, [piece]) == [_file_bytes(path)[:100]]
                 assert piece.chunk.key.startswith(whole[path][0].key)
             prefixes = [
                 mounted.layer.read_plan(_entry(mounted, path), 0, 100)[0].chunk for path in heads
@@ -305,7 +308,7 @@ async def test_a_plan_fetches_only_the_span_prefixes_it_reads(
                 after = mounted.layer.chunks_after(chunk, budget)
                 assert all("p" not in later.key for later in after)
         finally:
-            await fetcher.close()
+            await read_path.close()
 
 
 async def test_a_span_prefix_that_arrives_damaged_is_fetched_again(
@@ -331,18 +334,19 @@ async def test_a_span_prefix_that_arrives_damaged_is_fetched_again(
             session.mounted[digest] = mounted
             session.add_plan(PlanSource.LEARNED, [PrefetchEntry(digest, path, ((0, 100),))])
             flips = proxy.add(Fault("flip", path_contains=digest, after_bytes=100))
-            fetcher = ChunkFetcher(client, ChunkCache(tmp_path / "cache", max_bytes=64 << 20))
+            cache = ChunkCache(tmp_path / "cache", max_bytes=64 << 20)
+            read_path = ReadPath.build(client, cache)
+            fetcher = read_path.fetcher
             try:
                 assert enqueue_ready(fetcher, session, {}) == 1
                 await fetcher.wait_idle()
                 (piece,) = mounted.layer.read_plan(_entry(mounted, path), 0, 100)
                 assert "p" in piece.chunk.key
-                content = await fetcher.get(blob, piece.chunk, Priority.DEMAND)
-                assert content[piece.start : piece.start + 100] == _file_bytes(path)[:100]
+                assert await read_path.reader.read(blob, [piece]) == [_file_bytes(path)[:100]]
                 assert flips.hits == 1
                 assert (fetcher.stats.corrupt_refetches, fetcher.stats.corrupt_chunks) == (1, 0)
             finally:
-                await fetcher.close()
+                await read_path.close()
 
 
 def _entry(mounted: MountedLayer, path: str) -> Any:

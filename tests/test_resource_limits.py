@@ -254,7 +254,7 @@ MEMORY_BOUND = 400 << 20
 150-180 MiB reading 1 GiB and 10 GiB files whole (bench/memory.py). What serving adds is
 bounded by the fetcher, not the file: at most 8 Range GETs in flight, each <= 16 MiB
 compressed plus its decoded 4 MiB spans, one span of read-ahead, and the chunks held
-for the cache until the reads pause (STORE_HOLD_BYTES, 128 MiB)."""
+for the cache until the reads pause (the shared MemoryBudget, 128 MiB)."""
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from agent.layers.lazy_layer import ChunkSlice
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import (
     BlobSource,
@@ -32,10 +33,11 @@ from fetcher.chunks import (
 )
 from fetcher.coalesce import RangeQueue
 from fetcher.errors import NotFoundError, RegistryUnavailableError
+from fetcher.memory_budget import DEFAULT_BYTES, MemoryBudget
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.retry import RetryPolicy
-from fetcher.scheduler import ChunkFetcher
 from formats.estargz_toc import ChunkDigestError
 from rig.fault_proxy import Fault, FaultProxy
 
@@ -125,18 +127,34 @@ def push(registry, fault_proxy: FaultProxy, repo_name: str, client: RegistryClie
 @pytest.fixture
 async def make_fetcher(
     client: RegistryClient, tmp_path: Path
-) -> AsyncIterator[Callable[..., ChunkFetcher]]:
-    made: list[ChunkFetcher] = []
+) -> AsyncIterator[Callable[..., ReadPath]]:
+    made: list[ReadPath] = []
 
-    def make(**options: Any) -> ChunkFetcher:
-        cache = ChunkCache(tmp_path / f"cache-{len(made)}", max_bytes=256 << 20)
-        fetcher = ChunkFetcher(client, cache, **options)
-        made.append(fetcher)
-        return fetcher
+    def make(memory_bytes: int = DEFAULT_BYTES, **options: Any) -> ReadPath:
+        memory = MemoryBudget(memory_bytes)
+        cache = ChunkCache(tmp_path / f"cache-{len(made)}", max_bytes=256 << 20, memory=memory)
+        parts = ReadPath.build(client, cache, **options)
+        made.append(parts)
+        return parts
 
     yield make
-    for fetcher in made:
-        await fetcher.close()
+    for parts in made:
+        await parts.close()
+
+
+async def _read(parts: ReadPath, blob: BlobSource, *chunks: ChunkSpec) -> list[bytes]:
+    """Whole chunks as a read asks for them (the cache first, then a fetch)."""
+    return await parts.reader.read(blob, [ChunkSlice(c, 0, c.decoded_size) for c in chunks])
+
+
+async def _read_one(parts: ReadPath, blob: BlobSource, chunk: ChunkSpec) -> bytes:
+    (content,) = await _read(parts, blob, chunk)
+    return content
+
+
+def _cached(parts: ReadPath, blob: BlobSource, chunk: ChunkSpec) -> bool:
+    """Whether the chunk is on disk (not merely held for writing)."""
+    return parts.cache.contains(blob.digest, chunk.key)
 
 
 def _range_gets(proxy: FaultProxy, digest: str) -> int:
@@ -147,14 +165,15 @@ async def test_chunks_arrive_verified_and_are_served_from_cache_after(
     push, make_fetcher, fault_proxy
 ):
     layer = await push(8)
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     for chunk, content in zip(layer.chunks, layer.contents, strict=True):
-        assert await fetcher.get(layer.blob, chunk) == content
+        assert await _read_one(parts, layer.blob, chunk) == content
         await fetcher.wait_idle()  # the reader has its bytes before they are on disk
-        assert fetcher.has(layer.blob, chunk)
+        assert _cached(parts, layer.blob, chunk)
     fetched = _range_gets(fault_proxy, layer.blob.digest)
     assert fetched == 8
-    assert await fetcher.get(layer.blob, layer.chunks[3]) == layer.contents[3]
+    assert await _read_one(parts, layer.blob, layer.chunks[3]) == layer.contents[3]
     assert _range_gets(fault_proxy, layer.blob.digest) == fetched
     assert fetcher.stats.cache_hits == 1
     assert fetcher.stats.bytes_fetched[Priority.DEMAND] == layer.blob.size
@@ -162,20 +181,23 @@ async def test_chunks_arrive_verified_and_are_served_from_cache_after(
 
 async def test_a_reader_arriving_while_a_chunk_is_cached_shares_it(push, make_fetcher, fault_proxy):
     layer = await push(4)
-    fetcher = make_fetcher()
-    assert await fetcher.get(layer.blob, layer.chunks[1]) == layer.contents[1]
+    parts = make_fetcher()
+    fetcher = parts.fetcher
+    assert await _read_one(parts, layer.blob, layer.chunks[1]) == layer.contents[1]
     # Served before the cache write finished: the second reader must not refetch.
-    assert await fetcher.get(layer.blob, layer.chunks[1]) == layer.contents[1]
+    assert await _read_one(parts, layer.blob, layer.chunks[1]) == layer.contents[1]
     await fetcher.wait_idle()
     assert _range_gets(fault_proxy, layer.blob.digest) == 1
     assert fetcher.stats.cache_hits + fetcher.stats.shared_fetches == 1
-    assert fetcher.has(layer.blob, layer.chunks[1])
+    assert _cached(parts, layer.blob, layer.chunks[1])
 
 
 async def test_concurrent_gets_of_one_chunk_share_one_request(push, make_fetcher, fault_proxy):
     layer = await push(6)
-    fetcher = make_fetcher()
-    results = await asyncio.gather(*(fetcher.get(layer.blob, layer.chunks[4]) for _ in range(10)))
+    parts = make_fetcher()
+    fetcher = parts.fetcher
+    readers = (_read_one(parts, layer.blob, layer.chunks[4]) for _ in range(10))
+    results = await asyncio.gather(*readers)
     assert results == [layer.contents[4]] * 10
     assert _range_gets(fault_proxy, layer.blob.digest) == 1
     assert fetcher.stats.shared_fetches == 9
@@ -183,23 +205,25 @@ async def test_concurrent_gets_of_one_chunk_share_one_request(push, make_fetcher
 
 async def test_queued_neighbours_are_fetched_with_few_requests(push, make_fetcher, fault_proxy):
     layer = await push(20, overlap=True)
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     fetcher.enqueue(layer.blob, layer.chunks, Priority.PREFETCH)
     await fetcher.wait_idle()
     assert _range_gets(fault_proxy, layer.blob.digest) == 1
     for chunk, content in zip(layer.chunks, layer.contents, strict=True):
-        assert await fetcher.get(layer.blob, chunk) == content
+        assert await _read_one(parts, layer.blob, chunk) == content
     assert fetcher.stats.requests[Priority.PREFETCH] == 1
     assert fetcher.stats.chunks_fetched[Priority.PREFETCH] == 20
 
 
 async def test_one_read_spanning_chunks_is_one_request(push, make_fetcher, fault_proxy):
     layer = await push(8)
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     assert await fetcher.get(layer.blob, layer.chunks[2]) == layer.contents[2]
     await fetcher.wait_idle()
     wanted = layer.chunks[1:6]
-    assert await fetcher.get_many(layer.blob, wanted) == layer.contents[1:6]
+    assert await _read(parts, layer.blob, *wanted) == layer.contents[1:6]
     assert _range_gets(fault_proxy, layer.blob.digest) == 2  # chunk 2 came from the cache
     assert fetcher.stats.cache_hits == 1
 
@@ -207,11 +231,12 @@ async def test_one_read_spanning_chunks_is_one_request(push, make_fetcher, fault
 async def test_request_size_cap_splits_a_run(push, make_fetcher, fault_proxy):
     layer = await push(20)
     longest = max(c.fetch_length for c in layer.chunks)
-    fetcher = make_fetcher(max_request_bytes=4 * longest)
+    parts = make_fetcher(max_request_bytes=4 * longest)
+    fetcher = parts.fetcher
     fetcher.enqueue(layer.blob, layer.chunks, Priority.BACKGROUND)
     await fetcher.wait_idle()
     assert _range_gets(fault_proxy, layer.blob.digest) == 5
-    assert all(fetcher.has(layer.blob, c) for c in layer.chunks)
+    assert all(_cached(parts, layer.blob, c) for c in layer.chunks)
 
 
 @pytest.mark.parametrize(("gap", "expected"), [(0, 10), (64 << 10, 1)])
@@ -219,17 +244,19 @@ async def test_holes_wider_than_the_gap_split_requests(
     push, make_fetcher, fault_proxy, gap, expected
 ):
     layer = await push(20)
-    fetcher = make_fetcher(coalesce_gap=gap)
+    parts = make_fetcher(coalesce_gap=gap)
+    fetcher = parts.fetcher
     fetcher.enqueue(layer.blob, layer.chunks[::2], Priority.PREFETCH)
     await fetcher.wait_idle()
     assert _range_gets(fault_proxy, layer.blob.digest) == expected
-    assert [fetcher.has(layer.blob, c) for c in layer.chunks] == [True, False] * 10
+    assert [_cached(parts, layer.blob, c) for c in layer.chunks] == [True, False] * 10
 
 
 async def test_demand_reads_overtake_queued_background_fill(push, make_fetcher):
     background = await push(50, size=4 << 10)
     other = await push(2, size=4 << 10)
-    fetcher = make_fetcher(max_connections_per_registry=1, max_request_bytes=1)
+    parts = make_fetcher(max_connections_per_registry=1, max_request_bytes=1)
+    fetcher = parts.fetcher
     order: list[Priority] = []
     fetcher.stats.add_observer(lambda priority, nbytes, seconds: order.append(priority))
     fetcher.enqueue(background.blob, background.chunks, Priority.BACKGROUND)
@@ -251,7 +278,8 @@ async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     then it may use every connection."""
     prefetch = await push(16, size=32 << 10)
     background = await push(24, size=32 << 10)
-    fetcher = make_fetcher(max_connections_per_registry=4, fill_idle_s=0.2, max_request_bytes=1)
+    parts = make_fetcher(max_connections_per_registry=4, fill_idle_s=0.2, max_request_bytes=1)
+    fetcher = parts.fetcher
     samples: list[dict[Priority, int]] = []
     prefetch_ends: list[float] = []
     background_starts: list[float] = []
@@ -272,7 +300,7 @@ async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     assert all(s[Priority.BACKGROUND] == 0 for s in samples if s[Priority.PREFETCH])
     assert max(s[Priority.BACKGROUND] for s in samples) == 4
     assert min(background_starts) >= max(prefetch_ends) + 0.15
-    assert all(fetcher.has(background.blob, c) for c in background.chunks)
+    assert all(_cached(parts, background.blob, c) for c in background.chunks)
 
 
 class _FedMember:
@@ -313,7 +341,8 @@ async def test_demand_chunks_are_decoded_as_they_arrive_and_restart_with_a_retry
     log: list[str] = []
     chunks = _streaming(layer, log)
     fault_proxy.add(Fault("reset", path_contains=layer.blob.digest, after_bytes=70_000))
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     assert await fetcher.get(layer.blob, chunks[1]) == layer.contents[1]
     assert _range_gets(fault_proxy, layer.blob.digest) == 2
     assert log[:3] == ["start", "close", "start"]  # the dropped body's decoder is let go
@@ -328,7 +357,8 @@ async def test_a_streamed_chunk_that_fails_its_check_is_refetched(push, make_fet
     log: list[str] = []
     chunks = _streaming(layer, log)
     fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     assert await fetcher.get(layer.blob, chunks[0]) == layer.contents[0]
     assert (fetcher.stats.corrupt_refetches, fetcher.stats.corrupt_chunks) == (1, 0)
     assert [event.split(":")[0] for event in log] == ["start", "finish", "start", "finish"]
@@ -338,24 +368,26 @@ async def test_prefetch_waits_while_a_layer_index_downloads_but_demand_does_not(
     push, make_fetcher, fault_proxy
 ):
     layer = await push(4)
-    fetcher = make_fetcher()
-    with fetcher.metadata_first():
+    parts = make_fetcher()
+    fetcher = parts.fetcher
+    with fetcher.demand_only():
         fetcher.enqueue(layer.blob, layer.chunks[:2], Priority.PREFETCH)
         await asyncio.sleep(0.2)
         assert _range_gets(fault_proxy, layer.blob.digest) == 0
         assert await fetcher.get(layer.blob, layer.chunks[3]) == layer.contents[3]
         assert _range_gets(fault_proxy, layer.blob.digest) == 1
     await asyncio.wait_for(fetcher.wait_idle(), 10)
-    assert fetcher.has(layer.blob, layer.chunks[0]) and fetcher.has(layer.blob, layer.chunks[1])
+    assert all(_cached(parts, layer.blob, chunk) for chunk in layer.chunks[:2])
 
 
 async def test_warmed_bytes_serve_the_chunks_they_cover_without_a_request(
     push, make_fetcher, fault_proxy
 ):
     layer = await push(6)
-    fetcher = make_fetcher()
-    # Warming runs while a TOC is parsed: metadata_first holds prefetch back, not it.
-    with fetcher.metadata_first():
+    parts = make_fetcher()
+    fetcher = parts.fetcher
+    # Warming runs while a TOC is parsed: demand_only holds prefetch back, not it.
+    with fetcher.demand_only():
         fetcher.warm(layer.blob, [(c.fetch_start, c.fetch_end) for c in layer.chunks[1:4]])
         fetcher.enqueue(layer.blob, layer.chunks[1:3], Priority.PREFETCH)
         await asyncio.sleep(0.2)
@@ -363,17 +395,18 @@ async def test_warmed_bytes_serve_the_chunks_they_cover_without_a_request(
     assert warmed == 1  # neighbouring extents coalesce into one request
     await asyncio.wait_for(fetcher.wait_idle(), 10)
     for index in (1, 2, 3):
-        assert await fetcher.get(layer.blob, layer.chunks[index]) == layer.contents[index]
+        assert await _read_one(parts, layer.blob, layer.chunks[index]) == layer.contents[index]
     assert _range_gets(fault_proxy, layer.blob.digest) == warmed
     # Bytes no warmed range covers whole still come from the registry.
-    assert await fetcher.get(layer.blob, layer.chunks[4]) == layer.contents[4]
+    assert await _read_one(parts, layer.blob, layer.chunks[4]) == layer.contents[4]
     assert _range_gets(fault_proxy, layer.blob.digest) == warmed + 1
 
 
 async def test_warmed_bytes_that_fail_the_check_are_fetched_again(push, make_fetcher, fault_proxy):
     layer = await push(3)
     flips = fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     chunk = layer.chunks[1]
     fetcher.warm(layer.blob, [(chunk.fetch_start, chunk.fetch_end)])
     assert await fetcher.get(layer.blob, chunk) == layer.contents[1]
@@ -384,7 +417,8 @@ async def test_warmed_bytes_that_fail_the_check_are_fetched_again(push, make_fet
 async def test_a_failed_warm_leaves_the_chunk_to_its_own_fetch(push, make_fetcher, fault_proxy):
     layer = await push(3)
     fault_proxy.add(Fault("status", path_contains=layer.blob.digest, status=404, times=1))
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     chunk = layer.chunks[2]
     fetcher.warm(layer.blob, [(chunk.fetch_start, chunk.fetch_end)])
     await asyncio.sleep(0.2)
@@ -396,27 +430,30 @@ async def test_chunks_are_written_to_the_cache_once_the_link_is_quiet(
     push, make_fetcher, fault_proxy
 ):
     layer = await push(3)
-    fetcher = make_fetcher(fill_idle_s=0.3)
+    parts = make_fetcher(fill_idle_s=0.3)
+    fetcher = parts.fetcher
     first, second = layer.chunks[0], layer.chunks[1]
-    assert await fetcher.get(layer.blob, first) == layer.contents[0]
+    assert await _read_one(parts, layer.blob, first) == layer.contents[0]
     # Held in memory, not written yet: readable without another request.
-    assert not fetcher.has(layer.blob, first)
-    assert fetcher.held(layer.blob, first) == layer.contents[0]
-    assert await fetcher.get(layer.blob, first) == layer.contents[0]
+    assert not _cached(parts, layer.blob, first)
+    assert parts.store.pending(layer.blob.digest, first.key) == layer.contents[0]
+    assert await _read_one(parts, layer.blob, first) == layer.contents[0]
     assert _range_gets(fault_proxy, layer.blob.digest) == 1
     await asyncio.wait_for(fetcher.wait_idle(), 5)
-    assert fetcher.has(layer.blob, first) and fetcher.held(layer.blob, first) is None
+    assert _cached(parts, layer.blob, first)
+    assert parts.store.pending(layer.blob.digest, first.key) is None
     # Closing writes what is still held.
-    await fetcher.get(layer.blob, second)
-    assert fetcher.held(layer.blob, second) == layer.contents[1]
-    await fetcher.close()
-    assert fetcher.has(layer.blob, second)
+    await _read_one(parts, layer.blob, second)
+    assert parts.store.pending(layer.blob.digest, second.key) == layer.contents[1]
+    await parts.close()
+    assert _cached(parts, layer.blob, second)
 
 
 async def test_a_corrupted_response_is_refetched(push, make_fetcher, fault_proxy):
     layer = await push(3)
     fault_proxy.add(Fault("flip", path_contains=layer.blob.digest, after_bytes=100))
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     assert await fetcher.get(layer.blob, layer.chunks[1]) == layer.contents[1]
     assert _range_gets(fault_proxy, layer.blob.digest) == 2
     assert (fetcher.stats.corrupt_refetches, fetcher.stats.corrupt_chunks) == (1, 0)
@@ -429,14 +466,15 @@ async def test_persistent_corruption_fails_clearly_and_caches_nothing(
     flips = fault_proxy.add(
         Fault("flip", path_contains=layer.blob.digest, after_bytes=100, times=2)
     )
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     with pytest.raises(CorruptChunkError) as caught:
         await fetcher.get(layer.blob, layer.chunks[2])
     message = str(caught.value)
     assert layer.blob.digest in message and layer.chunks[2].key in message
     assert "ChunkDigestError" in message
     assert flips.hits == 2 and _range_gets(fault_proxy, layer.blob.digest) == 2
-    assert not fetcher.has(layer.blob, layer.chunks[2])
+    assert not _cached(parts, layer.blob, layer.chunks[2])
     assert fetcher.stats.corrupt_chunks == 1
     assert await fetcher.get(layer.blob, layer.chunks[2]) == layer.contents[2]
 
@@ -446,12 +484,13 @@ async def test_registry_errors_reach_every_waiter_with_their_own_type(
 ):
     layer = await push(2)
     missing = BlobSource(layer.blob.ref, "sha256:" + "0" * 64, layer.blob.size)
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     fetcher.enqueue(missing, layer.chunks, Priority.BACKGROUND)
     with pytest.raises(NotFoundError):
         await fetcher.get(missing, layer.chunks[0])
     await fetcher.wait_idle()
-    assert not fetcher.has(missing, layer.chunks[1])
+    assert not _cached(parts, missing, layer.chunks[1])
 
     fault_proxy.add(Fault("status", path_contains=layer.blob.digest, status=503, times=3))
     results = await asyncio.gather(
@@ -466,7 +505,8 @@ async def test_a_stalled_demand_read_times_out_but_the_fetch_completes(
 ):
     layer = await push(2)
     fault_proxy.add(Fault("stall", path_contains=layer.blob.digest, stall_seconds=1.0))
-    fetcher = make_fetcher(demand_timeout=0.3)
+    parts = make_fetcher(demand_timeout=0.3)
+    fetcher = parts.fetcher
     began = time.monotonic()
     with pytest.raises(FetchTimeoutError) as caught:
         await fetcher.get(layer.blob, layer.chunks[0])
@@ -474,17 +514,18 @@ async def test_a_stalled_demand_read_times_out_but_the_fetch_completes(
     assert layer.chunks[0].key in str(caught.value)
     assert fetcher.stats.demand_timeouts == 1
     await fetcher.wait_idle()
-    assert fetcher.has(layer.blob, layer.chunks[0])
+    assert _cached(parts, layer.blob, layer.chunks[0])
 
 
 async def test_close_releases_waiting_readers(push, make_fetcher, fault_proxy):
     layer = await push(2)
     stall = fault_proxy.add(Fault("stall", path_contains=layer.blob.digest, stall_seconds=0.5))
-    fetcher = make_fetcher()
+    parts = make_fetcher()
+    fetcher = parts.fetcher
     reader = asyncio.create_task(fetcher.get(layer.blob, layer.chunks[1]))
     await asyncio.sleep(0.2)
     assert stall.hits == 1, "the request should be stalled in the proxy by now"
-    await fetcher.close()
+    await parts.close()
     with pytest.raises(FetcherClosedError):
         await reader
     with pytest.raises(FetcherClosedError):
@@ -516,3 +557,77 @@ def test_only_same_priority_neighbours_grow_a_run() -> None:
     assert queue.take_run(items[5], gap=20, max_bytes=10_000) == [items[5]]
     assert queue.take_run(items[0], gap=1000, max_bytes=50) == [items[0]]
     assert len(queue) == 0
+
+
+# -- the read path's one lookup and the shared memory budget ------------------------
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``condition`` (work the test cannot await) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_chunk_held_for_the_cache_is_read_and_prefetched_without_a_fetch(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(3)
+    parts = make_fetcher(fill_idle_s=30)  # held chunks stay unwritten for the test
+    chunk = layer.chunks[1]
+    assert await _read_one(parts, layer.blob, chunk) == layer.contents[1]
+    # The miss looked on disk once: the fetcher does not look again (it used to, so
+    # the cache counted two misses for one read).
+    assert parts.cache.stats().misses == 1
+    assert parts.store.pending(layer.blob.digest, chunk.key) == layer.contents[1]
+    assert not _cached(parts, layer.blob, chunk)
+    # A slice of it, as a read(2) asks: answered by the one lookup, no request.
+    (piece,) = await parts.reader.read(layer.blob, [ChunkSlice(chunk, 100, 50)])
+    assert piece == layer.contents[1][100:150]
+    parts.fetcher.enqueue(layer.blob, [chunk], Priority.PREFETCH)
+    await asyncio.sleep(0.1)
+    assert _range_gets(fault_proxy, layer.blob.digest) == 1
+    assert (parts.stats.cache_hits, parts.stats.cache_misses) == (1, 1)
+
+
+async def test_a_spent_budget_makes_holding_write_through_and_warming_skip(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(6)
+    warmed = layer.chunks[0].fetch_length + layer.chunks[1].fetch_length
+    parts = make_fetcher(fill_idle_s=30, memory_bytes=warmed + 1024)
+    fetcher = parts.fetcher
+    # Warming the first two chunks takes the budget (until their fetches take them).
+    fetcher.warm(layer.blob, [(c.fetch_start, c.fetch_end) for c in layer.chunks[:2]])
+    await _until(lambda: fetcher.stats.requests[Priority.PREFETCH] == 1)
+    requests = _range_gets(fault_proxy, layer.blob.digest)
+    assert requests == 1
+    # No room to hold a demand chunk: it is written now, not when the link is quiet.
+    assert await _read_one(parts, layer.blob, layer.chunks[4]) == layer.contents[4]
+    await asyncio.wait_for(parts.store.wait_idle(), 5)
+    assert _cached(parts, layer.blob, layer.chunks[4])
+    # No room to warm: the range is not requested, and its chunk is fetched when asked.
+    fetcher.warm(layer.blob, [(layer.chunks[3].fetch_start, layer.chunks[3].fetch_end)])
+    await asyncio.sleep(0.2)
+    assert _range_gets(fault_proxy, layer.blob.digest) == requests + 1
+    assert await _read_one(parts, layer.blob, layer.chunks[3]) == layer.contents[3]
+    assert _range_gets(fault_proxy, layer.blob.digest) == requests + 2
+
+
+async def test_nothing_held_is_lost_at_close_and_the_budget_is_given_back(
+    push, make_fetcher, fault_proxy
+):
+    layer = await push(8)
+    parts = make_fetcher(fill_idle_s=30)
+    fetcher = parts.fetcher
+    fetcher.warm(layer.blob, [(layer.chunks[7].fetch_start, layer.chunks[7].fetch_end)])
+    assert await _read(parts, layer.blob, *layer.chunks[:3]) == layer.contents[:3]
+    fetcher.enqueue(layer.blob, layer.chunks[3:6], Priority.PREFETCH)
+    await _until(
+        lambda: all(parts.store.pending(layer.blob.digest, c.key) for c in layer.chunks[:6])
+    )
+    assert not any(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
+    await parts.close()
+    assert all(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
+    assert parts.memory.used == 0

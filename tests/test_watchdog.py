@@ -39,9 +39,9 @@ from agent.metrics_server import MetricsServer
 from agent.watchdog import FUSE_REQUEST, LOOP_STALL, StallReport, Watchdog
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource
+from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from fetcher.scheduler import ChunkFetcher
 from formats.estargz import FOOTER_SIZE, parse_footer, parse_toc, write_estargz
 from rig.agent_process import AgentProcess
 
@@ -247,8 +247,8 @@ async def mounted(tmp_path: Path):
     for key, data in members.items():
         cache.put(layer.blob.digest, key, data)
     async with RegistryClient() as client:
-        fetcher = ChunkFetcher(client, cache)
-        fs = HeldReads(fetcher, cache)
+        read_path = ReadPath.build(client, cache)
+        fs = HeldReads(read_path.reader)
         fs.gate = asyncio.Event()
         fs.add_layer("layer", layer)
         mount = FuseMount(fs, tmp_path / "mnt")
@@ -258,7 +258,7 @@ async def mounted(tmp_path: Path):
         finally:
             fs.gate.set()
             await mount.stop()
-            await fetcher.close()
+            await read_path.close()
 
 
 def read_in_thread(path: Path) -> tuple[threading.Thread, dict[str, object]]:
@@ -388,15 +388,15 @@ def test_every_handler_of_layerfs_is_covered_here() -> None:
 async def test_every_handler_turns_an_unexpected_error_into_eio(tmp_path: Path, op: str) -> None:
     cache = ChunkCache(tmp_path / "cache", 1 << 20)
     async with RegistryClient() as client:
-        fetcher = ChunkFetcher(client, cache)
-        fs = BrokenNodes(fetcher, cache)  # no watchdog: its own in-flight table
+        read_path = ReadPath.build(client, cache)
+        fs = BrokenNodes(read_path.reader)  # no watchdog: its own in-flight table
         errors_before = counted("acceld_fuse_errors_total", op=op, errno="EIO")
         with pytest.raises(pyfuse3.FUSEError) as raised:
             await HANDLER_CALLS[op](fs)
         assert raised.value.errno == errno.EIO
         assert counted("acceld_fuse_errors_total", op=op, errno="EIO") == errors_before + 1
         assert len(fs.requests) == 0
-        await fetcher.close()
+        await read_path.close()
 
 
 def test_thresholds_are_configurable_and_must_be_positive() -> None:

@@ -3,8 +3,9 @@
 The root directory holds one entry per mounted lazy layer; below it is that layer's
 tree. Layer data is immutable (content-addressed), so entries and attributes get long
 kernel cache timeouts and opened files keep their page cache: after the first read of a
-page, the kernel never asks again. Reads are answered from the chunk cache or by
-awaiting the fetcher; a fetch that fails or times out becomes EIO, never wrong bytes.
+page, the kernel never asks again. Reads ask one ChunkReader for their bytes, which come
+from the cache or are fetched; a fetch that fails or times out becomes EIO, never wrong
+bytes.
 
 Every handler is served through `LayerFS._serve`: pyfuse3 answers a request only when
 its handler returns or raises FUSEError, so any other exception would leave the reader
@@ -31,10 +32,9 @@ from agent.layers.distrust import DistrustedMetadata
 from agent.layers.lazy_layer import ChunkSlice, LazyLayer, ReadAheadBudget
 from common.gc_pause import gc_paused
 from common.logging import get_logger
-from fetcher.chunk_cache import ChunkCache
-from fetcher.chunks import ChunkFetchError, Priority
+from fetcher.chunk_reader import ChunkReader
+from fetcher.chunks import ChunkFetchError
 from fetcher.errors import RegistryError
-from fetcher.scheduler import ChunkFetcher
 from formats.header_check import HeaderMismatchError
 from formats.layer_tree import InodeAllocator, LayerTree, Node
 from formats.toc import TocEntry
@@ -87,15 +87,13 @@ class LayerFS(pyfuse3.Operations):
 
     def __init__(
         self,
-        fetcher: ChunkFetcher,
-        cache: ChunkCache,
+        reader: ChunkReader,
         listener: FsListener | None = None,
         requests: InFlightRequests | None = None,
         distrust: DistrustedMetadata | None = None,
     ) -> None:
         super().__init__()
-        self.fetcher = fetcher
-        self.cache = cache
+        self.reader = reader
         self.distrust = distrust if distrust is not None else DistrustedMetadata()
         self._inodes = InodeAllocator(first=pyfuse3.ROOT_INODE + 1)
         self._layers: dict[bytes, MountedLayer] = {}
@@ -316,42 +314,21 @@ class LayerFS(pyfuse3.Operations):
     async def _gather(
         self, mounted: MountedLayer, entry: TocEntry, offset: int, plan: list[ChunkSlice]
     ) -> list[bytes]:
-        """The bytes of every slice of ``plan``: from the cache, from chunks the fetcher
-        holds, or fetched now (EIO if that fails)."""
-        blob = mounted.layer.blob
-        parts: list[bytes | None] = [
-            self.cache.read(blob.digest, piece.chunk.key, piece.start, piece.length)
-            for piece in plan
-        ]
-        for i, part in enumerate(parts):
-            if part is None:
-                piece = plan[i]
-                held = self.fetcher.held(blob, piece.chunk)
-                parts[i] = None if held is None else held[piece.start : piece.start + piece.length]
-        missing = [i for i, part in enumerate(parts) if part is None]
-        metrics.CACHE_HITS.inc(len(plan) - len(missing))
-        if missing:
-            metrics.CACHE_MISSES.inc(len(missing))
-            ahead = mounted.layer.chunks_after(plan[missing[-1]].chunk, READ_AHEAD)
-            if ahead:
-                self.fetcher.enqueue(blob, ahead, Priority.PREFETCH)
-            wanted = {plan[i].chunk.key: plan[i].chunk for i in missing}
-            try:
-                fetched = await self.fetcher.get_many(blob, list(wanted.values()), Priority.DEMAND)
-            except (ChunkFetchError, RegistryError, ValueError, OSError) as exc:
-                log.error(
-                    "fs.read_failed",
-                    layer=mounted.name,
-                    path=entry.name,
-                    offset=offset,
-                    error=str(exc),
-                )
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            chunks = dict(zip(wanted, fetched, strict=True))
-            for i in missing:
-                piece = plan[i]
-                parts[i] = chunks[piece.chunk.key][piece.start : piece.start + piece.length]
-        return [part if part is not None else b"" for part in parts]
+        """The bytes of every slice of ``plan`` (EIO if a fetch fails)."""
+        layer = mounted.layer
+        try:
+            return await self.reader.read(
+                layer.blob, plan, lambda missed: layer.chunks_after(missed, READ_AHEAD)
+            )
+        except (ChunkFetchError, RegistryError, ValueError, OSError) as exc:
+            log.error(
+                "fs.read_failed",
+                layer=mounted.name,
+                path=entry.name,
+                offset=offset,
+                error=str(exc),
+            )
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def _getxattr(self, inode: int, name: bytes) -> bytes:
         if inode == pyfuse3.ROOT_INODE:

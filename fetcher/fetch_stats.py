@@ -1,0 +1,56 @@
+"""Counters of the read path, kept free of Prometheus (agent/metrics.py exports them).
+
+One object is shared by the parts that count: the reader (hits and misses), the
+fetcher and its transfer (requests, chunks, errors) and the write-behind (chunks served
+but not cached).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.logging import get_logger
+from fetcher.chunks import Priority
+from fetcher.request_queue import per_priority
+
+log = get_logger(__name__)
+
+RequestObserver = Callable[[Priority, int, float], None]
+"""Called after each Range GET with (priority, bytes received, seconds taken)."""
+
+
+@dataclass
+class FetchStats:
+    """Counters for metrics; ``in_flight`` is a gauge of Range GETs on the wire."""
+
+    requests: dict[Priority, int] = field(default_factory=per_priority)
+    bytes_fetched: dict[Priority, int] = field(default_factory=per_priority)
+    chunks_fetched: dict[Priority, int] = field(default_factory=per_priority)
+    in_flight: dict[Priority, int] = field(default_factory=per_priority)
+    cache_hits: int = 0
+    """Read slices answered without a fetch (from disk, spill or write-behind)."""
+    cache_misses: int = 0
+    """Read slices that waited for a fetch."""
+    shared_fetches: int = 0
+    priority_upgrades: int = 0
+    corrupt_refetches: int = 0
+    corrupt_chunks: int = 0
+    request_errors: int = 0
+    demand_timeouts: int = 0
+    cache_write_errors: int = 0
+    _observers: list[RequestObserver] = field(default_factory=list, repr=False)
+
+    def add_observer(self, observer: RequestObserver) -> None:
+        """Call ``observer`` for every completed Range GET (e.g. a latency histogram)."""
+        self._observers.append(observer)
+
+    def record_request(self, priority: Priority, nbytes: int, seconds: float) -> None:
+        """Count one completed Range GET and tell the observers."""
+        self.requests[priority] += 1
+        self.bytes_fetched[priority] += nbytes
+        for observer in self._observers:
+            try:
+                observer(priority, nbytes, seconds)
+            except Exception:
+                log.exception("fetcher.observer_failed", observer=repr(observer))
