@@ -31,7 +31,6 @@ from typing import IO, Any, cast
 
 import msgpack
 
-from fetcher.mediatypes import GZIP_LAYERS, TAR_LAYERS
 from formats.bounded_msgpack import BoundedUnpacker
 from formats.gzip_index import (
     DEFAULT_PIECE,
@@ -50,6 +49,7 @@ from formats.gzip_index import (
     plan_range,
     span_bounds,
 )
+from formats.media_types import GZIP_LAYERS, TAR_LAYERS
 from formats.toc import (
     ENTRY_TYPES,
     MAX_DEVICE_MAJOR,

@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fetcher.mediatypes import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
 from formats.gzip_index import CorruptSpanError, GzipFormatError
 from formats.layer_index import (
     MAX_XATTRS,
@@ -36,6 +35,7 @@ from formats.layer_index import (
     parse,
     serialize,
 )
+from formats.media_types import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD
 from formats.toc import MAX_ENTRY_SIZE, MAX_NAME_BYTES, HostileLayerError
 from tests.decode_memory import PEAK_LIMIT, decode_in_child
 
