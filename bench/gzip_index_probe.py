@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from formats.gzip_index import DEFAULT_SPAN
-from formats.layer_index import build_layer_index, parse, serialize
+from formats.layer_index_builder import build_layer_index
+from formats.layer_index_codec import parse, serialize
 from formats.media_types import OCI_LAYER_GZIP
 
 
