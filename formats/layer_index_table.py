@@ -1,10 +1,15 @@
-"""The file table of a layer index: its row layout and the rules a row is held to.
+"""The file table of a layer index: its row layout and the rules a row is held to, each
+stated once.
 
 A row is an array of the fields in ``ROW_FIELDS``, decoded from a registry artifact and
-so hostile until every check has passed. A big layer's table has tens of thousands of
-rows and is checked while a pull waits, so plainly valid tables are checked column by
-column and plainly valid rows by cheap C-level checks; anything unusual goes through
-the checks that name the row and field at fault.
+so hostile until every rule has passed. Each rule below is one object that knows two
+ways to apply itself, written side by side: ``check`` to one value, naming the row and
+field at fault (``check_row``), and ``holds`` to a whole column at once with C-level
+set, min, max and join calls (``table_by_columns``), because a big layer's table has
+tens of thousands of rows and is checked while a pull waits. A column form may decline
+a table its rows would pass (names: ``all_normalized`` is a sufficient condition of
+``normalize_name``), never the reverse: ``check_table`` then goes row by row, and
+tests/test_layer_index.py holds the two paths to the same outcome on generated tables.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from formats.layer_index import (
     DIGEST_BYTES,
@@ -35,10 +42,8 @@ from formats.toc import (
     HostileLayerError,
     TocEntry,
     all_normalized,
-    all_of_type,
     all_within,
     check_placement,
-    is_normalized,
     normalize_name,
 )
 
@@ -64,12 +69,10 @@ the offset as the gap after the previous row's data, and the digest as raw bytes
 NAME, TYPE, SIZE, MODE, UID, GID, UNAME, GNAME, MTIME = range(9)
 LINK, DEV_MAJOR, DEV_MINOR, XATTRS, GAP, DIGEST = range(9, len(ROW_FIELDS))
 _TYPE_CODES = {name: code for code, name in enumerate(ENTRY_TYPES)}
-_REG_CODE = ENTRY_TYPES.index("reg")
-_SYMLINK_CODE = ENTRY_TYPES.index("symlink")
-_PLAIN_TYPE_CODES = frozenset(ENTRY_TYPES.index(kind) for kind in ("reg", "dir", "symlink"))
 
 
 def encode_row(entry: TocEntry, offset_gap: int) -> list[Any]:
+    """The row for ``entry``, whose data starts ``offset_gap`` after the previous row's."""
     mtime: int | float = int(entry.mtime) if entry.mtime.is_integer() else entry.mtime
     digest = b""  # span digests verify every byte served; per-file ones would double the TOC
     return [
@@ -91,20 +94,235 @@ def encode_row(entry: TocEntry, offset_gap: int) -> list[Any]:
     ]
 
 
-def all_row_shaped(rows: list[Any]) -> bool:
-    """Whether every row (of a non-empty table) is an array of as many fields as a row
-    has, decided by C-level set and map calls."""
-    return set(map(type, rows)) == {list} and set(map(len, rows)) == {len(ROW_FIELDS)}
+class _Rule(Protocol):
+    @property
+    def column(self) -> int:
+        """The row field the rule is about."""
+
+    @property
+    def types(self) -> frozenset[type]:
+        """The exact types the field may have; a column is only compared or hashed
+        once every value in it is of these."""
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        """Refuse ``value`` for an entry of ``kind`` (IndexFormatError naming it)."""
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        """Whether ``check`` passes every value of a column (``codes``: each row's
+        type); False means "look row by row", not "invalid"."""
+
+
+def _only_for(kinds: frozenset[str] | None, codes: Sequence[int], values: Sequence[Any]) -> bool:
+    """Whether the column's non-zero, non-empty values are all in rows of ``kinds``."""
+    if kinds is None:
+        return True
+    allowed = {_TYPE_CODES[kind] for kind in kinds}
+    return set(itertools.compress(codes, values)) <= allowed
+
+
+@dataclass(frozen=True)
+class _Count:
+    """An integer in 0..``maximum``; 0 in entries of kinds outside ``kinds`` (if given)."""
+
+    column: int
+    label: str
+    maximum: int
+    kinds: frozenset[str] | None = None
+    types = frozenset({int})
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        bound = self.maximum if self.kinds is None or kind in self.kinds else 0
+        checked_int(value, f"{where} {self.label}", bound)
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        return all_within(values, 0, self.maximum) and _only_for(self.kinds, codes, values)
+
+
+@dataclass(frozen=True)
+class _Text:
+    """A string of at most ``maximum`` characters without NUL; empty in entries of
+    kinds outside ``kinds`` (if given)."""
+
+    column: int
+    label: str
+    maximum: int
+    kinds: frozenset[str] | None = None
+    types = frozenset({str})
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        checked_text(value, f"{where} {self.label}", self.maximum)
+        if value and self.kinds is not None and kind not in self.kinds:
+            raise IndexFormatError(f"{where}: a {kind} entry has no {self.label}")
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        return (
+            max(map(len, values)) <= self.maximum
+            and "\0" not in "".join(values)
+            and _only_for(self.kinds, codes, values)
+        )
+
+
+def _normalized(name: str, where: str, what: str) -> None:
+    try:
+        if normalize_name(name) != name:
+            raise IndexFormatError(f"{where} {what} {name!r} is not normalized")
+    except HostileLayerError as exc:
+        raise IndexFormatError(f"{where}: {exc}") from None
+
+
+class _Name:
+    """A path as toc.py leaves it: normalized, and one the layer tree can place (the
+    root only as a directory, no whiteout of nothing)."""
+
+    column = NAME
+    types = frozenset({str})
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        checked_text(value, f"{where} name", MAX_NAME_BYTES)
+        _normalized(value, where, "name")
+        try:
+            check_placement(value, kind)
+        except HostileLayerError as exc:
+            raise IndexFormatError(f"{where}: {exc}") from None
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        # The prefix holds no "\n", so a match cannot span two names.
+        if "" in values or WHITEOUT_PREFIX in "\n".join(values):
+            # The few names check_placement has anything to say about (the root and
+            # whiteouts), picked out by C-level maps.
+            matters = map(
+                operator.or_,
+                map(operator.not_, values),
+                map(operator.contains, values, itertools.repeat(WHITEOUT_PREFIX)),
+            )
+            odd = itertools.compress(zip(values, codes, strict=True), matters)
+            if not all(_placeable(name, ENTRY_TYPES[code]) for name, code in odd):
+                return False
+            values = list(filter(None, values))  # the root is "" normalized
+        return all_normalized(values)
+
+
+def _placeable(name: str, kind: str) -> bool:
+    try:
+        check_placement(name, kind)
+    except HostileLayerError:
+        return False
+    return True
+
+
+class _HardlinkTarget:
+    """A hard link names a normalized path (toc.py checks it names an earlier file)."""
+
+    column = LINK
+    types = frozenset({str})
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        if kind != "hardlink":
+            return
+        if not value:
+            raise IndexFormatError(f"{where} hardlink target {value!r} is not normalized")
+        _normalized(value, where, "hardlink target")
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        targets = itertools.compress(values, map(_TYPE_CODES["hardlink"].__eq__, codes))
+        return all_normalized(list(targets))
+
+
+class _Mtime:
+    """Seconds, whole or not, short of any date a file system stores."""
+
+    column = MTIME
+    types = frozenset({int, float})
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        if type(value) not in self.types or not -MAX_MTIME < value < MAX_MTIME:  # NaN too
+            raise IndexFormatError(f"{where} mtime must be a number")
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        # A NaN first makes min and max NaN, which fails both comparisons; anywhere
+        # else they skip it and isnan finds it, once max has ruled out huge ints
+        # (which isnan overflows on).
+        return (
+            min(values) > -MAX_MTIME
+            and max(values) < MAX_MTIME
+            and not any(map(math.isnan, values))
+        )
+
+
+class _Xattrs:
+    """Extended attributes: names to values of at most 64 KiB (the decoder bounds how
+    many, msgpack how long a name)."""
+
+    column = XATTRS
+    types = frozenset({dict})
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        if not self._fine(value):
+            raise IndexFormatError(f"{where} xattrs must map names to at most 64 KiB of bytes")
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        return all(map(self._fine, filter(None, values)))
+
+    @staticmethod
+    def _fine(value: Any) -> bool:
+        return type(value) is dict and all(
+            type(k) is str and type(v) is bytes and len(v) <= MAX_XATTR_BYTES
+            for k, v in value.items()
+        )
+
+
+class _Digest:
+    """A regular file's sha256, or nothing."""
+
+    column = DIGEST
+    types = frozenset({bytes})
+
+    def check(self, value: Any, kind: str, where: str) -> None:
+        if type(value) is not bytes or len(value) not in (
+            (0, DIGEST_BYTES) if kind == "reg" else (0,)
+        ):
+            raise IndexFormatError(f"{where}: only a regular file may carry a sha256 digest")
+
+    def holds(self, values: Sequence[Any], codes: Sequence[int]) -> bool:
+        return set(map(len, values)) <= {0, DIGEST_BYTES} and _only_for(
+            frozenset({"reg"}), codes, values
+        )
+
+
+_KIND = _Count(TYPE, "type", len(ENTRY_TYPES) - 1)
+"""Checked first: every other rule may depend on the entry's kind."""
+_DEVICES = frozenset({"char", "block"})
+RULES: tuple[_Rule, ...] = (
+    _Name(),
+    _Count(SIZE, "size", MAX_ENTRY_SIZE, frozenset({"reg"})),
+    _Mtime(),
+    _Text(LINK, "link name", MAX_NAME_BYTES, frozenset({"symlink", "hardlink"})),
+    _HardlinkTarget(),
+    _Xattrs(),
+    _Count(GAP, "offset gap", MAX_LAYER_SIZE),
+    _Digest(),
+    _Count(MODE, "mode", 0o7777),
+    _Count(UID, "uid", MAX_ID),
+    _Count(GID, "gid", MAX_ID),
+    _Text(UNAME, "uname", MAX_OWNER_NAME),
+    _Text(GNAME, "gname", MAX_OWNER_NAME),
+    _Count(DEV_MAJOR, "device major", MAX_DEVICE_MAJOR, _DEVICES),
+    _Count(DEV_MINOR, "device minor", MAX_DEVICE_MINOR, _DEVICES),
+)
+"""Every rule but the kind's, in the order ``check_row`` applies them."""
 
 
 def check_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry]:
-    """The entries of a decoded file table, every row checked (IndexFormatError naming
-    the row at fault otherwise)."""
-    plain = _plain_table(rows, uncompressed_size)
-    return plain if plain is not None else _table_row_by_row(rows, uncompressed_size)
+    """The entries of a decoded file table, every rule checked (IndexFormatError naming
+    the row at fault otherwise): column by column, or row by row where the columns
+    decline."""
+    entries = table_by_columns(rows, uncompressed_size)
+    return entries if entries is not None else table_by_rows(rows, uncompressed_size)
 
 
-def _table_row_by_row(rows: list[Any], uncompressed_size: int) -> list[TocEntry]:
+def table_by_rows(rows: list[Any], uncompressed_size: int) -> list[TocEntry]:
+    """``check_row`` on each row in turn: slower than the columns, but it names the
+    row and field at fault."""
     entries: list[TocEntry] = []
     previous_end = 0
     for number, row in enumerate(rows):
@@ -116,205 +334,75 @@ def _table_row_by_row(rows: list[Any], uncompressed_size: int) -> list[TocEntry]
     return entries
 
 
-def _plain_table(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | None:
-    """The entries of a file table every row of which is plainly valid (see
-    ``_plainly_valid``), checked and built column by column with C-level set, min, max
-    and join operations: the rows one at a time, in Python, were most of a big layer's
-    parse while its pull waited. None means "some row needs a closer look": the caller then
-    goes row by row, which names the row at fault. Types are checked before anything
-    hashes or compares a column, so hostile values cannot raise here."""
+def check_row(row: Any, number: int, previous_end: int) -> TocEntry:
+    """Row ``number``, whose data starts its offset gap after ``previous_end``, as an
+    entry: every rule applied in turn, so that a refusal names the field at fault."""
+    where = f"toc entry {number}"
+    if type(row) is not list or len(row) != len(ROW_FIELDS):
+        raise IndexFormatError(f"{where} is not a {len(ROW_FIELDS)}-element array")
+    _KIND.check(row[TYPE], "", where)  # the one rule that holds for entries of any kind
+    kind = ENTRY_TYPES[row[TYPE]]
+    for rule in RULES:
+        rule.check(row[rule.column], kind, where)
+    return TocEntry(
+        row[NAME],
+        kind,
+        row[SIZE],
+        row[MODE],
+        row[UID],
+        row[GID],
+        row[UNAME],
+        row[GNAME],
+        float(row[MTIME]),
+        row[LINK],
+        row[DEV_MAJOR],
+        row[DEV_MINOR],
+        row[XATTRS],
+        previous_end + row[GAP],
+        _digest_text(row[DIGEST]),
+    )
+
+
+def all_row_shaped(rows: list[Any]) -> bool:
+    """Whether every row (of a non-empty table) is an array of as many fields as a row
+    has, decided by C-level set and map calls."""
+    return set(map(type, rows)) == {list} and set(map(len, rows)) == {len(ROW_FIELDS)}
+
+
+def table_by_columns(rows: list[Any], uncompressed_size: int) -> list[TocEntry] | None:
+    """The entries of a table every rule holds for column by column; None means "go
+    row by row", which names the row at fault (or takes what the columns declined).
+    Every column's types are checked before any rule compares or hashes its values,
+    so hostile values cannot raise here."""
     if not rows:
         return []
     if not all_row_shaped(rows):
         return None
     columns = list(zip(*rows, strict=False))  # lengths checked above
-    names, codes, sizes, modes, uids, gids, unames, gnames = columns[:8]
-    mtimes, links, majors, minors, xattrs, gaps, digests = columns[8:]
-    if not (
-        all_of_type(str, names, unames, gnames, links)
-        and all_of_type(int, codes, sizes, modes, uids, gids, majors, minors, gaps)
-        and all_of_type(dict, xattrs)
-        and all_of_type(bytes, digests)
-        and set(map(type, mtimes)) <= {int, float}
-    ):
+    rules = (_KIND, *RULES)
+    if not all(set(map(type, columns[rule.column])) <= rule.types for rule in rules):
         return None
-    valid = (
-        all_normalized(names)
-        # No whiteout prefix in any name: a match cannot span two names, as the
-        # prefix holds no "\n".
-        and WHITEOUT_PREFIX not in "\n".join(names)
-        and set(codes) <= _PLAIN_TYPE_CODES
-        and all_within(sizes, 0, MAX_ENTRY_SIZE)
-        and set(itertools.compress(codes, sizes)) <= {_REG_CODE}
-        and all_within(modes, 0, 0o7777)
-        and all_within(uids, 0, MAX_ID)
-        and all_within(gids, 0, MAX_ID)
-        and max(map(len, unames)) <= MAX_OWNER_NAME
-        and max(map(len, gnames)) <= MAX_OWNER_NAME
-        and "\0" not in "".join(itertools.chain(unames, gnames, links))
-        and min(mtimes) > -MAX_MTIME
-        and max(mtimes) < MAX_MTIME
-        and not any(map(math.isnan, mtimes))  # after max: isnan overflows on huge ints
-        and max(map(len, links)) <= MAX_NAME_BYTES
-        and set(itertools.compress(codes, links)) <= {_SYMLINK_CODE}
-        and set(majors) == {0}
-        and set(minors) == {0}
-        and not any(xattrs)
-        and all_within(gaps, 0, MAX_LAYER_SIZE)
-        and not any(digests)
-    )
-    if not valid:
+    codes = columns[TYPE]
+    if not all(rule.holds(columns[rule.column], codes) for rule in rules):
         return None
-    ends = list(itertools.accumulate(map(operator.add, gaps, sizes)))
+    sizes = columns[SIZE]
+    ends = list(itertools.accumulate(map(operator.add, columns[GAP], sizes)))
     if ends[-1] > uncompressed_size:
         return None  # row by row names the entry that lies past the end
+    digests = columns[DIGEST]
     return list(
         map(
             TocEntry,
-            names,
+            columns[NAME],
             map(ENTRY_TYPES.__getitem__, codes),
-            sizes,
-            modes,
-            uids,
-            gids,
-            unames,
-            gnames,
-            map(float, mtimes),
-            links,
-            majors,
-            minors,
-            xattrs,
+            *columns[SIZE:MTIME],
+            map(float, columns[MTIME]),
+            *columns[LINK:GAP],
             map(operator.sub, ends, sizes),
-            itertools.repeat("", len(rows)),
+            map(_digest_text, digests) if any(digests) else itertools.repeat(""),
         )
     )
 
 
-def check_row(row: Any, number: int, previous_end: int) -> TocEntry:
-    """One decoded file-table row, held to the same rules as a tar header in toc.py.
-
-    A big layer has tens of thousands of rows and the agent parses its index while
-    containerd waits on the pull, so rows that are plainly fine (the rule) take a path
-    of cheap C-level checks; anything unusual goes through the checks that say what is
-    wrong."""
-    if _plainly_valid(row):
-        return _make_entry(row, ENTRY_TYPES[row[1]], previous_end + row[13])
-    return _checked_entry(row, number, previous_end)
-
-
-def _plainly_valid(row: Any) -> bool:
-    """A row every field of which is of the common, obviously sane kind: a normalized
-    short name without whiteouts, a file/dir/symlink, in-range numbers, no xattrs, no
-    digest. False means "look closer", not "invalid"."""
-    if type(row) is not list or len(row) != len(ROW_FIELDS):
-        return False
-    name, code, size, mode, uid, gid, uname, gname, mtime, link, major, minor = row[:12]
-    return (
-        type(name) is str
-        and is_normalized(name)
-        and WHITEOUT_PREFIX not in name
-        and type(code) is int
-        and code in _PLAIN_TYPE_CODES
-        and type(size) is int
-        and 0 <= size <= (MAX_ENTRY_SIZE if code == _REG_CODE else 0)
-        and type(mode) is int
-        and 0 <= mode <= 0o7777
-        and type(uid) is int
-        and 0 <= uid <= MAX_ID
-        and type(gid) is int
-        and 0 <= gid <= MAX_ID
-        and type(uname) is str
-        and len(uname) <= MAX_OWNER_NAME
-        and "\0" not in uname
-        and type(gname) is str
-        and len(gname) <= MAX_OWNER_NAME
-        and "\0" not in gname
-        and type(mtime) in (int, float)
-        and -MAX_MTIME < mtime < MAX_MTIME
-        and type(link) is str
-        and (code == _SYMLINK_CODE or not link)
-        and len(link) <= MAX_NAME_BYTES
-        and "\0" not in link
-        and major == 0
-        and minor == 0
-        and type(major) is int
-        and type(minor) is int
-        and row[12] == {}
-        and type(row[13]) is int
-        and 0 <= row[13] <= MAX_LAYER_SIZE
-        and row[14] == b""
-    )
-
-
-def _make_entry(row: list[Any], kind: str, offset: int) -> TocEntry:
-    digest = row[14]
-    return TocEntry(
-        row[0],
-        kind,
-        row[2],
-        row[3],
-        row[4],
-        row[5],
-        row[6],
-        row[7],
-        float(row[8]),
-        row[9],
-        row[10],
-        row[11],
-        row[12],
-        offset,
-        "sha256:" + digest.hex() if digest else "",
-    )
-
-
-def _checked_entry(row: Any, number: int, previous_end: int) -> TocEntry:
-    """Every rule, one at a time, so that a refusal names the field at fault."""
-    if not isinstance(row, list) or len(row) != len(ROW_FIELDS):
-        raise IndexFormatError(f"toc entry {number} is not a {len(ROW_FIELDS)}-element array")
-    where = f"toc entry {number}"
-    name = checked_text(row[0], f"{where} name", MAX_NAME_BYTES)
-    try:
-        if normalize_name(name) != name:
-            raise IndexFormatError(f"{where} name {name!r} is not normalized")
-    except HostileLayerError as exc:
-        raise IndexFormatError(f"{where}: {exc}") from None
-    kind_code = checked_int(row[1], f"{where} type", len(ENTRY_TYPES) - 1)
-    kind = ENTRY_TYPES[kind_code]
-    try:
-        check_placement(name, kind)
-    except HostileLayerError as exc:
-        raise IndexFormatError(f"{where}: {exc}") from None
-    checked_int(row[2], f"{where} size", MAX_ENTRY_SIZE if kind == "reg" else 0)
-    mtime = row[8]
-    if type(mtime) not in (int, float) or not -MAX_MTIME < mtime < MAX_MTIME:
-        raise IndexFormatError(f"{where} mtime must be a number")
-    link = checked_text(row[9], f"{where} link name", MAX_NAME_BYTES)
-    if kind == "hardlink":
-        try:
-            if not link or normalize_name(link) != link:
-                raise IndexFormatError(f"{where} hardlink target {link!r} is not normalized")
-        except HostileLayerError as exc:
-            raise IndexFormatError(f"{where}: {exc}") from None
-    elif kind != "symlink" and link:
-        raise IndexFormatError(f"{where}: only links have a link name")
-    device = kind in ("char", "block")
-    xattrs = row[12]
-    if not isinstance(xattrs, dict) or not all(
-        isinstance(k, str) and isinstance(v, bytes) and len(v) <= MAX_XATTR_BYTES
-        for k, v in xattrs.items()
-    ):
-        raise IndexFormatError(f"{where} xattrs must map names to at most 64 KiB of bytes")
-    offset = previous_end + checked_int(row[13], f"{where} offset gap", MAX_LAYER_SIZE)
-    digest = row[14]
-    if not isinstance(digest, bytes) or len(digest) not in (
-        (0, DIGEST_BYTES) if kind == "reg" else (0,)
-    ):
-        raise IndexFormatError(f"{where}: only a regular file may carry a sha256 digest")
-    checked_int(row[3], f"{where} mode", 0o7777)
-    checked_int(row[4], f"{where} uid", MAX_ID)
-    checked_int(row[5], f"{where} gid", MAX_ID)
-    checked_text(row[6], f"{where} uname", MAX_OWNER_NAME)
-    checked_text(row[7], f"{where} gname", MAX_OWNER_NAME)
-    checked_int(row[10], f"{where} device major", MAX_DEVICE_MAJOR if device else 0)
-    checked_int(row[11], f"{where} device minor", MAX_DEVICE_MINOR if device else 0)
-    return _make_entry(row, kind, offset)
+def _digest_text(digest: bytes) -> str:
+    return "sha256:" + digest.hex() if digest else ""
