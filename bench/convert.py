@@ -37,7 +37,7 @@ from converter.convert import ConversionResult, ConvertOptions, convert_image
 from converter.progress import LayerProgress
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from formats import layer_index
+from formats import layer_index_codec
 from rig.images import BuiltImage, push_image
 from rig.registry import RegistryServer
 
@@ -124,7 +124,7 @@ class ConversionRun:
 
 def _checkpoints(result: ConversionResult) -> int:
     return sum(
-        len(layer_index.parse(layer.index_blob).checkpoints)
+        len(layer_index_codec.parse(layer.index_blob).checkpoints)
         for platform in result.platforms
         for layer in platform.layers
         if layer.index_blob is not None

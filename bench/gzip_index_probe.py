@@ -15,9 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from fetcher.mediatypes import OCI_LAYER_GZIP
 from formats.gzip_index import DEFAULT_SPAN
-from formats.layer_index import build_layer_index, parse, serialize
+from formats.layer_index_builder import build_layer_index
+from formats.layer_index_codec import parse, serialize
+from formats.media_types import OCI_LAYER_GZIP
 
 
 def _cpu_seconds(who: int) -> float:

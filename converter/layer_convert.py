@@ -38,6 +38,8 @@ from formats.estargz import (
     write_estargz,
 )
 from formats.gzip_index import GzipIndexError
+from formats.layer_index_builder import build_layer_index
+from formats.layer_index_codec import serialize
 from formats.toc import HostileLayerError, TocEntry
 
 
@@ -161,7 +163,7 @@ async def convert_layer_index(
     started = time.monotonic()
 
     def build(compressed: BinaryIO) -> layer_index.LayerIndex:
-        index = layer_index.build_layer_index(
+        index = build_layer_index(
             compressed, layer_digest=layer.digest, media_type=layer.media_type, span=span
         )
         compressed.read()
@@ -186,5 +188,5 @@ async def convert_layer_index(
         )
     progress.finish_layer(layer.digest)
     return ConvertedLayer(
-        layer, index.entries, time.monotonic() - started, index_blob=layer_index.serialize(index)
+        layer, index.entries, time.monotonic() - started, index_blob=serialize(index)
     )

@@ -73,6 +73,21 @@ _PLAIN_FILE_KEYS = frozenset(_PLAIN_FILE_FIELDS)
 """The record of a root-owned regular file in one chunk, as writers emit most files."""
 _PLAIN_PACKED_FILE_KEYS = _PLAIN_FILE_KEYS | {"innerOffset"}
 """The same, for a small file sharing a gzip member with its neighbours."""
+_MOST = {
+    "size": MAX_ENTRY_SIZE,
+    "mode": MAX_ID,
+    "uid": MAX_ID,
+    "gid": MAX_ID,
+    "devMajor": MAX_DEVICE_MAJOR,
+    "devMinor": MAX_DEVICE_MINOR,
+    "chunkOffset": MAX_ENTRY_SIZE,
+    "innerOffset": MAX_CHUNK_BYTES,
+}
+"""The largest value of each integer field of a record, for the field-by-field checks
+and the plain files' column checks alike. Fields bounded by what is around them (a data
+offset by the TOC's, a chunk's size by what is left of its file) are bounded where they
+are checked."""
+_MAX_MODTIME_CHARS = 64
 
 
 MEMBER_SLACK = 128 << 10
@@ -416,9 +431,11 @@ class _TocValidator:
         the pull waits: one at a time, in Python, they were most of the TOC's parse.
         What depends on the records between them (blob order across them, the owner
         names, the file open before them) ``_take_plain`` checks where each run of them
-        is taken. The field-by-field path, which names what is wrong, builds
-        the same entries and chunks from them (tests/test_estargz.py holds the two to
-        that).
+        is taken. The bounds are ``_MOST``'s, as the field-by-field path's; what
+        is stated in batch form here (names by ``all_normalized``, digests by
+        ``all_sha256_digests``) is a sufficient condition of that path's check, and
+        tests/test_estargz.py holds the two paths to the same entries and chunks, or
+        the same refusal, on generated TOCs.
         """
         if not records:
             return None
@@ -439,11 +456,12 @@ class _TocValidator:
             # prefix holds no newline.
             and WHITEOUT_PREFIX not in "\n".join(names)
             and LANDMARK_NAMES.isdisjoint(names)
-            and all_within(sizes, 1, MAX_CHUNK_BYTES)
-            and all_within(modes, 0, MAX_ID)
-            and all_within(list(map(len, modtimes)), 1, 64)
+            # One chunk: the file's size is its chunk's, within both bounds.
+            and all_within(sizes, 1, min(_MOST["size"], MAX_CHUNK_BYTES))
+            and all_within(modes, 0, _MOST["mode"])
+            and all_within(list(map(len, modtimes)), 1, _MAX_MODTIME_CHARS)
             and all_within(offsets, 1, self.toc_offset - 1)
-            and all_within(inners, 0, MAX_CHUNK_BYTES)
+            and all_within(inners, 0, _MOST["innerOffset"])
             # In blob order among themselves; against the records between them, where
             # each run is taken.
             and all(map(operator.lt, places, itertools.islice(places, 1, None)))
@@ -492,22 +510,22 @@ class _TocValidator:
         self.open_file = plain.files[stop - 1]
 
     def _entry(self, record: dict[str, Any], name: str, kind: str) -> TocEntry:
-        uid = _uint(record, "uid", MAX_ID)
-        gid = _uint(record, "gid", MAX_ID)
+        uid = _uint(record, "uid")
+        gid = _uint(record, "gid")
         device = kind in ("char", "block")
         return TocEntry(  # positional, in field order: a big TOC builds tens of thousands
             name,
             kind,
-            _uint(record, "size", MAX_ENTRY_SIZE) if kind == "reg" else 0,
-            _uint(record, "mode", MAX_ID) & 0o7777,
+            _uint(record, "size") if kind == "reg" else 0,
+            _uint(record, "mode") & 0o7777,
             uid,
             gid,
             self._owner_name(record, "userName", uid),
             self._owner_name(record, "groupName", gid),
             _modtime(record),
             self._link_name(record, kind) if kind in ("symlink", "hardlink") else "",
-            _uint(record, "devMajor", MAX_DEVICE_MAJOR) if device else 0,
-            _uint(record, "devMinor", MAX_DEVICE_MINOR) if device else 0,
+            _uint(record, "devMajor") if device else 0,
+            _uint(record, "devMinor") if device else 0,
             _xattrs(record),
             0,
             _optional_digest(record, "digest"),
@@ -547,7 +565,7 @@ class _TocValidator:
         open_file = self.open_file
         if open_file is None or open_file.entry.name != name:
             raise EstargzFormatError(f"chunk of {name!r} does not follow that file's entry")
-        chunk_offset = _uint(record, "chunkOffset", MAX_ENTRY_SIZE)
+        chunk_offset = _uint(record, "chunkOffset")
         if chunk_offset != open_file.covered:
             raise EstargzFormatError(
                 f"chunk of {name!r} at {chunk_offset}, expected {open_file.covered}"
@@ -570,7 +588,7 @@ class _TocValidator:
             file_offset=chunk_offset,
             size=size,
             offset=self._data_offset(record),
-            inner_offset=_uint(record, "innerOffset", MAX_CHUNK_BYTES),
+            inner_offset=_uint(record, "innerOffset"),
             digest=digest,
         )
         open_file.chunks.append(chunk)
@@ -582,7 +600,7 @@ class _TocValidator:
         offset = _uint(record, "offset", self.toc_offset - 1)
         if offset == 0:
             raise EstargzFormatError("data entry without an offset")
-        inner = _uint(record, "innerOffset", MAX_CHUNK_BYTES)
+        inner = _uint(record, "innerOffset")
         if self.data:
             previous = self.data[-1]
             if (offset, inner) <= (previous.offset, previous.inner_offset):
@@ -659,7 +677,10 @@ def _blaming(index: int) -> Iterator[None]:
         raise EstargzFormatError(f"TOC entry {index}: {exc}") from None
 
 
-def _uint(record: dict[str, Any], key: str, maximum: int) -> int:
+def _uint(record: dict[str, Any], key: str, maximum: int | None = None) -> int:
+    """Field ``key`` (0 if absent), within 0..``maximum`` (by default, ``_MOST``'s)."""
+    if maximum is None:
+        maximum = _MOST[key]
     value = record.get(key, 0)
     if type(value) is not int or not 0 <= value <= maximum:  # bool is not int here
         raise EstargzFormatError(f"{key} must be an integer in [0, {maximum}], got {value!r}")
@@ -677,7 +698,7 @@ def _modtime(record: dict[str, Any]) -> float:
     value = record.get("modtime", "")
     if value == "":
         return 0.0
-    if not isinstance(value, str) or len(value) > 64:
+    if not isinstance(value, str) or len(value) > _MAX_MODTIME_CHARS:
         raise EstargzFormatError("modtime is not a string")
     return _timestamp(value)
 

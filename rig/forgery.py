@@ -27,7 +27,7 @@ import msgpack
 
 from common.digest import sha256_digest
 from fetcher import mediatypes as mt
-from formats import layer_index
+from formats import layer_index, layer_index_codec
 from formats.accelerated import ANNOTATION_LAYER_DIGEST, ANNOTATION_PREFETCH, ARTIFACT_TYPE_INDEX
 from formats.estargz_toc import (
     FOOTER_SIZE,
@@ -54,7 +54,7 @@ class Unforgeable(Exception):
 
 def _parsed(edition: Edition, layer: int) -> layer_index.LayerIndex:
     try:
-        return layer_index.parse(edition.index_blobs[layer])
+        return layer_index_codec.parse(edition.index_blobs[layer])
     except layer_index.IndexFormatError as exc:
         raise Unforgeable(f"layer {layer}'s index no longer parses: {exc}") from None
 
@@ -66,7 +66,7 @@ def edit_index(
     index = _parsed(edition, layer)
     edit(index)
     index.source_digest = ""
-    edition.index_blobs[layer] = layer_index.serialize(index)
+    edition.index_blobs[layer] = layer_index_codec.serialize(index)
 
 
 def edit_index_field(edition: Edition, layer: int, key: str, value: Any) -> None:

@@ -25,7 +25,7 @@ from fetcher.errors import NotFoundError
 from fetcher.manifest import ImageIndex, ImageManifest
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient, referrers_tag
-from formats import layer_index
+from formats import layer_index_codec
 from formats.accelerated import (
     ANNOTATION_LAYER_DIGEST,
     ANNOTATION_PREFETCH,
@@ -62,7 +62,7 @@ async def test_index_mode_round_trip(pushed_features, registry):
         assert [d.digest for d in found] == [result.result_digest]
         for desc, source in zip(artifact.layers, built.layers, strict=True):
             assert desc.annotations[ANNOTATION_LAYER_DIGEST] == source.digest
-            index = layer_index.parse(await client.get_blob(ref, desc.digest))
+            index = layer_index_codec.parse(await client.get_blob(ref, desc.digest))
             layer = IndexedLayer(BlobSource(ref, source.digest, source.size), index)
             await assert_layer_matches(
                 client, layer, built.blob_path(source.digest), source.media_type
@@ -196,7 +196,7 @@ async def test_uncompressed_layers_index_holds_only_the_toc(
         result = await convert_image(client, ref, ConvertOptions(mode="index"))
         artifact = (await client.get_manifest(result.target)).parsed
         for desc, source in zip(artifact.layers, built.layers, strict=True):
-            index = layer_index.parse(await client.get_blob(ref, desc.digest))
+            index = layer_index_codec.parse(await client.get_blob(ref, desc.digest))
             assert index.checkpoints == []
             layer = IndexedLayer(BlobSource(ref, source.digest, source.size), index)
             await assert_layer_matches(

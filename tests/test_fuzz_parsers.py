@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from fetcher import mediatypes as mt
 from fetcher.errors import RegistryError
 from fetcher.manifest import ImageIndex, ImageManifest, parse_manifest
-from formats import layer_index
+from formats import layer_index, layer_index_codec
 from formats.estargz import (
     FOOTER_SIZE,
     TOC_TAR_NAME,
@@ -53,6 +53,7 @@ from formats.estargz import (
     write_estargz,
 )
 from formats.gzip_index import GzipCheckpointer, GzipIndexError, inflate_span
+from formats.layer_index_builder import build_layer_index
 from formats.layer_tree import InodeAllocator, LayerTree
 from formats.toc import HostileLayerError, TocEntry, iter_tar_entries, normalize_name
 from profiles import format as profile_format
@@ -534,10 +535,10 @@ def test_converting_a_mutated_tar_gives_a_layer_the_agent_accepts(tar: bytes) ->
     except HostileLayerError:
         return
     toc = _open_estargz(out.getvalue())
-    index = layer_index.build_layer_index(
+    index = build_layer_index(
         [gzip.compress(tar)], layer_digest=DIGEST, media_type=mt.OCI_LAYER_GZIP, span=SPAN
     )
-    parsed = layer_index.parse(layer_index.serialize(index))
+    parsed = layer_index_codec.parse(layer_index_codec.serialize(index))
     assert [e.name for e in parsed.entries] == [e.name for e in index.entries]
     assert {e.name for e in toc.entries} <= {e.name for e in parsed.entries}
     assert_tree_stays_inside(parsed.entries)
@@ -548,10 +549,10 @@ def test_converting_a_mutated_tar_gives_a_layer_the_agent_accepts(tar: bytes) ->
 
 @functools.cache
 def _sample_index_bytes() -> bytes:
-    index = layer_index.build_layer_index(
+    index = build_layer_index(
         [gzip.compress(_sample_tar())], layer_digest=DIGEST, media_type=mt.OCI_LAYER_GZIP
     )
-    return layer_index.serialize(index)
+    return layer_index_codec.serialize(index)
 
 
 @FUZZ
@@ -635,7 +636,7 @@ def test_mutated_layer_index_rows_are_refused_or_stay_inside(data: st.DataObject
     except (OverflowError, ValueError, TypeError):
         return  # not encodable as msgpack: no registry can serve it either
     try:
-        parsed = layer_index.parse(blob)
+        parsed = layer_index_codec.parse(blob)
     except layer_index.IndexFormatError:
         return
     assert_entries_stay_inside(parsed.entries)
@@ -651,7 +652,7 @@ def test_damaged_layer_index_bytes_are_refused_or_stay_inside(data: st.DataObjec
     for _ in range(data.draw(st.integers(1, 6))):
         blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
     try:
-        parsed = layer_index.parse(bytes(blob[: data.draw(st.integers(0, len(blob)))]))
+        parsed = layer_index_codec.parse(bytes(blob[: data.draw(st.integers(0, len(blob)))]))
     except layer_index.IndexFormatError:
         return
     assert_tree_stays_inside(parsed.entries)

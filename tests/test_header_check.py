@@ -42,10 +42,11 @@ from fetcher.chunks import BlobSource
 from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from formats import layer_index
+from formats import layer_index_codec
 from formats.accelerated import ANNOTATION_CONVERSION, ARTIFACT_TYPE_INDEX
 from formats.gzip_index import compress_window, decompress_window, inflate_range
 from formats.header_check import HeaderMismatchError, check_header, member_end
+from formats.layer_index_builder import build_layer_index
 from formats.toc import MAX_EXTENDED_HEADER, HostileLayerError, TocEntry, iter_tar_entries
 from rig.images import ImageSpec, build_image
 from rig.layers import Directory, File, LayerSpec
@@ -190,14 +191,16 @@ async def _push_lying_index(client: RegistryClient, ref: ImageReference, subject
     honest = await client.get_manifest(ref.with_digest(honest_desc.digest))
     doc = json.loads(honest.body)
     blob_desc = doc["layers"][0]
-    index = layer_index.parse(await client.get_blob(ref, blob_desc["digest"], 1 << 26))
+    index = layer_index_codec.parse(await client.get_blob(ref, blob_desc["digest"], 1 << 26))
     rows = {entry.name: i for i, entry in enumerate(index.entries)}
     a, b = rows["data/f1.bin"], rows["data/f3.bin"]
     entries = list(index.entries)
     entries[a] = dataclasses.replace(entries[a], offset=index.entries[b].offset)
     entries[b] = dataclasses.replace(entries[b], offset=index.entries[a].offset)
     entries.sort(key=lambda entry: entry.offset)  # the format stores offsets as gaps
-    lying = layer_index.serialize(dataclasses.replace(index, entries=entries, source_digest=""))
+    lying = layer_index_codec.serialize(
+        dataclasses.replace(index, entries=entries, source_digest="")
+    )
     digest = await client.push_blob(ref, lying)
     blob_desc.update(digest=digest, size=len(lying))
     settings = json.loads(doc["annotations"][ANNOTATION_CONVERSION])
@@ -480,7 +483,7 @@ async def test_the_fill_audits_a_layer_against_its_own_blob(registry, image_push
 def _indexed(stream: bytes, entries: list[TocEntry] | None = None) -> IndexedLayer:
     blob = gzip.compress(stream)
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
-    index = layer_index.build_layer_index(
+    index = build_layer_index(
         [blob], layer_digest=digest, media_type=mt.OCI_LAYER_GZIP, span=64 << 10
     )
     if entries is not None:

@@ -29,13 +29,13 @@ from agent.plan_resolver import entry_chunks, resolve_ready
 from agent.prefetch_planner import PrefetchPlanner
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource
-from fetcher.mediatypes import OCI_LAYER_GZIP
 from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from formats.estargz import FOOTER_SIZE, parse_footer, parse_toc, write_estargz
-from formats.layer_index import build_layer_index
+from formats.layer_index_builder import build_layer_index
 from formats.layer_tree import InodeAllocator, LayerTree
+from formats.media_types import OCI_LAYER_GZIP
 from profiles.plan import PrefetchEntry
 
 LANDMARKED = ["/etc/conf", "/app/old.py", "/app/lib/a.py"]

@@ -33,9 +33,9 @@ from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
-from formats import layer_index
+from formats import layer_index, layer_index_codec
 from formats.gzip_index import DEFAULT_PIECE
-from formats.layer_index import build_layer_index
+from formats.layer_index_builder import build_layer_index
 from formats.layer_tree import InodeAllocator, LayerTree
 from profiles.plan import PrefetchEntry
 from rig.fault_proxy import Fault, FaultProxy
@@ -149,7 +149,7 @@ def test_kind_mismatches_absent_and_hostile_paths_prefetch_nothing() -> None:
 
 def _decoded(mounted: MountedLayer) -> EarlyLayer:
     assert isinstance(mounted.layer, IndexedLayer)
-    decoded = layer_index.parse_spans(layer_index.serialize(mounted.layer.index))
+    decoded = layer_index_codec.parse_spans(layer_index_codec.serialize(mounted.layer.index))
     return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index, decoded), decoded)
 
 
@@ -171,12 +171,12 @@ def test_a_decoded_index_finds_each_file_where_the_tree_shows_it() -> None:
 def _table(mounted: MountedLayer, change: Callable[[list[list[Any]]], None]) -> EarlyLayer:
     """The layer's index with its file table rows changed by ``change``."""
     assert isinstance(mounted.layer, IndexedLayer)
-    document = msgpack.unpackb(layer_index.serialize(mounted.layer.index))
+    document = msgpack.unpackb(layer_index_codec.serialize(mounted.layer.index))
     rows = msgpack.unpackb(zlib.decompress(document["toc"]))
     change(rows)
     document["toc"] = zlib.compress(msgpack.packb(rows))
     document["entry_count"] = len(rows)
-    decoded = layer_index.parse_spans(msgpack.packb(document))
+    decoded = layer_index_codec.parse_spans(msgpack.packb(document))
     return EarlyLayer(IndexedLayer(mounted.layer.blob, decoded.index, decoded), decoded)
 
 

@@ -42,7 +42,7 @@ from fetcher.errors import NotFoundError, RegistryError, RegistryNotAllowedError
 from fetcher.manifest import Descriptor, ImageIndex, ImageManifest, Platform
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from formats import layer_index
+from formats import layer_index, layer_index_codec
 from formats.accelerated import (
     ANNOTATION_LAYER_DIGEST,
     ANNOTATION_PREFETCH,
@@ -167,7 +167,7 @@ class EarlyLayer:
 
     layer: IndexedLayer
     """The layer itself: its spans serve now, its entries once the table is checked."""
-    files: layer_index.DecodedIndex
+    files: layer_index_codec.DecodedIndex
 
 
 EarlyHook = Callable[[str, str, EarlyLayer], None]
@@ -183,7 +183,7 @@ def _early_layer(blob: BlobSource, raw: bytes) -> EarlyLayer:
     """Check the index's header and spans and decode its file table, on a worker thread
     (as ``_estargz_layer``)."""
     with gc_paused():
-        decoded = layer_index.parse_spans(raw)
+        decoded = layer_index_codec.parse_spans(raw)
     index = decoded.index
     if index.layer_digest != blob.digest or index.compressed_size != blob.size:
         raise layer_index.IndexFormatError("index describes another layer")

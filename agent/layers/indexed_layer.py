@@ -9,7 +9,8 @@ from functools import partial
 from agent.layers.lazy_layer import ChunkSlice, ReadAheadBudget, metadata_tag
 from fetcher.chunks import BlobSource, ChunkSpec
 from formats.header_check import HeaderMismatchError, check_header, member_end
-from formats.layer_index import DecodedIndex, LayerIndex
+from formats.layer_index import LayerIndex
+from formats.layer_index_codec import DecodedIndex, fingerprint
 from formats.toc import MAX_HEADER_CHAIN, TocEntry
 
 
@@ -25,7 +26,7 @@ class IndexedLayer:
         self.index = index
         self._decoded = decoded
         """The table as decoded, for finding headers before it is checked (prefetch)."""
-        self.metadata_digest = index.fingerprint()
+        self.metadata_digest = fingerprint(index)
         self._key_prefix = f"{metadata_tag(self.metadata_digest)}-s"
         """Span keys name the index: another index of the blob lays spans out otherwise."""
         self._bounds = self._span_bounds()
