@@ -327,13 +327,17 @@ class RegistryTransport:
         auth = self._auth_header(target)
         if auth:
             request_headers["Authorization"] = auth
-        resp = await self.session.request(
-            method,
-            url,
-            headers=request_headers,
-            data=body() if body else None,
-            allow_redirects=False,
-        )
+
+        async def send() -> aiohttp.ClientResponse:
+            return await self.session.request(
+                method,
+                url,
+                headers=request_headers,
+                data=body() if body else None,
+                allow_redirects=False,
+            )
+
+        resp = await send()
         if resp.status == 401 and "WWW-Authenticate" in resp.headers:
             challenge = resp.headers["WWW-Authenticate"]
             resp.release()
@@ -345,13 +349,7 @@ class RegistryTransport:
                     repository_scope(target.repository, target.push),
                 )
             request_headers["Authorization"] = await self._authorize(target, challenge)
-            resp = await self.session.request(
-                method,
-                url,
-                headers=request_headers,
-                data=body() if body else None,
-                allow_redirects=False,
-            )
+            resp = await send()
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
             location = urljoin(url, resp.headers["Location"])
             resp.release()

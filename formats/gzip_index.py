@@ -813,11 +813,18 @@ def decompress_window(stored: bytes) -> bytes:
     """Inverse of compress_window, refusing anything that inflates past 32 KiB."""
     if not stored:
         return b""
+    return inflate_bounded(stored, WINDOW_SIZE, GzipIndexError, "stored window")
+
+
+def inflate_bounded(stored: bytes, limit: int, error: type[Exception], what: str) -> bytes:
+    """``stored`` as one whole zlib stream of at most ``limit`` bytes, else ``error``:
+    stored metadata is hostile until checked, so inflating stops one byte past the
+    limit instead of building whatever a small stream expands to."""
     inflater = zlib.decompressobj()
     try:
-        window = inflater.decompress(stored, WINDOW_SIZE + 1)
+        data = inflater.decompress(stored, limit + 1)
     except zlib.error as exc:
-        raise GzipIndexError(f"window does not decompress: {exc}") from None
-    if len(window) > WINDOW_SIZE or not inflater.eof or inflater.unused_data:
-        raise GzipIndexError("stored window is not one zlib stream of at most 32 KiB")
-    return window
+        raise error(f"{what} does not decompress: {exc}") from None
+    if len(data) > limit or not inflater.eof or inflater.unused_data:
+        raise error(f"{what} is not one zlib stream of at most {limit} bytes")
+    return data

@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from formats.bounded_msgpack import BoundedUnpacker
-from formats.gzip_index import Checkpoint, GzipIndexError, decompress_window
+from formats.gzip_index import Checkpoint, GzipIndexError, decompress_window, inflate_bounded
 from formats.layer_index import (
     DIGEST_BYTES,
     MAX_LAYER_SIZE,
@@ -386,13 +386,7 @@ def _decode_toc(document: dict[str, Any]) -> list[Any]:
     blob = document["toc"]
     if not isinstance(blob, bytes):
         raise IndexFormatError("toc must be bytes")
-    inflater = zlib.decompressobj()
-    try:
-        packed = inflater.decompress(blob, MAX_TOC_BYTES + 1)
-    except zlib.error as exc:
-        raise IndexFormatError(f"toc does not decompress: {exc}") from None
-    if len(packed) > MAX_TOC_BYTES or not inflater.eof or inflater.unused_data:
-        raise IndexFormatError("toc is not one zlib stream of a sane size")
+    packed = inflate_bounded(blob, MAX_TOC_BYTES, IndexFormatError, "toc")
     table = BoundedUnpacker(
         packed,
         IndexFormatError,
