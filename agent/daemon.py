@@ -17,6 +17,7 @@ from pathlib import Path
 from agent import metrics
 from agent.config import AgentConfig
 from agent.fs.in_flight import InFlightRequests
+from agent.fs.inode_slots import InodeSlots
 from agent.fs.mount import FuseMount
 from agent.fs.operations import LayerFS
 from agent.image_sessions import ImageSessions
@@ -133,6 +134,9 @@ class Agent:
             listener=self.recorder,
             requests=self.fuse_requests,
             distrust=distrust,
+            # A new mount, a new connection: its numbers start afresh, kept on disk for
+            # an agent that takes this connection over.
+            slots=InodeSlots.fresh(config.root / "fuse-inodes.json"),
         )
         self.mount = FuseMount(self.fs, config.fuse_mountpoint)
         await self.mount.start()
