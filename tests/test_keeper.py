@@ -112,3 +112,24 @@ async def test_nonsense_from_a_peer_costs_only_its_own_connection(
     agent = await _client(keeper, tmp_path)
     assert await agent.attach(tmp_path / "mnt") is None  # still serving others
     agent.close()
+
+
+async def test_a_connection_aborted_meanwhile_is_not_handed_over(
+    keeper: Path, tmp_path: Path
+) -> None:
+    """An operator (or the scale-up benchmark's unwedging) aborted it through fusectl:
+    the next agent gets none and mounts a new one."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    agent = await _client(keeper, tmp_path)
+    await agent.attach(mountpoint)
+    connection = await asyncio.to_thread(mount_connection, mountpoint)
+    await agent.hold(mountpoint, connection)
+    agent.close()
+    (connection.control_dir / "abort").write_text("1")
+    assert not connection.alive()
+    os.close(connection.fd)
+    successor = await _client(keeper, tmp_path)
+    assert await successor.attach(mountpoint) is None
+    assert not is_mounted(mountpoint)
+    successor.close()

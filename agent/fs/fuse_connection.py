@@ -82,6 +82,13 @@ class FuseConnection:
         """The connection's fusectl directory (``abort``, ``waiting``)."""
         return Path("/sys/fs/fuse/connections") / self.device.split(":")[1]
 
+    def alive(self) -> bool:
+        """Whether the connection still carries requests (an aborted one polls as an
+        error, for good)."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLERR | select.POLLHUP)
+        return not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
     def waiting(self) -> int:
         """Requests the kernel holds for this connection (queued or being answered)."""
         try:

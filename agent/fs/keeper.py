@@ -183,6 +183,9 @@ class Keeper:
 
     def _attach(self, agent: socket.socket, mountpoint: str, served: set[str]) -> None:
         held = self._held.get(mountpoint)
+        if held is not None and not held.connection.alive():
+            self._let_go(mountpoint, "the connection was aborted")  # e.g. by an operator
+            held = None
         if held is not None and held.agent is not None:
             send_message(agent, {"op": "busy"})
             return
