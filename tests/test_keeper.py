@@ -9,6 +9,7 @@ that never serve the connection, so a reader of the mount waits until the keeper
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -26,23 +27,28 @@ from agent.fs.keeper_client import KeeperBusyError, KeeperClient
 from agent.fs.mount import is_mounted
 
 
-@pytest.fixture
-def keeper(tmp_path: Path) -> Iterator[Path]:
-    """A keeper with a 1.5 s grace period; its socket."""
-    sock = tmp_path / "keeper.sock"
+@contextlib.contextmanager
+def _keeper(sock: Path, *extra: str, ready: bool = True) -> Iterator[Path]:
+    """A keeper process with a 1.5 s grace period (``ready``: once it listens at ``sock``)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "agent.fs.keeper", "--socket", str(sock), "--grace", "1.5"],
+        [sys.executable, "-m", "agent.fs.keeper", "--socket", str(sock), "--grace", "1.5", *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
-    while not sock.exists() and time.monotonic() < deadline:
+    while ready and not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
         yield sock
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
+
+
+@pytest.fixture
+def keeper(tmp_path: Path) -> Iterator[Path]:
+    with _keeper(tmp_path / "keeper.sock") as sock:
+        yield sock
 
 
 async def _client(sock: Path, tmp_path: Path) -> KeeperClient:
@@ -61,7 +67,7 @@ async def test_the_connection_is_held_for_the_next_agent_and_served_by_one(
     os.close(connection.fd)  # the keeper's own descriptor keeps the connection
     second = await _client(keeper, tmp_path)
     with pytest.raises(KeeperBusyError):
-        await second.attach(mountpoint)
+        await second.attach(mountpoint, takeover=False)
     first.close()  # the agent died: the keeper waits for the next one
     await asyncio.sleep(0.2)
     held = await second.attach(mountpoint)
@@ -133,3 +139,39 @@ async def test_a_connection_aborted_meanwhile_is_not_handed_over(
     assert await successor.attach(mountpoint) is None
     assert not is_mounted(mountpoint)
     successor.close()
+
+
+async def test_a_new_keeper_takes_every_connection_from_the_old_one(tmp_path: Path) -> None:
+    """A surge pod's keeper, started beside the old pod's: the old one drains its
+    agent, hands the connection over and retires; the new pod's agent resumes it."""
+    handoff = str(tmp_path / "handoff.sock")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with _keeper(tmp_path / "old.sock", "--handoff", handoff) as old:
+        agent = await _client(old, tmp_path)
+        assert await agent.attach(mountpoint) is None
+        connection = await asyncio.to_thread(mount_connection, mountpoint)
+        await agent.hold(mountpoint, connection)
+        os.close(connection.fd)
+        drained = asyncio.ensure_future(agent.drain_requested())
+        with _keeper(tmp_path / "new.sock", "--handoff", handoff, ready=False) as new:
+            assert await asyncio.wait_for(drained, 10)  # told to drain...
+            agent.close()  # ...it leaves, and the connection moves on
+            successor = await _client(new, tmp_path)
+            held = None
+            for _ in range(100):  # until the new keeper has it
+                held = await successor.attach(mountpoint)
+                if held is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert held is not None
+            resumed, _ = held
+            assert (resumed.init, resumed.device) == (connection.init, connection.device)
+            late = await _client(old, tmp_path)
+            with pytest.raises(KeeperBusyError):  # retired
+                await late.attach(mountpoint)
+            late.close()
+            await successor.release(mountpoint)
+            os.close(resumed.fd)
+            successor.close()
+    assert not is_mounted(mountpoint)

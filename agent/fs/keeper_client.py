@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from agent.fs.fuse_connection import FuseConnection, check_init
-from agent.fs.keeper import KeeperProtocolError, receive_message, send_message
+from agent.fs.keeper import KeeperProtocolError, dial, receive_message, send_message
 from common.logging import get_logger
 
 log = get_logger(__name__)
@@ -45,7 +46,7 @@ class KeeperClient:
         spawned = not spawn
         while True:
             try:
-                return cls(await asyncio.to_thread(_dial, socket_path))
+                return cls(await asyncio.to_thread(dial, socket_path))
             except OSError:
                 if loop.time() > deadline:
                     raise
@@ -54,14 +55,16 @@ class KeeperClient:
                 spawned = True
             await asyncio.sleep(0.05)
 
-    async def attach(self, mountpoint: Path) -> tuple[FuseConnection, float] | None:
+    async def attach(
+        self, mountpoint: Path, takeover: bool = True
+    ) -> tuple[FuseConnection, float] | None:
         """The connection held for ``mountpoint`` and how long it went unserved (the
-        longest any request can have waited), or None when there is none to resume;
-        KeeperBusyError while another agent serves it."""
+        longest any request can have waited), or None when there is none to resume.
+        An agent serving it is asked to drain first (``takeover``), else (or if it does
+        not leave) KeeperBusyError."""
+        message = {"op": "attach", "mountpoint": str(mountpoint), "takeover": takeover}
         async with self._lock:
-            await asyncio.to_thread(
-                send_message, self._sock, {"op": "attach", "mountpoint": str(mountpoint)}
-            )
+            await asyncio.to_thread(send_message, self._sock, message)
             reply, fds = await asyncio.to_thread(receive_message, self._sock)
         if reply["op"] == "busy":
             raise KeeperBusyError(f"another agent serves {mountpoint}")
@@ -95,20 +98,24 @@ class KeeperClient:
         if reply["op"] != "released":
             raise KeeperProtocolError(f"the keeper answered a release with {reply['op']!r}")
 
+    async def drain_requested(self) -> bool:
+        """Wait until the keeper asks this agent to drain (True: a successor takes the
+        connection over) or goes away (False: the connection is this agent's alone now,
+        and ends with it). Call once the connection is attached or held."""
+        while True:
+            try:
+                message, fds = await asyncio.to_thread(receive_message, self._sock)
+            except (ConnectionError, KeeperProtocolError, OSError):
+                return False
+            for fd in fds:
+                os.close(fd)
+            if message["op"] == "drain":
+                return True
+
     def close(self) -> None:
         """Leave: the keeper starts the grace period for what this agent served."""
         with contextlib.suppress(OSError):
             self._sock.close()
-
-
-def _dial(socket_path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(str(socket_path))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _spawn(socket_path: Path, grace_s: float, log_path: Path) -> None:
