@@ -30,11 +30,7 @@ from agent.fs.mount import is_mounted
 @contextlib.contextmanager
 def _keeper(sock: Path, *extra: str, ready: bool = True) -> Iterator[Path]:
     """A keeper process with a 1.5 s grace period (``ready``: once it listens at ``sock``)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agent.fs.keeper", "--socket", str(sock), "--grace", "1.5", *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = _spawn_keeper(sock, "--grace", "1.5", *extra)
     deadline = time.monotonic() + 10
     while ready and not sock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -43,6 +39,11 @@ def _keeper(sock: Path, *extra: str, ready: bool = True) -> Iterator[Path]:
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(10)
+
+
+def _spawn_keeper(sock: Path, *arguments: str) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "agent.fs.keeper", "--socket", str(sock), *arguments]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture
@@ -175,3 +176,27 @@ async def test_a_new_keeper_takes_every_connection_from_the_old_one(tmp_path: Pa
             os.close(resumed.fd)
             successor.close()
     assert not is_mounted(mountpoint)
+
+
+async def test_a_keeper_an_agent_started_exits_once_it_holds_nothing(tmp_path: Path) -> None:
+    """Started by an agent (``--exit-idle``), nobody else would ever stop it: once the
+    grace period has let its connection go and no agent is attached, it exits."""
+    sock = tmp_path / "keeper.sock"
+    process = _spawn_keeper(sock, "--grace", "1", "--exit-idle")
+    try:
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        agent = await _client(sock, tmp_path)
+        await agent.attach(mountpoint)
+        connection = await asyncio.to_thread(mount_connection, mountpoint)
+        await agent.hold(mountpoint, connection)
+        os.close(connection.fd)
+        await asyncio.sleep(1.5)
+        assert process.poll() is None  # an agent is attached
+        agent.close()
+        assert await asyncio.to_thread(process.wait, 10) == 0
+        assert not is_mounted(mountpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)

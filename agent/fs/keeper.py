@@ -144,10 +144,20 @@ class _Held:
 class Keeper:
     """Holds connections by mountpoint; serves agents on ``socket_path``."""
 
-    def __init__(self, socket_path: Path, grace_s: float, handoff: Path | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        grace_s: float,
+        handoff: Path | None = None,
+        exit_idle: bool = False,
+    ) -> None:
+        """``exit_idle``: stop once nothing is held and no agent is attached (a keeper
+        an agent started: nobody else would ever stop it)."""
         self.socket_path = socket_path
         self.grace_s = grace_s
         self.handoff = handoff
+        self.exit_idle = exit_idle
+        self._serving: asyncio.Task[None] | None = None
         self._held: dict[str, _Held] = {}
         self._agents: dict[socket.socket, asyncio.Task[None]] = {}
         self._retired = False
@@ -156,6 +166,7 @@ class Keeper:
         """Take over from a predecessor (with ``handoff``), then accept agents (and a
         successor) until cancelled; then abort and detach whatever is held."""
         loop = asyncio.get_running_loop()
+        self._serving = asyncio.current_task()
         if self.handoff is not None:
             await self._succeed(self.handoff)
         listener = _listen(self.socket_path)
@@ -254,6 +265,7 @@ class Keeper:
             agent.close()
             for mountpoint in served:
                 self._agent_gone(mountpoint, agent)
+            self._stop_if_idle()
 
     async def _handle(
         self, agent: socket.socket, message: dict[str, Any], fds: list[int], served: set[str]
@@ -351,6 +363,12 @@ class Keeper:
             detach(Path(mountpoint))
         os.close(held.connection.fd)
         log.warning("keeper.let_go", mountpoint=mountpoint, reason=reason)
+        self._stop_if_idle()
+
+    def _stop_if_idle(self) -> None:
+        if self.exit_idle and not self._held and not self._agents and self._serving:
+            log.info("keeper.idle_exit")
+            self._serving.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,9 +380,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--handoff", type=Path, help="where keepers meet: take over from the one there"
     )
+    parser.add_argument(
+        "--exit-idle",
+        action="store_true",
+        help="exit once nothing is held and no agent is attached",
+    )
     args = parser.parse_args(argv)
     configure_logging()
-    keeper = Keeper(args.socket, args.grace, args.handoff)
+    keeper = Keeper(args.socket, args.grace, args.handoff, args.exit_idle)
     if args.pid_file is not None:
         args.pid_file.write_text(f"{os.getpid()}\n")
 

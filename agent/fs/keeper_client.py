@@ -122,6 +122,7 @@ def _spawn(socket_path: Path, grace_s: float, log_path: Path) -> None:
     """Start a keeper that outlives this process (its own session, no inherited fds)."""
     command = [sys.executable, "-m", "agent.fs.keeper", "--socket", str(socket_path)]
     command += ["--grace", str(grace_s), "--pid-file", str(socket_path.with_suffix(".pid"))]
+    command += ["--exit-idle"]  # nobody else would stop it
     with open(log_path, "ab") as output:
         process = subprocess.Popen(
             command,
