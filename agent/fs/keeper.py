@@ -168,7 +168,11 @@ class Keeper:
         loop = asyncio.get_running_loop()
         self._serving = asyncio.current_task()
         if self.handoff is not None:
-            await self._succeed(self.handoff)
+            try:
+                await self._succeed(self.handoff)
+            except (ConnectionError, KeeperProtocolError, OSError) as exc:
+                # What arrived is held; the rest stays with the predecessor.
+                log.error("keeper.succession_failed", error=str(exc), held=len(self._held))
         listener = _listen(self.socket_path)
         handoffs = _listen(self.handoff) if self.handoff is not None else None
         log.info("keeper.started", socket=str(self.socket_path), grace_s=self.grace_s)
@@ -240,6 +244,10 @@ class Keeper:
         for mountpoint, held in list(self._held.items()):
             if held.agent is not None:
                 await self._drain(mountpoint, held)
+            if held.agent is not None:
+                # Never two agents on one connection: it stays with the one serving it.
+                log.error("keeper.drain_timeout", mountpoint=mountpoint)
+                continue
             connection = held.connection
             reply = {"op": "held", "mountpoint": mountpoint, "init": connection.init}
             send_message(successor, {**reply, "device": connection.device}, [connection.fd])
