@@ -44,15 +44,17 @@ class InodeSlots:
     """Layer name -> slot, persisted at ``path`` (None: kept in memory, for a mount no
     other agent will take over). Safe from worker threads (trees are built there)."""
 
-    def __init__(self, path: Path | None, slots: dict[str, int]) -> None:
+    def __init__(self, path: Path | None, slots: dict[str, int], resumed: bool) -> None:
         self.path = path
+        self.resumed = resumed
+        """The table of a connection an earlier agent served."""
         self._slots = slots
         self._lock = threading.Lock()
 
     @classmethod
     def fresh(cls, path: Path | None = None) -> InodeSlots:
         """The table of a new connection (a previous one's file is replaced)."""
-        slots = cls(path, {})
+        slots = cls(path, {}, resumed=False)
         slots._save()
         return slots
 
@@ -71,7 +73,7 @@ class InodeSlots:
                 raise ValueError("slots must be distinct integers in range, by name")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InodeSlotsError(f"{path}: {exc}") from None
-        return cls(path, dict(slots))
+        return cls(path, dict(slots), resumed=True)
 
     def allocator(self, name: str) -> InodeAllocator:
         """The numbers of layer ``name``'s tree (its slot is saved before it is used)."""

@@ -20,7 +20,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -100,11 +100,18 @@ class LayerFS(pyfuse3.Operations):
         self.reader = reader
         self.distrust = distrust if distrust is not None else DistrustedMetadata()
         self.slots = slots if slots is not None else InodeSlots.fresh()
+        self.on_init: Callable[[], None] | None = None
+        """Called by ``init`` (`agent.fs.mount` swaps in the real connection there)."""
         self._layers: dict[bytes, MountedLayer] = {}
         self._owner: dict[int, tuple[Node, MountedLayer]] = {}
         self.listener = listener
         self.requests = requests if requests is not None else InFlightRequests()
         self._root_mtime = time.time_ns()
+
+    def init(self) -> None:
+        """libfuse calls this while it handles INIT, before it replies."""
+        if self.on_init is not None:
+            self.on_init()
 
     # -- layer management ---------------------------------------------------------
 
