@@ -48,6 +48,12 @@ class AgentConfig:
     containerd's own pull. Each read of the registry has its own timeouts, but a
     registry that trickles its answers, or a connection left out of step, renews them
     byte by byte: without an overall bound a Prepare, and the pod's pull, waits for it.
+
+    ``keeper``: hold the FUSE connection in a keeper process (`agent.fs.keeper`, at
+    ``keeper_socket``, started by the agent unless ``keeper_spawn`` is off because a
+    service manager runs it), so that running containers survive the agent's crashes
+    and restarts: their reads wait and then get their bytes. If no agent comes back
+    within ``keeper_grace_s`` seconds the connection is aborted (readers get EIO).
     """
 
     root: Path = Path("/var/lib/acceld")
@@ -78,11 +84,20 @@ class AgentConfig:
     ebpf: bool = True
     kubernetes_credentials: bool = False
     kubernetes_credentials_namespace: str = ""
+    keeper: bool = True
+    keeper_socket: Path | None = None
+    keeper_spawn: bool = True
+    keeper_grace_s: float = 120.0
 
     @property
     def fuse_mountpoint(self) -> Path:
         """Where the node's FUSE mount lives."""
         return self.mountpoint or self.root / "mnt"
+
+    @property
+    def keeper_address(self) -> Path:
+        """Where the keeper of this agent's FUSE connection listens."""
+        return self.keeper_socket or self.root / "keeper.sock"
 
     @property
     def cache_dir(self) -> Path:
@@ -121,7 +136,7 @@ class AgentConfig:
         for name, value in values.items():
             default = getattr(config, name)
             try:
-                if name in ("root", "socket", "mountpoint", "docker_config"):
+                if name in ("root", "socket", "mountpoint", "docker_config", "keeper_socket"):
                     coerced[name] = Path(value) if value is not None else None
                 elif name == "pull_secrets":
                     coerced[name] = tuple(Path(v) for v in value)
@@ -139,7 +154,11 @@ class AgentConfig:
                 raise ConfigError(f"configuration key {name!r}: {exc}") from None
         if coerced.get("cache_max_bytes", 1) <= 0:
             raise ConfigError("cache_max_bytes must be positive")
-        for name in ("watchdog_stall_threshold_s", "watchdog_request_threshold_s"):
+        for name in (
+            "watchdog_stall_threshold_s",
+            "watchdog_request_threshold_s",
+            "keeper_grace_s",
+        ):
             if coerced.get(name, 1) <= 0:
                 raise ConfigError(f"{name} must be positive")
         return replace(config, **coerced)

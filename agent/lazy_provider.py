@@ -145,7 +145,7 @@ class LazyLayerProvider:
         name = layer_name(layer)
         self._users[name] = self._users.get(name, 0) + 1
         first_use = self._users[name] == 1
-        tree = None if self.fs.layer(name) else await off_loop(self.fs.build_tree, layer)
+        tree = None if self.fs.layer(name) else await off_loop(self.fs.build_tree, name, layer)
         mounted = self.fs.add_layer(name, layer, tree)
         if first_use:
             self.cache.pin(layer.blob.digest)

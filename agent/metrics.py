@@ -60,6 +60,22 @@ PREFETCH_CHUNKS = Counter(
     ["source"],
     registry=REGISTRY,
 )
+FUSE_RESUMES = Counter(
+    "acceld_fuse_resumes_total",
+    "FUSE connections taken over from an earlier agent (restarts, crashes)",
+    registry=REGISTRY,
+)
+FUSE_RESUME_GAP = Gauge(
+    "acceld_fuse_resume_gap_seconds",
+    "At the last resume, how long the connection went unserved, the keeper's wait for an "
+    "agent and the new agent's restoring of layers (the longest any request waited)",
+    registry=REGISTRY,
+)
+FUSE_RESUME_WAITING = Gauge(
+    "acceld_fuse_resume_waiting_requests",
+    "At the last resume, requests that were waiting for an agent",
+    registry=REGISTRY,
+)
 CORRUPT_CHUNKS = Counter(
     "acceld_corrupt_chunks_total", "Chunks whose bytes failed verification", registry=REGISTRY
 )

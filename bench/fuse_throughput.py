@@ -216,8 +216,7 @@ async def lazy_mount(client: RegistryClient, workdir: Path) -> AsyncIterator[Lay
     memory = MemoryBudget()
     read_path = ReadPath.build(client, ChunkCache(workdir / "cache", 64 << 30, memory))
     fs = LayerFS(read_path.reader)
-    mount = FuseMount(fs, workdir / "mnt")
-    await mount.start()
+    mount = await FuseMount.new(fs, workdir / "mnt")
     try:
         yield fs
     finally:

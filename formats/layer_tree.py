@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass, field
 
 from formats.overlay import OPAQUE_XATTR, Presence, whiteout_device
-from formats.toc import OPAQUE_MARKER, WHITEOUT_PREFIX, TocEntry
+from formats.toc import OPAQUE_MARKER, WHITEOUT_PREFIX, HostileLayerError, TocEntry
 
 _OPAQUE = OPAQUE_XATTR.encode()
 _TYPE_BITS = {
@@ -66,18 +66,24 @@ class Node:
 
 
 class InodeAllocator:
-    """Inode numbers unique across every layer of the mount (the kernel needs that).
+    """Inode numbers unique across every layer of the mount (the kernel needs that),
+    from ``first`` up to (not including) ``limit``.
 
     Trees are built on worker threads, off the event loop; taking the next number of an
     itertools.count is one C call, which the GIL makes atomic, so two trees built at
     once never share a number."""
 
-    def __init__(self, first: int = 2) -> None:
+    def __init__(self, first: int = 2, limit: int | None = None) -> None:
         self._numbers = itertools.count(first)
+        self._limit = limit
 
     def take(self) -> int:
-        """A fresh inode number."""
-        return next(self._numbers)
+        """A fresh inode number; HostileLayerError once the block is used up (a layer
+        whose tree has more nodes than any real one)."""
+        number = next(self._numbers)
+        if self._limit is not None and number >= self._limit:
+            raise HostileLayerError(f"layer tree has more nodes than its inode block ({number})")
+        return number
 
 
 def _visible_xattrs(entry: TocEntry) -> dict[bytes, bytes]:

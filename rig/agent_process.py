@@ -7,6 +7,7 @@ SIGKILL (crash). Its log is kept for failure reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -98,12 +99,14 @@ class AgentProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                self.stop_keeper()
                 self._unmount()
                 raise RuntimeError(f"acceld exited {self._process.returncode}:\n{self.log_tail()}")
             if self.socket.exists() and self._metrics_ready():
                 return self
             time.sleep(0.1)
         self.kill()
+        self.stop_keeper()
         self._unmount()
         raise RuntimeError(f"acceld did not become ready:\n{self.log_tail()}")
 
@@ -145,15 +148,41 @@ class AgentProcess:
         raise TimeoutError(f"the cache under {self.root} was still changing after {timeout} s")
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM and wait: the agent unmounts and closes its socket."""
+        """SIGTERM and wait, then stop the keeper the agent started (which ends the FUSE
+        connection): the next start is a new node's."""
         if self._process is None:
             return None
         code = terminate_group(self._process, grace=timeout)
+        self.stop_keeper()
         self._unmount()
         return code
 
+    def stop_keeper(self, timeout: float = 10.0) -> None:
+        """SIGTERM the keeper of this agent's FUSE connection (it aborts and detaches
+        the connection) and wait until it is gone."""
+        pid_file = self.root / "keeper.pid"
+        try:
+            pid = int(pid_file.read_text())
+        except (OSError, ValueError):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+        pid_file.unlink(missing_ok=True)
+
+    def wait_exit(self, timeout: float = 60.0) -> int:
+        """Until the agent exits on its own (drained for a successor); its exit code."""
+        if self._process is None:
+            raise RuntimeError("the agent has not been started")
+        return self._process.wait(timeout)
+
     def kill(self) -> None:
-        """SIGKILL, as a crash would; the FUSE mount is left behind, dead."""
+        """SIGKILL, as a crash would; the keeper holds the FUSE connection for the next
+        start (readers wait meanwhile)."""
         if self._process is not None and self._process.poll() is None:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait(10)

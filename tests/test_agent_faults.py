@@ -194,12 +194,11 @@ async def test_agent_killed_and_restarted_keeps_snapshots_and_cache(
 async def test_running_container_when_the_agent_dies(
     image_pusher, built_busybox, proxy, tmp_path, containerd_factory
 ):
-    """What a running container sees when the agent is killed and restarted (measured
-    here): its overlay mount keeps pointing at the dead FUSE connection, so every new
-    lookup in the lazily served layers fails (even `exec` of a binary it already ran
-    reports "executable file not found"), also after the agent is back. Nothing hangs
-    and no wrong bytes are returned; processes already running keep the pages they
-    have. New containers start normally on the restarted agent."""
+    """A running container across the agent's death: a command it runs while no agent
+    serves waits (the keeper holds the FUSE connection), and once an agent is back it
+    gets the right bytes, for files read before and never read before; new containers
+    start as usual. (Before issue 23 every lookup in lazy layers failed from the kill
+    on, also after the restart.)"""
     image = await _converted(image_pusher, built_busybox, "index", proxy)
     agent = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
     containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
@@ -232,40 +231,25 @@ async def test_running_container_when_the_agent_dies(
                 *command,
                 namespace=CRI_NAMESPACE,
                 check=False,
-                timeout=30,
+                timeout=60,
             )
 
         before = await asyncio.to_thread(exec_in, "md5sum", "/bin/busybox")
         assert before.stdout.split()[0] == BUSYBOX_MD5
         agent.kill()
-        read_again = await asyncio.to_thread(exec_in, "md5sum", "/bin/busybox")
-        unread = await asyncio.to_thread(exec_in, "cat", "/etc/hello.txt")
+        unread = asyncio.ensure_future(asyncio.to_thread(exec_in, "cat", "/etc/hello.txt"))
+        await asyncio.sleep(1.5)
+        assert not unread.done(), "a read answered while no agent ran"
         agent = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
-        await asyncio.to_thread(containerd.wait_for_snapshotter)
-        unread_after_restart = await asyncio.to_thread(exec_in, "cat", "/etc/hello.txt")
+        waited = await unread
+        read_again = await asyncio.to_thread(exec_in, "md5sum", "/bin/busybox")
         fresh = await asyncio.to_thread(_run, containerd, image)
     finally:
         containerd.ctr("task", "kill", "-s", "KILL", name, namespace=CRI_NAMESPACE, check=False)
         agent.stop()
-    assert read_again.stdout.split()[:1] in ([BUSYBOX_MD5], [])
-    for outcome in (unread, unread_after_restart):
-        assert outcome.returncode != 0 or outcome.stdout.strip() == "hello from acceld"
-        if outcome.returncode != 0:
-            assert "hello" not in outcome.stdout
+    assert (waited.returncode, waited.stdout.strip()) == (0, "hello from acceld"), waited
+    assert read_again.stdout.split()[0] == BUSYBOX_MD5
     assert fresh.stdout.strip() == "hello from acceld"
-    print(
-        "after kill:",
-        read_again.returncode,
-        repr(read_again.stdout[:40]),
-        repr(read_again.stderr[-80:]),
-        "| unread:",
-        unread.returncode,
-        repr(unread.stderr[-80:]),
-        "| after restart:",
-        unread_after_restart.returncode,
-        repr(unread_after_restart.stdout[-40:]),
-        repr(unread_after_restart.stderr[-80:]),
-    )
 
 
 async def test_a_registry_that_never_finishes_answering_discovery_means_a_plain_pull(

@@ -61,8 +61,7 @@ async def test_lazy_rootfs_equals_overlayfs_unpack(
         cache = ChunkCache(tmp_path / "cache", 1 << 30)
         read_path = ReadPath.build(client, cache)
         fs = LayerFS(read_path.reader)
-        mount = FuseMount(fs, tmp_path / "mnt")
-        await mount.start()
+        mount = await FuseMount.new(fs, tmp_path / "mnt")
         try:
             discovery = LayerDiscovery(client)
             names = []

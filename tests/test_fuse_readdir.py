@@ -53,8 +53,7 @@ async def mounted(tmp_path: Path) -> AsyncIterator[tuple[Path, IndexedLayer]]:
         fs = LayerFS(read_path.reader)
         layer = _big_directory_layer()
         fs.add_layer("layer", layer)
-        mount = FuseMount(fs, tmp_path / "mnt")
-        await mount.start()
+        mount = await FuseMount.new(fs, tmp_path / "mnt")
         try:
             yield tmp_path / "mnt" / "layer", layer
         finally:

@@ -129,8 +129,7 @@ async def test_links_to_replaced_names_serve_what_gnu_tar_unpacks(
         cache = ChunkCache(tmp_path / "cache", 1 << 30)
         read_path = ReadPath.build(client, cache)
         fs = LayerFS(read_path.reader)
-        mount = FuseMount(fs, tmp_path / "mnt")
-        await mount.start()
+        mount = await FuseMount.new(fs, tmp_path / "mnt")
         try:
             found = await LayerDiscovery(client).discover(str(ref), built.digest, layer.digest)
             assert found.layer.kind == ("estargz" if mode == "full" else "index")

@@ -227,8 +227,7 @@ async def node(tmp_path) -> AsyncIterator[tuple[LayerFS, FuseMount, LayerDiscove
         read_path = ReadPath.build(client, cache)
         distrust = DistrustedMetadata(tmp_path / "distrusted.json")
         fs = LayerFS(read_path.reader, distrust=distrust)
-        mount = FuseMount(fs, tmp_path / "mnt")
-        await mount.start()
+        mount = await FuseMount.new(fs, tmp_path / "mnt")
         try:
             yield fs, mount, LayerDiscovery(client, distrust=distrust)
         finally:

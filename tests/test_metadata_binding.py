@@ -50,7 +50,7 @@ class Node:
         self.cache = ChunkCache(root / "cache", 1 << 30)
         self.read_path = ReadPath.build(client, self.cache)
         self.fs = LayerFS(self.read_path.reader)
-        self.mount = FuseMount(self.fs, root / "mnt")
+        self.mountpoint = root / "mnt"
         self.discovery = LayerDiscovery(client)
 
     async def mount_layer(self, reference: str, manifest: str, layer: str) -> str:
@@ -60,7 +60,7 @@ class Node:
         return name
 
     def read_all(self, name: str) -> dict[str, bytes]:
-        return {path: (self.mount.mountpoint / name / path).read_bytes() for path in FILES}
+        return {path: (self.mountpoint / name / path).read_bytes() for path in FILES}
 
 
 @pytest.fixture
@@ -84,11 +84,11 @@ async def two_images(registry, image_pusher, tmp_path):
 async def node(tmp_path) -> AsyncIterator[Node]:
     async with RegistryClient() as client:
         node = Node(client, tmp_path)
-        await node.mount.start()
+        mount = await FuseMount.new(node.fs, node.mountpoint)
         try:
             yield node
         finally:
-            await node.mount.stop()
+            await mount.stop()
             await node.read_path.close()
 
 
@@ -127,7 +127,7 @@ async def test_a_tree_mounted_for_one_index_is_never_lent_to_another(two_images,
 
     assert name_hostile != name_x
     # stat off the loop: this process's event loop is the FUSE server
-    mount = node.mount.mountpoint
+    mount = node.mountpoint
     mode_x = (await asyncio.to_thread(os.stat, mount / name_x / SETUID_FILE)).st_mode
     mode_hostile = (await asyncio.to_thread(os.stat, mount / name_hostile / SETUID_FILE)).st_mode
     assert not mode_x & stat.S_ISUID, "the honest image's file became setuid"

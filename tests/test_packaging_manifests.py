@@ -136,7 +136,8 @@ def test_daemonset_runs_privileged_on_opted_in_nodes(default_docs: list[dict[str
     spec = pod["spec"]
     assert spec["nodeSelector"] == {NODE_LABEL: "true"}
     assert spec["hostPID"] is True
-    agent = spec["containers"][0]
+    containers = {container["name"]: container for container in spec["containers"]}
+    agent = containers["acceld"]
     assert agent["securityContext"]["privileged"] is True
     volumes = _volumes(spec)
     mounts = _mounts(agent)
@@ -153,6 +154,27 @@ def test_daemonset_runs_privileged_on_opted_in_nodes(default_docs: list[dict[str
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == "9797"
     assert agent["ports"][0]["containerPort"] == 9797
+    # The keeper holds the FUSE connection while the agent container restarts: its own
+    # container, where the agent's config expects it, able to detach the mount.
+    keeper = containers["keeper"]
+    command = keeper["command"]
+    assert command[0] == "/opt/acceld/bin/acceld-keeper"
+    assert keeper["securityContext"]["privileged"] is True
+    assert _mounts(keeper)["/var/lib/acceld"]["mountPropagation"] == "Bidirectional"
+    config = AgentConfig.from_dict(
+        yaml.safe_load(one(default_docs, "ConfigMap")["data"]["config.yaml"])
+    )
+    assert config.keeper and not config.keeper_spawn
+    # The agent reaches its own pod's keeper (a volume only the pod has); the keepers of
+    # an old and a new pod meet on the host, so a rollout hands the connection over.
+    socket = Path(command[command.index("--socket") + 1])
+    assert socket == config.keeper_address
+    shared = _mounts(keeper)[str(socket.parent)]["name"]
+    assert _mounts(agent)[str(socket.parent)]["name"] == shared
+    assert volumes[shared] == {"name": shared, "emptyDir": {}}
+    assert command[command.index("--handoff") + 1].startswith("/var/lib/acceld/")
+    strategy = one(default_docs, "DaemonSet")["spec"]["updateStrategy"]["rollingUpdate"]
+    assert (strategy["maxSurge"], strategy["maxUnavailable"]) == (1, 0)
 
 
 def test_agent_config_is_one_the_agent_accepts(
@@ -299,15 +321,23 @@ def test_reference_drop_in_matches_what_the_setup_step_writes(tmp_path: Path) ->
     assert tomllib.loads(config.read_text()) == reference
 
 
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
-    unit = (REPO / "packaging/systemd/acceld.service").read_text()
-    # systemd-analyze checks that ExecStart exists: point it at this checkout's acceld.
-    local = tmp_path / "acceld.service"
-    local.write_text(
-        unit.replace("/opt/acceld/bin/acceld", str(Path(sys.executable).parent / "acceld"))
-    )
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """The agent's unit and its keeper's, together (the agent's requires the keeper's)."""
+    bin_dir = Path(sys.executable).parent
+    units = {}
+    for name in ("acceld.service", "acceld-keeper.service"):
+        units[name] = (REPO / "packaging/systemd" / name).read_text()
+        # systemd-analyze checks that ExecStart exists: point it at this checkout's.
+        (tmp_path / name).write_text(units[name].replace("/opt/acceld/bin/", f"{bin_dir}/"))
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, check=False
+        ["systemd-analyze", "verify", *(str(tmp_path / name) for name in units)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "ExecStart=/opt/acceld/bin/acceld run --config /etc/acceld/config.yaml" in unit
+    agent, keeper = units["acceld.service"], units["acceld-keeper.service"]
+    assert "ExecStart=/opt/acceld/bin/acceld run --config /etc/acceld/config.yaml" in agent
+    assert "Requires=acceld-keeper.service" in agent
+    assert "ExecStart=/opt/acceld/bin/acceld-keeper --socket /var/lib/acceld/keeper.sock" in keeper

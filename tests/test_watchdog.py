@@ -251,8 +251,7 @@ async def mounted(tmp_path: Path):
         fs = HeldReads(read_path.reader)
         fs.gate = asyncio.Event()
         fs.add_layer("layer", layer)
-        mount = FuseMount(fs, tmp_path / "mnt")
-        await mount.start()
+        mount = await FuseMount.new(fs, tmp_path / "mnt")
         try:
             yield fs, tmp_path / "mnt" / "layer"
         finally:

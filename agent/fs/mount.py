@@ -1,8 +1,9 @@
-"""Mounting and unmounting the node's FUSE file system inside the agent's event loop.
+"""Serving the node's FUSE connection inside the agent's event loop.
 
-pyfuse3 serves one mount per process; it runs as an asyncio task next to the gRPC
-server. A mount left behind by a crashed agent ("transport endpoint is not connected")
-is lazily unmounted before mounting again, so a restart never needs manual cleanup.
+pyfuse3 serves one connection per process; it runs as an asyncio task next to the
+gRPC server. The connection itself is made and held elsewhere (`agent.fs.keeper`), so
+that it can outlive this agent; a mount that nobody holds any more ("transport
+endpoint is not connected") is lazily unmounted before a new one is made.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import pyfuse3
 import pyfuse3.asyncio
 
+from agent.fs.fuse_connection import FuseConnection, detach, mount_connection
 from agent.fs.operations import LayerFS
 from common.logging import get_logger
 
@@ -80,29 +82,53 @@ def force_unmount(path: Path) -> None:
 
 
 class FuseMount:
-    """The running mount: `start()` mounts and serves, `stop()` unmounts."""
+    """Serves one FUSE connection (`agent.fs.fuse_connection`) from this event loop:
+    `start()` serves, `stop()` stops serving, and detaches the mount unless the
+    connection is ``lasting`` (held by the keeper for the next agent)."""
 
-    def __init__(self, ops: LayerFS, mountpoint: Path, debug: bool = False) -> None:
+    def __init__(
+        self,
+        ops: LayerFS,
+        mountpoint: Path,
+        connection: FuseConnection,
+        lasting: bool,
+        debug: bool = False,
+    ) -> None:
         self.ops = ops
         self.mountpoint = mountpoint
+        self.connection = connection
+        self.lasting = lasting
         self._options = set(MOUNT_OPTIONS) | ({"debug"} if debug else set())
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Mount at ``mountpoint`` and serve requests from this event loop."""
+    async def start(self, resumed: bool) -> None:
+        """Serve the connection: a new one (``resumed`` False), or one an earlier agent
+        served, whose INIT libfuse is shown again and whose requests that agent read
+        but never answered the kernel is asked to queue again."""
         pyfuse3.asyncio.enable()
-        force_unmount(self.mountpoint)
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        pyfuse3.init(self.ops, str(self.mountpoint), self._options)
+        replay, writer = os.pipe()
+        os.write(writer, self.connection.init)
+        os.close(writer)
+
+        def connected() -> None:
+            # Inside libfuse's INIT, before its reply: from here on the session reads
+            # and writes the real connection.
+            os.dup2(self.connection.fd, replay, inheritable=False)
+            if resumed and self.connection.offers_resend:
+                self.connection.ask_resend()
+
+        self.ops.on_init = connected
+        pyfuse3.init(self.ops, f"/dev/fd/{replay}", self._options)
         self._task = asyncio.create_task(pyfuse3.main(), name="fuse-main")
-        # The INIT handshake sets the mount's read-ahead, so raise it only once a first
-        # request (statvfs, served by this loop) proves INIT is done.
-        await asyncio.to_thread(os.statvfs, self.mountpoint)
-        raise_read_ahead(self.mountpoint, READ_AHEAD_KIB)
-        log.info("fs.mounted", path=str(self.mountpoint))
+        if not resumed:
+            # The kernel sets the mount's read-ahead when INIT is answered: raise it
+            # once a first request (statvfs, served by this loop) proves that is done.
+            await asyncio.to_thread(os.statvfs, self.mountpoint)
+            raise_read_ahead(self.mountpoint, READ_AHEAD_KIB)
+        log.info("fs.serving", path=str(self.mountpoint), resumed=resumed)
 
     async def stop(self) -> None:
-        """Stop serving and unmount (lazily if something still holds the mount busy)."""
+        """Stop serving; requests that arrive meanwhile wait for the next agent."""
         if self._task is None:
             return
         try:
@@ -114,9 +140,25 @@ class FuseMount:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        try:
-            pyfuse3.close(unmount=True)
-        except OSError:
-            pyfuse3.close(unmount=False)
-        force_unmount(self.mountpoint)
-        log.info("fs.unmounted", path=str(self.mountpoint))
+        pyfuse3.close(unmount=False)  # closes the session's descriptor, not the holder's
+        os.close(self.connection.fd)
+        if not self.lasting:
+            detach(self.mountpoint)
+        log.info("fs.stopped_serving", path=str(self.mountpoint), detached=not self.lasting)
+
+    @classmethod
+    async def new(cls, ops: LayerFS, mountpoint: Path) -> FuseMount:
+        """A new connection at ``mountpoint``, served now, that ends with the mount (a
+        file system in this process alone: tests, benchmarks)."""
+        connection = await connect_new(mountpoint)
+        mount = cls(ops, mountpoint, connection, lasting=False)
+        await mount.start(resumed=False)
+        return mount
+
+
+async def connect_new(mountpoint: Path) -> FuseConnection:
+    """A new connection at ``mountpoint``, in place of whatever mount was left there by
+    an agent whose connection nobody holds any more."""
+    force_unmount(mountpoint)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    return await asyncio.to_thread(mount_connection, mountpoint)

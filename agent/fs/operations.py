@@ -20,7 +20,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -28,6 +28,7 @@ import pyfuse3
 
 from agent import metrics
 from agent.fs.in_flight import InFlightRequests
+from agent.fs.inode_slots import InodeSlots
 from agent.layers.distrust import DistrustedMetadata
 from agent.layers.lazy_layer import ChunkSlice, LazyLayer, ReadAheadBudget
 from common.gc_pause import gc_paused
@@ -36,7 +37,7 @@ from fetcher.chunk_reader import ChunkReader
 from fetcher.chunks import ChunkFetchError
 from fetcher.errors import RegistryError
 from formats.header_check import HeaderMismatchError
-from formats.layer_tree import InodeAllocator, LayerTree, Node
+from formats.layer_tree import LayerTree, Node
 from formats.toc import TocEntry
 
 log = get_logger(__name__)
@@ -91,25 +92,37 @@ class LayerFS(pyfuse3.Operations):
         listener: FsListener | None = None,
         requests: InFlightRequests | None = None,
         distrust: DistrustedMetadata | None = None,
+        slots: InodeSlots | None = None,
     ) -> None:
+        """``slots`` numbers each layer's nodes (by default for a mount no other agent
+        takes over)."""
         super().__init__()
         self.reader = reader
         self.distrust = distrust if distrust is not None else DistrustedMetadata()
-        self._inodes = InodeAllocator(first=pyfuse3.ROOT_INODE + 1)
+        self.slots = slots if slots is not None else InodeSlots.fresh()
+        self.on_init: Callable[[], None] | None = None
+        """Called by ``init`` (`agent.fs.mount` swaps in the real connection there)."""
         self._layers: dict[bytes, MountedLayer] = {}
         self._owner: dict[int, tuple[Node, MountedLayer]] = {}
         self.listener = listener
         self.requests = requests if requests is not None else InFlightRequests()
         self._root_mtime = time.time_ns()
 
+    def init(self) -> None:
+        """libfuse calls this while it handles INIT, before it replies."""
+        if self.on_init is not None:
+            self.on_init()
+
     # -- layer management ---------------------------------------------------------
 
-    def build_tree(self, layer: LazyLayer) -> LayerTree:
-        """The node table ``add_layer`` needs. Safe on a worker thread: a 40 000-file
-        layer takes ~0.15 s, which on the event loop would hold up every FUSE request
-        and containerd's calls for the other layers of the pull."""
+    def build_tree(self, name: str, layer: LazyLayer) -> LayerTree:
+        """The node table ``add_layer`` needs, numbered in the block of ``name``'s slot.
+        Safe on a worker thread, and meant for one: building a large layer's table on
+        the event loop would hold up every FUSE request and containerd's calls for the
+        other layers of the pull."""
+        inodes = self.slots.allocator(name)
         with gc_paused():
-            return LayerTree(layer.entries, self._inodes)
+            return LayerTree(layer.entries, inodes)
 
     def add_layer(self, name: str, layer: LazyLayer, tree: LayerTree | None = None) -> MountedLayer:
         """Place ``layer`` at `<mount>/<name>` (with ``tree`` if already built for it);
@@ -119,7 +132,7 @@ class LayerFS(pyfuse3.Operations):
         if existing is not None:
             return existing
         if tree is None:
-            tree = self.build_tree(layer)
+            tree = self.build_tree(name, layer)
         mounted = MountedLayer(name, layer, tree, time.monotonic())
         for node in tree.nodes.values():
             self._owner[node.inode] = (node, mounted)

@@ -40,8 +40,19 @@ class SnapshotterServer:
         Remote layers come back before the socket opens, so containerd never sees a
         snapshot whose lowerdir is not there yet.
         """
+        await self.restore()
+        await self.listen()
+
+    async def restore(self) -> None:
+        """Open the metadata and re-serve remote layers (before the FUSE connection is
+        served again, after a restart: the kernel's node IDs must find their layers)."""
         self.snapshotter = Snapshotter(self.root, self.remote)
         await self.snapshotter.restore_remote()
+
+    async def listen(self) -> None:
+        """Open the socket to containerd (after ``restore``)."""
+        if self.snapshotter is None:
+            raise RuntimeError("listen() before restore()")
         if not self.socket_path.parent.exists():
             self.socket_path.parent.mkdir(mode=0o700, parents=True)
         _remove_stale_socket(self.socket_path)

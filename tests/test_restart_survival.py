@@ -1,0 +1,181 @@
+"""Running containers survive the agent: crashes and restarts are a pause, not an error.
+
+The keeper (`agent.fs.keeper`) holds the FUSE connection while no agent serves it; a
+restarted agent resumes it. A container that reads and checksums its lazily served
+files in a loop sees every read answered with the image's bytes while the agent is
+SIGKILLed and restarted again and again. Real registry, containerd (CRI), runc, agent
+process, keeper and FUSE; the host drops its caches now and then, so that the
+container's reads and lookups reach the agent instead of the page cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agent.fs.mount import is_mounted
+from converter.convert import ConvertOptions, convert_image
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from rig.agent_process import AgentProcess
+from rig.chaos import CheckableImage, checkable_image
+from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE
+from rig.images import build_image, push_image
+
+ROUNDS = 1000
+"""md5sum passes of the container over its four files."""
+
+
+async def _publish(registry, tmp_path: Path) -> tuple[CheckableImage, str]:
+    image = checkable_image(31, files=4, size=2 << 20)
+    built = build_image(image.spec, tmp_path / "layout", "v1")
+    reference = f"{registry.host}/rig/survive-{uuid.uuid4().hex[:8]}:v1"
+    async with RegistryClient() as client:
+        await push_image(client, reference, built)
+        await convert_image(
+            client, ImageReference.parse(reference), ConvertOptions(mode="index", span=1 << 20)
+        )
+    return image, reference
+
+
+def _agent(tmp_path: Path, **settings: object) -> AgentProcess:
+    defaults = {"record_profiles": False, "background_fill": False, "keeper_grace_s": 60.0}
+    return AgentProcess(tmp_path / "agent", settings={**defaults, **settings})
+
+
+def _drop_caches_until(stop: threading.Event) -> None:
+    while not stop.wait(0.3):
+        with open("/proc/sys/vm/drop_caches", "w") as knob:
+            knob.write("3")
+
+
+def _sums(output: str) -> list[tuple[str, str]]:
+    """(path, md5) of each line md5sum printed; anything else fails the test."""
+    lines = [line.split() for line in output.splitlines() if line.strip()]
+    assert all(len(line) == 2 for line in lines), output[-2000:]
+    return [(path, digest) for digest, path in lines]
+
+
+async def test_a_container_reading_in_a_loop_never_notices_twenty_agent_crashes(
+    registry, tmp_path, containerd_factory
+):
+    image, reference = await _publish(registry, tmp_path)
+    agent = _agent(tmp_path).start()
+    containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+    await asyncio.to_thread(containerd.cri_pull_image, reference)
+    loop = f"i=0; while [ $i -lt {ROUNDS} ]; do md5sum /data/*.bin; i=$((i+1)); done"
+    stop = threading.Event()
+    dropper = threading.Thread(target=_drop_caches_until, args=(stop,), daemon=True)
+    dropper.start()
+    rng = random.Random(23)
+    try:
+        running = asyncio.ensure_future(
+            asyncio.to_thread(
+                containerd.run_container,
+                reference,
+                f"survive-{uuid.uuid4().hex[:8]}",
+                "/bin/sh",
+                "-c",
+                loop,
+                snapshotter=ACCELD_SNAPSHOTTER,
+                namespace=CRI_NAMESPACE,
+                check=False,
+                timeout=600,
+            )
+        )
+        kills = 0
+        while kills < 20 and not running.done():
+            await asyncio.sleep(rng.uniform(0.2, 1.2))
+            agent.kill()
+            kills += 1
+            await asyncio.sleep(rng.uniform(0.0, 0.5))  # readers wait meanwhile
+            agent = await asyncio.to_thread(_agent(tmp_path).start)
+        assert kills == 20, "the container finished before the agent was killed 20 times"
+        run = await running
+        assert agent.metric("acceld_fuse_resumes_total") == 1  # this agent's own resume
+    finally:
+        stop.set()
+        agent.stop()
+    assert run.returncode == 0, run.stdout[-2000:]
+    sums = _sums(run.stdout)
+    assert len(sums) == ROUNDS * len(image.expected)
+    wrong = [(path, digest) for path, digest in sums if image.expected[path] != digest]
+    assert wrong == []
+
+
+async def test_a_new_agent_takes_over_from_a_running_one_and_the_reader_never_notices(
+    registry, tmp_path, containerd_factory
+):
+    """A live upgrade: a second agent started beside the serving one asks the keeper
+    for the connection; the first is told to drain (it stops serving, flushes its
+    cache, closes its socket and exits), and the second resumes the connection, the
+    snapshotter socket and the chunk cache, five times over."""
+    image, reference = await _publish(registry, tmp_path)
+    agent = _agent(tmp_path).start()
+    containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+    await asyncio.to_thread(containerd.cri_pull_image, reference)
+    loop = f"i=0; while [ $i -lt {ROUNDS} ]; do md5sum /data/*.bin; i=$((i+1)); done"
+    stop = threading.Event()
+    dropper = threading.Thread(target=_drop_caches_until, args=(stop,), daemon=True)
+    dropper.start()
+    try:
+        running = asyncio.ensure_future(
+            asyncio.to_thread(
+                containerd.run_container,
+                reference,
+                f"upgrade-{uuid.uuid4().hex[:8]}",
+                "/bin/sh",
+                "-c",
+                loop,
+                snapshotter=ACCELD_SNAPSHOTTER,
+                namespace=CRI_NAMESPACE,
+                check=False,
+                timeout=600,
+            )
+        )
+        for _ in range(5):
+            await asyncio.sleep(0.5)
+            successor = await asyncio.to_thread(_agent(tmp_path).start)
+            assert await asyncio.to_thread(agent.wait_exit) == 0
+            agent = successor
+        assert not running.done(), "the container finished before the last takeover"
+        run = await running
+        assert agent.metric("acceld_fuse_resumes_total") == 1
+    finally:
+        stop.set()
+        agent.stop()
+    assert run.returncode == 0, run.stdout[-2000:]
+    sums = _sums(run.stdout)
+    assert len(sums) == ROUNDS * len(image.expected)
+    assert [(path, digest) for path, digest in sums if image.expected[path] != digest] == []
+
+
+async def test_without_an_agent_readers_get_eio_after_the_grace_period(
+    registry, tmp_path, containerd_factory
+):
+    """The keeper waits ``keeper_grace_s`` for an agent; then it aborts the connection:
+    a reader waiting meanwhile gets an error (not D state forever), and the mount is
+    gone."""
+    _, reference = await _publish(registry, tmp_path)
+    agent = _agent(tmp_path, keeper_grace_s=2.0).start()
+    containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+    try:
+        await asyncio.to_thread(containerd.cri_pull_image, reference)
+        layers = [p for p in agent.mountpoint.iterdir() if p.is_dir()]
+        assert layers
+        data = next(p for layer in layers for p in layer.rglob("f0.bin"))
+        agent.kill()
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            await asyncio.wait_for(asyncio.to_thread(data.read_bytes), 30)
+        waited = time.monotonic() - started
+        assert 1.5 < waited < 15, waited
+        assert not is_mounted(agent.mountpoint)
+    finally:
+        agent.stop()
