@@ -68,6 +68,11 @@ class AgentProcess:
 
     def start(self, timeout: float = 30.0) -> AgentProcess:
         """Start and wait until the snapshotter socket and metrics endpoint answer."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> AgentProcess:
+        """Start the process without waiting for it (a test may kill it mid-start)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         config: list[str] = []
         if self.settings:
@@ -96,6 +101,11 @@ class AgentProcess:
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> AgentProcess:
+        """Until the snapshotter socket and metrics endpoint answer."""
+        assert self._process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
-
-import pytest
 
 from agent.fs.mount import is_mounted
 from converter.convert import ConvertOptions, convert_image
@@ -32,9 +31,9 @@ ROUNDS = 1000
 """md5sum passes of the container over its four files."""
 
 
-async def _publish(registry, tmp_path: Path) -> tuple[CheckableImage, str]:
-    image = checkable_image(31, files=4, size=2 << 20)
-    built = build_image(image.spec, tmp_path / "layout", "v1")
+async def _publish(registry, tmp_path: Path, seed: int = 31) -> tuple[CheckableImage, str]:
+    image = checkable_image(seed, files=4, size=2 << 20)
+    built = build_image(image.spec, tmp_path / f"layout-{seed}", "v1")
     reference = f"{registry.host}/rig/survive-{uuid.uuid4().hex[:8]}:v1"
     async with RegistryClient() as client:
         await push_image(client, reference, built)
@@ -65,8 +64,14 @@ def _sums(output: str) -> list[tuple[str, str]]:
 async def test_a_container_reading_in_a_loop_never_notices_twenty_agent_crashes(
     registry, tmp_path, containerd_factory
 ):
+    """SIGKILL at random points: while the container's first reads fetch and the
+    background fill fetches and writes the cache, while it only reads the cache, and
+    while a restarted agent is still restoring its layers (every fourth kill). Every
+    sum is right, and afterwards a new image still starts lazily."""
     image, reference = await _publish(registry, tmp_path)
-    agent = _agent(tmp_path).start()
+    later, later_reference = await _publish(registry, tmp_path, seed=32)
+    fill = {"background_fill": True, "background_fill_delay_s": 0.5}
+    agent = _agent(tmp_path, **fill).start()
     containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
     await asyncio.to_thread(containerd.cri_pull_image, reference)
     loop = f"i=0; while [ $i -lt {ROUNDS} ]; do md5sum /data/*.bin; i=$((i+1)); done"
@@ -91,14 +96,27 @@ async def test_a_container_reading_in_a_loop_never_notices_twenty_agent_crashes(
         )
         kills = 0
         while kills < 20 and not running.done():
-            await asyncio.sleep(rng.uniform(0.2, 1.2))
+            await asyncio.sleep(rng.uniform(0.05, 1.2))
             agent.kill()
             kills += 1
+            if kills % 4 == 0:  # the next one dies while restoring its layers
+                agent = _agent(tmp_path, **fill).launch()
+                await asyncio.sleep(rng.uniform(0.3, 1.0))
+                agent.kill()
             await asyncio.sleep(rng.uniform(0.0, 0.5))  # readers wait meanwhile
-            agent = await asyncio.to_thread(_agent(tmp_path).start)
+            agent = await asyncio.to_thread(_agent(tmp_path, **fill).start)
         assert kills == 20, "the container finished before the agent was killed 20 times"
         run = await running
         assert agent.metric("acceld_fuse_resumes_total") == 1  # this agent's own resume
+        await asyncio.to_thread(containerd.cri_pull_image, later_reference)
+        fresh = await asyncio.to_thread(
+            containerd.run_container,
+            later_reference,
+            f"later-{uuid.uuid4().hex[:8]}",
+            snapshotter=ACCELD_SNAPSHOTTER,
+            namespace=CRI_NAMESPACE,
+        )
+        assert agent.metric('acceld_layers_total{mode="lazy"}') >= 1
     finally:
         stop.set()
         agent.stop()
@@ -107,6 +125,7 @@ async def test_a_container_reading_in_a_loop_never_notices_twenty_agent_crashes(
     assert len(sums) == ROUNDS * len(image.expected)
     wrong = [(path, digest) for path, digest in sums if image.expected[path] != digest]
     assert wrong == []
+    assert dict(_sums(fresh.stdout)) == later.expected
 
 
 async def test_a_new_agent_takes_over_from_a_running_one_and_the_reader_never_notices(
@@ -139,11 +158,14 @@ async def test_a_new_agent_takes_over_from_a_running_one_and_the_reader_never_no
                 timeout=600,
             )
         )
+        stalls = []
         for _ in range(5):
             await asyncio.sleep(0.5)
             successor = await asyncio.to_thread(_agent(tmp_path).start)
             assert await asyncio.to_thread(agent.wait_exit) == 0
             agent = successor
+            stalls.append(agent.metric("acceld_fuse_resume_gap_seconds"))
+        print(f"longest read stall over 5 takeovers: {max(stalls):.3f} s (each: {stalls})")
         assert not running.done(), "the container finished before the last takeover"
         run = await running
         assert agent.metric("acceld_fuse_resumes_total") == 1
@@ -172,10 +194,13 @@ async def test_without_an_agent_readers_get_eio_after_the_grace_period(
         data = next(p for layer in layers for p in layer.rglob("f0.bin"))
         agent.kill()
         started = time.monotonic()
-        with pytest.raises(OSError):
-            await asyncio.wait_for(asyncio.to_thread(data.read_bytes), 30)
+        # A process of its own: one left in D state would not return at all.
+        reader = await asyncio.to_thread(
+            subprocess.run, ["cat", str(data)], capture_output=True, timeout=60, check=False
+        )
         waited = time.monotonic() - started
-        assert 1.5 < waited < 15, waited
+        assert reader.returncode != 0 and not reader.stdout, reader
+        assert 1.5 < waited < 2.0 + 5, waited  # the grace period plus a few seconds
         assert not is_mounted(agent.mountpoint)
     finally:
         agent.stop()
