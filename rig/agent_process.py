@@ -178,10 +178,10 @@ class AgentProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.05)
-            os.kill(pid, signal.SIGKILL)
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.02)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
         pid_file.unlink(missing_ok=True)
 
     def wait_exit(self, timeout: float = 60.0) -> int:
@@ -219,3 +219,13 @@ class AgentProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: the keeper is not our child, so once it has exited it
+    may stay a zombie until init reaps it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.fs.fuse_connection import mount_connection
+from agent.fs.fuse_connection import FuseConnection, mount_connection
 from agent.fs.keeper import send_message
 from agent.fs.keeper_client import KeeperBusyError, KeeperClient
 from agent.fs.mount import is_mounted
@@ -56,16 +56,24 @@ async def _client(sock: Path, tmp_path: Path) -> KeeperClient:
     return await KeeperClient.connect(sock, 1.5, False, tmp_path / "keeper.log")
 
 
+async def _agent_holding(sock: Path, tmp_path: Path) -> tuple[KeeperClient, FuseConnection]:
+    """An agent that found nothing held, mounted a new connection at ``tmp_path/mnt``
+    and gave it to the keeper (only the keeper's descriptor keeps it now)."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    agent = await _client(sock, tmp_path)
+    assert await agent.attach(mountpoint) is None
+    connection = await asyncio.to_thread(mount_connection, mountpoint)
+    await agent.hold(mountpoint, connection)
+    os.close(connection.fd)
+    return agent, connection
+
+
 async def test_the_connection_is_held_for_the_next_agent_and_served_by_one(
     keeper: Path, tmp_path: Path
 ) -> None:
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    first = await _client(keeper, tmp_path)
-    assert await first.attach(mountpoint) is None  # nothing held yet: mount one
-    connection = await asyncio.to_thread(mount_connection, mountpoint)
-    await first.hold(mountpoint, connection)
-    os.close(connection.fd)  # the keeper's own descriptor keeps the connection
+    first, connection = await _agent_holding(keeper, tmp_path)
     second = await _client(keeper, tmp_path)
     with pytest.raises(KeeperBusyError):
         await second.attach(mountpoint, takeover=False)
@@ -87,12 +95,7 @@ async def test_after_the_grace_period_readers_get_an_error_and_the_mount_goes(
     keeper: Path, tmp_path: Path
 ) -> None:
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    agent = await _client(keeper, tmp_path)
-    await agent.attach(mountpoint)
-    connection = await asyncio.to_thread(mount_connection, mountpoint)
-    await agent.hold(mountpoint, connection)
-    os.close(connection.fd)
+    agent, _ = await _agent_holding(keeper, tmp_path)
     agent.close()
     started = time.monotonic()
     with pytest.raises(OSError):  # nobody serves it: the lookup waits for the abort
@@ -127,15 +130,9 @@ async def test_a_connection_aborted_meanwhile_is_not_handed_over(
     """An operator (or the scale-up benchmark's unwedging) aborted it through fusectl:
     the next agent gets none and mounts a new one."""
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    agent = await _client(keeper, tmp_path)
-    await agent.attach(mountpoint)
-    connection = await asyncio.to_thread(mount_connection, mountpoint)
-    await agent.hold(mountpoint, connection)
+    agent, connection = await _agent_holding(keeper, tmp_path)
     agent.close()
     (connection.control_dir / "abort").write_text("1")
-    assert not connection.alive()
-    os.close(connection.fd)
     successor = await _client(keeper, tmp_path)
     assert await successor.attach(mountpoint) is None
     assert not is_mounted(mountpoint)
@@ -185,12 +182,7 @@ async def test_a_keeper_an_agent_started_exits_once_it_holds_nothing(tmp_path: P
     process = _spawn_keeper(sock, "--grace", "1", "--exit-idle")
     try:
         mountpoint = tmp_path / "mnt"
-        mountpoint.mkdir()
-        agent = await _client(sock, tmp_path)
-        await agent.attach(mountpoint)
-        connection = await asyncio.to_thread(mount_connection, mountpoint)
-        await agent.hold(mountpoint, connection)
-        os.close(connection.fd)
+        agent, _ = await _agent_holding(sock, tmp_path)
         await asyncio.sleep(1.5)
         assert process.poll() is None  # an agent is attached
         agent.close()

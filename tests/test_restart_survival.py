@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from agent.fs.mount import is_mounted
 from converter.convert import ConvertOptions, convert_image
@@ -54,6 +55,33 @@ def _drop_caches_until(stop: threading.Event) -> None:
             knob.write("3")
 
 
+def _reading_container(containerd, reference: str, prefix: str) -> asyncio.Future[Any]:
+    """A container that md5sums its data files ``ROUNDS`` times, running meanwhile."""
+    loop = f"i=0; while [ $i -lt {ROUNDS} ]; do md5sum /data/*.bin; i=$((i+1)); done"
+    return asyncio.ensure_future(
+        asyncio.to_thread(
+            containerd.run_container,
+            reference,
+            f"{prefix}-{uuid.uuid4().hex[:8]}",
+            "/bin/sh",
+            "-c",
+            loop,
+            snapshotter=ACCELD_SNAPSHOTTER,
+            namespace=CRI_NAMESPACE,
+            check=False,
+            timeout=600,
+        )
+    )
+
+
+def _assert_every_sum_right(run: subprocess.CompletedProcess[str], image: CheckableImage) -> None:
+    """The container ran all its rounds, every read answered with the image's bytes."""
+    assert run.returncode == 0, run.stdout[-2000:]
+    sums = _sums(run.stdout)
+    assert len(sums) == ROUNDS * len(image.expected)
+    assert [(path, digest) for path, digest in sums if image.expected[path] != digest] == []
+
+
 def _sums(output: str) -> list[tuple[str, str]]:
     """(path, md5) of each line md5sum printed; anything else fails the test."""
     lines = [line.split() for line in output.splitlines() if line.strip()]
@@ -74,26 +102,12 @@ async def test_a_container_reading_in_a_loop_never_notices_twenty_agent_crashes(
     agent = _agent(tmp_path, **fill).start()
     containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
     await asyncio.to_thread(containerd.cri_pull_image, reference)
-    loop = f"i=0; while [ $i -lt {ROUNDS} ]; do md5sum /data/*.bin; i=$((i+1)); done"
     stop = threading.Event()
     dropper = threading.Thread(target=_drop_caches_until, args=(stop,), daemon=True)
     dropper.start()
     rng = random.Random(23)
     try:
-        running = asyncio.ensure_future(
-            asyncio.to_thread(
-                containerd.run_container,
-                reference,
-                f"survive-{uuid.uuid4().hex[:8]}",
-                "/bin/sh",
-                "-c",
-                loop,
-                snapshotter=ACCELD_SNAPSHOTTER,
-                namespace=CRI_NAMESPACE,
-                check=False,
-                timeout=600,
-            )
-        )
+        running = _reading_container(containerd, reference, "survive")
         kills = 0
         while kills < 20 and not running.done():
             await asyncio.sleep(rng.uniform(0.05, 1.2))
@@ -120,11 +134,7 @@ async def test_a_container_reading_in_a_loop_never_notices_twenty_agent_crashes(
     finally:
         stop.set()
         agent.stop()
-    assert run.returncode == 0, run.stdout[-2000:]
-    sums = _sums(run.stdout)
-    assert len(sums) == ROUNDS * len(image.expected)
-    wrong = [(path, digest) for path, digest in sums if image.expected[path] != digest]
-    assert wrong == []
+    _assert_every_sum_right(run, image)
     assert dict(_sums(fresh.stdout)) == later.expected
 
 
@@ -139,25 +149,11 @@ async def test_a_new_agent_takes_over_from_a_running_one_and_the_reader_never_no
     agent = _agent(tmp_path).start()
     containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
     await asyncio.to_thread(containerd.cri_pull_image, reference)
-    loop = f"i=0; while [ $i -lt {ROUNDS} ]; do md5sum /data/*.bin; i=$((i+1)); done"
     stop = threading.Event()
     dropper = threading.Thread(target=_drop_caches_until, args=(stop,), daemon=True)
     dropper.start()
     try:
-        running = asyncio.ensure_future(
-            asyncio.to_thread(
-                containerd.run_container,
-                reference,
-                f"upgrade-{uuid.uuid4().hex[:8]}",
-                "/bin/sh",
-                "-c",
-                loop,
-                snapshotter=ACCELD_SNAPSHOTTER,
-                namespace=CRI_NAMESPACE,
-                check=False,
-                timeout=600,
-            )
-        )
+        running = _reading_container(containerd, reference, "upgrade")
         stalls = []
         for _ in range(5):
             await asyncio.sleep(0.5)
@@ -172,10 +168,7 @@ async def test_a_new_agent_takes_over_from_a_running_one_and_the_reader_never_no
     finally:
         stop.set()
         agent.stop()
-    assert run.returncode == 0, run.stdout[-2000:]
-    sums = _sums(run.stdout)
-    assert len(sums) == ROUNDS * len(image.expected)
-    assert [(path, digest) for path, digest in sums if image.expected[path] != digest] == []
+    _assert_every_sum_right(run, image)
 
 
 async def test_without_an_agent_readers_get_eio_after_the_grace_period(

@@ -113,9 +113,12 @@ class KeeperClient:
                 return True
 
     def close(self) -> None:
-        """Leave: the keeper starts the grace period for what this agent served."""
+        """Leave: the keeper starts the grace period for what this agent served. Shut
+        down first: closing alone does not wake a thread waiting in ``drain_requested``,
+        and the process would wait for that thread at exit."""
         with contextlib.suppress(OSError):
-            self._sock.close()
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
 
 
 def _spawn(socket_path: Path, grace_s: float, log_path: Path) -> None:
