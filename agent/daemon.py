@@ -226,12 +226,7 @@ class Agent:
         mountpoint = config.fuse_mountpoint
         slots_path = config.root / "fuse-inodes.json"
         if config.keeper:
-            self.keeper = await KeeperClient.connect(
-                config.keeper_address,
-                config.keeper_grace_s,
-                config.keeper_spawn,
-                config.root / "keeper.log",
-            )
+            self.keeper = await self._connect_keeper()
             held = await self._attach_when_free(self.keeper, mountpoint)
             if held is not None:
                 connection, gap = held
@@ -254,6 +249,15 @@ class Agent:
         if self.keeper is not None:
             await self.keeper.hold(mountpoint, connection)
         return connection, slots
+
+    async def _connect_keeper(self) -> KeeperClient:
+        config = self.config
+        return await KeeperClient.connect(
+            config.keeper_address,
+            config.keeper_grace_s,
+            config.keeper_spawn,
+            config.root / "keeper.log",
+        )
 
     async def _attach_when_free(
         self, keeper: KeeperClient, mountpoint: Path
@@ -348,12 +352,7 @@ class Agent:
             log.error("keeper.lost", socket=str(config.keeper_address))
             self.keeper.close()
             try:
-                self.keeper = await KeeperClient.connect(
-                    config.keeper_address,
-                    config.keeper_grace_s,
-                    config.keeper_spawn,
-                    config.root / "keeper.log",
-                )
+                self.keeper = await self._connect_keeper()
                 await self.keeper.hold(config.fuse_mountpoint, self.mount.connection)
             except OSError as exc:
                 log.error("keeper.unavailable", error=str(exc))

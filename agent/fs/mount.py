@@ -57,8 +57,8 @@ def mount_device(path: Path) -> str | None:
 
 def raise_read_ahead(path: Path, kib: int) -> None:
     """Let the kernel read ahead ``kib`` KiB on our mount: with the default 128 KiB every
-    sequential read costs a FUSE round trip per 128 KiB (bench/fuse_throughput, cached
-    1 GiB file: 295-297 MB/s at 128 KiB, 696-771 MB/s at 1 MiB)."""
+    sequential read costs a FUSE round trip per 128 KiB (`bench.fuse_throughput` prints
+    both; docs/bench/design-figures.md)."""
     device = mount_device(path)
     if device is None:
         return
