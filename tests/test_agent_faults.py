@@ -242,6 +242,7 @@ async def test_running_container_when_the_agent_dies(
         assert not unread.done(), "a read answered while no agent ran"
         agent = AgentProcess(tmp_path / "agent", extra_args=["--no-background-fill"]).start()
         waited = await unread
+        await asyncio.to_thread(containerd.wait_for_snapshotter)
         read_again = await asyncio.to_thread(exec_in, "md5sum", "/bin/busybox")
         fresh = await asyncio.to_thread(_run, containerd, image)
     finally:

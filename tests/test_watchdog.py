@@ -380,7 +380,9 @@ def test_every_handler_of_layerfs_is_covered_here() -> None:
         for name, value in vars(LayerFS).items()
         if name in vars(pyfuse3.Operations) and callable(value)
     }
-    assert handlers == set(HANDLER_CALLS)
+    # libfuse calls init while it handles INIT, before it replies itself: no request of
+    # the kernel's waits for an answer from it (agent.fs.mount swaps the connection in).
+    assert handlers - {"init"} == set(HANDLER_CALLS)
 
 
 @pytest.mark.parametrize("op", sorted(HANDLER_CALLS))
