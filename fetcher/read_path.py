@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunk_reader import ChunkReader
 from fetcher.fetch_stats import FetchStats
-from fetcher.memory_budget import MemoryBudget
 from fetcher.registry import RegistryClient
 from fetcher.request_queue import RequestQueues
 from fetcher.scheduler import ChunkFetcher
@@ -26,7 +25,6 @@ class ReadPath:
     """The parts; ``reader`` is what reads ask, ``fetcher`` what prefetch and fill ask."""
 
     cache: ChunkCache
-    memory: MemoryBudget
     store: WriteBehindCache
     fetcher: ChunkFetcher
     reader: ChunkReader
@@ -61,7 +59,7 @@ class ReadPath:
             max_request_bytes=max_request_bytes,
             demand_timeout=demand_timeout,
         )
-        return cls(cache, memory, store, fetcher, ChunkReader(store, fetcher, stats), stats)
+        return cls(cache, store, fetcher, ChunkReader(store, fetcher, stats), stats)
 
     async def close(self) -> None:
         """Stop fetching, then write what the write-behind still holds."""

@@ -630,4 +630,4 @@ async def test_nothing_held_is_lost_at_close_and_the_budget_is_given_back(
     assert not any(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
     await parts.close()
     assert all(_cached(parts, layer.blob, c) for c in layer.chunks[:6])
-    assert parts.memory.used == 0
+    assert parts.cache.memory.used == 0
