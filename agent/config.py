@@ -25,6 +25,9 @@ class AgentConfig:
     layer's landmark area, the converter's prefetch list). ``profiles``: fetch ahead
     what the fleet learned its starts read (the image's profile from the registry).
     Either works without the other; ``record_profiles`` is what teaches the fleet.
+    ``profile_inheritance``: an image without a profile of its own takes the plan of a
+    predecessor's (`profiles.inherit`): another version in its repository, or an image
+    whose layers it shares.
 
     ``allowed_registries``: the registries the agent may contact; empty means any.
     Entries are ``host:port`` (exactly that), ``host`` (any port) or ``*.domain``
@@ -76,6 +79,7 @@ class AgentConfig:
     watchdog_request_threshold_s: float = 30.0
     log_level: str = "INFO"
     profiles: bool = True
+    profile_inheritance: bool = True
     record_profiles: bool = True
     record_starts: int = 3
     profile_sample_rate: float = 0.1
