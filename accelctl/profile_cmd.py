@@ -28,6 +28,8 @@ from profiles.coverage import size_of
 from profiles.format import Profile, ProfileFormatError, parse, serialize
 from profiles.learn import from_trace, merge_all
 from profiles.plan import median_first_access, prefetch_plan
+from profiles.predecessors import Inheritance, ProfileInheritance
+from profiles.provenance import conversion_runs
 from profiles.registry_sync import fetch_profile, push_run_profile
 from profiles.trace import Outcome
 from tracer.availability import TracerUnavailable
@@ -38,10 +40,15 @@ def render_profile(console: Console, profile: Profile) -> None:
     """The plan as a table: what startup reads, in the order it reads it."""
     stats = {(s.layer, str(PlanPath(s.path, False))): s for s in profile.files}
     runs = profile.runs
+    at_conversion = conversion_runs(profile)
     console.print(
         f"image {profile.image}: {runs.count} run(s) on {len(runs.nodes)} node(s), "
         f"sources {', '.join(f'{n} ({c})' for n, c in runs.sources) or '-'}"
         + (f", {runs.page_cache_blind} blind to page-cache hits" if runs.page_cache_blind else "")
+    )
+    console.print(
+        "origin: own profile"
+        + (f", {at_conversion} run(s) recorded at conversion" if at_conversion else "")
     )
     table = Table("#", "first access", "layer", "path", "bytes", "runs")
     total = 0
@@ -61,22 +68,49 @@ def render_profile(console: Console, profile: Profile) -> None:
     console.print(f"{total:,} bytes to prefetch")
 
 
+def render_inherited(console: Console, image: str, found: Inheritance) -> None:
+    """An inherited plan: where it comes from, what the mapping kept, in fetch order."""
+    plan = found.plan
+    console.print(
+        f"image {image}: no profile of its own\n"
+        f"origin: inherited from {found.reference} ({plan.shared_layers} shared layer(s)): "
+        f"{plan.exact} entries exact, {plan.by_path} by path, {plan.dropped} dropped "
+        f"(layers not shared), {plan.cut} over the byte bound"
+    )
+    table = Table("#", "layer", "path", "bytes")
+    for number, entry in enumerate(plan.entries, 1):
+        layer = entry.layer[:19] if entry.layer else "(by path)"
+        table.add_row(str(number), layer, entry.path, f"{size_of(entry.ranges or ()):,}")
+    console.print(table)
+    console.print(f"{plan.planned_bytes:,} bytes to prefetch")
+
+
 def _learned(options: dict[str, object], image: str) -> Profile:
     """IMAGE's merged profile from the registry, or a clear error for the command."""
+    found = _lookup(options, image, inherit=False)
+    if not isinstance(found, Profile):
+        raise click.ClickException(f"no profile has been learned for {image} yet")
+    return found
 
-    async def fetch() -> Profile | None:
+
+def _lookup(options: dict[str, object], image: str, inherit: bool) -> Profile | Inheritance | None:
+    """IMAGE's own merged profile; without one (and ``inherit``), what the agent would
+    inherit for it (`profiles.predecessors`)."""
+
+    async def fetch() -> Profile | Inheritance | None:
         ref = ImageReference.parse(image)
         async with make_client(**options) as client:  # type: ignore[arg-type]
             resolved = await client.resolve(ref)
-            return await fetch_profile(client, ref, resolved.manifest_digest)
+            own = await fetch_profile(client, ref, resolved.manifest_digest)
+            if own is not None or not inherit:
+                return own
+            layers = tuple(layer.digest for layer in resolved.manifest.layers)
+            return await ProfileInheritance(client).find(ref, resolved.manifest_digest, layers)
 
     try:
-        found = asyncio.run(fetch())
+        return asyncio.run(fetch())
     except (RegistryError, ProfileFormatError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    if found is None:
-        raise click.ClickException(f"no profile has been learned for {image} yet")
-    return found
 
 
 @click.group("profile")
@@ -88,8 +122,18 @@ def profile() -> None:
 @click.argument("image")
 @registry_options
 def show(image: str, **options: object) -> None:
-    """Print what IMAGE's startup reads, as the fleet learned it."""
-    render_profile(Console(), _learned(options, image))
+    """Print what IMAGE's startup reads, as the fleet learned it, and where that came
+    from: its own profile (and how many runs were recorded at conversion), or without
+    one the predecessor's that a node would inherit."""
+    found = _lookup(options, image, inherit=True)
+    if found is None:
+        raise click.ClickException(
+            f"no profile has been learned for {image} yet, and no predecessor has one"
+        )
+    if isinstance(found, Profile):
+        render_profile(Console(), found)
+    else:
+        render_inherited(Console(), image, found)
 
 
 @profile.command("pull")

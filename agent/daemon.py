@@ -47,6 +47,7 @@ from fetcher.memory_budget import MemoryBudget
 from fetcher.read_path import ReadPath
 from fetcher.registry import RegistryClient
 from fetcher.registry_policy import RegistryPolicy
+from profiles.predecessors import ProfileInheritance
 
 log = get_logger(__name__)
 CACHE_GAUGE_INTERVAL = 5.0
@@ -159,6 +160,7 @@ class Agent:
             sessions,
             prefetch=config.prefetch,
             profiles=config.profiles,
+            inheritance=ProfileInheritance(self.client) if config.profile_inheritance else None,
         )
         # The allow-list is enforced by the client's policy, under every request (also
         # profile and twin lookups), with its host/wildcard rules: discovery's own

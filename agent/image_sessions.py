@@ -20,12 +20,14 @@ from profiles.plan import PrefetchEntry
 class PlanSource(enum.IntEnum):
     """Where a prefetch plan entry comes from. Every source resolves by the same rules
     (`agent.plan_resolver`); the order is the order entries go to the fetcher: the
-    learned plan first (it is ordered by need), then what the image itself names (the
+    learned plan first (it is ordered by need; the image's own profile, or, without
+    one, a predecessor's: `profiles.inherit`), then what the image itself names (the
     eStargz landmark area, the converter's list), which is not."""
 
     LEARNED = 0
-    LANDMARK = 1
-    LISTED = 2
+    INHERITED = 1
+    LANDMARK = 2
+    LISTED = 3
 
 
 @dataclass
@@ -41,7 +43,8 @@ class ImageSession:
     starts_recorded: int = 0
     recording: bool = False
     plans: dict[PlanSource, list[PrefetchEntry]] = field(default_factory=dict)
-    """The prefetch plan, by source (the learned one once fetched from the registry)."""
+    """The prefetch plan, by source (the learned or inherited one once fetched from the
+    registry)."""
     planned: set[tuple[PlanSource, int]] = field(default_factory=set)
     """Plan entries (source, position) already handed to the fetcher."""
     prepared: bool = False

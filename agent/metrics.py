@@ -60,6 +60,12 @@ PREFETCH_CHUNKS = Counter(
     ["source"],
     registry=REGISTRY,
 )
+PROFILE_PLANS = Counter(
+    "acceld_profile_plans_total",
+    "Learned plans loaded at an image's first Prepare, by origin (own, inherited, none)",
+    ["origin"],
+    registry=REGISTRY,
+)
 FUSE_RESUMES = Counter(
     "acceld_fuse_resumes_total",
     "FUSE connections taken over from an earlier agent (restarts, crashes)",

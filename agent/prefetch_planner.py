@@ -3,7 +3,8 @@
 Two settings over the plan's sources (`agent.image_sessions.PlanSource`): ``prefetch``
 covers what the image itself says startup needs (an eStargz layer's landmark area, the
 converter's prefetch list), ``profiles`` what the fleet learned (the image's profile,
-fetched from the registry at its first Prepare). The planner keeps each image's session,
+fetched from the registry at its first Prepare; without one, a predecessor's, mapped
+into the image's layers: `profiles.inherit`). The planner keeps each image's session,
 hears discovery's hooks (a layer decoded, a TOC about to be parsed) and the provider's
 (a layer mounted), and hands plan entries to the fetcher as soon as the one resolver
 (`agent.plan_resolver`) can place them in the image's layers.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent import metrics
@@ -25,6 +27,7 @@ from common.logging import get_logger
 from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import BlobSource, FetcherClosedError, Priority
 from fetcher.errors import RegistryError
+from fetcher.manifest import ImageManifest
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
@@ -32,6 +35,8 @@ from fetcher.warming import WARM_MAX_BYTES
 from formats.estargz_extents import Extent, WantedFile, member_extents
 from profiles.format import ProfileFormatError
 from profiles.plan import PrefetchEntry, prefetch_plan
+from profiles.predecessors import Inheritance, ProfileInheritance
+from profiles.provenance import conversion_runs
 from profiles.registry_sync import fetch_profile
 
 log = get_logger(__name__)
@@ -41,24 +46,88 @@ PLAN_TTL_S = 120.0
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class LoadedPlan:
+    """An image's learned plan and where it came from: ``LEARNED`` (its own profile) or
+    ``INHERITED`` (a predecessor's, `profiles.inherit`)."""
+
+    source: PlanSource
+    entries: list[PrefetchEntry]
+
+
+NO_PLAN = LoadedPlan(PlanSource.LEARNED, [])
+
+
 async def load_plan(
-    client: RegistryClient, reference: ImageReference, manifest_digest: str
-) -> list[PrefetchEntry]:
-    """The image's learned prefetch plan; empty when it has no profile or the profile
-    cannot be had (prefetching is an optimisation, never a reason to fail a pull)."""
+    client: RegistryClient,
+    reference: ImageReference,
+    manifest_digest: str,
+    inheritance: ProfileInheritance | None = None,
+) -> LoadedPlan:
+    """The image's learned prefetch plan: its own profile's, else (with ``inheritance``)
+    a predecessor's; empty when there is none or it cannot be had (prefetching is an
+    optimisation, never a reason to fail a pull)."""
     try:
         profile = await fetch_profile(client, reference, manifest_digest)
     except (RegistryError, ProfileFormatError, ValueError) as exc:
         log.warning("profile.fetch_failed", image=str(reference), error=str(exc))
-        return []
-    plan = prefetch_plan(profile) if profile is not None else []
+        return NO_PLAN
+    if profile is not None:
+        plan = prefetch_plan(profile)
+        if inheritance is not None:
+            inheritance.remember(reference, profile)
+        metrics.PROFILE_PLANS.labels("own").inc()
+        log.info(
+            "profile.loaded",
+            image=str(reference),
+            origin="own",
+            entries=len(plan),
+            runs=profile.runs.count,
+            conversion_runs=conversion_runs(profile),
+        )
+        return LoadedPlan(PlanSource.LEARNED, plan)
+    found = await _inherited(client, reference, manifest_digest, inheritance)
+    if found is None:
+        metrics.PROFILE_PLANS.labels("none").inc()
+        log.info("profile.loaded", image=str(reference), origin="none", entries=0, runs=0)
+        return NO_PLAN
+    inherited = found.plan
+    metrics.PROFILE_PLANS.labels("inherited").inc()
     log.info(
         "profile.loaded",
         image=str(reference),
-        entries=len(plan),
-        runs=profile.runs.count if profile else 0,
+        origin="inherited",
+        inherited_from=inherited.source,
+        inherited_image=str(found.reference),
+        entries=len(inherited.entries),
+        exact=inherited.exact,
+        by_path=inherited.by_path,
+        dropped=inherited.dropped,
+        cut=inherited.cut,
+        shared_layers=inherited.shared_layers,
+        planned_bytes=inherited.planned_bytes,
     )
-    return plan
+    return LoadedPlan(PlanSource.INHERITED, list(inherited.entries))
+
+
+async def _inherited(
+    client: RegistryClient,
+    reference: ImageReference,
+    manifest_digest: str,
+    inheritance: ProfileInheritance | None,
+) -> Inheritance | None:
+    """A predecessor's plan for an image without a profile, or None (never an error)."""
+    if inheritance is None:
+        return None
+    try:
+        fetched = await client.get_manifest(reference.with_digest(manifest_digest))
+        if not isinstance(fetched.parsed, ImageManifest):
+            return None
+        layers = tuple(layer.digest for layer in fetched.parsed.layers)
+        return await inheritance.find(reference, manifest_digest, layers)
+    except (RegistryError, ProfileFormatError, ValueError) as exc:
+        log.warning("profile.inherit_failed", image=str(reference), error=str(exc))
+        return None
 
 
 class PrefetchPlanner:
@@ -72,6 +141,7 @@ class PrefetchPlanner:
         sessions: ImageSessions,
         prefetch: bool = True,
         profiles: bool = True,
+        inheritance: ProfileInheritance | None = None,
     ) -> None:
         self.client = client
         self.fetcher = fetcher
@@ -79,8 +149,10 @@ class PrefetchPlanner:
         self.sessions = sessions
         self.prefetch = prefetch
         self.profiles = profiles
+        self.inheritance = inheritance
+        """Finds a predecessor's profile for images without one (None: never)."""
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._plans: dict[str, asyncio.Task[list[PrefetchEntry]]] = {}
+        self._plans: dict[str, asyncio.Task[LoadedPlan]] = {}
         """Learned plans being fetched for images whose first layer is being prepared."""
         self._early: dict[str, dict[str, EarlyLayer]] = {}
         """Manifest digest -> layer digest -> a layer decoded but not mounted yet."""
@@ -184,7 +256,7 @@ class PrefetchPlanner:
         plan = [entry for _, entry in session.plan_entries()] if session is not None else []
         task = self._plans.get(manifest_digest)
         if task is not None and task.done() and not task.cancelled() and not task.exception():
-            plan += task.result()  # not in the session yet
+            plan += task.result().entries  # not in the session yet
         return warm_files(plan, layer_digest)
 
     def _warm(self, blob: BlobSource, extents: list[Extent]) -> None:
@@ -208,11 +280,11 @@ class PrefetchPlanner:
 
     def _plan_fetch(
         self, reference: ImageReference, manifest_digest: str
-    ) -> asyncio.Task[list[PrefetchEntry]]:
+    ) -> asyncio.Task[LoadedPlan]:
         """The image's plan fetch: the one under way, else a new one."""
         task = self._plans.get(manifest_digest)
         if task is None:
-            task = self._spawn(load_plan(self.client, reference, manifest_digest))
+            task = self._spawn(load_plan(self.client, reference, manifest_digest, self.inheritance))
             self._plans[manifest_digest] = task
             # A pull whose layers all fall back never collects it.
             asyncio.get_running_loop().call_later(
@@ -228,9 +300,10 @@ class PrefetchPlanner:
         return task
 
     async def _prefetch_profile(
-        self, session: ImageSession, plan: asyncio.Task[list[PrefetchEntry]]
+        self, session: ImageSession, plan: asyncio.Task[LoadedPlan]
     ) -> None:
-        session.add_plan(PlanSource.LEARNED, await plan)
+        loaded = await plan
+        session.add_plan(loaded.source, loaded.entries)
         self._enqueue_plan(session)
 
     def _enqueue_plan(self, session: ImageSession) -> None:

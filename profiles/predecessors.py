@@ -1,0 +1,216 @@
+"""Finding the profile an image without one of its own can inherit (`profiles.inherit`).
+
+Where a new version's predecessors are: the other tags of its repository, which the
+registry lists, and images this node has met that share its layers (whatever their
+repository; a registry cannot be asked which images hold a layer, the node can
+remember). Look-ups are bounded, because they run while a pod waits for its image:
+
+- at most MAX_TAGS tags are considered, in natural order from the highest (``v10``
+  after ``v9``: the usual shape of version tags), and the manifests of at most
+  MAX_CANDIDATES of them are read, with their configs (for ``created``);
+- candidates are ranked by how many layers they share with the image (shared layers
+  give exact entries), then same repository first, then newest first; the referrers of
+  at most MAX_PROFILE_LOOKUPS of them are asked for a profile, in that order, and the
+  first found is taken.
+
+Anything the registry does wrong here (a tag that vanished, a manifest that is not an
+image, an index without this platform) skips that candidate: inheriting is a guess that
+makes a start faster, never a reason for one to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+from common.logging import get_logger
+from fetcher import mediatypes as mt
+from fetcher.errors import ManifestError, RegistryError
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from profiles.format import Profile, ProfileFormatError
+from profiles.inherit import InheritedPlan, inherit
+from profiles.registry_sync import fetch_profile
+
+log = get_logger(__name__)
+
+MAX_TAGS = 256
+MAX_CANDIDATES = 12
+MAX_PROFILE_LOOKUPS = 4
+MAX_CONFIG_BYTES = 1 << 20
+LOOKUP_CONCURRENCY = 4
+REMEMBERED_PROFILES = 16
+"""Profiles of images met on this node kept for images of other repositories sharing
+their layers (each at most a few MB parsed; this bounds the memory they take)."""
+CANDIDATE_TTL_S = 60.0
+"""How long a repository's candidates are reused: pods of one rollout start together."""
+
+_REFERRERS_TAG = re.compile(r"^(sha256|sha512)-[0-9a-f]+$")
+_SKIPPED = (RegistryError, ManifestError, ProfileFormatError, ValueError)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An image that may have a profile to inherit."""
+
+    reference: ImageReference
+    """Pinned to ``manifest_digest``; its tag (if any) is the one it was listed under."""
+    manifest_digest: str
+    layers: tuple[str, ...]
+    created: float
+
+
+@dataclass(frozen=True)
+class Inheritance:
+    """An inherited plan and the image it was learned on."""
+
+    plan: InheritedPlan
+    reference: ImageReference
+
+
+def _natural_key(tag: str) -> list[tuple[int, int | str]]:
+    """``v10`` sorts after ``v9``: digit runs compare as numbers."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", tag)]
+
+
+def version_tags(tags: list[str], limit: int = MAX_TAGS) -> list[str]:
+    """The tags worth reading, highest version first (referrers-schema tags are not
+    images: they are left out)."""
+    images = [tag for tag in tags if not _REFERRERS_TAG.match(tag)]
+    return sorted(images, key=_natural_key, reverse=True)[:limit]
+
+
+def _created(config: bytes) -> float:
+    try:
+        text = json.loads(config).get("created")
+        return datetime.fromisoformat(text).timestamp() if isinstance(text, str) else 0.0
+    except (ValueError, AttributeError, TypeError):
+        return 0.0
+
+
+async def read_candidate(client: RegistryClient, ref: ImageReference) -> Candidate | None:
+    """The image ``ref`` names (this host's platform), or None if it is not one."""
+    try:
+        resolved = await client.resolve(ref)
+        manifest = resolved.manifest
+        if manifest.artifact_type is not None or manifest.config.media_type == mt.OCI_EMPTY:
+            return None  # an artifact (an index-only form, a profile): not an image
+        config = await client.get_blob(ref, manifest.config.digest, max_size=MAX_CONFIG_BYTES)
+    except _SKIPPED as exc:
+        log.info("profile.candidate_skipped", image=str(ref), reason=str(exc))
+        return None
+    return Candidate(
+        ref.with_digest(resolved.manifest_digest),
+        resolved.manifest_digest,
+        tuple(layer.digest for layer in manifest.layers),
+        _created(config),
+    )
+
+
+def rank(candidates: list[Candidate], layers: tuple[str, ...], repository: str) -> list[Candidate]:
+    """Most shared layers first, then the image's own repository, then newest."""
+    wanted = set(layers)
+
+    def key(candidate: Candidate) -> tuple[int, bool, float]:
+        shared = len(wanted.intersection(candidate.layers))
+        return (-shared, candidate.reference.repository != repository, -candidate.created)
+
+    return sorted(candidates, key=key)
+
+
+class ProfileInheritance:
+    """Finds predecessors and their profiles; one per agent (or CLI run), whose memory of
+    met profiles and repository look-ups lets many starts of a rollout share one search."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+        self._remembered: OrderedDict[str, tuple[Candidate, Profile]] = OrderedDict()
+        self._repositories: dict[tuple[str, str], tuple[float, asyncio.Task[list[Candidate]]]] = {}
+
+    def remember(self, reference: ImageReference, profile: Profile) -> None:
+        """A profile this node loaded for an image of its own: a predecessor candidate
+        for images of any repository that share its layers."""
+        candidate = Candidate(
+            reference.with_digest(profile.image), profile.image, profile.layers, 0.0
+        )
+        self._remembered[profile.image] = (candidate, profile)
+        self._remembered.move_to_end(profile.image)
+        while len(self._remembered) > REMEMBERED_PROFILES:
+            self._remembered.popitem(last=False)
+
+    async def find(
+        self, reference: ImageReference, manifest_digest: str, layers: tuple[str, ...]
+    ) -> Inheritance | None:
+        """The plan inherited by image ``manifest_digest`` (``layers``, bottom to top),
+        or None when no predecessor has a profile."""
+        listed = await self._repository_candidates(reference)
+        known = {c.manifest_digest for c in listed}
+        shared = set(layers)
+        remembered = [
+            candidate
+            for candidate, _ in self._remembered.values()
+            if candidate.manifest_digest not in known and shared.intersection(candidate.layers)
+        ]
+        ranked = [
+            c
+            for c in rank(listed + remembered, layers, reference.repository)
+            if c.manifest_digest != manifest_digest
+        ]
+        for candidate in ranked[:MAX_PROFILE_LOOKUPS]:
+            profile = await self._profile_of(candidate)
+            if profile is None:
+                continue
+            same_repository = (candidate.reference.registry, candidate.reference.repository) == (
+                reference.registry,
+                reference.repository,
+            )
+            plan = inherit(profile, layers, by_path=same_repository)
+            if plan.entries:
+                return Inheritance(plan, candidate.reference)
+        return None
+
+    async def _profile_of(self, candidate: Candidate) -> Profile | None:
+        remembered = self._remembered.get(candidate.manifest_digest)
+        if remembered is not None:
+            return remembered[1]
+        try:
+            return await fetch_profile(self.client, candidate.reference, candidate.manifest_digest)
+        except _SKIPPED as exc:
+            log.info("profile.candidate_skipped", image=str(candidate.reference), reason=str(exc))
+            return None
+
+    async def _repository_candidates(self, reference: ImageReference) -> list[Candidate]:
+        key = (reference.registry, reference.repository)
+        now = time.monotonic()
+        for stale in [k for k, (at, _) in self._repositories.items() if now - at > CANDIDATE_TTL_S]:
+            del self._repositories[stale]
+        cached = self._repositories.get(key)
+        if cached is None or _failed(cached[1]):
+            cached = (now, asyncio.ensure_future(self._list_candidates(reference)))
+            self._repositories[key] = cached
+        return await asyncio.shield(cached[1])
+
+    async def _list_candidates(self, reference: ImageReference) -> list[Candidate]:
+        try:
+            tags = version_tags(await self.client.list_tags(reference))
+        except _SKIPPED as exc:
+            log.info("profile.tags_unlisted", repository=reference.repository, reason=str(exc))
+            return []
+        gate = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def one(tag: str) -> Candidate | None:
+            async with gate:
+                return await read_candidate(self.client, reference.with_tag(tag))
+
+        found = await asyncio.gather(*(one(tag) for tag in tags[:MAX_CANDIDATES]))
+        unique = {c.manifest_digest: c for c in found if c is not None}
+        return list(unique.values())
+
+
+def _failed(task: asyncio.Task[list[Candidate]]) -> bool:
+    return task.done() and (task.cancelled() or task.exception() is not None)
