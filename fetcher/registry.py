@@ -253,11 +253,12 @@ class RegistryClient:
         await raise_for_status(resp, f"manifest delete {ref}")
         resp.release()
 
-    async def list_tags(self, ref: ImageReference) -> list[str]:
-        """Every tag of the repository, following `Link` pagination."""
+    async def list_tags(self, ref: ImageReference, limit: int | None = None) -> list[str]:
+        """The repository's tags, following `Link` pagination: every one, or the first
+        ``limit`` (a registry that paginates forever is not followed forever)."""
         tags: list[str] = []
         url: str | None = f"{self.transport.base_url(ref.api_host)}/v2/{ref.repository}/tags/list"
-        while url:
+        while url and (limit is None or len(tags) < limit):
             resp = await self.transport.send("GET", self._target(ref), url)
             await raise_for_status(resp, f"tags of {ref.repository}")
             try:
@@ -269,7 +270,7 @@ class RegistryClient:
             tags.extend(t for t in (doc.get("tags") or []) if isinstance(t, str))
             link = resp.links.get("next")
             url = urljoin(str(resp.url), str(link["url"])) if link else None
-        return tags
+        return tags if limit is None else tags[:limit]
 
     # -- blobs -----------------------------------------------------------------------
 

@@ -5,9 +5,9 @@ registry lists, and images this node has met that share its layers (whatever the
 repository; a registry cannot be asked which images hold a layer, the node can
 remember). Look-ups are bounded, because they run while a pod waits for its image:
 
-- at most MAX_TAGS tags are considered, in natural order from the highest (``v10``
-  after ``v9``: the usual shape of version tags), and the manifests of at most
-  MAX_CANDIDATES of them are read, with their configs (for ``created``);
+- the first MAX_LISTED tags listed are read; the manifests of the MAX_CANDIDATES
+  highest, in natural order (``v10`` after ``v9``: the usual shape of version tags),
+  are read, with their configs (for ``created``);
 - candidates are ranked by how many layers they share with the image (shared layers
   give exact entries), then same repository first, then newest first; the referrers of
   at most MAX_PROFILE_LOOKUPS of them are asked for a profile, in that order, and the
@@ -39,7 +39,9 @@ from profiles.registry_sync import fetch_profile
 
 log = get_logger(__name__)
 
-MAX_TAGS = 256
+MAX_LISTED = 1000
+"""Tags read from the registry's listing (distribution pages them; a hostile one could
+forever)."""
 MAX_CANDIDATES = 12
 MAX_PROFILE_LOOKUPS = 4
 MAX_CONFIG_BYTES = 1 << 20
@@ -78,11 +80,11 @@ def _natural_key(tag: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|\D+", tag)]
 
 
-def version_tags(tags: list[str], limit: int = MAX_TAGS) -> list[str]:
+def version_tags(tags: list[str]) -> list[str]:
     """The tags worth reading, highest version first (referrers-schema tags are not
     images: they are left out)."""
     images = [tag for tag in tags if not _REFERRERS_TAG.match(tag)]
-    return sorted(images, key=_natural_key, reverse=True)[:limit]
+    return sorted(images, key=_natural_key, reverse=True)
 
 
 def _created(config: bytes) -> float:
@@ -197,7 +199,7 @@ class ProfileInheritance:
 
     async def _list_candidates(self, reference: ImageReference) -> list[Candidate]:
         try:
-            tags = version_tags(await self.client.list_tags(reference))
+            tags = version_tags(await self.client.list_tags(reference, MAX_LISTED))
         except _SKIPPED as exc:
             log.info("profile.tags_unlisted", repository=reference.repository, reason=str(exc))
             return []

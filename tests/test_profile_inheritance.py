@@ -97,7 +97,6 @@ def test_the_plan_never_names_more_bytes_than_a_start_of_the_predecessor_read():
 def test_version_tags_put_the_highest_version_first_and_skip_referrer_tags():
     tags = ["v9", "v10", "v2", "latest", "sha256-" + "0" * 64, "v10_accelerated"]
     assert version_tags(tags) == ["v10_accelerated", "v10", "v9", "v2", "latest"]
-    assert version_tags(tags, limit=2) == ["v10_accelerated", "v10"]
 
 
 def test_candidates_rank_by_shared_layers_then_repository_then_age():

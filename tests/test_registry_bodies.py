@@ -122,11 +122,18 @@ async def _app() -> web.Application:
     async def base(_: web.Request) -> web.Response:
         return web.Response(text="{}")
 
+    async def tags(request: web.Request) -> web.Response:
+        """A tag listing whose next page never stops coming."""
+        page = int(request.query.get("page", "0"))
+        link = f'</v2/{request.match_info["repo"]}/tags/list?page={page + 1}>; rel="next"'
+        return web.json_response({"tags": [f"t{page}a", f"t{page}b"]}, headers={"Link": link})
+
     app = web.Application()
     app.router.add_get("/v2/", base)
     app.router.add_get("/v2/{repo}/manifests/{reference}", manifest)
     app.router.add_get("/v2/{repo}/blobs/{digest}", blob)
     app.router.add_get("/v2/{repo}/referrers/{digest}", referrers)
+    app.router.add_get("/v2/{repo}/tags/list", tags)
     app.router.add_get("/v2/auth/manifests/{reference}", token_challenge)
     app.router.add_get("/token", token)
     return app
@@ -177,3 +184,11 @@ async def test_bodies_past_their_bound_are_refused(liar: ThreadedServer) -> None
         with pytest.raises(UnauthorizedError, match="token"):
             await client.get_manifest(ImageReference.parse(f"{liar.host}/auth:tag"))
     assert MAX_MANIFEST_BYTES < HUGE
+
+
+async def test_a_tag_listing_that_never_ends_is_read_only_as_far_as_asked(
+    liar: ThreadedServer,
+) -> None:
+    async with RegistryClient() as client:
+        listed = await client.list_tags(ImageReference.parse(f"{liar.host}/endless:tag"), 5)
+    assert listed == ["t0a", "t0b", "t1a", "t1b", "t2a"]
