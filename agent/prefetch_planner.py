@@ -329,3 +329,5 @@ class PrefetchPlanner:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.inheritance is not None:
+            await self.inheritance.close()

@@ -176,6 +176,14 @@ class ProfileInheritance:
                 return Inheritance(plan, candidate.reference)
         return None
 
+    async def close(self) -> None:
+        """Stop the repository listings under way (their starts are going away)."""
+        tasks = [task for _, task in self._repositories.values()]
+        self._repositories.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def _profile_of(self, candidate: Candidate) -> Profile | None:
         remembered = self._remembered.get(candidate.manifest_digest)
         if remembered is not None:
