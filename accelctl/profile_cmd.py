@@ -10,13 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from accelctl.cri.client import CRIError
-from accelctl.profile_record import (
-    Containerd,
-    RecordError,
-    image_chain_id,
-    run_trace,
-    traced_run,
-)
 from accelctl.pull_run import CRI_NAMESPACE, address_option, lazy_pull
 from accelctl.registry_options import make_client, registry_options
 from fetcher.credentials import CredentialStore
@@ -31,6 +24,13 @@ from profiles.plan import median_first_access, prefetch_plan
 from profiles.registry_sync import fetch_profile, push_run_profile
 from profiles.trace import Outcome
 from tracer.availability import TracerUnavailable
+from tracer.containerd_start import (
+    Containerd,
+    RecordError,
+    image_chain_id,
+    run_trace,
+    traced_run,
+)
 from tracer.trace import Tracer
 
 

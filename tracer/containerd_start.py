@@ -1,11 +1,12 @@
-"""`accelctl profile record`: trace one start of an image on this node, learn its profile.
+"""One start of an image through containerd, under the eBPF tracer, mapped to its layers.
 
-For operators who want a profile before the fleet has learned one (a new image, a
-pre-release check), or on nodes without the agent. It works with any snapshotter,
-because it asks containerd for the image's root file system mounts and maps each path
-the container touched to the topmost layer directory that holds it, as overlayfs
-does. The eBPF tracer follows containerd's children from before the container exists,
-so it sees the container from its first instruction.
+Shared by `accelctl profile record` (an operator records a start on a node) and the
+converter's recording at conversion (`converter.record_at_conversion`), so both learn
+from a start the same way. It works with any snapshotter, because it asks containerd
+for the image's root file system mounts and maps each path the container touched to
+the topmost layer directory that holds it, as overlayfs does. The eBPF tracer follows
+containerd's children from before the container exists, so it sees the container from
+its first instruction.
 """
 
 from __future__ import annotations
