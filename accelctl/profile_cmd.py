@@ -9,8 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from accelctl.cri.client import CRIError
-from accelctl.pull_run import CRI_NAMESPACE, address_option, lazy_pull
+from accelctl.cri.client import CRI_NAMESPACE, CRIError
+from accelctl.pull_run import address_option, lazy_pull
 from accelctl.registry_options import make_client, registry_options
 from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
