@@ -227,7 +227,10 @@ class Tracer:
         while True:
             now = time.monotonic()
             if stop is not None and stop():
-                self.poll(0)  # what the kernel queued up to now belongs to this window
+                # Everything queued up to now belongs to this window. Read the ring
+                # directly: its wake-up comes later (irq_work), so a poll can find it
+                # "empty" while the container's last events sit in it.
+                self._bpf.ring_buffer_consume()
                 ended_by = "stopped"
                 break
             if now - start >= deadline_s:
