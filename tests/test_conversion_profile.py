@@ -280,7 +280,7 @@ async def test_the_sandbox_has_no_network_no_writable_root_and_its_limits(
             "cat /proc/net/dev; "
             "if touch /written 2>/dev/null; then echo 'wrote /'; "
             "else echo 'write to / failed'; fi; "
-            "sleep 2; echo ready; sleep 60"
+            "sleep 4; echo ready; sleep 60"
         )
         reference = await _pushed(registry, tmp_path, command)
         result = await _convert(reference)
