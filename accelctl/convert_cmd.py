@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import asyncio
+import shlex
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from accelctl.cri.client import CRIError
+from accelctl.pull_run import address_option
 from accelctl.registry_options import make_client, registry_options
 from converter.convert import ConversionResult, ConvertOptions, convert_image
 from converter.errors import ConversionError
 from converter.prefetch import PrefetchList, PrefetchListError
+from converter.record_at_conversion import (
+    ContainerdTarget,
+    Recorded,
+    RecordSettings,
+    RecordSettingsError,
+    record_at_conversion,
+)
+from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
 from fetcher.manifest import Platform
 from fetcher.reference import ImageReference
 from formats.accelerated import MODE_FULL, MODE_INDEX
+from profiles.registry_sync import ProfileSyncError
+from profiles.trace import Outcome
+from tracer.availability import TracerUnavailable
+from tracer.containerd_start import RecordError
 
 
 def print_result(console: Console, result: ConversionResult) -> None:
@@ -100,6 +115,26 @@ def print_result(console: Console, result: ConversionResult) -> None:
 )
 @click.option("--parallel", default=2, show_default=True, help="Layers converted at once.")
 @click.option("--force", is_flag=True, help="Convert even if already converted.")
+@click.option(
+    "--record-profile",
+    is_flag=True,
+    help="Then start the image once in a sandbox (no network, read-only root, limits) "
+    "under the eBPF tracer and publish its startup profile (see docs/conversion-profiles.md).",
+)
+@click.option(
+    "--record-command", help="Command line of that start (default: the image's own command)."
+)
+@click.option("--ready-pattern", help="Regex on the start's output lines that completes it.")
+@click.option("--record-timeout", default=60.0, show_default=True, help="Time limit (s).")
+@click.option(
+    "--record-quiet", default=3.0, show_default=True, help="Idle s that complete it (no pattern)."
+)
+@click.option("--record-memory-mb", default=512, show_default=True, help="Memory limit.")
+@click.option("--record-cpus", default=1.0, show_default=True, help="CPU limit.")
+@address_option
+@click.option(
+    "--snapshotter", default="overlayfs", show_default=True, help="containerd CRI's snapshotter."
+)
 @registry_options
 def convert(
     image: str,
@@ -111,12 +146,31 @@ def convert(
     span: int,
     parallel: int,
     force: bool,
+    record_profile: bool,
+    record_command: str | None,
+    ready_pattern: str | None,
+    record_timeout: float,
+    record_quiet: float,
+    record_memory_mb: int,
+    record_cpus: float,
+    address: str,
+    snapshotter: str,
     docker_config: Path | None,
     pull_secret: tuple[Path, ...],
     plain_http: tuple[str, ...],
 ) -> None:
     """Convert IMAGE and publish the result as <tag>_accelerated in the same repository."""
+    settings = None
     try:
+        if record_profile:
+            settings = RecordSettings(
+                command=tuple(shlex.split(record_command or "")),
+                ready_pattern=ready_pattern,
+                timeout_s=record_timeout,
+                quiet_s=record_quiet,
+                memory_mb=record_memory_mb,
+                cpus=record_cpus,
+            )
         options = ConvertOptions(
             mode=mode,
             prefetch=PrefetchList.load(prefetch_list) if prefetch_list else PrefetchList(()),
@@ -128,7 +182,7 @@ def convert(
             force=force,
         )
         ref = ImageReference.parse(image)
-    except (PrefetchListError, ValueError) as exc:
+    except (PrefetchListError, RecordSettingsError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
     async def run() -> ConversionResult:
@@ -140,3 +194,44 @@ def convert(
     except (ConversionError, RegistryError) as exc:
         raise click.ClickException(f"conversion refused, nothing pushed: {exc}") from None
     print_result(Console(), result)
+    if settings is not None:
+        target = ContainerdTarget(address, snapshotter)
+        credentials = CredentialStore.from_files(docker_config, pull_secret)
+        _record(result, settings, target, credentials, (docker_config, pull_secret, plain_http))
+
+
+def _record(
+    result: ConversionResult,
+    settings: RecordSettings,
+    target: ContainerdTarget,
+    credentials: CredentialStore,
+    registry: tuple[Path | None, tuple[Path, ...], tuple[str, ...]],
+) -> None:
+    """`--record-profile`: the start at conversion, reported; an error when nothing was
+    published (the conversion itself stays published)."""
+
+    async def run() -> Recorded:
+        async with make_client(*registry) as client:
+            return await record_at_conversion(client, result, settings, target, credentials)
+
+    try:
+        recorded = asyncio.run(run())
+    except (
+        RecordError,
+        CRIError,
+        TracerUnavailable,
+        RegistryError,
+        ProfileSyncError,
+        ValueError,
+    ) as exc:
+        raise click.ClickException(f"no profile recorded at conversion: {exc}") from None
+    click.echo(recorded.output, nl=False, err=True)
+    if recorded.outcome is not Outcome.OK:
+        raise click.ClickException(
+            f"the start at conversion {recorded.outcome} (exit code {recorded.exit_code}): "
+            "nothing published"
+        )
+    click.echo(
+        f"profile recorded at conversion: {recorded.profile_digest} "
+        f"({recorded.files} files) for {recorded.image}"
+    )

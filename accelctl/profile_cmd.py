@@ -9,15 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from accelctl.cri.client import CRIError
-from accelctl.profile_record import (
-    Containerd,
-    RecordError,
-    image_chain_id,
-    run_trace,
-    traced_run,
-)
-from accelctl.pull_run import CRI_NAMESPACE, address_option, lazy_pull
+from accelctl.cri.client import CRI_NAMESPACE, CRIError
+from accelctl.pull_run import address_option, lazy_pull
 from accelctl.registry_options import make_client, registry_options
 from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
@@ -33,6 +26,13 @@ from profiles.provenance import conversion_runs
 from profiles.registry_sync import fetch_profile, push_run_profile
 from profiles.trace import Outcome
 from tracer.availability import TracerUnavailable
+from tracer.containerd_start import (
+    Containerd,
+    RecordError,
+    image_chain_id,
+    run_trace,
+    traced_run,
+)
 from tracer.trace import Tracer
 
 

@@ -14,12 +14,9 @@ from pathlib import Path
 
 import click
 
-from accelctl.cri.client import CRIError, CRIImageClient
+from accelctl.cri.client import CRI_NAMESPACE, DEFAULT_CONTAINERD, CRIError, CRIImageClient
 from accelctl.registry_options import credential_options
 from fetcher.credentials import CredentialStore
-
-DEFAULT_CONTAINERD = "/run/containerd/containerd.sock"
-CRI_NAMESPACE = "k8s.io"
 
 
 def lazy_pull(address: str, image: str, credentials: CredentialStore) -> tuple[str, float]:

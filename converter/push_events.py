@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from converter.prefetch import PrefetchList
+from converter.record_at_conversion import ContainerdTarget, RecordSettings, RecordSettingsError
 from fetcher import mediatypes as mt
 from formats.accelerated import MODE_FULL, MODE_INDEX, is_accelerated_tag
 
@@ -36,6 +37,9 @@ class RepositoryRule:
     match: str
     mode: str
     prefetch: PrefetchList
+    record: RecordSettings | None = None
+    """`record_profile`: start each converted image once, sandboxed, and publish its
+    profile (`converter.record_at_conversion`); None: no start at conversion."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class ServerConfig:
     queue_size: int = 256
     """Pushes waiting for conversion; past it /events answers 429 and the registry
     retries (its notification queue is the backpressure)."""
+    containerd: ContainerdTarget = field(default_factory=ContainerdTarget)
+    """Where rules with `record_profile` start their images (`containerd.address`,
+    `containerd.snapshotter`: the one its CRI plugin pulls with)."""
 
     def check_servable(self) -> None:
         """ServerConfigError unless /events is authenticated and the registries it may
@@ -111,7 +118,15 @@ class ServerConfig:
                 prefetch = PrefetchList.load(Path(raw["prefetch_list"]))
             elif raw.get("prefetch"):
                 prefetch = PrefetchList.parse_lines(raw["prefetch"], f"{source}: prefetch")
-            rules.append(RepositoryRule(raw["match"], mode, prefetch))
+            record = None
+            if raw.get("record_profile") not in (None, False):
+                try:
+                    record = RecordSettings.from_dict(
+                        raw["record_profile"], f"{source}: repositories[{i}]"
+                    )
+                except RecordSettingsError as exc:
+                    raise ServerConfigError(str(exc)) from None
+            rules.append(RepositoryRule(raw["match"], mode, prefetch, record))
         host, _, port = str(doc.get("listen", "127.0.0.1:8089")).rpartition(":")
         if not port.isdigit():
             raise ServerConfigError(f"{source}: listen must be host:port")
@@ -129,7 +144,16 @@ class ServerConfig:
         queue_size = doc.get("queue_size", 256)
         if type(queue_size) is not int or queue_size < 1:
             raise ServerConfigError(f"{source}: queue_size must be a positive integer")
+        containerd = doc.get("containerd") or {}
+        if not isinstance(containerd, dict) or not all(
+            isinstance(containerd.get(k, ""), str) for k in ("address", "snapshotter")
+        ):
+            raise ServerConfigError(f"{source}: containerd must map address/snapshotter to text")
         return cls(
+            containerd=ContainerdTarget(
+                address=containerd.get("address") or ContainerdTarget.address,
+                snapshotter=containerd.get("snapshotter") or ContainerdTarget.snapshotter,
+            ),
             token=token,
             allowed_registries=tuple(allowed),
             queue_size=queue_size,

@@ -9,6 +9,9 @@ optional outgoing webhook.
 What an event can make us do is bounded: /events needs the configured bearer token,
 only configured registries are contacted, the queue has a size (429 past it), and one
 conversion that fails in any way is recorded as failed without stopping the worker.
+A rule with `record_profile` also has each new conversion started once, sandboxed, to
+publish its startup profile (`converter.record_at_conversion`); that start runs in the
+same worker, after its conversion, and its failure never fails the conversion.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from accelctl.cri.client import CRIError
 from common.logging import get_logger
 from converter.convert import ConversionResult, ConvertOptions, convert_image
 from converter.errors import ConversionError
-from converter.push_events import PushedImage, ServerConfig, images_to_convert
+from converter.push_events import PushedImage, RepositoryRule, ServerConfig, images_to_convert
+from converter.record_at_conversion import record_at_conversion
 from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
+from profiles.registry_sync import ProfileSyncError
+from tracer.availability import TracerUnavailable
+from tracer.containerd_start import RecordError
 
 log = get_logger(__name__)
 
@@ -41,6 +49,7 @@ class _Metrics:
     conversions: Counter
     seconds: Histogram
     events: Counter
+    profiles: Counter
 
     @classmethod
     def create(cls) -> _Metrics:
@@ -66,6 +75,12 @@ class _Metrics:
                 ["decision"],
                 registry=registry,
             ),
+            Counter(
+                "acceld_conversion_profiles_total",
+                "Starts recorded at conversion, by outcome (ok = profile published)",
+                ["outcome"],
+                registry=registry,
+            ),
         )
 
 
@@ -82,6 +97,7 @@ class ConvertServer:
         self._pending: set[tuple[str, str, str]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._client: RegistryClient | None = None
+        self._credentials: CredentialStore | None = None
         self._http: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
@@ -98,6 +114,7 @@ class ConvertServer:
         credentials = CredentialStore.from_environment()
         if self.config.docker_config:
             credentials.load_docker_config(self.config.docker_config)
+        self._credentials = credentials
         self._client = RegistryClient(
             credentials=credentials, plain_http_hosts=frozenset(self.config.plain_http)
         )
@@ -220,7 +237,37 @@ class ConvertServer:
                     source_bytes=result.source_bytes,
                     output_bytes=result.output_bytes,
                 )
+        if rule.record is not None and report["outcome"] == "converted":
+            report["profile"] = await self._record(rule, result)
         await self._notify(report)
+
+    async def _record(self, rule: RepositoryRule, result: ConversionResult) -> dict[str, object]:
+        """The start at conversion of a fresh conversion; its report entry."""
+        assert rule.record is not None and self._client is not None
+        try:
+            recorded = await record_at_conversion(
+                self._client, result, rule.record, self.config.containerd, self._credentials
+            )
+        except (
+            RecordError,
+            CRIError,
+            TracerUnavailable,
+            RegistryError,
+            ProfileSyncError,
+            OSError,
+            ValueError,
+        ) as exc:
+            self.metrics.profiles.labels("failed").inc()
+            log.error("convert_server.record_failed", image=str(result.source), error=str(exc))
+            return {"outcome": "failed", "error": str(exc)}
+        self.metrics.profiles.labels(str(recorded.outcome)).inc()
+        return {
+            "outcome": str(recorded.outcome),
+            "image": recorded.image,
+            "exit_code": recorded.exit_code,
+            "digest": recorded.profile_digest,
+            "files": recorded.files,
+        }
 
     async def _notify(self, report: dict[str, object]) -> None:
         if not self.config.webhook_url or self._http is None:

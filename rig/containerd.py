@@ -25,16 +25,13 @@ from typing import Any
 
 import tomli_w
 
-from accelctl.cri.client import CRIError, CRIImageClient
+from accelctl.cri.client import CRI_NAMESPACE, CRIError, CRIImageClient
 from common.logging import get_logger
 
 log = get_logger(__name__)
 
 ACCELD_SNAPSHOTTER = "acceld"
 """Name of the proxy snapshotter entry that points containerd at the acceld agent."""
-
-CRI_NAMESPACE = "k8s.io"
-"""containerd namespace the CRI plugin keeps its images and containers in."""
 
 # Snapshotters that probe host filesystems or devices and only log noise here.
 _DISABLED_PLUGINS = (

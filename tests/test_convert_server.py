@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -17,15 +19,20 @@ from aiohttp import web
 
 from converter.prefetch import PrefetchList
 from converter.push_events import RepositoryRule, ServerConfig, ServerConfigError
+from converter.record_at_conversion import ContainerdTarget, RecordSettings
 from converter.server import ConvertServer
 from fetcher.errors import NotFoundError
 from fetcher.manifest import ImageManifest
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from formats.accelerated import ARTIFACT_TYPE_INDEX
-from rig.images import oci_layout_reference
+from profiles.plan import prefetch_plan
+from profiles.provenance import conversion_node
+from profiles.registry_sync import fetch_profile
+from rig.images import build_image, oci_layout_reference, push_image
 from rig.ports import free_port
 from rig.threaded_server import ThreadedServer
+from tests.test_profiles_e2e import app_image_spec
 
 TOKEN = "s3cret-token"
 
@@ -210,3 +217,96 @@ def test_a_full_queue_answers_429_and_queues_nothing_more() -> None:
         assert [status for status, _ in statuses][:2] == [200, 200]
         assert statuses[-1][0] == 429 and statuses[-1][1]["Retry-After"]
         assert convert_server.metrics.events.labels("queue_full")._value.get() >= 1
+
+
+def test_record_profile_is_read_per_repository_rule(tmp_path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        "allowed_registries: ['127.0.0.1:*']\n"
+        "containerd: {address: /run/c.sock, snapshotter: overlayfs}\n"
+        "repositories:\n"
+        "  - match: 'web/*'\n"
+        "    record_profile: {ready_pattern: 'listening on', timeout_s: 30, memory_mb: 256}\n"
+        "  - match: 'batch/*'\n"
+        "    record_profile: true\n"
+        "  - match: '*'\n"
+    )
+    loaded = ServerConfig.load(config)
+    web, batch, rest = loaded.rules
+    assert web.record == RecordSettings(ready_pattern="listening on", timeout_s=30, memory_mb=256)
+    assert batch.record == RecordSettings()
+    assert rest.record is None
+    assert loaded.containerd == ContainerdTarget("/run/c.sock", "overlayfs")
+    config.write_text("repositories: [{match: '*', record_profile: {ready_pattern: '('}}]\n")
+    with pytest.raises(ServerConfigError, match="ready_pattern"):
+        ServerConfig.load(config)
+
+
+def _metric(server_url: str, line_start: str) -> float:
+    for line in _get(f"{server_url}/metrics").splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_rule_with_record_profile_records_after_conversion_and_one_without_does_not(
+    make_registry, containerd, tmp_path
+):
+    """The real flow: the registry notifies the server of two pushes of one image, to a
+    repository whose rule records and to one whose rule does not."""
+    suffix = uuid.uuid4().hex[:8]
+    recorded_repo, plain_repo = f"rig/rec-{suffix}", f"rig/plain-{suffix}"
+    receiver = _Receiver()
+    receiver.server.start()
+    config = ServerConfig(
+        rules=(
+            RepositoryRule(
+                "rig/rec-*",
+                "full",
+                PrefetchList(()),
+                RecordSettings(ready_pattern=r"^ready$", timeout_s=60),
+            ),
+            RepositoryRule("rig/plain-*", "full", PrefetchList(())),
+        ),
+        webhook_url=f"{receiver.server.url}/hook",
+        token=TOKEN,
+        allowed_registries=("127.0.0.1:*",),
+        containerd=ContainerdTarget(str(containerd.address), "overlayfs"),
+    )
+    built = build_image(
+        app_image_spec("cat /app/a.bin >/dev/null; echo ready; sleep 60"), tmp_path / "oci", "v1"
+    )
+    try:
+        with _serving(config) as (server, _):
+            registry = make_registry(
+                notification_urls=[f"{server.url}/events"],
+                notification_headers={"Authorization": f"Bearer {TOKEN}"},
+            )
+            recorded = ImageReference.parse(f"{registry.host}/{recorded_repo}:v1")
+            plain = ImageReference.parse(f"{registry.host}/{plain_repo}:v1")
+            async with RegistryClient() as client:
+                for ref in (recorded, plain):
+                    await push_image(client, str(ref), built)
+                for ref in (recorded, plain):
+                    await _wait_for(client, ref.with_tag("v1_accelerated"))
+            deadline = time.monotonic() + 120
+            while len(receiver.reports) < 2:
+                assert time.monotonic() < deadline, receiver.reports
+                await asyncio.sleep(0.5)
+            by_image = {report["image"].split("@")[0]: report for report in receiver.reports}
+            assert by_image[str(recorded)]["profile"]["outcome"] == "ok", by_image
+            assert "profile" not in by_image[str(plain)]
+            ok = 'acceld_conversion_profiles_total{outcome="ok"}'
+            assert await asyncio.to_thread(_metric, server.url, ok) == 1.0
+            async with RegistryClient() as client:
+                for ref, expected in ((recorded, True), (plain, False)):
+                    accelerated = ref.with_tag("v1_accelerated")
+                    resolved = await client.resolve(accelerated)
+                    profile = await fetch_profile(client, accelerated, resolved.manifest_digest)
+                    assert (profile is not None) is expected, ref
+                    if profile is not None:
+                        node = conversion_node(socket.gethostname())
+                        assert dict(profile.runs.nodes) == {node: 1}
+                        assert "/app/a.bin" in {e.path for e in prefetch_plan(profile)}
+    finally:
+        receiver.server.stop()

@@ -25,7 +25,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from accelctl.profile_record import LayerDirectory
 from agent.fs.operations import LazyLayer, MountedLayer
 from agent.image_sessions import ImageSession
 from converter.prefetch import PrefetchList
@@ -33,6 +32,7 @@ from fetcher.reference import ImageReference
 from formats.layer_tree import InodeAllocator, LayerTree, Node
 from formats.overlay import OPAQUE_XATTR, Presence, providing_layer
 from formats.toc import OPAQUE_MARKER, WHITEOUT_PREFIX, TocEntry
+from tracer.containerd_start import LayerDirectory
 
 NAMES = ("a", "a/b", "a/b/c", "a/d", "e", "e/f", "e/f/g")
 LAYER_XATTR = "user.layer"

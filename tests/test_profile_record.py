@@ -15,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 
 from accelctl.main import cli
-from accelctl.profile_record import LayerDirectory, RecordError, layer_dirs
 from fetcher.registry import RegistryClient
 from formats.overlay import providing_layer
 from formats.plan_path import root_name
@@ -23,6 +22,7 @@ from profiles.plan import prefetch_plan
 from profiles.registry_sync import fetch_profile
 from rig.images import build_image, push_image
 from tests.test_profiles_e2e import app_image_spec
+from tracer.containerd_start import LayerDirectory, RecordError, layer_dirs
 
 
 def test_layer_dirs_from_ctr_mount_commands() -> None:

@@ -11,6 +11,7 @@ import ctypes
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,9 @@ from tracer.program import load_program
 log = get_logger(__name__)
 
 Kind = Literal["exec", "open", "read", "mmap"]
+EndedBy = Literal["quiet", "deadline", "stopped"]
+"""Why a window closed: the container went quiet, the deadline passed, or the caller's
+``stop`` condition came true (e.g. the container printed its readiness line)."""
 _KINDS: dict[int, Kind] = {1: "exec", 2: "open", 3: "read", 4: "mmap"}
 _KIND_EXIT = 5
 
@@ -54,7 +58,7 @@ class Trace:
     events: list[AccessEvent] = field(default_factory=list)
     dropped: int = 0  # events the kernel could not queue (ring buffer full)
     unresolved: int = 0  # events whose file's path never arrived (dropped first sighting)
-    ended_by: Literal["quiet", "deadline"] = "deadline"
+    ended_by: EndedBy = "deadline"
     exits: dict[int, int] = field(default_factory=dict)
     """Watched processes (`Tracer.watch_exit`) that ended: pid -> wait(2)-style status."""
 
@@ -199,7 +203,12 @@ class Tracer:
         return len(self._pending) - before
 
     def collect(
-        self, *, quiet_s: float = 1.0, deadline_s: float = 30.0, active_at: float | None = None
+        self,
+        *,
+        quiet_s: float = 1.0,
+        deadline_s: float = 30.0,
+        active_at: float | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Trace:
         """Gather one startup window.
 
@@ -208,14 +217,27 @@ class Tracer:
         so a container that is slow to start is still waited for, unless the caller saw
         activity itself (`active_at`, time.monotonic() seconds): a start that ran while
         the program was still loading must not be waited for until the deadline.
+        With ``stop`` the window ends when it returns True (checked at least every
+        100 ms) or at the deadline, never on a quiet period: a start that says itself
+        when it is complete (a readiness line) may well pause before it says so.
         """
         start = time.monotonic()
         last_event: float | None = active_at
-        ended_by: Literal["quiet", "deadline"] = "deadline"
+        ended_by: EndedBy = "deadline"
         while True:
             now = time.monotonic()
+            if stop is not None and stop():
+                # Everything queued up to now belongs to this window. Read the ring
+                # directly: its wake-up comes later (irq_work), so a poll can find it
+                # "empty" while the container's last events sit in it.
+                self._bpf.ring_buffer_consume()
+                ended_by = "stopped"
+                break
             if now - start >= deadline_s:
                 break
+            if stop is not None:
+                self.poll(max(1, min(100, int((deadline_s - (now - start)) * 1000))))
+                continue
             if last_event is not None and now - last_event >= quiet_s:
                 ended_by = "quiet"
                 break
@@ -226,7 +248,7 @@ class Tracer:
                 last_event = time.monotonic()
         return self._take(ended_by)
 
-    def _take(self, ended_by: Literal["quiet", "deadline"]) -> Trace:
+    def _take(self, ended_by: EndedBy) -> Trace:
         events = sorted(self._pending, key=lambda e: e.ts_ns)
         trace = Trace(
             events=events,

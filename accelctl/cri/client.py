@@ -18,6 +18,11 @@ from accelctl.cri import cri_images_pb2 as pb
 from fetcher.credentials import CredentialStore
 from fetcher.reference import ImageReference
 
+CRI_NAMESPACE = "k8s.io"
+"""containerd namespace the CRI plugin keeps its images in (where `ctr` finds them)."""
+DEFAULT_CONTAINERD = "/run/containerd/containerd.sock"
+"""containerd's socket where its packages put it."""
+
 
 class CRIError(RuntimeError):
     """containerd's CRI plugin refused or failed the request."""

@@ -1,11 +1,12 @@
-"""`accelctl profile record`: trace one start of an image on this node, learn its profile.
+"""One start of an image through containerd, under the eBPF tracer, mapped to its layers.
 
-For operators who want a profile before the fleet has learned one (a new image, a
-pre-release check), or on nodes without the agent. It works with any snapshotter,
-because it asks containerd for the image's root file system mounts and maps each path
-the container touched to the topmost layer directory that holds it, as overlayfs
-does. The eBPF tracer follows containerd's children from before the container exists,
-so it sees the container from its first instruction.
+Shared by `accelctl profile record` (an operator records a start on a node) and the
+converter's recording at conversion (`converter.record_at_conversion`), so both learn
+from a start the same way. It works with any snapshotter, because it asks containerd
+for the image's root file system mounts and maps each path the container touched to
+the topmost layer directory that holds it, as overlayfs does. The eBPF tracer follows
+containerd's children from before the container exists, so it sees the container from
+its first instruction.
 """
 
 from __future__ import annotations
@@ -13,16 +14,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from common.digest import chain_id
 from common.logging import get_logger
@@ -83,15 +88,59 @@ class LayerDirectory:
 
 
 @dataclass(frozen=True)
+class Sandbox:
+    """How tightly a start is confined, as `ctr run` flags.
+
+    For starts of images nobody on this host vouched for (the converter runs whatever
+    was pushed). Network isolation needs no flag: without ``--net-host`` or ``--cni``
+    ctr gives the container a network namespace of its own holding only a loopback
+    device, so it reaches neither the host nor anything beyond it. Every start gets
+    that, sandboxed or not; ``no_new_privileges`` is ctr's default too.
+    """
+
+    read_only: bool = True
+    """Root file system mounted read-only: the start cannot alter what it is run from."""
+    memory_bytes: int | None = None
+    """cgroup memory limit; None: unlimited."""
+    cpus: float | None = None
+    """CFS quota in CPUs (0.5 = half of one); None: unlimited."""
+    seccomp: bool = True
+    """containerd's default seccomp profile (the one Kubernetes' RuntimeDefault names)."""
+
+    def ctr_flags(self) -> list[str]:
+        """The `ctr run` flags for this confinement."""
+        flags = ["--read-only"] if self.read_only else []
+        if self.memory_bytes is not None:
+            flags += ["--memory-limit", str(self.memory_bytes)]
+        if self.cpus is not None:
+            flags += ["--cpus", repr(float(self.cpus))]
+        if self.seccomp:
+            flags.append("--seccomp")
+        return flags
+
+
+@dataclass(frozen=True)
 class ContainerRun:
     """How the traced container ended, as `ctr run` reported it."""
 
     returncode: int | None
     """The container's exit code; None if it still ran when the window closed."""
     output: str
+    """What it printed (stdout and stderr together; the last ``OUTPUT_KEPT`` bytes)."""
     started_ns: int
     """time.monotonic_ns() at the start (the tracer's clock)."""
     started_wall_ns: int
+    ready: bool | None = None
+    """Whether it printed its readiness line; None when none was asked for."""
+    timed_out: bool = False
+    """The start did not complete in time: no readiness line when one was asked for
+    (deadline passed, or the command ended without printing it), else the window
+    closed on its deadline rather than on a quiet period."""
+
+
+OUTPUT_KEPT = 64 << 10
+"""Bytes of a container's output kept for the caller: a chatty (or hostile) start must
+not fill the recorder's memory."""
 
 
 class Containerd:
@@ -126,10 +175,16 @@ class Containerd:
         return layer_dirs(command)
 
     def start(
-        self, image: str, name: str, pid_file: Path, command: Sequence[str]
+        self,
+        image: str,
+        name: str,
+        pid_file: Path,
+        command: Sequence[str],
+        sandbox: Sandbox | None = None,
     ) -> subprocess.Popen[str]:
         """`ctr run --rm` in the background; ctr writes the container's first process's
-        pid to ``pid_file`` before it lets it run."""
+        pid to ``pid_file`` before it lets it run. An empty ``command`` runs the image's
+        own (entrypoint and cmd of its config); a given one replaces both."""
         argv = [
             *self.base,
             "run",
@@ -138,6 +193,7 @@ class Containerd:
             self.snapshotter,
             "--pid-file",
             str(pid_file),
+            *(sandbox.ctr_flags() if sandbox is not None else []),
             image,
             name,
             *command,
@@ -181,8 +237,35 @@ def _wait_for_pid_file(path: Path, process: subprocess.Popen[str], timeout: floa
         if process.poll() is not None:
             break
         time.sleep(0.01)
-    output = process.communicate()[0] if process.poll() is not None else ""
-    raise RecordError(f"the container did not start: {output.strip() or 'timed out'}")
+    raise RecordError("the container did not start")
+
+
+class _OutputWatch:
+    """Reads a container's output as it comes, keeps its tail, and tells when a line
+    matches the readiness pattern (searched in each line, stdout and stderr alike)."""
+
+    def __init__(self, stream: IO[str], ready: re.Pattern[str] | None) -> None:
+        self._stream = stream
+        self._pattern = ready
+        self._tail: deque[str] = deque()
+        self._kept = 0
+        self.ready = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="container-output", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while line := self._stream.readline(OUTPUT_KEPT):
+            if self._pattern is not None and self._pattern.search(line):
+                self.ready.set()
+            self._tail.append(line)
+            self._kept += len(line)
+            while self._kept > OUTPUT_KEPT and len(self._tail) > 1:
+                self._kept -= len(self._tail.popleft())
+
+    def output(self, timeout: float) -> str:
+        """Everything kept, once the stream has ended (or ``timeout`` passed)."""
+        self._thread.join(timeout)
+        return "".join(self._tail)
 
 
 def traced_run(
@@ -192,8 +275,13 @@ def traced_run(
     command: Sequence[str],
     quiet_s: float,
     deadline_s: float,
+    *,
+    ready: re.Pattern[str] | None = None,
+    sandbox: Sandbox | None = None,
 ) -> tuple[Trace, ContainerRun]:
-    """Start the container and trace it until it goes quiet or the deadline.
+    """Start the container and trace it until it goes quiet or the deadline, or, with
+    ``ready``, until it prints a line matching it, ends, or the deadline passes. A
+    container still running when the window closes is killed.
 
     The container's mount namespace is not known before it exists, and a start is
     over in milliseconds, so the tracer follows everything containerd forks from now
@@ -206,14 +294,29 @@ def traced_run(
         pid_file = Path(tmp) / "pid"
         tracer.add_target(pid=daemon)
         started_wall, started = time.time_ns(), time.monotonic_ns()
-        process = containerd.start(image, name, pid_file, command)
+        process = containerd.start(image, name, pid_file, command, sandbox)
+        assert process.stdout is not None
+        watch = _OutputWatch(process.stdout, ready)
         try:
-            init = _wait_for_pid_file(pid_file, process, deadline_s)
+            try:
+                init = _wait_for_pid_file(pid_file, process, deadline_s)
+            except RecordError:
+                said = watch.output(timeout=10).strip() if process.poll() is not None else ""
+                raise RecordError(f"the container did not start: {said or 'timed out'}") from None
             try:
                 mntns: int | None = mntns_of(init)
             except OSError:
                 mntns = None  # already over; its own events name its namespace
-            trace = tracer.collect(quiet_s=quiet_s, deadline_s=deadline_s)
+            remaining = deadline_s - (time.monotonic_ns() - started) / 1e9
+            if ready is None:
+                trace = tracer.collect(quiet_s=quiet_s, deadline_s=remaining)
+            else:
+                done = watch.ready.is_set
+
+                def over() -> bool:
+                    return done() or process.poll() is not None
+
+                trace = tracer.collect(deadline_s=remaining, stop=over)
         finally:
             tracer.remove_target(pid=daemon)
             tracer.forget_files()
@@ -222,20 +325,32 @@ def traced_run(
                 returncode = None
             else:
                 returncode = process.returncode
-            output, _ = process.communicate(timeout=120)
+            process.wait(timeout=120)
+            output = watch.output(timeout=30)
     if mntns is None:
         mntns = next((e.mntns_id for e in trace.events if e.pid == init), None)
         if mntns is None:
             raise RecordError("the container ended before its start could be traced")
     trace.events = [e for e in trace.events if e.mntns_id == mntns]
-    return trace, ContainerRun(returncode, output, started, started_wall)
+    if ready is None:
+        became_ready, timed_out = None, trace.ended_by == "deadline"
+    else:
+        became_ready = watch.ready.is_set()
+        timed_out = not became_ready
+    run = ContainerRun(returncode, output, started, started_wall, became_ready, timed_out)
+    return trace, run
 
 
 def run_trace(
-    resolved: ResolvedImage, trace: Trace, run: ContainerRun, dirs: Sequence[Path]
+    resolved: ResolvedImage,
+    trace: Trace,
+    run: ContainerRun,
+    dirs: Sequence[Path],
+    node: str | None = None,
 ) -> RunTrace:
     """The recorded start as the learner takes it: each event's path mapped to the image
-    layer that provides it (``dirs`` topmost first, manifest layers bottom first)."""
+    layer that provides it (``dirs`` topmost first, manifest layers bottom first),
+    counted as a run of ``node`` (default: this host's name)."""
     layers = [d.digest for d in resolved.manifest.layers]
     if len(dirs) != len(layers):
         raise RecordError(
@@ -263,8 +378,8 @@ def run_trace(
         image=resolved.manifest_digest,
         layers=tuple(layers),
         accesses=file_accesses(events, run.started_ns),
-        outcome=run_outcome(status, trace.ended_by == "deadline"),
-        node=socket.gethostname(),
+        outcome=run_outcome(status, run.timed_out),
+        node=node if node is not None else socket.gethostname(),
         sources=frozenset({"ebpf"}),
         page_cache_visible=True,
         started_at_ns=run.started_wall_ns,
