@@ -106,10 +106,16 @@ class Sandbox:
     """CFS quota in CPUs (0.5 = half of one); None: unlimited."""
     seccomp: bool = True
     """containerd's default seccomp profile (the one Kubernetes' RuntimeDefault names)."""
+    scratch: tuple[str, ...] = ("/tmp",)
+    """Writable tmpfs mounts: a read-only image must not mean a start that cannot make a
+    temporary file (most do, as they would under Kubernetes' emptyDir). Their pages are
+    charged to the container's cgroup, so the memory limit bounds them too."""
 
     def ctr_flags(self) -> list[str]:
         """The `ctr run` flags for this confinement."""
         flags = ["--read-only"] if self.read_only else []
+        for path in self.scratch:
+            flags += ["--mount", f"type=tmpfs,src=tmpfs,dst={path},options=rw:nosuid:nodev"]
         if self.memory_bytes is not None:
             flags += ["--memory-limit", str(self.memory_bytes)]
         if self.cpus is not None:
