@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -112,15 +113,15 @@ class Published:
     conversions: dict[str, dict[str, float]]
 
 
-async def publish(image: ImageUnderTest, host: str) -> Published:
-    """Push the image twice and convert one copy per mode.
+async def publish(image: ImageUnderTest, host: str, tag: str = _TAG) -> Published:
+    """Push the image twice as ``tag`` and convert one copy per mode.
 
     Two repositories, because the agent prefers a full-mode twin `<tag>_accelerated`
     over an index artifact: with both in one repository, ``lazy-index`` would silently
-    measure the eStargz form.
+    measure the eStargz form. Versions of one image share the two repositories.
     """
-    original = f"{host}/bench/{image.name}:{_TAG}"
-    twin = f"{host}/bench/{image.name}-estargz:{_TAG}"
+    original = f"{host}/bench/{image.name}:{tag}"
+    twin = f"{host}/bench/{image.name}-estargz:{tag}"
     conversions: dict[str, dict[str, float]] = {}
     async with RegistryClient(plain_http_hosts={host}) as client:
         for reference, mode in ((original, "index"), (twin, "full")):
@@ -136,7 +137,7 @@ async def publish(image: ImageUnderTest, host: str) -> Published:
                 "skipped_existing": float(result.skipped),
                 "output_bytes": float(result.output_bytes),
             }
-    estargz = str(ImageReference.parse(twin).with_tag(accelerated_tag(_TAG)))
+    estargz = str(ImageReference.parse(twin).with_tag(accelerated_tag(tag)))
     return Published(original, estargz, conversions)
 
 
@@ -171,6 +172,11 @@ class RunResult:
     lazy_layers: float = 0.0
     fallback_layers: float = 0.0
     agent_stats: dict[str, float] = field(default_factory=dict)
+    profile_origin: str | None = None
+    """Whose profile the agent's plan came from ("own", "inherited", "none"), as its
+    ``profile.loaded`` record says; None when it logged none or no origin."""
+    inherited_from: str | None = None
+    """For an inherited profile, the manifest digest it was taken from."""
 
 
 def ctr_run_command(
@@ -277,15 +283,19 @@ def lazy_node(
     *,
     use_profiles: bool,
     record_profiles: bool,
+    inherit_profiles: bool = False,
 ) -> Iterator[tuple[AgentProcess, ContainerdServer]]:
     """A cold node: a fresh acceld agent (empty cache) and a containerd that uses it.
 
     Learned profiles live in the (cached) bench registry and would turn "no profile"
-    runs into profile runs: whether the agent reads them, and whether it records new
-    ones, is always stated explicitly.
+    runs into profile runs: whether the agent reads them, whether it takes a
+    predecessor's when the image has none (``inherit_profiles``; off unless asked, so a
+    "+profile" run measures the image's own) and whether it records new ones, is
+    always stated explicitly.
     """
     settings = {
         "profiles": use_profiles,
+        "profile_inheritance": inherit_profiles,
         "record_profiles": record_profiles,
         "background_fill": setup.background_fill,
     }
@@ -320,6 +330,7 @@ def timed_lazy_start(
     link_bytes = counter.since_start()
     fallbacks = agent.metric("acceld_fallbacks_total")
     fetched, stats = agent_figures(agent)
+    origin, inherited_from = profile_origin(agent.log_path)
     return RunResult(
         mode,
         repetition,
@@ -330,7 +341,36 @@ def timed_lazy_start(
         agent.metric("acceld_layers_total") - fallbacks,
         fallbacks,
         stats,
+        origin,
+        inherited_from,
     )
+
+
+def profile_origin(agent_log: Path) -> tuple[str | None, str | None]:
+    """Origin and source manifest of the last profile the agent loaded, from its log.
+
+    A run's figures mean little without knowing whether the plan was the image's own,
+    a predecessor's or none; agents that do not log it yet give (None, None).
+    """
+    origin: tuple[str | None, str | None] = (None, None)
+    try:
+        lines = agent_log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return origin
+    for line in lines:
+        if '"profile.loaded"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "profile.loaded":
+            found, source = record.get("origin"), record.get("inherited_from")
+            origin = (
+                found if isinstance(found, str) else None,
+                source if isinstance(source, str) else None,
+            )
+    return origin
 
 
 def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
