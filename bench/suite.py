@@ -22,13 +22,11 @@ cannot beat on this link: the local (warm) start plus those bytes at link bandwi
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bench.chart import Bar, Panel, stacked_bars
+from bench.learning import (
+    PROFILE_SUFFIX,
+    Learned,
+    ProgressCallback,
+    done_with,
+    learn_profile,
+    run_dir,
+)
 from bench.report import markdown_table, write_results
 from bench.startup import (
     SYNTHETIC,
@@ -54,14 +60,6 @@ from bench.startup import (
     timed_lazy_start,
 )
 from common.logging import get_logger
-from fetcher import mediatypes as mt
-from fetcher.errors import NotFoundError
-from fetcher.manifest import ImageIndex
-from fetcher.reference import ImageReference
-from fetcher.registry import RegistryClient, referrers_tag
-from formats.accelerated import ARTIFACT_TYPE_PROFILE
-from profiles.format import Profile
-from profiles.registry_sync import fetch_profile
 from rig.shaped_link import ShapedLink
 
 log = get_logger(__name__)
@@ -69,23 +67,12 @@ log = get_logger(__name__)
 DEFAULT_IMAGES = ("python-scipy", "python-fat-api", "node-http", "gcc-hello", "postgres")
 QUICK_IMAGES = ("python-scipy",)
 FORMS = ("index", "full")
-PROFILE_SUFFIX = "+profile"
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
 DOCS_STEM = "startup-suite"
-PROFILE_WAIT_S = 120.0
-"""Longest wait for a recorded start's profile to show up in the registry: the agent's
-trace window (quiet period, or its 60 s deadline) plus its publish settle time."""
 APP_BYTES_SOURCE = (
     "learned profile: median over its recorded starts of the bytes each start read "
     "(eBPF read/mmap ranges + reads that reached FUSE, union per file)"
 )
-
-ProgressCallback = Callable[[str], None]
-"""Told the label of each step as it begins (``bench_command`` shows it with rich)."""
-
-
-class LearnError(RuntimeError):
-    """A recorded start produced no profile in the registry in time."""
 
 
 @dataclass(frozen=True)
@@ -124,20 +111,6 @@ class SuiteOptions:
         """Steps shown by the progress display: publish, learn starts, measured runs."""
         learn = len(self.forms) * self.learn_starts if self.profiles else 0
         return len(self.images) * (1 + learn + self.repeat * len(self.rotation()))
-
-
-@dataclass
-class Learned:
-    """The profile one lazy form learned in this suite run."""
-
-    form: str
-    profile_runs: int
-    files: int
-    app_read_bytes: int
-    sources: dict[str, int]
-    seconds: float
-    recording_runs: list[RunResult] = field(default_factory=list)
-    """The recorded starts themselves (timed, but not part of the summary)."""
 
 
 @dataclass
@@ -186,80 +159,7 @@ class SuiteReport:
     summary_line: str
 
 
-# -- the profile state in the registry ------------------------------------------------
-
-
-async def forget_profiles(registry_host: str, reference: str) -> int:
-    """Unlist every learned profile of ``reference``'s manifest; returns how many.
-
-    The bench registry is cached across invocations, and the agent merges every profile
-    it finds: without this, a profile run would use whatever earlier runs (and earlier
-    code) learned. Only the tag-schema index entries of profile artifacts are dropped;
-    other referrers (the index-only artifact) stay.
-    """
-    ref = ImageReference.parse(reference)
-    async with RegistryClient(plain_http_hosts={registry_host}) as client:
-        digest = (await client.resolve(ref)).manifest_digest
-        index_ref = ref.with_tag(referrers_tag(digest))
-        dropped = 0
-        try:
-            fetched = await client.get_manifest(index_ref, accept=mt.OCI_INDEX)
-        except NotFoundError:
-            fetched = None
-        if fetched is not None and isinstance(fetched.parsed, ImageIndex):
-            listed = fetched.parsed.manifests
-            kept = [d for d in listed if d.artifact_type != ARTIFACT_TYPE_PROFILE]
-            dropped = len(listed) - len(kept)
-            if dropped:
-                index = {
-                    "schemaVersion": 2,
-                    "mediaType": mt.OCI_INDEX,
-                    "manifests": [d.to_json() for d in kept],
-                }
-                body = _compact_json(index)
-                await client.push_manifest(index_ref, body, mt.OCI_INDEX)
-        if await fetch_profile(client, ref, digest) is not None:
-            raise LearnError(f"{reference}: a learned profile is still found after forgetting")
-    return dropped
-
-
-def _compact_json(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-async def wait_for_profile(
-    registry_host: str, reference: str, runs: int, timeout: float
-) -> Profile:
-    """Poll the registry until ``reference``'s learned profile holds ``runs`` runs.
-
-    The agent pushes a recorded start only after its trace window closes (a quiet
-    period after the start), so the profile appears seconds after readiness.
-    """
-    ref = ImageReference.parse(reference)
-    deadline = time.monotonic() + timeout
-    async with RegistryClient(plain_http_hosts={registry_host}) as client:
-        digest = (await client.resolve(ref)).manifest_digest
-        while True:
-            found = await fetch_profile(client, ref, digest)
-            if found is not None and found.runs.count >= runs:
-                return found
-            if time.monotonic() > deadline:
-                have = found.runs.count if found else 0
-                raise LearnError(f"{reference}: profile has {have} run(s), wanted {runs}")
-            await asyncio.sleep(0.5)
-
-
 # -- measuring ------------------------------------------------------------------------
-
-
-def _run_dir(setup: Setup, image_number: int, label: str) -> Path:
-    # containerd's and the agent's sockets live below: the path must stay short.
-    return setup.workdir / f"i{image_number}{label.replace(PROFILE_SUFFIX, '-p')}"
-
-
-def _done_with(run_dir: Path, options: SuiteOptions) -> None:
-    if not options.keep_runs:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _lazy_run(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
@@ -269,41 +169,6 @@ def _lazy_run(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunRes
         return timed_lazy_start(setup, node, lazy_reference(setup, form), mode, repetition)
 
 
-def learn_profile(
-    setup: Setup, form: str, options: SuiteOptions, image_number: int, progress: ProgressCallback
-) -> Learned:
-    """Forget earlier profiles, then record ``learn_starts`` starts on fresh agents."""
-    reference = lazy_reference(setup, form)
-    started = time.monotonic()
-    forgotten = asyncio.run(forget_profiles(setup.registry_host, reference))
-    log.info("bench.profiles_forgotten", reference=reference, artifacts=forgotten)
-    recorded: list[RunResult] = []
-    profile: Profile | None = None
-    for start in range(1, options.learn_starts + 1):
-        progress(f"{setup.image.name}: learn lazy-{form} ({start}/{options.learn_starts})")
-        run_dir = _run_dir(setup, image_number, f"learn{start}-{form}")
-        with lazy_node(setup, run_dir, use_profiles=False, record_profiles=True) as node:
-            recorded.append(timed_lazy_start(setup, node, reference, f"lazy-{form}:learn", start))
-            try:
-                profile = asyncio.run(
-                    wait_for_profile(setup.registry_host, reference, start, PROFILE_WAIT_S)
-                )
-            except LearnError:
-                log.error("bench.learn_failed", agent_log=str(node[0].log_path))
-                raise
-        _done_with(run_dir, options)
-    assert profile is not None  # learn_starts >= 1
-    return Learned(
-        form,
-        profile.runs.count,
-        len(profile.files),
-        int(statistics.median(value for _, value in profile.runs.bytes_read)),
-        dict(profile.runs.sources),
-        round(time.monotonic() - started, 2),
-        recorded,
-    )
-
-
 def measure_image(
     setup: Setup, options: SuiteOptions, image_number: int, progress: ProgressCallback
 ) -> tuple[dict[str, Learned], list[RunResult]]:
@@ -311,18 +176,25 @@ def measure_image(
     learned = {}
     if options.profiles:
         for form in options.forms:
-            learned[form] = learn_profile(setup, form, options, image_number, progress)
+            learned[form] = learn_profile(
+                setup,
+                form,
+                starts=options.learn_starts,
+                keep_runs=options.keep_runs,
+                image_number=image_number,
+                progress=progress,
+            )
     order = options.rotation()
     runs: list[RunResult] = []
     for repetition in range(1, options.repeat + 1):
         for mode in order:
             progress(f"{setup.image.name} {repetition}/{options.repeat}: {mode}")
-            run_dir = _run_dir(setup, image_number, f"r{repetition}-{mode}")
+            path = run_dir(setup, image_number, f"r{repetition}-{mode}")
             if mode == "overlayfs":
-                runs += run_overlayfs(setup, repetition, run_dir)
+                runs += run_overlayfs(setup, repetition, path)
             else:
-                runs.append(_lazy_run(setup, mode, repetition, run_dir))
-            _done_with(run_dir, options)
+                runs.append(_lazy_run(setup, mode, repetition, path))
+            done_with(path, options.keep_runs)
             log.info("bench.done", image=setup.image.name, **asdict(runs[-1]))
         order = order[1:] + order[:1]
     return learned, runs
