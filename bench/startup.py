@@ -177,6 +177,8 @@ class RunResult:
     ``profile.loaded`` record says; None when it logged none or no origin."""
     inherited_from: str | None = None
     """For an inherited profile, the manifest digest it was taken from."""
+    profile_entries: int | None = None
+    """Entries of the plan the agent made of that profile (None: it loaded none)."""
 
 
 def ctr_run_command(
@@ -330,7 +332,7 @@ def timed_lazy_start(
     link_bytes = counter.since_start()
     fallbacks = agent.metric("acceld_fallbacks_total")
     fetched, stats = agent_figures(agent)
-    origin, inherited_from = profile_origin(agent.log_path)
+    loaded = profile_loaded(agent.log_path)
     return RunResult(
         mode,
         repetition,
@@ -341,22 +343,32 @@ def timed_lazy_start(
         agent.metric("acceld_layers_total") - fallbacks,
         fallbacks,
         stats,
-        origin,
-        inherited_from,
+        loaded.origin,
+        loaded.inherited_from,
+        loaded.entries,
     )
 
 
-def profile_origin(agent_log: Path) -> tuple[str | None, str | None]:
-    """Origin and source manifest of the last profile the agent loaded, from its log.
+@dataclass(frozen=True)
+class ProfileLoaded:
+    """What the agent's last ``profile.loaded`` record said (all None without one)."""
+
+    origin: str | None = None
+    inherited_from: str | None = None
+    entries: int | None = None
+
+
+def profile_loaded(agent_log: Path) -> ProfileLoaded:
+    """The last profile the agent loaded, from its (JSON) log.
 
     A run's figures mean little without knowing whether the plan was the image's own,
-    a predecessor's or none; agents that do not log it yet give (None, None).
+    a predecessor's or none; a field the agent does not log (yet) stays None.
     """
-    origin: tuple[str | None, str | None] = (None, None)
+    found = ProfileLoaded()
     try:
         lines = agent_log.read_text(errors="replace").splitlines()
     except FileNotFoundError:
-        return origin
+        return found
     for line in lines:
         if '"profile.loaded"' not in line:
             continue
@@ -365,12 +377,17 @@ def profile_origin(agent_log: Path) -> tuple[str | None, str | None]:
         except ValueError:
             continue
         if isinstance(record, dict) and record.get("event") == "profile.loaded":
-            found, source = record.get("origin"), record.get("inherited_from")
-            origin = (
-                found if isinstance(found, str) else None,
-                source if isinstance(source, str) else None,
+            origin, source, entries = (
+                record.get("origin"),
+                record.get("inherited_from"),
+                record.get("entries"),
             )
-    return origin
+            found = ProfileLoaded(
+                origin if isinstance(origin, str) else None,
+                source if isinstance(source, str) else None,
+                entries if isinstance(entries, int) else None,
+            )
+    return found
 
 
 def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
@@ -476,6 +493,16 @@ def summarize(results: list[RunResult], modes: Sequence[str] = MODES) -> list[Mo
             )
         )
     return summaries
+
+
+def physical_limit_seconds(
+    warm_seconds: Sequence[float], app_bytes: int | None, rate_mbit: float
+) -> float | None:
+    """The start no loader can beat on this link: the local (warm) start's median plus
+    the bytes the application reads at link bandwidth (None without either)."""
+    if not warm_seconds or app_bytes is None:
+        return None
+    return statistics.median(warm_seconds) + app_bytes * 8 / (rate_mbit * 1e6)
 
 
 def summary_table(summaries: list[ModeSummary]) -> str:

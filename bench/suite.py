@@ -17,6 +17,11 @@ Bytes read by the application come from the learned profile: the median, over it
 recorded starts, of the bytes each start read (eBPF read/mmap ranges plus the reads that
 reached FUSE, per file union). The physical limit of an image is the time a start
 cannot beat on this link: the local (warm) start plus those bytes at link bandwidth.
+
+With ``new_versions``, each image that has later versions in `bench.catalog` then goes
+through `bench.new_versions` (a new digest's first starts, with a predecessor's profile,
+with none and with its own), on the same link and registry, after its own modes: it
+needs their learned profile and local start.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import shutil
 import statistics
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bench.catalog import CATALOG, ImageVersion
 from bench.chart import Bar, Panel, stacked_bars
 from bench.learning import (
     PROFILE_SUFFIX,
@@ -41,6 +47,16 @@ from bench.learning import (
     done_with,
     learn_profile,
     run_dir,
+)
+from bench.new_versions import (
+    VERSION_MODES,
+    ScenarioOutcome,
+    VersionRow,
+    measure_versions,
+    version_panels,
+    version_rows,
+    versions_summary,
+    versions_table,
 )
 from bench.report import markdown_table, write_results
 from bench.startup import (
@@ -52,6 +68,7 @@ from bench.startup import (
     catalog_image,
     lazy_node,
     lazy_reference,
+    physical_limit_seconds,
     publish,
     run_overlayfs,
     shaped_registry,
@@ -69,6 +86,15 @@ QUICK_IMAGES = ("python-scipy",)
 FORMS = ("index", "full")
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
 DOCS_STEM = "startup-suite"
+VERSIONS_HEADING = "#### New versions: a new digest's first starts"
+VERSIONS_INTRO = (
+    "Each version pushed next to v1 in its repositories (v2: the app changed, every other"
+    " layer v1's by digest; v3: the base rebuilt, every layer new). inherited = profiles"
+    " and inheritance on, the version's own profile unlisted (v1's learned in this run);"
+    " no profile = profiles off; own profile = the version's own, learned in this run."
+    " Limit = v1's local start + the bytes the version's own profile read, at link"
+    " bandwidth. Cold node per run, none recording."
+)
 APP_BYTES_SOURCE = (
     "learned profile: median over its recorded starts of the bytes each start read "
     "(eBPF read/mmap ranges + reads that reached FUSE, union per file)"
@@ -93,6 +119,14 @@ class SuiteOptions:
     workdir: Path = Path("/var/tmp/acceld-bench/work")
     keep_runs: bool = False
     """Keep every run's agent and containerd logs (normally only a failed run's)."""
+    new_versions: bool = False
+    """Also run the new-version scenario on the images that have versions."""
+
+    def versions(self, image: str) -> tuple[ImageVersion, ...]:
+        """The later versions the scenario measures for ``image`` (none if it is off)."""
+        if not self.new_versions or image not in CATALOG:
+            return ()
+        return CATALOG[image].versions
 
     def rotation(self) -> list[str]:
         """The measured modes in first-repetition order (overlayfs also yields the
@@ -110,7 +144,11 @@ class SuiteOptions:
     def steps(self) -> int:
         """Steps shown by the progress display: publish, learn starts, measured runs."""
         learn = len(self.forms) * self.learn_starts if self.profiles else 0
-        return len(self.images) * (1 + learn + self.repeat * len(self.rotation()))
+        steps = len(self.images) * (1 + learn + self.repeat * len(self.rotation()))
+        for image in self.images:
+            per_form = self.learn_starts + self.repeat * len(VERSION_MODES)
+            steps += len(self.versions(image)) * (1 + len(self.forms) * per_form)
+        return steps
 
 
 @dataclass
@@ -122,6 +160,7 @@ class ImageOutcome:
     conversions: dict[str, dict[str, float]]
     learned: dict[str, Learned]
     runs: list[RunResult]
+    new_versions: ScenarioOutcome | None = None
 
     @property
     def app_read_bytes(self) -> int | None:
@@ -157,6 +196,9 @@ class SuiteReport:
     rows: list[SuiteRow]
     limits: dict[str, float | None]
     summary_line: str
+    version_rows: list[VersionRow] = field(default_factory=list)
+    versions_summary: str = ""
+    """The new-version scenario's line (empty when it did not run)."""
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -214,6 +256,8 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
     unknown = set(options.forms) - set(FORMS)
     if unknown or not options.forms:
         raise ValueError(f"forms must be among {FORMS}, got {options.forms}")
+    if options.new_versions and not options.profiles:
+        raise ValueError("the new-version scenario needs profiles (v1's is what is inherited)")
     options.workdir.mkdir(parents=True, exist_ok=True)
     outcomes: list[ImageOutcome] = []
     with (
@@ -235,6 +279,19 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
                     options.timeout,
                 )
                 learned, runs = measure_image(setup, options, number, progress)
+                scenario = None
+                if options.versions(name):
+                    scenario = measure_versions(
+                        setup,
+                        options.versions(name),
+                        forms=options.forms,
+                        repeat=options.repeat,
+                        learn_starts=options.learn_starts,
+                        keep_runs=options.keep_runs,
+                        cache_dir=options.cache_dir,
+                        image_number=number,
+                        progress=progress,
+                    )
             except Exception:
                 log.error(
                     "bench.failed",
@@ -245,7 +302,12 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
                 raise
             outcomes.append(
                 ImageOutcome(
-                    image.name, image.compressed_bytes, published.conversions, learned, runs
+                    image.name,
+                    image.compressed_bytes,
+                    published.conversions,
+                    learned,
+                    runs,
+                    scenario,
                 )
             )
     return build_report(options, outcomes)
@@ -257,11 +319,11 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
 def physical_limit(outcome: ImageOutcome, rate_mbit: float) -> float | None:
     """Local start + bytes the application reads / link bandwidth (None without a
     learned profile to say how many bytes that is)."""
-    warm = [r.ready_seconds for r in outcome.runs if r.mode == "overlayfs-warm"]
-    app_bytes = outcome.app_read_bytes
-    if not warm or app_bytes is None:
-        return None
-    return statistics.median(warm) + app_bytes * 8 / (rate_mbit * 1e6)
+    return physical_limit_seconds(_warm_seconds(outcome), outcome.app_read_bytes, rate_mbit)
+
+
+def _warm_seconds(outcome: ImageOutcome) -> list[float]:
+    return [r.ready_seconds for r in outcome.runs if r.mode == "overlayfs-warm"]
 
 
 def _app_mb(outcome: ImageOutcome, mode: str) -> float | None:
@@ -293,11 +355,28 @@ def build_report(options: SuiteOptions, outcomes: list[ImageOutcome]) -> SuiteRe
     """Per image x mode medians, each image's physical limit and the summary line."""
     rows: list[SuiteRow] = []
     limits: dict[str, float | None] = {}
+    version_rows_: list[VersionRow] = []
     for outcome in outcomes:
         limit = physical_limit(outcome, options.rate_mbit)
         limits[outcome.name] = limit
         rows += [_row(outcome, s, limit) for s in summarize(outcome.runs, options.modes())]
-    return SuiteReport(options, outcomes, rows, limits, summary_line(rows, len(outcomes)))
+        if outcome.new_versions is not None:
+            version_rows_ += version_rows(
+                outcome.name,
+                outcome.new_versions.versions,
+                _warm_seconds(outcome),
+                outcome.new_versions.first_digests,
+                options.rate_mbit,
+            )
+    return SuiteReport(
+        options,
+        outcomes,
+        rows,
+        limits,
+        summary_line(rows, len(outcomes)),
+        version_rows_,
+        versions_summary(version_rows_) if version_rows_ else "",
+    )
 
 
 def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
@@ -356,7 +435,8 @@ def _link_text(options: SuiteOptions) -> str:
 
 
 def suite_chart(report: SuiteReport, path: Path) -> Path:
-    """Stacked pull + start bars per mode, one panel per image."""
+    """Stacked pull + start bars per mode, one panel per image; below them, one panel
+    per image version of the new-version scenario, if it ran."""
     panels = [
         Panel(
             outcome.name,
@@ -373,7 +453,15 @@ def suite_chart(report: SuiteReport, path: Path) -> Path:
         f"time to ready (median of {report.options.repeat}), link "
         f"{_link_text(report.options)}, cold node per run"
     )
-    return stacked_bars(panels, path, title)
+    versions = [
+        panel
+        for outcome in report.images
+        if outcome.new_versions is not None
+        for panel in version_panels(
+            outcome.name, outcome.new_versions.versions, report.version_rows
+        )
+    ]
+    return stacked_bars([panels, versions], path, title)
 
 
 def document(report: SuiteReport, command: str) -> dict[str, Any]:
@@ -395,21 +483,30 @@ def document(report: SuiteReport, command: str) -> dict[str, Any]:
                 "conversions": o.conversions,
                 "learned": {form: asdict(learned) for form, learned in o.learned.items()},
                 "runs": [asdict(run) for run in o.runs],
+                "new_versions": None if o.new_versions is None else asdict(o.new_versions),
             }
             for o in report.images
         ],
         "rows": [asdict(row) for row in report.rows],
         "summary_line": report.summary_line,
+        "version_rows": [asdict(row) for row in report.version_rows],
+        "versions_summary": report.versions_summary,
     }
 
 
 def markdown(report: SuiteReport, command: str) -> str:
     """What goes into the README: the command, the link, the table and the summary."""
     sizes = ", ".join(f"{o.name} {o.compressed_bytes / 1e6:.0f} MB" for o in report.images)
-    return (
+    text = (
         f"`{command}` — link {_link_text(report.options)}, images (compressed) {sizes}\n\n"
         f"{suite_table(report.rows)}\n\n{report.summary_line}\n"
     )
+    if report.version_rows:
+        text += (
+            f"\n{VERSIONS_HEADING}\n\n{VERSIONS_INTRO}\n\n"
+            f"{versions_table(report.version_rows)}\n\n{report.versions_summary}\n"
+        )
+    return text
 
 
 @dataclass(frozen=True)
