@@ -240,7 +240,9 @@ def measure_versions(
                 label = mode_name(form, mode)
                 progress(f"{name} {outcome.tag} {repetition}/{repeat}: {label}")
                 _list_only(published, own, {(outcome.tag, form)} if mode == "own" else set())
-                path = run_dir(version_setup, image_number, f"{outcome.tag}r{repetition}{label}")
+                # no longer than the suite's own labels: sockets live below
+                short = f"{outcome.tag}r{repetition}{form}-{mode[:3]}"
+                path = run_dir(version_setup, image_number, short)
                 with lazy_node(
                     version_setup,
                     path,
