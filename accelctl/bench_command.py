@@ -72,6 +72,14 @@ def _image_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tup
     help="Learn a profile per lazy form and measure the +profile modes.",
 )
 @click.option("--learn-starts", default=1, show_default=True, help="Recorded starts per profile.")
+@click.option(
+    "--new-versions",
+    is_flag=True,
+    help="Also measure the new-version scenario on the images that have versions "
+    f"({', '.join(n for n, i in CATALOG.items() if i.versions)}): v2 (app changed) and v3 "
+    "(base rebuilt) pushed next to v1, started with v1's profile inherited, with none and "
+    "with their own. Needs --profiles.",
+)
 @click.option("--synthetic-mb", default=64, show_default=True, help="Synthetic image data size.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds per pull or start.")
 @click.option("--cache-dir", type=_DIR, default=SuiteOptions.cache_dir, show_default=True)
@@ -96,6 +104,7 @@ def bench(
     forms: str,
     profiles: bool,
     learn_starts: int,
+    new_versions: bool,
     synthetic_mb: int,
     timeout: float,
     cache_dir: Path,
@@ -119,6 +128,7 @@ def bench(
         cache_dir=cache_dir,
         workdir=workdir / time.strftime("%Y%m%d-%H%M%S"),
         keep_runs=keep_runs,
+        new_versions=new_versions,
     )
     if quick:
         options = quick_options(options)
@@ -150,4 +160,6 @@ def canonical_command(options: SuiteOptions, quick: bool) -> str:
     words += ["--learn-starts", str(options.learn_starts)]
     if SYNTHETIC in options.images:
         words += ["--synthetic-mb", str(options.synthetic_mb)]
+    if options.new_versions:
+        words.append("--new-versions")
     return shlex.join(words + (["--quick"] if quick else []))

@@ -5,7 +5,8 @@ of the README wants to see at a glance: how much of a start is waiting for the i
 (pull) and how much is the application itself (start), and how far each mode is from
 what the link physically allows. Each image gets its own panel (their scales differ by
 an order of magnitude) with one stacked bar per mode and the physical limit drawn
-across it.
+across it. A further row of panels can follow (the suite's new-version scenario: one
+panel per image version).
 
 The scale-up benchmark's chart (`lines_with_ranges`): seconds until every container
 is ready against how many were started together, one line per mode, so the slope (how
@@ -46,22 +47,32 @@ class Panel:
     limit_seconds: float | None
 
 
-def stacked_bars(panels: Sequence[Panel], path: Path, title: str) -> Path:
-    """Draw ``panels`` side by side into a PNG at ``path``; returns ``path``.
+def stacked_bars(rows: Sequence[Sequence[Panel]], path: Path, title: str) -> Path:
+    """Draw each row of panels side by side, rows one below the other, into a PNG at
+    ``path``; returns ``path``.
 
     The start segment is ready minus pull: for lazy modes the pull returns early and the
     application's start absorbs the fetching, which is exactly the shift to show.
     """
-    if not panels:
+    rows = [row for row in rows if row]
+    if not rows:
         raise ValueError("nothing to draw")
     plt = _pyplot()
-    width = max(4.0, 2.2 + 0.75 * max(len(p.bars) for p in panels))
+    columns = max(len(row) for row in rows)
+    width = max(4.0, 2.2 + 0.75 * max(len(p.bars) for row in rows for p in row))
     figure, axes = plt.subplots(
-        1, len(panels), figsize=(width * len(panels), 4.8), squeeze=False, constrained_layout=True
+        len(rows),
+        columns,
+        figsize=(width * columns, 4.8 * len(rows)),
+        squeeze=False,
+        constrained_layout=True,
     )
-    for axis, panel in zip(axes[0], panels, strict=True):
-        _draw_panel(axis, panel)
-    axes[0][0].set_ylabel("seconds (median)")
+    for axes_row, row in zip(axes, rows, strict=True):
+        for axis, panel in zip(axes_row, row, strict=False):
+            _draw_panel(axis, panel)
+        for axis in axes_row[len(row) :]:
+            axis.set_visible(False)
+        axes_row[0].set_ylabel("seconds (median)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", ncols=3, frameon=False)
     figure.suptitle(title, fontsize=10)

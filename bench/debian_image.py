@@ -13,6 +13,11 @@ produce, made from the same ingredients with the tools this machine has:
   each path's inode, size, mtime, mode and owner before and after;
 - top layer: the application's own script.
 
+A later version of an image comes in the two shapes real releases take
+(`build_app_update`, and ``base_packages``): the application changed and the lower
+layers are reused by digest (a `docker build` whose cache held them), or the base image
+was rebuilt (an extra package in it), so every layer is new.
+
 debootstrap takes about a minute, so its tree is cached as a tarball; finished images
 are cached as OCI layouts keyed by a hash of everything that goes into them. Mounts the
 installers need (/proc, /dev) are made inside a private mount namespace, so they vanish
@@ -45,6 +50,7 @@ from rig.images import (
     ImageSpec,
     blob_path,
     build_image,
+    build_image_on,
 )
 from rig.layers import (
     BlockDevice,
@@ -107,14 +113,38 @@ class DebianImageSpec:
     working_dir: str = ""
     suite: str = DEFAULT_SUITE
     labels: tuple[tuple[str, str], ...] = field(default=())
+    base_packages: tuple[str, ...] = ()
+    """Installed into the minbase tree before it becomes the base layer: a rebuilt base
+    image (a new version whose every layer differs from the last)."""
 
     def cache_key(self, mirror: str) -> str:
-        """Hex digest over every input of the build, the mirror included."""
-        doc = {
+        """Hex digest over every input of the build, the mirror included.
+
+        ``base_packages`` enters the key only when set, so the images built before it
+        existed (which had none) keep their keys and cached layouts.
+        """
+        doc: dict[str, object] = {
             "builder": BUILDER_VERSION,
             "mirror": mirror,
             "suite": self.suite,
             "packages": sorted(self.packages),
+            "files": [
+                [f.path, f.mode, hashlib.sha256(f.content).hexdigest()] for f in self.app_files
+            ],
+            "cmd": list(self.cmd),
+            "env": list(self.env),
+            "working_dir": self.working_dir,
+            "labels": [list(pair) for pair in self.labels],
+        }
+        if self.base_packages:
+            doc["base_packages"] = sorted(self.base_packages)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def app_key(self, parent_digest: str) -> str:
+        """Hex digest over the inputs of an app-layer rebuild on the image ``parent_digest``."""
+        doc = {
+            "builder": BUILDER_VERSION,
+            "parent": parent_digest,
             "files": [
                 [f.path, f.mode, hashlib.sha256(f.content).hexdigest()] for f in self.app_files
             ],
@@ -278,6 +308,40 @@ def base_rootfs_tarball(cache_dir: Path, suite: str, mirror: str) -> Path:
             log_path,
             "debootstrap",
         )
+        partial = work / "base.tar"
+        _run(
+            ["tar", "--create", f"--file={partial}", f"--directory={tree}", *_TAR_FLAGS, "."],
+            log_path,
+            "tar of the base tree",
+        )
+        os.replace(partial, tarball)
+    finally:
+        _remove_tree(work)
+    return tarball
+
+
+def base_tarball_with(
+    cache_dir: Path, suite: str, mirror: str, packages: Sequence[str], log_path: Path
+) -> Path:
+    """The minbase tree with ``packages`` installed (cached as a tar), or the plain one.
+
+    apt stamps what it writes (dpkg's status and logs, ld.so.cache), so this tree is made
+    once and kept: the base layer of every image built on it is then one blob.
+    """
+    plain = base_rootfs_tarball(cache_dir, suite, mirror)
+    if not packages:
+        return plain
+    doc = {"builder": BUILDER_VERSION, "packages": sorted(packages)}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
+    tarball = plain.with_name(f"{plain.stem}+{key}.tar")
+    if tarball.exists():
+        return tarball
+    work = Path(tempfile.mkdtemp(prefix="base-", dir=cache_dir))
+    try:
+        tree = work / "rootfs"
+        _extract(plain, tree, log_path)
+        log.info("debian.base_packages", packages=list(packages), log=str(log_path))
+        install_packages(tree, packages, log_path)
         partial = work / "base.tar"
         _run(
             ["tar", "--create", f"--file={partial}", f"--directory={tree}", *_TAR_FLAGS, "."],
@@ -524,9 +588,11 @@ def load_built_image(layout: Path, tag: str = LAYOUT_TAG) -> BuiltImage:
 def build_debian_image(name: str, spec: DebianImageSpec, cache_dir: Path) -> BuiltImage:
     """The image for ``spec``, from the cache or built now (minutes on a cold cache).
 
-    Three layers (two without packages): minbase, the packages, the app files. The base
-    layer's bytes depend only on the cached tarball, so every image built on one base
-    shares that layer blob, as images built FROM one base image do.
+    Three layers (two without packages): minbase (with ``base_packages``), the
+    packages, the app files. The base layer's bytes depend only on the cached tarball, so
+    every image built on one base shares that layer blob, as images built FROM one base
+    image do. The package layer is not reproducible (apt stamps times): a new version
+    that keeps it must be made with `build_app_update`.
     """
     cache = cache_dir / "debian"
     mirror = debian_mirror(spec.suite)
@@ -536,13 +602,13 @@ def build_debian_image(name: str, spec: DebianImageSpec, cache_dir: Path) -> Bui
     with _locked(cache):
         if (layout / "index.json").exists():
             return load_built_image(layout)  # another process built it while we waited
-        tarball = base_rootfs_tarball(cache, spec.suite, mirror)
         (cache / "work").mkdir(exist_ok=True)
         for leftover in (cache / "work").iterdir():
             _remove_tree(leftover)  # from a build that was killed; we hold the lock
-        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cache / "work"))
         log_path = cache / f"build-{name}.log"
         log_path.unlink(missing_ok=True)
+        tarball = base_tarball_with(cache, spec.suite, mirror, spec.base_packages, log_path)
+        work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=cache / "work"))
         log.info("debian.build", image=name, packages=list(spec.packages), log=str(log_path))
         try:
             base = work / "base"
@@ -550,7 +616,8 @@ def build_debian_image(name: str, spec: DebianImageSpec, cache_dir: Path) -> Bui
             layers = [
                 LayerSpec(
                     tree_entries(base, list(snapshot_tree(base))),
-                    created_by=f"debootstrap --variant=minbase {spec.suite}",
+                    created_by=f"debootstrap --variant=minbase {spec.suite}"
+                    + "".join(f" && apt-get install {package}" for package in spec.base_packages),
                 )
             ]
             if spec.packages:
@@ -583,3 +650,38 @@ def build_debian_image(name: str, spec: DebianImageSpec, cache_dir: Path) -> Bui
             _remove_tree(work)
         log.info("debian.built", image=name, layout=str(layout))
         return load_built_image(layout)
+
+
+def build_app_update(
+    name: str, parent: BuiltImage, spec: DebianImageSpec, cache_dir: Path
+) -> BuiltImage:
+    """``parent`` (a `build_debian_image` result) with its top (app) layer made anew from
+    ``spec``'s app files and its config from ``spec``: every lower layer is ``parent``'s,
+    by digest. ``spec``'s packages are not looked at; they are ``parent``'s.
+    """
+    layout = cache_dir / "debian" / "layouts" / f"{name}-{spec.app_key(parent.digest)[:16]}"
+    if not (layout / "index.json").exists():
+        layout.parent.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=layout.parent))
+        try:
+            build_image_on(
+                parent,
+                len(parent.layers) - 1,
+                [_app_layer(spec.app_files)],
+                ImageConfig(
+                    cmd=spec.cmd,
+                    env=spec.env,
+                    working_dir=spec.working_dir,
+                    labels=dict(spec.labels),
+                ),
+                staged,
+                LAYOUT_TAG,
+            )
+            os.replace(staged, layout)
+        except OSError:
+            if not (layout / "index.json").exists():
+                raise
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)  # a copy that lost the race
+        log.info("debian.app_update", image=name, parent=parent.digest, layout=str(layout))
+    return load_built_image(layout)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -112,15 +113,15 @@ class Published:
     conversions: dict[str, dict[str, float]]
 
 
-async def publish(image: ImageUnderTest, host: str) -> Published:
-    """Push the image twice and convert one copy per mode.
+async def publish(image: ImageUnderTest, host: str, tag: str = _TAG) -> Published:
+    """Push the image twice as ``tag`` and convert one copy per mode.
 
     Two repositories, because the agent prefers a full-mode twin `<tag>_accelerated`
     over an index artifact: with both in one repository, ``lazy-index`` would silently
-    measure the eStargz form.
+    measure the eStargz form. Versions of one image share the two repositories.
     """
-    original = f"{host}/bench/{image.name}:{_TAG}"
-    twin = f"{host}/bench/{image.name}-estargz:{_TAG}"
+    original = f"{host}/bench/{image.name}:{tag}"
+    twin = f"{host}/bench/{image.name}-estargz:{tag}"
     conversions: dict[str, dict[str, float]] = {}
     async with RegistryClient(plain_http_hosts={host}) as client:
         for reference, mode in ((original, "index"), (twin, "full")):
@@ -136,7 +137,7 @@ async def publish(image: ImageUnderTest, host: str) -> Published:
                 "skipped_existing": float(result.skipped),
                 "output_bytes": float(result.output_bytes),
             }
-    estargz = str(ImageReference.parse(twin).with_tag(accelerated_tag(_TAG)))
+    estargz = str(ImageReference.parse(twin).with_tag(accelerated_tag(tag)))
     return Published(original, estargz, conversions)
 
 
@@ -171,6 +172,13 @@ class RunResult:
     lazy_layers: float = 0.0
     fallback_layers: float = 0.0
     agent_stats: dict[str, float] = field(default_factory=dict)
+    profile_origin: str | None = None
+    """Whose profile the agent's plan came from ("own", "inherited", "none"), as its
+    ``profile.loaded`` record says; None when it logged none or no origin."""
+    inherited_from: str | None = None
+    """For an inherited profile, the manifest digest it was taken from."""
+    profile_entries: int | None = None
+    """Entries of the plan the agent made of that profile (None: it loaded none)."""
 
 
 def ctr_run_command(
@@ -277,15 +285,19 @@ def lazy_node(
     *,
     use_profiles: bool,
     record_profiles: bool,
+    inherit_profiles: bool = False,
 ) -> Iterator[tuple[AgentProcess, ContainerdServer]]:
     """A cold node: a fresh acceld agent (empty cache) and a containerd that uses it.
 
     Learned profiles live in the (cached) bench registry and would turn "no profile"
-    runs into profile runs: whether the agent reads them, and whether it records new
-    ones, is always stated explicitly.
+    runs into profile runs: whether the agent reads them, whether it takes a
+    predecessor's when the image has none (``inherit_profiles``; off unless asked, so a
+    "+profile" run measures the image's own) and whether it records new ones, is
+    always stated explicitly.
     """
     settings = {
         "profiles": use_profiles,
+        "profile_inheritance": inherit_profiles,
         "record_profiles": record_profiles,
         "background_fill": setup.background_fill,
     }
@@ -320,6 +332,7 @@ def timed_lazy_start(
     link_bytes = counter.since_start()
     fallbacks = agent.metric("acceld_fallbacks_total")
     fetched, stats = agent_figures(agent)
+    loaded = profile_loaded(agent.log_path)
     return RunResult(
         mode,
         repetition,
@@ -330,7 +343,51 @@ def timed_lazy_start(
         agent.metric("acceld_layers_total") - fallbacks,
         fallbacks,
         stats,
+        loaded.origin,
+        loaded.inherited_from,
+        loaded.entries,
     )
+
+
+@dataclass(frozen=True)
+class ProfileLoaded:
+    """What the agent's last ``profile.loaded`` record said (all None without one)."""
+
+    origin: str | None = None
+    inherited_from: str | None = None
+    entries: int | None = None
+
+
+def profile_loaded(agent_log: Path) -> ProfileLoaded:
+    """The last profile the agent loaded, from its (JSON) log.
+
+    A run's figures mean little without knowing whether the plan was the image's own,
+    a predecessor's or none; a field the agent does not log (yet) stays None.
+    """
+    found = ProfileLoaded()
+    try:
+        lines = agent_log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return found
+    for line in lines:
+        if '"profile.loaded"' not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == "profile.loaded":
+            origin, source, entries = (
+                record.get("origin"),
+                record.get("inherited_from"),
+                record.get("entries"),
+            )
+            found = ProfileLoaded(
+                origin if isinstance(origin, str) else None,
+                source if isinstance(source, str) else None,
+                entries if isinstance(entries, int) else None,
+            )
+    return found
 
 
 def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
@@ -436,6 +493,16 @@ def summarize(results: list[RunResult], modes: Sequence[str] = MODES) -> list[Mo
             )
         )
     return summaries
+
+
+def physical_limit_seconds(
+    warm_seconds: Sequence[float], app_bytes: int | None, rate_mbit: float
+) -> float | None:
+    """The start no loader can beat on this link: the local (warm) start's median plus
+    the bytes the application reads at link bandwidth (None without either)."""
+    if not warm_seconds or app_bytes is None:
+        return None
+    return statistics.median(warm_seconds) + app_bytes * 8 / (rate_mbit * 1e6)
 
 
 def summary_table(summaries: list[ModeSummary]) -> str:

@@ -17,16 +17,19 @@ Bytes read by the application come from the learned profile: the median, over it
 recorded starts, of the bytes each start read (eBPF read/mmap ranges plus the reads that
 reached FUSE, per file union). The physical limit of an image is the time a start
 cannot beat on this link: the local (warm) start plus those bytes at link bandwidth.
+
+With ``new_versions``, each image that has later versions in `bench.catalog` then goes
+through `bench.new_versions` (a new digest's first starts, with a predecessor's profile,
+with none and with its own), on the same link and registry, after its own modes: it
+needs their learned profile and local start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,7 +38,26 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bench.catalog import CATALOG, ImageVersion
 from bench.chart import Bar, Panel, stacked_bars
+from bench.learning import (
+    PROFILE_SUFFIX,
+    Learned,
+    ProgressCallback,
+    done_with,
+    learn_profile,
+    run_dir,
+)
+from bench.new_versions import (
+    VERSION_MODES,
+    ScenarioOutcome,
+    VersionRow,
+    measure_versions,
+    version_panels,
+    version_rows,
+    versions_summary,
+    versions_table,
+)
 from bench.report import markdown_table, write_results
 from bench.startup import (
     SYNTHETIC,
@@ -46,6 +68,7 @@ from bench.startup import (
     catalog_image,
     lazy_node,
     lazy_reference,
+    physical_limit_seconds,
     publish,
     run_overlayfs,
     shaped_registry,
@@ -54,14 +77,6 @@ from bench.startup import (
     timed_lazy_start,
 )
 from common.logging import get_logger
-from fetcher import mediatypes as mt
-from fetcher.errors import NotFoundError
-from fetcher.manifest import ImageIndex
-from fetcher.reference import ImageReference
-from fetcher.registry import RegistryClient, referrers_tag
-from formats.accelerated import ARTIFACT_TYPE_PROFILE
-from profiles.format import Profile
-from profiles.registry_sync import fetch_profile
 from rig.shaped_link import ShapedLink
 
 log = get_logger(__name__)
@@ -69,23 +84,21 @@ log = get_logger(__name__)
 DEFAULT_IMAGES = ("python-scipy", "python-fat-api", "node-http", "gcc-hello", "postgres")
 QUICK_IMAGES = ("python-scipy",)
 FORMS = ("index", "full")
-PROFILE_SUFFIX = "+profile"
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs" / "bench"
 DOCS_STEM = "startup-suite"
-PROFILE_WAIT_S = 120.0
-"""Longest wait for a recorded start's profile to show up in the registry: the agent's
-trace window (quiet period, or its 60 s deadline) plus its publish settle time."""
+VERSIONS_HEADING = "#### New versions: a new digest's first starts"
+VERSIONS_INTRO = (
+    "Each version pushed next to v1 in its repositories (v2: the app changed, every other"
+    " layer v1's by digest; v3: the base rebuilt, every layer new). inherited = profiles"
+    " and inheritance on, the version's own profile unlisted (v1's learned in this run);"
+    " no profile = profiles off; own profile = the version's own, learned in this run."
+    " Limit = v1's local start + the bytes the version's own profile read, at link"
+    " bandwidth. Cold node per run, none recording."
+)
 APP_BYTES_SOURCE = (
     "learned profile: median over its recorded starts of the bytes each start read "
     "(eBPF read/mmap ranges + reads that reached FUSE, union per file)"
 )
-
-ProgressCallback = Callable[[str], None]
-"""Told the label of each step as it begins (``bench_command`` shows it with rich)."""
-
-
-class LearnError(RuntimeError):
-    """A recorded start produced no profile in the registry in time."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,14 @@ class SuiteOptions:
     workdir: Path = Path("/var/tmp/acceld-bench/work")
     keep_runs: bool = False
     """Keep every run's agent and containerd logs (normally only a failed run's)."""
+    new_versions: bool = False
+    """Also run the new-version scenario on the images that have versions."""
+
+    def versions(self, image: str) -> tuple[ImageVersion, ...]:
+        """The later versions the scenario measures for ``image`` (none if it is off)."""
+        if not self.new_versions or image not in CATALOG:
+            return ()
+        return CATALOG[image].versions
 
     def rotation(self) -> list[str]:
         """The measured modes in first-repetition order (overlayfs also yields the
@@ -123,21 +144,11 @@ class SuiteOptions:
     def steps(self) -> int:
         """Steps shown by the progress display: publish, learn starts, measured runs."""
         learn = len(self.forms) * self.learn_starts if self.profiles else 0
-        return len(self.images) * (1 + learn + self.repeat * len(self.rotation()))
-
-
-@dataclass
-class Learned:
-    """The profile one lazy form learned in this suite run."""
-
-    form: str
-    profile_runs: int
-    files: int
-    app_read_bytes: int
-    sources: dict[str, int]
-    seconds: float
-    recording_runs: list[RunResult] = field(default_factory=list)
-    """The recorded starts themselves (timed, but not part of the summary)."""
+        steps = len(self.images) * (1 + learn + self.repeat * len(self.rotation()))
+        for image in self.images:
+            per_form = self.learn_starts + self.repeat * len(VERSION_MODES)
+            steps += len(self.versions(image)) * (1 + len(self.forms) * per_form)
+        return steps
 
 
 @dataclass
@@ -149,6 +160,7 @@ class ImageOutcome:
     conversions: dict[str, dict[str, float]]
     learned: dict[str, Learned]
     runs: list[RunResult]
+    new_versions: ScenarioOutcome | None = None
 
     @property
     def app_read_bytes(self) -> int | None:
@@ -184,82 +196,12 @@ class SuiteReport:
     rows: list[SuiteRow]
     limits: dict[str, float | None]
     summary_line: str
-
-
-# -- the profile state in the registry ------------------------------------------------
-
-
-async def forget_profiles(registry_host: str, reference: str) -> int:
-    """Unlist every learned profile of ``reference``'s manifest; returns how many.
-
-    The bench registry is cached across invocations, and the agent merges every profile
-    it finds: without this, a profile run would use whatever earlier runs (and earlier
-    code) learned. Only the tag-schema index entries of profile artifacts are dropped;
-    other referrers (the index-only artifact) stay.
-    """
-    ref = ImageReference.parse(reference)
-    async with RegistryClient(plain_http_hosts={registry_host}) as client:
-        digest = (await client.resolve(ref)).manifest_digest
-        index_ref = ref.with_tag(referrers_tag(digest))
-        dropped = 0
-        try:
-            fetched = await client.get_manifest(index_ref, accept=mt.OCI_INDEX)
-        except NotFoundError:
-            fetched = None
-        if fetched is not None and isinstance(fetched.parsed, ImageIndex):
-            listed = fetched.parsed.manifests
-            kept = [d for d in listed if d.artifact_type != ARTIFACT_TYPE_PROFILE]
-            dropped = len(listed) - len(kept)
-            if dropped:
-                index = {
-                    "schemaVersion": 2,
-                    "mediaType": mt.OCI_INDEX,
-                    "manifests": [d.to_json() for d in kept],
-                }
-                body = _compact_json(index)
-                await client.push_manifest(index_ref, body, mt.OCI_INDEX)
-        if await fetch_profile(client, ref, digest) is not None:
-            raise LearnError(f"{reference}: a learned profile is still found after forgetting")
-    return dropped
-
-
-def _compact_json(document: dict[str, Any]) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
-
-
-async def wait_for_profile(
-    registry_host: str, reference: str, runs: int, timeout: float
-) -> Profile:
-    """Poll the registry until ``reference``'s learned profile holds ``runs`` runs.
-
-    The agent pushes a recorded start only after its trace window closes (a quiet
-    period after the start), so the profile appears seconds after readiness.
-    """
-    ref = ImageReference.parse(reference)
-    deadline = time.monotonic() + timeout
-    async with RegistryClient(plain_http_hosts={registry_host}) as client:
-        digest = (await client.resolve(ref)).manifest_digest
-        while True:
-            found = await fetch_profile(client, ref, digest)
-            if found is not None and found.runs.count >= runs:
-                return found
-            if time.monotonic() > deadline:
-                have = found.runs.count if found else 0
-                raise LearnError(f"{reference}: profile has {have} run(s), wanted {runs}")
-            await asyncio.sleep(0.5)
+    version_rows: list[VersionRow] = field(default_factory=list)
+    versions_summary: str = ""
+    """The new-version scenario's line (empty when it did not run)."""
 
 
 # -- measuring ------------------------------------------------------------------------
-
-
-def _run_dir(setup: Setup, image_number: int, label: str) -> Path:
-    # containerd's and the agent's sockets live below: the path must stay short.
-    return setup.workdir / f"i{image_number}{label.replace(PROFILE_SUFFIX, '-p')}"
-
-
-def _done_with(run_dir: Path, options: SuiteOptions) -> None:
-    if not options.keep_runs:
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _lazy_run(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResult:
@@ -269,41 +211,6 @@ def _lazy_run(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunRes
         return timed_lazy_start(setup, node, lazy_reference(setup, form), mode, repetition)
 
 
-def learn_profile(
-    setup: Setup, form: str, options: SuiteOptions, image_number: int, progress: ProgressCallback
-) -> Learned:
-    """Forget earlier profiles, then record ``learn_starts`` starts on fresh agents."""
-    reference = lazy_reference(setup, form)
-    started = time.monotonic()
-    forgotten = asyncio.run(forget_profiles(setup.registry_host, reference))
-    log.info("bench.profiles_forgotten", reference=reference, artifacts=forgotten)
-    recorded: list[RunResult] = []
-    profile: Profile | None = None
-    for start in range(1, options.learn_starts + 1):
-        progress(f"{setup.image.name}: learn lazy-{form} ({start}/{options.learn_starts})")
-        run_dir = _run_dir(setup, image_number, f"learn{start}-{form}")
-        with lazy_node(setup, run_dir, use_profiles=False, record_profiles=True) as node:
-            recorded.append(timed_lazy_start(setup, node, reference, f"lazy-{form}:learn", start))
-            try:
-                profile = asyncio.run(
-                    wait_for_profile(setup.registry_host, reference, start, PROFILE_WAIT_S)
-                )
-            except LearnError:
-                log.error("bench.learn_failed", agent_log=str(node[0].log_path))
-                raise
-        _done_with(run_dir, options)
-    assert profile is not None  # learn_starts >= 1
-    return Learned(
-        form,
-        profile.runs.count,
-        len(profile.files),
-        int(statistics.median(value for _, value in profile.runs.bytes_read)),
-        dict(profile.runs.sources),
-        round(time.monotonic() - started, 2),
-        recorded,
-    )
-
-
 def measure_image(
     setup: Setup, options: SuiteOptions, image_number: int, progress: ProgressCallback
 ) -> tuple[dict[str, Learned], list[RunResult]]:
@@ -311,18 +218,25 @@ def measure_image(
     learned = {}
     if options.profiles:
         for form in options.forms:
-            learned[form] = learn_profile(setup, form, options, image_number, progress)
+            learned[form] = learn_profile(
+                setup,
+                form,
+                starts=options.learn_starts,
+                keep_runs=options.keep_runs,
+                image_number=image_number,
+                progress=progress,
+            )
     order = options.rotation()
     runs: list[RunResult] = []
     for repetition in range(1, options.repeat + 1):
         for mode in order:
             progress(f"{setup.image.name} {repetition}/{options.repeat}: {mode}")
-            run_dir = _run_dir(setup, image_number, f"r{repetition}-{mode}")
+            path = run_dir(setup, image_number, f"r{repetition}-{mode}")
             if mode == "overlayfs":
-                runs += run_overlayfs(setup, repetition, run_dir)
+                runs += run_overlayfs(setup, repetition, path)
             else:
-                runs.append(_lazy_run(setup, mode, repetition, run_dir))
-            _done_with(run_dir, options)
+                runs.append(_lazy_run(setup, mode, repetition, path))
+            done_with(path, options.keep_runs)
             log.info("bench.done", image=setup.image.name, **asdict(runs[-1]))
         order = order[1:] + order[:1]
     return learned, runs
@@ -342,6 +256,8 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
     unknown = set(options.forms) - set(FORMS)
     if unknown or not options.forms:
         raise ValueError(f"forms must be among {FORMS}, got {options.forms}")
+    if options.new_versions and not options.profiles:
+        raise ValueError("the new-version scenario needs profiles (v1's is what is inherited)")
     options.workdir.mkdir(parents=True, exist_ok=True)
     outcomes: list[ImageOutcome] = []
     with (
@@ -363,6 +279,19 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
                     options.timeout,
                 )
                 learned, runs = measure_image(setup, options, number, progress)
+                scenario = None
+                if options.versions(name):
+                    scenario = measure_versions(
+                        setup,
+                        options.versions(name),
+                        forms=options.forms,
+                        repeat=options.repeat,
+                        learn_starts=options.learn_starts,
+                        keep_runs=options.keep_runs,
+                        cache_dir=options.cache_dir,
+                        image_number=number,
+                        progress=progress,
+                    )
             except Exception:
                 log.error(
                     "bench.failed",
@@ -373,7 +302,12 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
                 raise
             outcomes.append(
                 ImageOutcome(
-                    image.name, image.compressed_bytes, published.conversions, learned, runs
+                    image.name,
+                    image.compressed_bytes,
+                    published.conversions,
+                    learned,
+                    runs,
+                    scenario,
                 )
             )
     return build_report(options, outcomes)
@@ -385,11 +319,11 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
 def physical_limit(outcome: ImageOutcome, rate_mbit: float) -> float | None:
     """Local start + bytes the application reads / link bandwidth (None without a
     learned profile to say how many bytes that is)."""
-    warm = [r.ready_seconds for r in outcome.runs if r.mode == "overlayfs-warm"]
-    app_bytes = outcome.app_read_bytes
-    if not warm or app_bytes is None:
-        return None
-    return statistics.median(warm) + app_bytes * 8 / (rate_mbit * 1e6)
+    return physical_limit_seconds(_warm_seconds(outcome), outcome.app_read_bytes, rate_mbit)
+
+
+def _warm_seconds(outcome: ImageOutcome) -> list[float]:
+    return [r.ready_seconds for r in outcome.runs if r.mode == "overlayfs-warm"]
 
 
 def _app_mb(outcome: ImageOutcome, mode: str) -> float | None:
@@ -421,11 +355,28 @@ def build_report(options: SuiteOptions, outcomes: list[ImageOutcome]) -> SuiteRe
     """Per image x mode medians, each image's physical limit and the summary line."""
     rows: list[SuiteRow] = []
     limits: dict[str, float | None] = {}
+    version_rows_: list[VersionRow] = []
     for outcome in outcomes:
         limit = physical_limit(outcome, options.rate_mbit)
         limits[outcome.name] = limit
         rows += [_row(outcome, s, limit) for s in summarize(outcome.runs, options.modes())]
-    return SuiteReport(options, outcomes, rows, limits, summary_line(rows, len(outcomes)))
+        if outcome.new_versions is not None:
+            version_rows_ += version_rows(
+                outcome.name,
+                outcome.new_versions.versions,
+                _warm_seconds(outcome),
+                outcome.new_versions.first_digests,
+                options.rate_mbit,
+            )
+    return SuiteReport(
+        options,
+        outcomes,
+        rows,
+        limits,
+        summary_line(rows, len(outcomes)),
+        version_rows_,
+        versions_summary(version_rows_) if version_rows_ else "",
+    )
 
 
 def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
@@ -484,7 +435,8 @@ def _link_text(options: SuiteOptions) -> str:
 
 
 def suite_chart(report: SuiteReport, path: Path) -> Path:
-    """Stacked pull + start bars per mode, one panel per image."""
+    """Stacked pull + start bars per mode, one panel per image; below them, one panel
+    per image version of the new-version scenario, if it ran."""
     panels = [
         Panel(
             outcome.name,
@@ -501,7 +453,15 @@ def suite_chart(report: SuiteReport, path: Path) -> Path:
         f"time to ready (median of {report.options.repeat}), link "
         f"{_link_text(report.options)}, cold node per run"
     )
-    return stacked_bars(panels, path, title)
+    versions = [
+        panel
+        for outcome in report.images
+        if outcome.new_versions is not None
+        for panel in version_panels(
+            outcome.name, outcome.new_versions.versions, report.version_rows
+        )
+    ]
+    return stacked_bars([panels, versions], path, title)
 
 
 def document(report: SuiteReport, command: str) -> dict[str, Any]:
@@ -523,21 +483,30 @@ def document(report: SuiteReport, command: str) -> dict[str, Any]:
                 "conversions": o.conversions,
                 "learned": {form: asdict(learned) for form, learned in o.learned.items()},
                 "runs": [asdict(run) for run in o.runs],
+                "new_versions": None if o.new_versions is None else asdict(o.new_versions),
             }
             for o in report.images
         ],
         "rows": [asdict(row) for row in report.rows],
         "summary_line": report.summary_line,
+        "version_rows": [asdict(row) for row in report.version_rows],
+        "versions_summary": report.versions_summary,
     }
 
 
 def markdown(report: SuiteReport, command: str) -> str:
     """What goes into the README: the command, the link, the table and the summary."""
     sizes = ", ".join(f"{o.name} {o.compressed_bytes / 1e6:.0f} MB" for o in report.images)
-    return (
+    text = (
         f"`{command}` — link {_link_text(report.options)}, images (compressed) {sizes}\n\n"
         f"{suite_table(report.rows)}\n\n{report.summary_line}\n"
     )
+    if report.version_rows:
+        text += (
+            f"\n{VERSIONS_HEADING}\n\n{VERSIONS_INTRO}\n\n"
+            f"{versions_table(report.version_rows)}\n\n{report.versions_summary}\n"
+        )
+    return text
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -205,8 +206,12 @@ def _config_json(spec: ImageSpec, diff_ids: Sequence[str]) -> dict[str, Any]:
     return doc
 
 
-def _write_image(spec: ImageSpec, layout: Path, tag: str | None) -> BuiltImage:
-    blobs = [_store_layer(layout, layer) for layer in spec.layers]
+def _write_image(
+    spec: ImageSpec, layout: Path, tag: str | None, reused: Sequence[LayerBlob] = ()
+) -> BuiltImage:
+    """``reused`` are the lowest layers, already in ``layout``; the rest of ``spec.layers``
+    are written now (the first ``len(reused)`` only give their history lines)."""
+    blobs = [*reused, *(_store_layer(layout, layer) for layer in spec.layers[len(reused) :])]
     layers = tuple(
         Descriptor(
             _layer_media_type(blob.compression, spec.manifest_format), blob.digest, blob.size
@@ -258,6 +263,48 @@ def build_image(spec: ImageSpec, layout: Path, tag: str = "latest") -> BuiltImag
     """
     _init_layout(layout)
     built = _write_image(spec, layout, tag)
+    _tag_in_layout(layout, built.manifest, tag)
+    return built
+
+
+def build_image_on(
+    parent: BuiltImage,
+    keep: int,
+    upper: Sequence[LayerSpec],
+    config: ImageConfig,
+    layout: Path,
+    tag: str = "latest",
+) -> BuiltImage:
+    """An image of ``parent``'s lowest ``keep`` layers, byte for byte, plus ``upper``.
+
+    What `docker build` makes of a Dockerfile whose early steps hit its cache: a new
+    version that shares its lower layers with the old one by digest. Rebuilding those
+    layers instead would not do, when they come from tools that stamp times (apt, dpkg).
+    The kept blobs are hard-linked into ``layout`` (copied across file systems).
+    """
+    if not 0 <= keep <= len(parent.layers):
+        raise ValueError(f"keep={keep}: the parent has {len(parent.layers)} layers")
+    _init_layout(layout)
+    by_type = {media_type: compression for compression, media_type in _OCI_LAYER_TYPES.items()}
+    by_type[mt.DOCKER_LAYER_GZIP] = Compression.GZIP
+    reused = []
+    for layer, diff_id in zip(parent.layers[:keep], parent.diff_ids[:keep], strict=True):
+        target = blob_path(layout, layer.digest)
+        if not target.exists():
+            try:
+                os.link(parent.blob_path(layer.digest), target)
+            except OSError:
+                shutil.copyfile(parent.blob_path(layer.digest), target)
+        reused.append(
+            LayerBlob(target, layer.digest, layer.size, diff_id, by_type[layer.media_type])
+        )
+    spec = ImageSpec(
+        layers=[*parent.spec.layers[:keep], *upper],
+        platform=parent.spec.platform,
+        config=config,
+        manifest_format=parent.spec.manifest_format,
+    )
+    built = _write_image(spec, layout, tag, reused)
     _tag_in_layout(layout, built.manifest, tag)
     return built
 

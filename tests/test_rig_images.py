@@ -34,8 +34,10 @@ from rig.images import (
     UNICODE_PATH,
     BuiltImage,
     BuiltIndex,
+    ImageConfig,
     ImageSpec,
     build_image,
+    build_image_on,
     build_index,
     busybox_image_spec,
     feature_image_spec,
@@ -357,6 +359,28 @@ def test_same_spec_builds_the_same_digests(compression: Compression, tmp_path: P
         feature_image_spec(large_file_size=4 << 20, compression=compression), tmp_path / "three"
     )
     assert other.digest != first.digest
+
+
+def test_image_on_a_parent_keeps_its_lower_layers_byte_for_byte(tmp_path: Path) -> None:
+    lower = LayerSpec([Directory("etc"), File("etc/base.txt", b"base\n")], created_by="base")
+    parent = build_image(
+        ImageSpec([lower, LayerSpec([File("app.sh", b"v1\n")], created_by="app v1")]),
+        tmp_path / "v1",
+    )
+    upper = LayerSpec([File("app.sh", b"v2\n"), File("new.txt", b"x\n")], created_by="app v2")
+    config = ImageConfig(cmd=["/app.sh"])
+    child = build_image_on(parent, 1, [upper], config, tmp_path / "v2", "v2")
+    assert child.layers[0] == parent.layers[0] and child.diff_ids[0] == parent.diff_ids[0]
+    assert child.layers[1] != parent.layers[1]
+    assert child.blob_path(child.layers[0].digest).read_bytes() == (
+        parent.blob_path(parent.layers[0].digest).read_bytes()
+    )
+    # The same image as a build of the whole spec would give (the rig's layers are
+    # reproducible), history lines included.
+    whole = build_image(ImageSpec([lower, upper], config=config), tmp_path / "whole", "v2")
+    assert child.digest == whole.digest and child.config_bytes == whole.config_bytes
+    with pytest.raises(ValueError, match="keep=3"):
+        build_image_on(parent, 3, [], config, tmp_path / "bad")
 
 
 def test_gzip_level_is_honoured(tmp_path: Path) -> None:

@@ -1,0 +1,104 @@
+"""Learning an image's startup profile inside a benchmark run, and where runs live.
+
+Shared by the suite's modes and its new-version scenario: both learn a profile per lazy
+form on fresh agents that record (after forgetting what earlier runs learned, so every
+figure comes from this run), and both give each cold node a short directory of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.profile_state import LearnError, forget_profiles, wait_for_profile
+from bench.startup import RunResult, Setup, lazy_node, lazy_reference, timed_lazy_start
+from common.logging import get_logger
+from profiles.format import Profile
+
+log = get_logger(__name__)
+
+PROFILE_SUFFIX = "+profile"
+PROFILE_WAIT_S = 120.0
+"""Longest wait for a recorded start's profile to show up in the registry: the agent's
+trace window (quiet period, or its 60 s deadline) plus its publish settle time."""
+
+ProgressCallback = Callable[[str], None]
+"""Told the label of each step as it begins (``bench_command`` shows it with rich)."""
+
+
+@dataclass
+class Learned:
+    """The profile one lazy form learned in this suite run."""
+
+    form: str
+    profile_runs: int
+    files: int
+    app_read_bytes: int
+    sources: dict[str, int]
+    seconds: float
+    recording_runs: list[RunResult] = field(default_factory=list)
+    """The recorded starts themselves (timed, but not part of the summary)."""
+
+
+def run_dir(setup: Setup, image_number: int, label: str) -> Path:
+    """Where one cold node of image ``image_number`` lives (``label`` names the run)."""
+    # containerd's and the agent's sockets live below: the path must stay short.
+    return setup.workdir / f"i{image_number}{label.replace(PROFILE_SUFFIX, '-p')}"
+
+
+def done_with(path: Path, keep: bool) -> None:
+    """Remove a finished run's directory unless its logs are to be kept."""
+    if not keep:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def learn_profile(
+    setup: Setup,
+    form: str,
+    *,
+    starts: int,
+    keep_runs: bool,
+    image_number: int,
+    progress: ProgressCallback,
+    version: str = "",
+) -> Learned:
+    """Forget earlier profiles, then record ``starts`` starts on fresh agents.
+
+    ``version`` (a tag) only labels the steps and run directories of a later version.
+    """
+    reference = lazy_reference(setup, form)
+    started = time.monotonic()
+    forgotten = asyncio.run(forget_profiles(setup.registry_host, reference))
+    log.info("bench.profiles_forgotten", reference=reference, artifacts=forgotten)
+    recorded: list[RunResult] = []
+    profile: Profile | None = None
+    name = f"{setup.image.name} {version}".rstrip()
+    for start in range(1, starts + 1):
+        progress(f"{name}: learn lazy-{form} ({start}/{starts})")
+        path = run_dir(setup, image_number, f"{version}learn{start}-{form}")
+        with lazy_node(setup, path, use_profiles=False, record_profiles=True) as node:
+            recorded.append(timed_lazy_start(setup, node, reference, f"lazy-{form}:learn", start))
+            try:
+                profile = asyncio.run(
+                    wait_for_profile(setup.registry_host, reference, start, PROFILE_WAIT_S)
+                )
+            except LearnError:
+                log.error("bench.learn_failed", agent_log=str(node[0].log_path))
+                raise
+        done_with(path, keep_runs)
+    if profile is None:
+        raise ValueError("starts must be at least 1")
+    return Learned(
+        form,
+        profile.runs.count,
+        len(profile.files),
+        int(statistics.median(value for _, value in profile.runs.bytes_read)),
+        dict(profile.runs.sources),
+        round(time.monotonic() - started, 2),
+        recorded,
+    )
