@@ -104,8 +104,8 @@ def _lookup(options: dict[str, object], image: str, inherit: bool) -> Profile | 
             own = await fetch_profile(client, ref, resolved.manifest_digest)
             if own is not None or not inherit:
                 return own
-            layers = tuple(layer.digest for layer in resolved.manifest.layers)
-            return await ProfileInheritance(client).find(ref, resolved.manifest_digest, layers)
+            inheritance = ProfileInheritance(client)
+            return await inheritance.find(ref, resolved.manifest_digest, resolved.manifest)
 
     try:
         return asyncio.run(fetch())

@@ -120,11 +120,14 @@ async def _inherited(
     if inheritance is None:
         return None
     try:
-        fetched = await client.get_manifest(reference.with_digest(manifest_digest))
+        # The listing is what takes round trips; it goes while the manifest is read.
+        fetched, _ = await asyncio.gather(
+            client.get_manifest(reference.with_digest(manifest_digest)),
+            inheritance.repository_candidates(reference),
+        )
         if not isinstance(fetched.parsed, ImageManifest):
             return None
-        layers = tuple(layer.digest for layer in fetched.parsed.layers)
-        return await inheritance.find(reference, manifest_digest, layers)
+        return await inheritance.find(reference, manifest_digest, fetched.parsed)
     except (RegistryError, ProfileFormatError, ValueError) as exc:
         log.warning("profile.inherit_failed", image=str(reference), error=str(exc))
         return None

@@ -3,15 +3,19 @@
 Where a new version's predecessors are: the other tags of its repository, which the
 registry lists, and images this node has met that share its layers (whatever their
 repository; a registry cannot be asked which images hold a layer, the node can
-remember). Look-ups are bounded, because they run while a pod waits for its image:
+remember). The search runs while a pod waits for its image, and a plan that arrives
+after the layers' tables are decoded misses the fetches it could have started there,
+so it is bounded in requests and in round trips:
 
 - the first MAX_LISTED tags listed are read; the manifests of the MAX_CANDIDATES
-  highest, in natural order (``v10`` after ``v9``: the usual shape of version tags),
-  are read, with their configs (for ``created``);
+  highest, in natural order (``v10`` after ``v9``), are read, a few at a time. That
+  order stands for "newest": a registry tells no push time without a read of each
+  image's config, one more round trip per candidate;
 - candidates are ranked by how many layers they share with the image (shared layers
-  give exact entries), then same repository first, then newest first; the referrers of
-  at most MAX_PROFILE_LOOKUPS of them are asked for a profile, in that order, and the
-  first found is taken.
+  give exact entries), then same repository first, then same form (an accelerated
+  image's mode annotation: a full-mode image's predecessor is the full-mode one), then
+  newest; the referrers of the MAX_PROFILE_LOOKUPS best are asked for a profile all at
+  once, and the best-ranked one that has a profile is taken.
 
 Anything the registry does wrong here (a tag that vanished, a manifest that is not an
 image, an index without this platform) skips that candidate: inheriting is a guess that
@@ -21,18 +25,18 @@ makes a start faster, never a reason for one to fail.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
 
 from common.logging import get_logger
 from fetcher import mediatypes as mt
 from fetcher.errors import ManifestError, RegistryError
+from fetcher.manifest import ImageManifest
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
+from formats.accelerated import ANNOTATION_MODE
 from profiles.format import Profile, ProfileFormatError
 from profiles.inherit import InheritedPlan, inherit
 from profiles.registry_sync import fetch_profile
@@ -44,8 +48,7 @@ MAX_LISTED = 1000
 forever)."""
 MAX_CANDIDATES = 12
 MAX_PROFILE_LOOKUPS = 4
-MAX_CONFIG_BYTES = 1 << 20
-LOOKUP_CONCURRENCY = 4
+LOOKUP_CONCURRENCY = 8
 REMEMBERED_PROFILES = 16
 """Profiles of images met on this node kept for images of other repositories sharing
 their layers (each at most a few MB parsed; this bounds the memory they take)."""
@@ -64,7 +67,11 @@ class Candidate:
     """Pinned to ``manifest_digest``; its tag (if any) is the one it was listed under."""
     manifest_digest: str
     layers: tuple[str, ...]
-    created: float
+    form: str | None
+    """The accelerated form it is (`formats.accelerated.ANNOTATION_MODE`), None for an
+    image as pushed."""
+    newness: int
+    """Place in the repository's version order, higher is newer (0: not listed)."""
 
 
 @dataclass(frozen=True)
@@ -87,40 +94,46 @@ def version_tags(tags: list[str]) -> list[str]:
     return sorted(images, key=_natural_key, reverse=True)
 
 
-def _created(config: bytes) -> float:
-    try:
-        text = json.loads(config).get("created")
-        return datetime.fromisoformat(text).timestamp() if isinstance(text, str) else 0.0
-    except (ValueError, AttributeError, TypeError):
-        return 0.0
+def form_of(manifest: ImageManifest) -> str | None:
+    """The accelerated form of an image manifest, None for an image as pushed."""
+    return manifest.annotations.get(ANNOTATION_MODE)
 
 
-async def read_candidate(client: RegistryClient, ref: ImageReference) -> Candidate | None:
+async def read_candidate(
+    client: RegistryClient, ref: ImageReference, newness: int
+) -> Candidate | None:
     """The image ``ref`` names (this host's platform), or None if it is not one."""
     try:
         resolved = await client.resolve(ref)
-        manifest = resolved.manifest
-        if manifest.artifact_type is not None or manifest.config.media_type == mt.OCI_EMPTY:
-            return None  # an artifact (an index-only form, a profile): not an image
-        config = await client.get_blob(ref, manifest.config.digest, max_size=MAX_CONFIG_BYTES)
     except _SKIPPED as exc:
         log.info("profile.candidate_skipped", image=str(ref), reason=str(exc))
         return None
+    manifest = resolved.manifest
+    if manifest.artifact_type is not None or manifest.config.media_type == mt.OCI_EMPTY:
+        return None  # an artifact (an index-only form, a profile): not an image
     return Candidate(
         ref.with_digest(resolved.manifest_digest),
         resolved.manifest_digest,
         tuple(layer.digest for layer in manifest.layers),
-        _created(config),
+        form_of(manifest),
+        newness,
     )
 
 
-def rank(candidates: list[Candidate], layers: tuple[str, ...], repository: str) -> list[Candidate]:
-    """Most shared layers first, then the image's own repository, then newest."""
+def rank(
+    candidates: list[Candidate], layers: tuple[str, ...], repository: str, form: str | None
+) -> list[Candidate]:
+    """Most shared layers first, then the image's own repository, its form, newest."""
     wanted = set(layers)
 
-    def key(candidate: Candidate) -> tuple[int, bool, float]:
+    def key(candidate: Candidate) -> tuple[int, bool, bool, int]:
         shared = len(wanted.intersection(candidate.layers))
-        return (-shared, candidate.reference.repository != repository, -candidate.created)
+        return (
+            -shared,
+            candidate.reference.repository != repository,
+            candidate.form != form,
+            -candidate.newness,
+        )
 
     return sorted(candidates, key=key)
 
@@ -138,7 +151,7 @@ class ProfileInheritance:
         """A profile this node loaded for an image of its own: a predecessor candidate
         for images of any repository that share its layers."""
         candidate = Candidate(
-            reference.with_digest(profile.image), profile.image, profile.layers, 0.0
+            reference.with_digest(profile.image), profile.image, profile.layers, None, 0
         )
         self._remembered[profile.image] = (candidate, profile)
         self._remembered.move_to_end(profile.image)
@@ -146,11 +159,12 @@ class ProfileInheritance:
             self._remembered.popitem(last=False)
 
     async def find(
-        self, reference: ImageReference, manifest_digest: str, layers: tuple[str, ...]
+        self, reference: ImageReference, manifest_digest: str, manifest: ImageManifest
     ) -> Inheritance | None:
-        """The plan inherited by image ``manifest_digest`` (``layers``, bottom to top),
-        or None when no predecessor has a profile."""
-        listed = await self._repository_candidates(reference)
+        """The plan inherited by image ``manifest_digest`` (``manifest``), or None when
+        no predecessor has a profile."""
+        layers = tuple(layer.digest for layer in manifest.layers)
+        listed = await self.repository_candidates(reference)
         known = {c.manifest_digest for c in listed}
         shared = set(layers)
         remembered = [
@@ -160,11 +174,11 @@ class ProfileInheritance:
         ]
         ranked = [
             c
-            for c in rank(listed + remembered, layers, reference.repository)
+            for c in rank(listed + remembered, layers, reference.repository, form_of(manifest))
             if c.manifest_digest != manifest_digest
-        ]
-        for candidate in ranked[:MAX_PROFILE_LOOKUPS]:
-            profile = await self._profile_of(candidate)
+        ][:MAX_PROFILE_LOOKUPS]
+        profiles = await asyncio.gather(*(self._profile_of(c) for c in ranked))
+        for candidate, profile in zip(ranked, profiles, strict=True):
             if profile is None:
                 continue
             same_repository = (candidate.reference.registry, candidate.reference.repository) == (
@@ -194,7 +208,9 @@ class ProfileInheritance:
             log.info("profile.candidate_skipped", image=str(candidate.reference), reason=str(exc))
             return None
 
-    async def _repository_candidates(self, reference: ImageReference) -> list[Candidate]:
+    async def repository_candidates(self, reference: ImageReference) -> list[Candidate]:
+        """The images listed in ``reference``'s repository (one listing per repository at
+        a time, reused for CANDIDATE_TTL_S)."""
         key = (reference.registry, reference.repository)
         now = time.monotonic()
         for stale in [k for k, (at, _) in self._repositories.items() if now - at > CANDIDATE_TTL_S]:
@@ -213,11 +229,12 @@ class ProfileInheritance:
             return []
         gate = asyncio.Semaphore(LOOKUP_CONCURRENCY)
 
-        async def one(tag: str) -> Candidate | None:
+        async def one(tag: str, newness: int) -> Candidate | None:
             async with gate:
-                return await read_candidate(self.client, reference.with_tag(tag))
+                return await read_candidate(self.client, reference.with_tag(tag), newness)
 
-        found = await asyncio.gather(*(one(tag) for tag in tags[:MAX_CANDIDATES]))
+        chosen = tags[:MAX_CANDIDATES]
+        found = await asyncio.gather(*(one(tag, len(chosen) - n) for n, tag in enumerate(chosen)))
         unique = {c.manifest_digest: c for c in found if c is not None}
         return list(unique.values())
 

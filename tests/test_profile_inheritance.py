@@ -99,17 +99,19 @@ def test_version_tags_put_the_highest_version_first_and_skip_referrer_tags():
     assert version_tags(tags) == ["v10_accelerated", "v10", "v9", "v2", "latest"]
 
 
-def test_candidates_rank_by_shared_layers_then_repository_then_age():
-    def candidate(repository: str, digit: str, layers: tuple[str, ...], created: float):
+def test_candidates_rank_by_shared_layers_then_repository_then_form_then_version():
+    def candidate(repository: str, digit: str, layers: tuple[str, ...], form, newness: int):
         ref = ImageReference.parse(f"r.example/{repository}@sha256:{digit * 64}")
-        return Candidate(ref, f"sha256:{digit * 64}", layers, created)
+        return Candidate(ref, f"sha256:{digit * 64}", layers, form, newness)
 
-    old = candidate("app", "1", (BASE, PKGS, APP), 1.0)
-    new = candidate("app", "2", (BASE, PKGS, "sha256:" + "9" * 64), 2.0)
-    other = candidate("other", "3", (BASE, PKGS, "sha256:" + "8" * 64), 3.0)
-    far = candidate("app", "4", (NEW_BASE,), 4.0)
-    ranked = rank([far, other, old, new], (BASE, PKGS, NEW_APP), "app")
-    assert ranked == [new, old, other, far]
+    old = candidate("app", "1", (BASE, PKGS, APP), None, 1)
+    new = candidate("app", "2", (BASE, PKGS, "sha256:" + "9" * 64), None, 2)
+    other = candidate("other", "3", (BASE, PKGS, "sha256:" + "8" * 64), None, 3)
+    far = candidate("app", "4", (NEW_BASE,), None, 4)
+    full = candidate("app", "5", (NEW_BASE,), "full", 3)
+    ranked = rank([far, full, other, old, new], (BASE, PKGS, NEW_APP), "app", None)
+    assert ranked == [new, old, other, far, full]
+    assert rank([far, full], (NEW_APP,), "app", "full") == [full, far]
 
 
 # -- whole starts ----------------------------------------------------------------------
