@@ -5,11 +5,15 @@ its eStargz landmark area or the converter's list (`agent.image_sessions.PlanSou
 each is resolved here by the same rules, over the image's session:
 
 - A path is taken from the layer the merged view takes it from (`formats.overlay`).
-  An entry naming no layer (the converter's list) waits until containerd has prepared
-  the image's top layer, so that no copy a layer above hides is fetched. An entry naming
-  a layer (learned, landmark) is taken from that layer as soon as it is mounted, unless
-  a layer mounted above provides the path: fetching early is what a plan is for, and a
-  copy hidden by a layer not mounted yet costs bytes, never a wrong byte.
+  An entry naming no layer (the converter's list, an inherited plan's changed layers)
+  waits until every layer of the image is mounted or decoded (or containerd has
+  prepared its top layer), so that no copy a layer above holds is fetched: a decoded
+  index-only table is asked only which regular files it holds (its whiteouts are
+  judged once it is checked and mounted), so a file such a layer deletes may cost its
+  bytes, never a wrong byte. An entry naming a layer (learned, landmark) is taken from
+  that layer as soon as it is mounted, unless a layer mounted above provides the path:
+  fetching early is what a plan is for, and a copy hidden by a layer not mounted yet
+  costs bytes, never a wrong byte.
 - A directory entry (trailing ``/``) means every regular file the merged view shows
   below it, each from the layer that provides it.
 - A file of a named layer that is decoded but not yet checked and mounted is found in
@@ -29,6 +33,7 @@ from fetcher.chunks import BlobSource, ChunkSpec
 from formats.estargz_extents import WantedFile
 from formats.header_check import HeaderMismatchError
 from formats.layer_tree import Node
+from formats.overlay import LayerView, Presence, providing_layer
 from formats.plan_path import PlanPath, PlanPathError
 from formats.toc import TocEntry
 from profiles.plan import PrefetchEntry
@@ -79,7 +84,7 @@ def _files_for(
     if entry.layer is not None and entry.layer not in session.mounted:
         return None if path.whole_directory else _early_file(early.get(entry.layer), path.name)
     if entry.layer is None and not session.prepared:
-        return None
+        return None if path.whole_directory else _before_prepared(session, path.name, early)
     if not path.name:  # the root: every layer's, and none's (`formats.overlay`)
         return _directory_files(session, path.name, entry.layer)
     top = session.topmost(path.name)
@@ -125,6 +130,45 @@ def _below(name: str, directory: Node) -> Iterator[tuple[str, Node]]:
                 stack.append((child_path, child))
             else:
                 yield child_path, child
+
+
+def _before_prepared(
+    session: ImageSession, name: str, early: Mapping[str, EarlyLayer]
+) -> list[ResolvedFile] | None:
+    """The file a by-path entry names, before the image is prepared: once every layer
+    is mounted or decoded, from the one the merged view would take it from; None while
+    a layer that could hold it above is neither."""
+    views: list[LayerView] = []
+    for digest in reversed(session.layer_order):
+        mounted = session.mounted.get(digest)
+        decoded = early.get(digest)
+        if mounted is not None:
+            views.append(mounted.tree)
+        elif decoded is not None:
+            views.append(_DecodedTable(decoded))
+        else:
+            return None
+    found = providing_layer(name, views)
+    if found is None:
+        return []
+    view = views[found]
+    if isinstance(view, _DecodedTable):
+        entry = view.early.files.live_entry(name)
+        return [(view.early.layer, entry)] if entry is not None else []
+    mounted = session.mounted[session.layer_order[-1 - found]]
+    node = mounted.tree.lookup(name)
+    return [] if node is None or node.is_dir else [(mounted.layer, f) for f in _regular(node)]
+
+
+class _DecodedTable:
+    """A decoded, unchecked index-only table as a `formats.overlay.LayerView` that knows
+    only its regular files (see the module: what it cannot tell costs bytes)."""
+
+    def __init__(self, early: EarlyLayer) -> None:
+        self.early = early
+
+    def presence(self, path: str) -> Presence:
+        return Presence.OTHER if self.early.files.live_entry(path) else Presence.ABSENT
 
 
 def _early_file(early: EarlyLayer | None, path: str) -> list[ResolvedFile] | None:

@@ -215,6 +215,29 @@ def test_an_odd_or_hostile_table_finds_nothing_early_and_still_fails_its_check()
     assert live is not None and early.files.live_entry("app/lib/a.py") == live.entry
 
 
+def test_a_by_path_entry_goes_once_every_layer_is_mounted_or_decoded() -> None:
+    """Before the image is prepared, an entry naming no layer (an inherited plan's
+    changed layers) is placed as soon as no layer above could still hold its path: from
+    the topmost one that does, a decoded table's copy included."""
+    lower = _mounted()
+    upper = _decoded(_mounted())
+    session = ImageSession(REFERENCE, "sha256:" + "0" * 64, ["lower", "upper"])
+    session.mounted["lower"] = lower
+    session.add_plan(
+        PlanSource.INHERITED,
+        [PrefetchEntry(None, "/etc/conf", None), PrefetchEntry(None, "/no/such", None)],
+    )
+    assert resolve_ready(session, {}) == []  # the upper layer could hold either
+    assert session.planned == set()
+    ((source, blob, chunks),) = resolve_ready(session, {"upper": upper})
+    assert source is PlanSource.INHERITED
+    assert blob is upper.layer.blob and blob is not lower.layer.blob
+    entry = upper.files.live_entry("etc/conf")
+    assert entry is not None
+    assert _keys(chunks) == _keys(entry_chunks(upper.layer, entry))
+    assert session.planned == {(PlanSource.INHERITED, 0), (PlanSource.INHERITED, 1)}
+
+
 async def test_a_plan_prefetches_from_a_decoded_layer_and_the_tree_takes_over_at_mount(
     registry: Any, repo_name: str, tmp_path: Path
 ) -> None:
