@@ -10,13 +10,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from accelctl.cri.client import CRIError
 from accelctl.pull_run import address_option
 from accelctl.registry_options import make_client, registry_options
 from converter.convert import ConversionResult, ConvertOptions, convert_image
 from converter.errors import ConversionError
 from converter.prefetch import PrefetchList, PrefetchListError
 from converter.record_at_conversion import (
+    RECORD_FAILURES,
     ContainerdTarget,
     Recorded,
     RecordSettings,
@@ -28,10 +28,7 @@ from fetcher.errors import RegistryError
 from fetcher.manifest import Platform
 from fetcher.reference import ImageReference
 from formats.accelerated import MODE_FULL, MODE_INDEX
-from profiles.registry_sync import ProfileSyncError
 from profiles.trace import Outcome
-from tracer.availability import TracerUnavailable
-from tracer.containerd_start import RecordError
 
 
 def print_result(console: Console, result: ConversionResult) -> None:
@@ -216,14 +213,7 @@ def _record(
 
     try:
         recorded = asyncio.run(run())
-    except (
-        RecordError,
-        CRIError,
-        TracerUnavailable,
-        RegistryError,
-        ProfileSyncError,
-        ValueError,
-    ) as exc:
+    except RECORD_FAILURES as exc:
         raise click.ClickException(f"no profile recorded at conversion: {exc}") from None
     click.echo(recorded.output, nl=False, err=True)
     if recorded.outcome is not Outcome.OK:

@@ -308,13 +308,7 @@ def base_rootfs_tarball(cache_dir: Path, suite: str, mirror: str) -> Path:
             log_path,
             "debootstrap",
         )
-        partial = work / "base.tar"
-        _run(
-            ["tar", "--create", f"--file={partial}", f"--directory={tree}", *_TAR_FLAGS, "."],
-            log_path,
-            "tar of the base tree",
-        )
-        os.replace(partial, tarball)
+        _pack_tree(tree, tarball, log_path)
     finally:
         _remove_tree(work)
     return tarball
@@ -342,16 +336,22 @@ def base_tarball_with(
         _extract(plain, tree, log_path)
         log.info("debian.base_packages", packages=list(packages), log=str(log_path))
         install_packages(tree, packages, log_path)
-        partial = work / "base.tar"
-        _run(
-            ["tar", "--create", f"--file={partial}", f"--directory={tree}", *_TAR_FLAGS, "."],
-            log_path,
-            "tar of the base tree",
-        )
-        os.replace(partial, tarball)
+        _pack_tree(tree, tarball, log_path)
     finally:
         _remove_tree(work)
     return tarball
+
+
+def _pack_tree(tree: Path, tarball: Path, log_path: Path) -> None:
+    """Tar ``tree`` into ``tarball``, which appears whole or not at all (the cache is
+    shared by concurrent builds and outlives failed ones)."""
+    partial = tree.parent / "base.tar"
+    _run(
+        ["tar", "--create", f"--file={partial}", f"--directory={tree}", *_TAR_FLAGS, "."],
+        log_path,
+        "tar of the base tree",
+    )
+    os.replace(partial, tarball)
 
 
 def _extract(tarball: Path, dest: Path, log_path: Path) -> None:

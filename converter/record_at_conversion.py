@@ -43,16 +43,19 @@ from accelctl.cri.client import CRI_NAMESPACE, DEFAULT_CONTAINERD, CRIError, CRI
 from common.logging import get_logger
 from converter.convert import ConversionResult
 from fetcher.credentials import CredentialStore
+from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient, ResolvedImage
 from formats.accelerated import MODE_FULL
 from profiles.learn import from_trace
 from profiles.provenance import conversion_node
-from profiles.registry_sync import push_run_profile
+from profiles.registry_sync import ProfileSyncError, push_run_profile
 from profiles.trace import Outcome, RunTrace
+from tracer.availability import TracerUnavailable
 from tracer.containerd_start import (
     Containerd,
     ContainerRun,
+    RecordError,
     Sandbox,
     image_chain_id,
     run_trace,
@@ -64,6 +67,19 @@ log = get_logger(__name__)
 
 
 _NUMBERS = ("timeout_s", "quiet_s", "memory_mb", "cpus")
+
+
+RECORD_FAILURES: tuple[type[Exception], ...] = (
+    RecordError,
+    CRIError,
+    TracerUnavailable,
+    RegistryError,
+    ProfileSyncError,
+    OSError,
+    ValueError,
+)
+"""What `record_at_conversion` raises when a start could not be recorded at all (the
+conversion itself is published either way)."""
 
 
 class RecordSettingsError(ValueError):

@@ -26,19 +26,15 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from accelctl.cri.client import CRIError
 from common.logging import get_logger
 from converter.convert import ConversionResult, ConvertOptions, convert_image
 from converter.errors import ConversionError
 from converter.push_events import PushedImage, RepositoryRule, ServerConfig, images_to_convert
-from converter.record_at_conversion import record_at_conversion
+from converter.record_at_conversion import RECORD_FAILURES, record_at_conversion
 from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
-from profiles.registry_sync import ProfileSyncError
-from tracer.availability import TracerUnavailable
-from tracer.containerd_start import RecordError
 
 log = get_logger(__name__)
 
@@ -248,15 +244,7 @@ class ConvertServer:
             recorded = await record_at_conversion(
                 self._client, result, rule.record, self.config.containerd, self._credentials
             )
-        except (
-            RecordError,
-            CRIError,
-            TracerUnavailable,
-            RegistryError,
-            ProfileSyncError,
-            OSError,
-            ValueError,
-        ) as exc:
+        except RECORD_FAILURES as exc:
             self.metrics.profiles.labels("failed").inc()
             log.error("convert_server.record_failed", image=str(result.source), error=str(exc))
             return {"outcome": "failed", "error": str(exc)}
