@@ -183,6 +183,14 @@ async def test_a_start_at_conversion_publishes_what_it_read(registry, containerd
     planned = {entry.path for entry in prefetch_plan(profile)}
     assert {"/app/a.bin", "/app/b.bin", "/bin/busybox"} <= planned, sorted(planned)
     assert "/app/unused.bin" not in planned
+    shown = await asyncio.to_thread(
+        CliRunner(env={"COLUMNS": "250"}).invoke,
+        cli,
+        ["profile", "show", str(result.target)],
+        catch_exceptions=False,
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "origin: own profile, 1 run(s) recorded at conversion" in shown.output
 
     # Nothing of the sandbox is left in containerd: image, container, snapshots.
     assert _ctr_names(containerd, "images") == images_before
