@@ -124,17 +124,10 @@ class DebianImageSpec:
         existed (which had none) keep their keys and cached layouts.
         """
         doc: dict[str, object] = {
-            "builder": BUILDER_VERSION,
+            **self._app_inputs(),
             "mirror": mirror,
             "suite": self.suite,
             "packages": sorted(self.packages),
-            "files": [
-                [f.path, f.mode, hashlib.sha256(f.content).hexdigest()] for f in self.app_files
-            ],
-            "cmd": list(self.cmd),
-            "env": list(self.env),
-            "working_dir": self.working_dir,
-            "labels": [list(pair) for pair in self.labels],
         }
         if self.base_packages:
             doc["base_packages"] = sorted(self.base_packages)
@@ -142,9 +135,13 @@ class DebianImageSpec:
 
     def app_key(self, parent_digest: str) -> str:
         """Hex digest over the inputs of an app-layer rebuild on the image ``parent_digest``."""
-        doc = {
+        doc = {**self._app_inputs(), "parent": parent_digest}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def _app_inputs(self) -> dict[str, object]:
+        """What the app layer and the image config are made of (both keys hash it)."""
+        return {
             "builder": BUILDER_VERSION,
-            "parent": parent_digest,
             "files": [
                 [f.path, f.mode, hashlib.sha256(f.content).hexdigest()] for f in self.app_files
             ],
@@ -153,7 +150,6 @@ class DebianImageSpec:
             "working_dir": self.working_dir,
             "labels": [list(pair) for pair in self.labels],
         }
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 # -- the mirror -------------------------------------------------------------------------
