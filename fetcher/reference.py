@@ -2,7 +2,7 @@
 
 A reference decides which host we contact and which credentials we send, so this follows
 the distribution reference grammar, including the Docker Hub defaults
-(`ubuntu` -> `docker.io/library/ubuntu:latest`).
+(`ubuntu` and `index.docker.io/ubuntu` -> `docker.io/library/ubuntu:latest`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from fetcher.errors import InvalidReferenceError
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
+LEGACY_DOCKER_HUB = "index.docker.io"
+"""Docker Hub's old name: a reference naming it names the same repositories as
+``docker.io`` (``index.docker.io/x`` is ``docker.io/library/x``)."""
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -55,6 +58,8 @@ class ImageReference:
             registry, repository = first, rest
         else:
             registry, repository = DOCKER_HUB, remainder
+        if registry == LEGACY_DOCKER_HUB:
+            registry = DOCKER_HUB  # as distribution's ParseNormalizedNamed (containerd's)
         if registry == DOCKER_HUB and "/" not in repository:
             repository = f"library/{repository}"
         if not _HOST_RE.match(registry):

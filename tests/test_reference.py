@@ -46,3 +46,35 @@ def test_docker_hub_api_host_and_reference():
     assert ref.reference == "latest"
     assert ref.with_digest(DIGEST).reference == DIGEST
     assert str(ref.with_tag("3.19")) == "docker.io/library/alpine:3.19"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x",
+        "x:latest",
+        "library/x",
+        "docker.io/x",
+        "docker.io/library/x",
+        "index.docker.io/x",
+        "index.docker.io/library/x:latest",
+    ],
+)
+def test_docker_hub_names_are_one_repository(text):
+    """distribution's ParseNormalizedNamed, which containerd and the kubelet use: the
+    default domain, its legacy name, and `library/` for single-component names."""
+    ref = ImageReference.parse(text)
+    assert str(ref) == "docker.io/library/x:latest"
+    assert ref.api_host == "registry-1.docker.io"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("index.docker.io/org/x", "docker.io/org/x:latest"),
+        ("registry-1.docker.io/x", "registry-1.docker.io/x:latest"),  # a host, not an alias
+        ("docker.io/org/team/x:v1", "docker.io/org/team/x:v1"),
+    ],
+)
+def test_docker_hub_names_beyond_library(text, expected):
+    assert str(ImageReference.parse(text)) == expected
