@@ -229,6 +229,19 @@ class FetcherCollector(Collector):
         in_flight = GaugeMetricFamily(
             "acceld_fetch_in_flight", "Range GETs on the wire", labels=["priority"]
         )
-        for priority, value in stats.in_flight.items():
-            in_flight.add_metric([priority.name.lower()], value)
-        yield in_flight
+        chunk_bytes = CounterMetricFamily(
+            "acceld_fetch_chunk_bytes",
+            "Compressed bytes of the verified chunks fetched (without coalescing gaps)",
+            labels=["priority"],
+        )
+        unread = GaugeMetricFamily(
+            "acceld_unread_chunk_bytes",
+            "Compressed bytes of fetched chunks no read has touched yet",
+            labels=["priority"],
+        )
+        for priority in stats.in_flight:
+            label = [priority.name.lower()]
+            in_flight.add_metric(label, stats.in_flight[priority])
+            chunk_bytes.add_metric(label, stats.chunk_bytes[priority])
+            unread.add_metric(label, stats.unread_bytes[priority])
+        yield from (in_flight, chunk_bytes, unread)

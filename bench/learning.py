@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.compressed_limit import RangeCost
 from bench.profile_state import LearnError, forget_profiles, wait_for_profile
 from bench.startup import RunResult, Setup, lazy_node, lazy_reference, timed_lazy_start
 from common.logging import get_logger
@@ -28,6 +29,8 @@ PROFILE_WAIT_S = 120.0
 trace window (quiet period, or its 60 s deadline) plus its publish settle time."""
 
 ProgressCallback = Callable[[str], None]
+Costing = Callable[[Profile], RangeCost]
+"""What the ranges a learned profile records cost on the link (bench/compressed_limit.py)."""
 """Told the label of each step as it begins (``bench_command`` shows it with rich)."""
 
 
@@ -43,6 +46,8 @@ class Learned:
     seconds: float
     recording_runs: list[RunResult] = field(default_factory=list)
     """The recorded starts themselves (timed, but not part of the summary)."""
+    cost: RangeCost | None = None
+    """What the ranges the profile records cost, compressed (None: not asked for)."""
 
 
 def run_dir(setup: Setup, image_number: int, label: str) -> Path:
@@ -66,10 +71,12 @@ def learn_profile(
     image_number: int,
     progress: ProgressCallback,
     version: str = "",
+    costing: Costing | None = None,
 ) -> Learned:
     """Forget earlier profiles, then record ``starts`` starts on fresh agents.
 
-    ``version`` (a tag) only labels the steps and run directories of a later version.
+    ``version`` (a tag) only labels the steps and run directories of a later version;
+    ``costing``, when given, prices the learned ranges for the compressed limit.
     """
     reference = lazy_reference(setup, form)
     started = time.monotonic()
@@ -101,4 +108,5 @@ def learn_profile(
         dict(profile.runs.sources),
         round(time.monotonic() - started, 2),
         recorded,
+        None if costing is None else costing(profile),
     )

@@ -400,7 +400,8 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
 
 def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, float]]:
     """Compressed bytes fetched by priority, and where a lazy start's time went: round
-    trips by priority, time FUSE reads waited, the agent's CPU.
+    trips by priority, time FUSE reads waited, the agent's CPU; and the chunk bytes
+    fetched and not yet read, by priority, which bench/overfetch.py splits by cause.
 
     These explain a ready time (a start is usually bound by sequential demand round
     trips, not bandwidth), so they are kept in the JSON next to it.
@@ -421,6 +422,10 @@ def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, floa
                 stats[f"fuse_{sample.labels['op']}_seconds"] = sample.value
             elif sample.name == "acceld_fuse_errors_total":
                 stats[f"fuse_{sample.labels['op']}_{sample.labels['errno']}"] = sample.value
+            elif sample.name == "acceld_fetch_chunk_bytes_total":
+                stats[f"chunk_bytes_{sample.labels['priority']}"] = sample.value
+            elif sample.name == "acceld_unread_chunk_bytes":
+                stats[f"unread_bytes_{sample.labels['priority']}"] = sample.value
             elif sample.name in ("acceld_cache_hits_total", "acceld_cache_misses_total"):
                 stats[sample.name.removeprefix("acceld_").removesuffix("_total")] = sample.value
     stats["agent_user_seconds"], stats["agent_system_seconds"] = cpu_seconds(agent.pid)

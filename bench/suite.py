@@ -16,7 +16,12 @@ suite runs are forgotten first, so every figure comes from this run), then measu
 Bytes read by the application come from the learned profile: the median, over its
 recorded starts, of the bytes each start read (eBPF read/mmap ranges plus the reads that
 reached FUSE, per file union). The physical limit of an image is the time a start
-cannot beat on this link: the local (warm) start plus those bytes at link bandwidth.
+cannot beat on this link: the local (warm) start plus the compressed bytes that hold
+exactly those ranges (per form, at the finest granularity its format allows:
+bench/compressed_limit.py) at link bandwidth. The first limit, the same bytes
+uncompressed, is reported beside it for a while. Each lazy run's bytes before readiness
+are split by cause (bench/overfetch.py), and the agent's CPU seconds per start are
+reported: on two cores the agent competes with the application it serves.
 
 With ``new_versions``, each image that has later versions in `bench.catalog` then goes
 through `bench.new_versions` (a new digest's first starts, with a predecessor's profile,
@@ -40,8 +45,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.catalog import CATALOG, ImageVersion
 from bench.chart import Bar, Panel, stacked_bars
+from bench.compressed_limit import RangeCost, full_form_cost, index_form_cost
 from bench.learning import (
     PROFILE_SUFFIX,
+    Costing,
     Learned,
     ProgressCallback,
     done_with,
@@ -58,6 +65,7 @@ from bench.new_versions import (
     versions_summary,
     versions_table,
 )
+from bench.overfetch import OverFetch, over_fetch
 from bench.report import markdown_table, write_results
 from bench.startup import (
     SYNTHETIC,
@@ -77,6 +85,9 @@ from bench.startup import (
     timed_lazy_start,
 )
 from common.logging import get_logger
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
+from profiles.format import Profile
 from rig.shaped_link import ShapedLink
 
 log = get_logger(__name__)
@@ -94,6 +105,16 @@ VERSIONS_INTRO = (
     " no profile = profiles off; own profile = the version's own, learned in this run."
     " Limit = v1's local start + the bytes the version's own profile read, at link"
     " bandwidth. Cold node per run, none recording."
+)
+OVER_FETCH_HEADING = "#### Bytes before ready, by cause"
+OVER_FETCH_INTRO = (
+    "Median MB per lazy mode; the causes add up to the bytes before ready"
+    " (bench/overfetch.py). limit: compressed bytes holding what the app read;"
+    " granularity: acceld's spans, pieces or members around them; read-ahead: chunks"
+    " reads touched beyond those (kernel read-ahead, reads the learning start did not"
+    " make); prefetch/fill unread: fetched, untouched at readiness; coalescing gaps:"
+    " bytes between chunks fetched in one request; the rest: manifests, indexes, TOCs,"
+    " HTTP."
 )
 APP_BYTES_SOURCE = (
     "learned profile: median over its recorded starts of the bytes each start read "
@@ -168,6 +189,13 @@ class ImageOutcome:
         values = [learned.app_read_bytes for learned in self.learned.values()]
         return int(statistics.median(values)) if values else None
 
+    def cost(self, mode: str) -> RangeCost | None:
+        """What the ranges the app read cost in the form ``mode`` fetches from (the
+        original layers for the index-only form and for overlayfs)."""
+        form = "full" if mode.startswith("lazy-full") else "index"
+        learned = self.learned.get(form)
+        return None if learned is None else learned.cost
+
 
 @dataclass(frozen=True)
 class SuiteRow:
@@ -184,7 +212,16 @@ class SuiteRow:
     mb_read_by_app: float | None
     speedup: float
     times_limit: float | None
-    """Median ready time over the image's physical limit (1.0 would be perfect)."""
+    """Median ready time over the compressed-bytes limit (1.0 would be perfect)."""
+    mb_limit: float | None = None
+    """Compressed MB holding the ranges the app read, in this mode's form."""
+    limit_seconds: float | None = None
+    times_limit_old: float | None = None
+    """Over the first limit (bytes read, uncompressed)."""
+    agent_cpu_seconds: float | None = None
+    """Median user + system CPU of the agent over the start (lazy modes)."""
+    over_fetch_mb: dict[str, float] | None = None
+    """Median MB before readiness per cause (bench/overfetch.py; lazy modes)."""
 
 
 @dataclass
@@ -195,10 +232,13 @@ class SuiteReport:
     images: list[ImageOutcome]
     rows: list[SuiteRow]
     limits: dict[str, float | None]
+    """Per image, the compressed-bytes limit of its original layers (seconds)."""
     summary_line: str
     version_rows: list[VersionRow] = field(default_factory=list)
     versions_summary: str = ""
     """The new-version scenario's line (empty when it did not run)."""
+    limits_old: dict[str, float | None] = field(default_factory=dict)
+    """Per image, the first limit: the bytes read, uncompressed."""
 
 
 # -- measuring ------------------------------------------------------------------------
@@ -225,6 +265,7 @@ def measure_image(
                 keep_runs=options.keep_runs,
                 image_number=image_number,
                 progress=progress,
+                costing=form_costing(setup, form),
             )
     order = options.rotation()
     runs: list[RunResult] = []
@@ -240,6 +281,20 @@ def measure_image(
             log.info("bench.done", image=setup.image.name, **asdict(runs[-1]))
         order = order[1:] + order[:1]
     return learned, runs
+
+
+def form_costing(setup: Setup, form: str) -> Costing:
+    """How to price a learned profile's ranges in ``form``: the original layers are in
+    the bench's image cache; the eStargz TOCs come from the bench registry."""
+    if form == "index":
+        return lambda profile: index_form_cost(setup.image.built, profile)
+
+    async def full(profile: Profile) -> RangeCost:
+        async with RegistryClient(plain_http_hosts={setup.registry_host}) as client:
+            reference = ImageReference.parse(lazy_reference(setup, "full"))
+            return await full_form_cost(client, reference, profile)
+
+    return lambda profile: asyncio.run(full(profile))
 
 
 def load_image(name: str, options: SuiteOptions) -> ImageUnderTest:
@@ -317,9 +372,25 @@ def run_suite(options: SuiteOptions, progress: ProgressCallback) -> SuiteReport:
 
 
 def physical_limit(outcome: ImageOutcome, rate_mbit: float) -> float | None:
-    """Local start + bytes the application reads / link bandwidth (None without a
-    learned profile to say how many bytes that is)."""
+    """The first limit: local start + bytes the application reads, uncompressed, at link
+    bandwidth (None without a learned profile to say how many bytes that is)."""
     return physical_limit_seconds(_warm_seconds(outcome), outcome.app_read_bytes, rate_mbit)
+
+
+def compressed_limit(outcome: ImageOutcome, mode: str, rate_mbit: float) -> float | None:
+    """Local start + the compressed bytes holding the ranges read, in ``mode``'s form, at
+    link bandwidth (None without a priced profile)."""
+    cost = outcome.cost(mode)
+    limit_bytes = None if cost is None else cost.limit_bytes
+    return physical_limit_seconds(_warm_seconds(outcome), limit_bytes, rate_mbit)
+
+
+def run_over_fetch(outcome: ImageOutcome, run: RunResult) -> OverFetch | None:
+    """A lazy run's bytes before readiness by cause (None for overlayfs or unpriced)."""
+    cost = outcome.cost(run.mode)
+    if cost is None or not run.mode.startswith("lazy-"):
+        return None
+    return over_fetch(run, cost, planned=run.mode.endswith(PROFILE_SUFFIX))
 
 
 def _warm_seconds(outcome: ImageOutcome) -> list[float]:
@@ -335,7 +406,31 @@ def _app_mb(outcome: ImageOutcome, mode: str) -> float | None:
     return None if app_bytes is None else app_bytes / 1e6
 
 
-def _row(outcome: ImageOutcome, summary: ModeSummary, limit: float | None) -> SuiteRow:
+def _mode_figures(outcome: ImageOutcome, mode: str) -> tuple[float | None, dict[str, float] | None]:
+    """Median agent CPU seconds and median MB per over-fetch cause of ``mode``'s runs."""
+    runs = [r for r in outcome.runs if r.mode == mode and r.agent_stats]
+    if not runs:
+        return None, None
+    stats = [r.agent_stats for r in runs]
+    cpu = statistics.median(
+        s.get("agent_user_seconds", 0.0) + s.get("agent_system_seconds", 0.0) for s in stats
+    )
+    splits = [split for r in runs if (split := run_over_fetch(outcome, r)) is not None]
+    if not splits:
+        return cpu, None
+    causes = {
+        name: statistics.median(getattr(split, name) for split in splits) / 1e6
+        for name in OverFetch.__dataclass_fields__
+    }
+    return cpu, causes
+
+
+def _row(
+    outcome: ImageOutcome, summary: ModeSummary, old_limit: float | None, rate_mbit: float
+) -> SuiteRow:
+    limit = compressed_limit(outcome, summary.mode, rate_mbit)
+    cost = outcome.cost(summary.mode)
+    cpu, causes = _mode_figures(outcome, summary.mode)
     return SuiteRow(
         outcome.name,
         summary.mode,
@@ -348,6 +443,11 @@ def _row(outcome: ImageOutcome, summary: ModeSummary, limit: float | None) -> Su
         _app_mb(outcome, summary.mode),
         summary.speedup,
         None if limit is None else summary.ready_seconds / limit,
+        None if cost is None else cost.limit_bytes / 1e6,
+        limit,
+        None if old_limit is None else summary.ready_seconds / old_limit,
+        cpu,
+        causes,
     )
 
 
@@ -355,11 +455,16 @@ def build_report(options: SuiteOptions, outcomes: list[ImageOutcome]) -> SuiteRe
     """Per image x mode medians, each image's physical limit and the summary line."""
     rows: list[SuiteRow] = []
     limits: dict[str, float | None] = {}
+    limits_old: dict[str, float | None] = {}
     version_rows_: list[VersionRow] = []
     for outcome in outcomes:
-        limit = physical_limit(outcome, options.rate_mbit)
-        limits[outcome.name] = limit
-        rows += [_row(outcome, s, limit) for s in summarize(outcome.runs, options.modes())]
+        old = physical_limit(outcome, options.rate_mbit)
+        limits_old[outcome.name] = old
+        limits[outcome.name] = compressed_limit(outcome, "overlayfs", options.rate_mbit)
+        rows += [
+            _row(outcome, s, old, options.rate_mbit)
+            for s in summarize(outcome.runs, options.modes())
+        ]
         if outcome.new_versions is not None:
             version_rows_ += version_rows(
                 outcome.name,
@@ -376,6 +481,7 @@ def build_report(options: SuiteOptions, outcomes: list[ImageOutcome]) -> SuiteRe
         summary_line(rows, len(outcomes)),
         version_rows_,
         versions_summary(version_rows_) if version_rows_ else "",
+        limits_old,
     )
 
 
@@ -388,13 +494,16 @@ def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
         of_mode = [row for row in rows if row.mode == mode]
         part = f"{mode} {statistics.median(r.speedup for r in of_mode):.1f}x"
         ratios = [r.times_limit for r in of_mode if r.times_limit is not None]
+        old = [r.times_limit_old for r in of_mode if r.times_limit_old is not None]
         if ratios:
-            part += f" ({statistics.median(ratios):.1f}x the limit)"
+            part += f" ({statistics.median(ratios):.2f}x the limit"
+            part += f", {statistics.median(old):.2f}x the first)" if old else ")"
         parts.append(part)
     return (
         f"median time-to-ready speedup vs full pull over {images} image(s): "
         + ", ".join(parts)
-        + "; limit = local start + bytes read by the app / link bandwidth"
+        + "; limit = local start + the compressed bytes holding what the app read"
+        " / link bandwidth (first limit: those bytes uncompressed)"
     )
 
 
@@ -409,8 +518,11 @@ def suite_table(rows: Sequence[SuiteRow]) -> str:
         "ready s (min-max)",
         "MB before ready",
         "MB read by app",
+        "MB limit (compressed)",
+        "agent CPU s",
         "speedup vs full pull",
-        "x physical limit",
+        "x first limit",
+        "x limit",
     ]
     body = [
         [
@@ -421,12 +533,51 @@ def suite_table(rows: Sequence[SuiteRow]) -> str:
             f"{r.ready_seconds:.2f}",
             f"{r.ready_min:.2f}-{r.ready_max:.2f}",
             f"{r.mb_before_ready:.1f}",
-            "-" if r.mb_read_by_app is None else f"{r.mb_read_by_app:.1f}",
+            _figure(r.mb_read_by_app, ".1f"),
+            _figure(r.mb_limit, ".1f"),
+            _figure(r.agent_cpu_seconds, ".2f"),
             f"{r.speedup:.1f}x",
-            "-" if r.times_limit is None else f"{r.times_limit:.1f}x",
+            _figure(r.times_limit_old, ".2f", "x"),
+            _figure(r.times_limit, ".2f", "x"),
         ]
         for r in rows
     ]
+    return markdown_table(headers, body)
+
+
+def _figure(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+OVER_FETCH_HEADINGS = {
+    "before_ready": "MB before ready",
+    "limit": "limit",
+    "granularity": "granularity",
+    "read_ahead": "read-ahead",
+    "prefetch_unread": "prefetch unread",
+    "fill_unread": "fill unread",
+    "coalescing": "coalescing gaps",
+    "protocol": "metadata + protocol",
+}
+
+
+def over_fetch_table(rows: Sequence[SuiteRow]) -> str:
+    """Per lazy mode, the median MB before readiness split by cause."""
+    headers = ["image", "mode", *OVER_FETCH_HEADINGS.values(), "before ready / limit"]
+    body = []
+    for r in rows:
+        if r.over_fetch_mb is None:
+            continue
+        causes = r.over_fetch_mb
+        ratio = causes["before_ready"] / causes["limit"] if causes["limit"] else None
+        body.append(
+            [
+                r.image,
+                r.mode,
+                *(f"{causes[name]:.1f}" for name in OVER_FETCH_HEADINGS),
+                _figure(ratio, ".2f", "x"),
+            ]
+        )
     return markdown_table(headers, body)
 
 
@@ -480,6 +631,7 @@ def document(report: SuiteReport, command: str) -> dict[str, Any]:
                 "compressed_bytes": o.compressed_bytes,
                 "app_read_bytes": o.app_read_bytes,
                 "physical_limit_seconds": report.limits[o.name],
+                "first_limit_seconds": report.limits_old.get(o.name),
                 "conversions": o.conversions,
                 "learned": {form: asdict(learned) for form, learned in o.learned.items()},
                 "runs": [asdict(run) for run in o.runs],
@@ -499,7 +651,8 @@ def markdown(report: SuiteReport, command: str) -> str:
     sizes = ", ".join(f"{o.name} {o.compressed_bytes / 1e6:.0f} MB" for o in report.images)
     text = (
         f"`{command}` — link {_link_text(report.options)}, images (compressed) {sizes}\n\n"
-        f"{suite_table(report.rows)}\n\n{report.summary_line}\n"
+        f"{suite_table(report.rows)}\n\n{report.summary_line}\n\n"
+        f"{OVER_FETCH_HEADING}\n\n{OVER_FETCH_INTRO}\n\n{over_fetch_table(report.rows)}\n"
     )
     if report.version_rows:
         text += (
@@ -522,17 +675,18 @@ class Outputs:
 def write_outputs(
     report: SuiteReport, command: str, results_dir: Path, docs_dir: Path | None
 ) -> Outputs:
-    """JSON, markdown and PNG into ``results_dir``; chart + markdown copied to ``docs_dir``
-    (the README embeds that copy) when given."""
+    """JSON, markdown and PNG into ``results_dir``; all three copied to ``docs_dir`` (the
+    README embeds the chart) when given."""
     text = markdown(report, command)
     path = write_results("suite", document(report, command), text.rstrip("\n"), results_dir)
     chart = suite_chart(report, path.with_suffix(".png"))
     docs: tuple[Path, ...] = ()
     if docs_dir is not None:
         docs_dir.mkdir(parents=True, exist_ok=True)
-        docs = (docs_dir / f"{DOCS_STEM}.png", docs_dir / f"{DOCS_STEM}.md")
+        docs = tuple(docs_dir / f"{DOCS_STEM}{suffix}" for suffix in (".png", ".md", ".json"))
         shutil.copyfile(chart, docs[0])
         shutil.copyfile(path.with_suffix(".md"), docs[1])
+        shutil.copyfile(path, docs[2])
     return Outputs(path, path.with_suffix(".md"), chart, docs)
 
 

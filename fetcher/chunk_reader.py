@@ -63,4 +63,6 @@ class ChunkReader:
             for i in missing:
                 part = parts[i]
                 found[i] = chunks[part.chunk.key][part.start : part.start + part.length]
+        for part in parts:  # after the fetch, which counts a fetched chunk as unread
+            self._stats.chunk_read(blob.digest, part.chunk.key)
         return [data if data is not None else b"" for data in found]

@@ -18,6 +18,10 @@ log = get_logger(__name__)
 
 RequestObserver = Callable[[Priority, int, float], None]
 """Called after each Range GET with (priority, bytes received, seconds taken)."""
+MAX_UNREAD_TRACKED = 1 << 18
+"""Fetched chunks remembered until a read touches them: a whole image's chunks fit (a
+40 000-member eStargz layer included); beyond, new chunks go uncounted rather than let
+a fill of a huge image grow the map without bound."""
 
 
 @dataclass
@@ -39,11 +43,32 @@ class FetchStats:
     request_errors: int = 0
     demand_timeouts: int = 0
     cache_write_errors: int = 0
+    chunk_bytes: dict[Priority, int] = field(default_factory=per_priority)
+    """Compressed bytes of the chunks fetched: a coalesced request also carries the gaps
+    between its chunks, which ``bytes_fetched`` counts and this does not."""
+    unread_bytes: dict[Priority, int] = field(default_factory=per_priority)
+    """Compressed bytes of fetched chunks no read has touched yet: at a start's readiness,
+    what prefetch and fill fetched that the start did not need (over-fetch by cause)."""
+    _unread: dict[tuple[str, str], tuple[Priority, int]] = field(default_factory=dict, repr=False)
     _observers: list[RequestObserver] = field(default_factory=list, repr=False)
 
     def add_observer(self, observer: RequestObserver) -> None:
         """Call ``observer`` for every completed Range GET (e.g. a latency histogram)."""
         self._observers.append(observer)
+
+    def chunk_fetched(self, blob: str, key: str, priority: Priority, size: int) -> None:
+        """Count a verified chunk of ``size`` compressed bytes, unread until ``chunk_read``."""
+        self.chunks_fetched[priority] += 1
+        self.chunk_bytes[priority] += size
+        if (blob, key) not in self._unread and len(self._unread) < MAX_UNREAD_TRACKED:
+            self._unread[blob, key] = (priority, size)
+            self.unread_bytes[priority] += size
+
+    def chunk_read(self, blob: str, key: str) -> None:
+        """A read touched the chunk: its bytes were not fetched in vain."""
+        found = self._unread.pop((blob, key), None)
+        if found is not None:
+            self.unread_bytes[found[0]] -= found[1]
 
     def record_request(self, priority: Priority, nbytes: int, seconds: float) -> None:
         """Count one completed Range GET and tell the observers."""

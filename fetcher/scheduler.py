@@ -267,7 +267,10 @@ class ChunkFetcher:
         served: list[tuple[ChunkJob, bytes]] = []
         for job, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, bytes):
-                self.stats.chunks_fetched[priority] += 1
+                chunk = job.chunk
+                self.stats.chunk_fetched(
+                    blob.digest, chunk.key, priority, chunk.fetch_end - chunk.fetch_start
+                )
                 if not job.future.done():
                     job.future.set_result(outcome)
                 served.append((job, outcome))

@@ -59,11 +59,24 @@ def test_suite_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
         learned = image["learned"][form]
         assert learned["profile_runs"] == 1 and learned["files"] >= 1, learned
         assert 0 < learned["app_read_bytes"] < 8 << 20, learned
-    limit = image["physical_limit_seconds"]
+    first_limit = image["first_limit_seconds"]
     warm = rows["overlayfs-warm"]["ready_seconds"]
-    assert warm < limit < warm + 1.0
+    assert warm < first_limit < warm + 1.0
     for mode in MODES:
-        assert rows[mode]["times_limit"] == pytest.approx(rows[mode]["ready_seconds"] / limit)
+        row = rows[mode]
+        assert row["times_limit_old"] == pytest.approx(row["ready_seconds"] / first_limit)
+        assert warm < row["limit_seconds"] < warm + 1.0, row
+        assert row["times_limit"] == pytest.approx(row["ready_seconds"] / row["limit_seconds"])
+        assert 0 < row["mb_limit"] < 8, row
+    # The learned ranges are priced in each form; a lazy run's causes add up.
+    for form in ("index", "full"):
+        cost = image["learned"][form]["cost"]
+        assert 0 < cost["limit_bytes"] <= cost["piece_bytes"] <= cost["span_bytes"], cost
+    for mode in MODES[2:]:
+        causes = rows[mode]["over_fetch_mb"]
+        parts = sum(v for k, v in causes.items() if k != "before_ready")
+        assert parts == pytest.approx(causes["before_ready"]), causes
+        assert rows[mode]["agent_cpu_seconds"] > 0, rows[mode]
 
     table = path.with_suffix(".md").read_text()
     for mode in MODES:
@@ -76,3 +89,5 @@ def test_suite_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
     assert chart.shape[0] > 200 and chart.shape[1] > 300
     assert (docs / "startup-suite.png").read_bytes() == path.with_suffix(".png").read_bytes()
     assert (docs / "startup-suite.md").read_text() == table
+    assert json.loads((docs / "startup-suite.json").read_text()) == document
+    assert "#### Bytes before ready, by cause" in table
