@@ -52,6 +52,11 @@ class AgentConfig:
     registry that trickles its answers, or a connection left out of step, renews them
     byte by byte: without an overall bound a Prepare, and the pod's pull, waits for it.
 
+    ``read_ahead_kib``: the kernel's read-ahead on the FUSE mount. Sequential reads then
+    cost a round trip per window rather than per 128 KiB (the kernel's default); 0
+    turns read-ahead off, so every read reaches FUSE as the application asked for it,
+    which is how the benchmark learns exactly which bytes a start reads.
+
     ``keeper``: hold the FUSE connection in a keeper process (`agent.fs.keeper`, at
     ``keeper_socket``, started by the agent unless ``keeper_spawn`` is off because a
     service manager runs it), so that running containers survive the agent's crashes
@@ -85,6 +90,7 @@ class AgentConfig:
     profile_sample_rate: float = 0.1
     trace_quiet_s: float = 3.0
     trace_deadline_s: float = 60.0
+    read_ahead_kib: int = 1024
     ebpf: bool = True
     kubernetes_credentials: bool = False
     kubernetes_credentials_namespace: str = ""
@@ -158,6 +164,8 @@ class AgentConfig:
                 raise ConfigError(f"configuration key {name!r}: {exc}") from None
         if coerced.get("cache_max_bytes", 1) <= 0:
             raise ConfigError("cache_max_bytes must be positive")
+        if not 0 <= coerced.get("read_ahead_kib", 0) <= 1 << 20:
+            raise ConfigError("read_ahead_kib must be within 0..1048576")
         for name in (
             "watchdog_stall_threshold_s",
             "watchdog_request_threshold_s",

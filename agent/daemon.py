@@ -191,7 +191,13 @@ class Agent:
         # kernel's node IDs name their files, and requests wait until then.
         await self.snapshotter.restore()
         lasting = self.keeper is not None
-        self.mount = FuseMount(self.fs, config.fuse_mountpoint, connection, lasting)
+        self.mount = FuseMount(
+            self.fs,
+            config.fuse_mountpoint,
+            connection,
+            lasting,
+            read_ahead_kib=config.read_ahead_kib,
+        )
         await self.mount.start(resumed=slots.resumed)
         if slots.resumed:
             # The longest any request waited: unserved at the keeper, then while this

@@ -75,28 +75,29 @@ def learn_profile(
 ) -> Learned:
     """Forget earlier profiles, then record ``starts`` starts on fresh agents.
 
-    ``version`` (a tag) only labels the steps and run directories of a later version;
-    ``costing``, when given, prices the learned ranges for the compressed limit.
+    ``version`` (a tag) only labels the steps and run directories of a later version.
+    ``costing``, when given, prices for the compressed limit the ranges one more start,
+    made first with the kernel's read-ahead off, read: a profile records what reached
+    FUSE too, so with read-ahead on it holds whole read-ahead windows (a mapped library
+    faults them in), which are over-fetch, not what the application read.
     """
     reference = lazy_reference(setup, form)
     started = time.monotonic()
-    forgotten = asyncio.run(forget_profiles(setup.registry_host, reference))
-    log.info("bench.profiles_forgotten", reference=reference, artifacts=forgotten)
+    name = f"{setup.image.name} {version}".rstrip()
+    cost = None
+    if costing is not None:
+        progress(f"{name}: exact reads of lazy-{form} (read-ahead off)")
+        path = run_dir(setup, image_number, f"{version}exact-{form}")
+        exact = _recorded_start(setup, reference, path, f"lazy-{form}:exact", 1, read_ahead_kib=0)
+        cost = costing(exact[1])
+        done_with(path, keep_runs)
     recorded: list[RunResult] = []
     profile: Profile | None = None
-    name = f"{setup.image.name} {version}".rstrip()
     for start in range(1, starts + 1):
         progress(f"{name}: learn lazy-{form} ({start}/{starts})")
         path = run_dir(setup, image_number, f"{version}learn{start}-{form}")
-        with lazy_node(setup, path, use_profiles=False, record_profiles=True) as node:
-            recorded.append(timed_lazy_start(setup, node, reference, f"lazy-{form}:learn", start))
-            try:
-                profile = asyncio.run(
-                    wait_for_profile(setup.registry_host, reference, start, PROFILE_WAIT_S)
-                )
-            except LearnError:
-                log.error("bench.learn_failed", agent_log=str(node[0].log_path))
-                raise
+        run, profile = _recorded_start(setup, reference, path, f"lazy-{form}:learn", start)
+        recorded.append(run)
         done_with(path, keep_runs)
     if profile is None:
         raise ValueError("starts must be at least 1")
@@ -108,5 +109,32 @@ def learn_profile(
         dict(profile.runs.sources),
         round(time.monotonic() - started, 2),
         recorded,
-        None if costing is None else costing(profile),
+        cost,
     )
+
+
+def _recorded_start(
+    setup: Setup,
+    reference: str,
+    path: Path,
+    mode: str,
+    start: int,
+    read_ahead_kib: int | None = None,
+) -> tuple[RunResult, Profile]:
+    """One start on a fresh recording agent, and the profile once it holds ``start``
+    runs (the earlier ones recorded by earlier calls since profiles were forgotten)."""
+    if start == 1:
+        forgotten = asyncio.run(forget_profiles(setup.registry_host, reference))
+        log.info("bench.profiles_forgotten", reference=reference, artifacts=forgotten)
+    with lazy_node(
+        setup, path, use_profiles=False, record_profiles=True, read_ahead_kib=read_ahead_kib
+    ) as node:
+        run = timed_lazy_start(setup, node, reference, mode, start)
+        try:
+            profile = asyncio.run(
+                wait_for_profile(setup.registry_host, reference, start, PROFILE_WAIT_S)
+            )
+        except LearnError:
+            log.error("bench.learn_failed", agent_log=str(node[0].log_path))
+            raise
+    return run, profile

@@ -286,6 +286,7 @@ def lazy_node(
     use_profiles: bool,
     record_profiles: bool,
     inherit_profiles: bool = False,
+    read_ahead_kib: int | None = None,
 ) -> Iterator[tuple[AgentProcess, ContainerdServer]]:
     """A cold node: a fresh acceld agent (empty cache) and a containerd that uses it.
 
@@ -293,14 +294,17 @@ def lazy_node(
     runs into profile runs: whether the agent reads them, whether it takes a
     predecessor's when the image has none (``inherit_profiles``; off unless asked, so a
     "+profile" run measures the image's own) and whether it records new ones, is
-    always stated explicitly.
+    always stated explicitly. ``read_ahead_kib`` overrides the mount's read-ahead (0:
+    every read reaches FUSE as the application made it).
     """
-    settings = {
+    settings: dict[str, object] = {
         "profiles": use_profiles,
         "profile_inheritance": inherit_profiles,
         "record_profiles": record_profiles,
         "background_fill": setup.background_fill,
     }
+    if read_ahead_kib is not None:
+        settings["read_ahead_kib"] = read_ahead_kib
     with (
         AgentProcess(
             run_dir / "agent", plain_http=[setup.registry_host], settings=settings

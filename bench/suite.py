@@ -164,7 +164,8 @@ class SuiteOptions:
 
     def steps(self) -> int:
         """Steps shown by the progress display: publish, learn starts, measured runs."""
-        learn = len(self.forms) * self.learn_starts if self.profiles else 0
+        # Per form: the exact-reads start, then the learning ones.
+        learn = len(self.forms) * (1 + self.learn_starts) if self.profiles else 0
         steps = len(self.images) * (1 + learn + self.repeat * len(self.rotation()))
         for image in self.images:
             per_form = self.learn_starts + self.repeat * len(VERSION_MODES)
@@ -398,6 +399,11 @@ def _warm_seconds(outcome: ImageOutcome) -> list[float]:
 
 
 def _app_mb(outcome: ImageOutcome, mode: str) -> float | None:
+    """What the app read: exactly (read-ahead off) where that start was made, else as
+    the learned profile saw it (with read-ahead windows)."""
+    cost = outcome.cost(mode)
+    if cost is not None:
+        return cost.read_bytes / 1e6
     form = mode.removesuffix(PROFILE_SUFFIX).removeprefix("lazy-")
     learned = outcome.learned.get(form)
     if learned is not None:

@@ -23,7 +23,6 @@ from common.logging import get_logger
 
 log = get_logger(__name__)
 
-READ_AHEAD_KIB = 1024
 MOUNT_OPTIONS = frozenset(
     {
         "fsname=acceld",
@@ -55,7 +54,7 @@ def mount_device(path: Path) -> str | None:
     return None
 
 
-def raise_read_ahead(path: Path, kib: int) -> None:
+def set_read_ahead(path: Path, kib: int) -> None:
     """Let the kernel read ahead ``kib`` KiB on our mount: with the default 128 KiB every
     sequential read costs a FUSE round trip per 128 KiB (`bench.fuse_throughput` prints
     both; docs/bench/design-figures.md)."""
@@ -93,8 +92,10 @@ class FuseMount:
         connection: FuseConnection,
         lasting: bool,
         debug: bool = False,
+        read_ahead_kib: int = 1024,
     ) -> None:
         self.ops = ops
+        self.read_ahead_kib = read_ahead_kib
         self.mountpoint = mountpoint
         self.connection = connection
         self.lasting = lasting
@@ -121,10 +122,10 @@ class FuseMount:
         pyfuse3.init(self.ops, f"/dev/fd/{replay}", self._options)
         self._task = asyncio.create_task(pyfuse3.main(), name="fuse-main")
         if not resumed:
-            # The kernel sets the mount's read-ahead when INIT is answered: raise it
+            # The kernel sets the mount's read-ahead when INIT is answered: set ours
             # once a first request (statvfs, served by this loop) proves that is done.
             await asyncio.to_thread(os.statvfs, self.mountpoint)
-            raise_read_ahead(self.mountpoint, READ_AHEAD_KIB)
+            set_read_ahead(self.mountpoint, self.read_ahead_kib)
         log.info("fs.serving", path=str(self.mountpoint), resumed=resumed)
 
     async def stop(self) -> None:
