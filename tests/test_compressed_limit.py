@@ -72,9 +72,7 @@ def test_gzip_limit_is_the_members_holding_the_ranges(tmp_path: Path) -> None:
     b, a = offsets["app/b.bin"], offsets["app/a.bin"]
     ranges = {"app/b.bin": [(0, 1), (70_000, 140_000)], "app/a.bin": [(99_990, 100_000)]}
     touched = (
-        members(b, b + 1)
-        | members(b + 70_000, b + 140_000)
-        | members(a + 99_990, a + 100_000)
+        members(b, b + 1) | members(b + 70_000, b + 140_000) | members(a + 99_990, a + 100_000)
     )
     assert max(touched) < len(sizes) - 1  # the last member's end is the blob's: not used
 
