@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import subprocess
 import sys
 import time
@@ -158,7 +159,7 @@ def _optimize(server: ContainerdServer, setup: Setup, source: str, target: str) 
     slow start short or record whatever it does after its start, so the container is
     killed as soon as the same readiness probe the runs use fires (files read after
     that do not delay a start, and are not what acceld's profile holds either).
-    Returns the number of files recorded.
+    Returns the number of distinct files recorded.
     """
     record = setup.workdir / "peer-convert" / "optimize-record.json"
     command = [
@@ -182,10 +183,25 @@ def _optimize(server: ContainerdServer, setup: Setup, source: str, target: str) 
     if process.returncode != 0:
         tail = stderr_path.read_text(errors="replace")[-3000:]
         raise ContainerdError(f"{' '.join(command)} exited {process.returncode}:\n{tail}")
+    return len(_recorded_paths(record))
+
+
+def _recorded_paths(record: Path) -> set[tuple[str, int]]:
+    """(path, layer index) of each file in optimize's record: one JSON object per access,
+    so a file read twice is there twice."""
+    paths: set[tuple[str, int]] = set()
     try:
-        return len(record.read_text().splitlines())
+        lines = record.read_text().splitlines()
     except FileNotFoundError:
-        return 0
+        return paths
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            paths.add((entry["path"], int(entry.get("layerIndex", -1))))
+    return paths
 
 
 def _kill_tasks(server: ContainerdServer) -> None:
