@@ -243,9 +243,12 @@ class Setup:
     profiles: bool = False
 
 
-def _cold_pull(
+def cold_pull(
     server: ContainerdServer, reference: str, setup: Setup
 ) -> tuple[float, float, LinkCounter]:
+    """CRI pull of ``reference`` with the page caches dropped first; returns when the pull
+    started and ended, and a counter of the link's bytes since it started (every cold
+    mode, acceld's and the peer's, is timed from here)."""
     drop_page_caches()
     counter = LinkCounter(setup.link)
     started = time.monotonic()
@@ -257,7 +260,7 @@ def run_overlayfs(setup: Setup, repetition: int, run_dir: Path) -> list[RunResul
     """Full pull with containerd's overlayfs, then a second start with the image local."""
     reference = setup.published.original
     with ContainerdServer(run_dir / "ctrd", snapshotter="overlayfs") as server:
-        started, pulled, counter = _cold_pull(server, reference, setup)
+        started, pulled, counter = cold_pull(server, reference, setup)
         ready = start_until_ready(server, reference, "overlayfs", setup.image.probe, setup.timeout)
         cold = RunResult(
             "overlayfs", repetition, pulled - started, ready - started, counter.since_start()
@@ -326,7 +329,7 @@ def timed_lazy_start(
     """CRI pull of ``reference`` through the node's agent, then run until ready."""
     agent, server = node
     try:
-        started, pulled, counter = _cold_pull(server, reference, setup)
+        started, pulled, counter = cold_pull(server, reference, setup)
         ready = start_until_ready(
             server, reference, ACCELD_SNAPSHOTTER, setup.image.probe, setup.timeout
         )

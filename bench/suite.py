@@ -11,7 +11,10 @@ suite runs are forgotten first, so every figure comes from this run), then measu
 
 * ``overlayfs`` / ``overlayfs-warm``   full CRI pull then start / the image already local;
 * ``lazy-index`` / ``lazy-full``       acceld without profiles (neither read nor recorded);
-* ``lazy-<form>+profile``              acceld prefetching the learned profile (not recording).
+* ``lazy-<form>+profile``              acceld prefetching the learned profile (not recording);
+* ``stargz`` / ``stargz-optimized``    the peer, stargz-snapshotter, on its own eStargz and
+                                       optimized images (`bench.stargz_peer`; skipped when
+                                       its daemon is not installed).
 
 Bytes read by the application come from the learned profile: the median, over its
 recorded starts, of the bytes each start read (eBPF read/mmap ranges plus the reads that
@@ -67,6 +70,7 @@ from bench.new_versions import (
 )
 from bench.overfetch import OverFetch, over_fetch
 from bench.report import markdown_table, write_results
+from bench.stargz_peer import PEER_MODES, STARGZ_OPTIMIZED, peer_available, run_peer
 from bench.startup import (
     SYNTHETIC,
     ImageUnderTest,
@@ -155,6 +159,8 @@ class SuiteOptions:
         modes = ["overlayfs", *(f"lazy-{form}" for form in self.forms)]
         if self.profiles:
             modes += [f"lazy-{form}{PROFILE_SUFFIX}" for form in self.forms]
+        if peer_available():
+            modes += PEER_MODES
         return modes
 
     def modes(self) -> list[str]:
@@ -276,6 +282,8 @@ def measure_image(
             path = run_dir(setup, image_number, f"r{repetition}-{mode}")
             if mode == "overlayfs":
                 runs += run_overlayfs(setup, repetition, path)
+            elif mode in PEER_MODES:
+                runs.append(run_peer(setup, mode, repetition, path))
             else:
                 runs.append(_lazy_run(setup, mode, repetition, path))
             done_with(path, options.keep_runs)
@@ -510,6 +518,29 @@ def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
         + ", ".join(parts)
         + "; limit = local start + the compressed bytes holding what the app read"
         " / link bandwidth (first limit: those bytes uncompressed)"
+        + _versus_peer(rows)
+    )
+
+
+def _versus_peer(rows: Sequence[SuiteRow]) -> str:
+    """Per image, the best acceld +profile mode's median ready time over the peer's
+    optimized one (below 1: acceld starts faster); empty when either is missing."""
+    parts = []
+    for image in dict.fromkeys(row.image for row in rows):
+        of_image = [row for row in rows if row.image == image]
+        ours = [
+            r for r in of_image if r.mode.startswith("lazy-") and r.mode.endswith(PROFILE_SUFFIX)
+        ]
+        peer = [r for r in of_image if r.mode == STARGZ_OPTIMIZED]
+        if ours and peer:
+            best = min(ours, key=lambda r: r.ready_seconds)
+            ratio = best.ready_seconds / peer[0].ready_seconds
+            parts.append(f"{image} {ratio:.2f}x ({best.mode})")
+    if not parts:
+        return ""
+    return (
+        f"; acceld+profile vs {STARGZ_OPTIMIZED} (ready time ratio, below 1 = acceld faster): "
+        + ", ".join(parts)
     )
 
 

@@ -32,6 +32,9 @@ log = get_logger(__name__)
 
 ACCELD_SNAPSHOTTER = "acceld"
 """Name of the proxy snapshotter entry that points containerd at the acceld agent."""
+STARGZ_SNAPSHOTTER = "stargz"
+"""Name of the proxy snapshotter entry for stargz-snapshotter's daemon (the benchmark's
+peer), declared only when a server is given its socket."""
 
 # Snapshotters that probe host filesystems or devices and only log noise here.
 _DISABLED_PLUGINS = (
@@ -57,7 +60,8 @@ class ContainerdServer:
 
     ``snapshotter`` is the one the CRI plugin pulls and runs with; ``ctr`` users choose
     per call. ``acceld_socket`` is where the `acceld` proxy snapshotter is expected to
-    listen; containerd dials it only when that snapshotter is used.
+    listen; containerd dials it only when that snapshotter is used. ``stargz_socket``
+    declares the `stargz` proxy snapshotter too (stargz-snapshotter's daemon there).
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class ContainerdServer:
         namespace: str = "acceld-test",
         snapshotter: str = "overlayfs",
         acceld_socket: Path | None = None,
+        stargz_socket: Path | None = None,
         sandbox_image: str = "127.0.0.1:1/acceld-test/pause:none",
         tmpfs_size: str = "8g",
         log_level: str = "info",
@@ -75,6 +80,7 @@ class ContainerdServer:
         self.namespace = namespace
         self.snapshotter = snapshotter
         self.acceld_socket = acceld_socket or self.workdir / "acceld" / "snapshotter.sock"
+        self.stargz_socket = stargz_socket
         self.sandbox_image = sandbox_image
         self.tmpfs_size = tmpfs_size
         self.log_level = log_level
@@ -314,10 +320,14 @@ class ContainerdServer:
                     "registry": {"config_path": str(self.hosts_dir)},
                 },
             },
-            "proxy_plugins": {
-                ACCELD_SNAPSHOTTER: {"type": "snapshot", "address": str(self.acceld_socket)}
-            },
+            "proxy_plugins": self._proxy_plugins(),
         }
+
+    def _proxy_plugins(self) -> dict[str, dict[str, str]]:
+        plugins = {ACCELD_SNAPSHOTTER: {"type": "snapshot", "address": str(self.acceld_socket)}}
+        if self.stargz_socket is not None:
+            plugins[STARGZ_SNAPSHOTTER] = {"type": "snapshot", "address": str(self.stargz_socket)}
+        return plugins
 
     def _mount_root_tmpfs(self) -> None:
         # ext4 here unpacks 2-3x slower for a while after mass deletes; tmpfs does not.

@@ -17,7 +17,11 @@ from click.testing import CliRunner
 from matplotlib import image as mpimg
 
 from accelctl.main import cli
+from bench.stargz_peer import PEER_MODES
+from rig.stargz_process import missing_binary_message
 
+PEER = missing_binary_message() is None
+"""Whether the suite also runs the peer (stargz-snapshotter) modes on this machine."""
 MODES = (
     "overlayfs",
     "overlayfs-warm",
@@ -25,10 +29,12 @@ MODES = (
     "lazy-full",
     "lazy-index+profile",
     "lazy-full+profile",
+    *(PEER_MODES if PEER else ()),
 )
 
 
-@pytest.mark.timeout(170)
+# The peer's two conversions and two cold starts add about a minute.
+@pytest.mark.timeout(260 if PEER else 170)
 def test_suite_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
     results, docs = tmp_path / "results", tmp_path / "docs"
     # containerd's and the agent's sockets live under the work dir: keep its path short.
@@ -84,6 +90,12 @@ def test_suite_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
     assert "median time-to-ready speedup vs full pull over 1 image(s)" in table
     assert "--rate-mbit 300 --rtt-ms 5" in table
     assert document["summary_line"] in outcome.output
+    if PEER:
+        assert "acceld+profile vs stargz-optimized" in document["summary_line"]
+        for mode in PEER_MODES:
+            run = next(r for r in image["runs"] if r["mode"] == mode)
+            assert run["lazy_layers"] == 3 and run["fallback_layers"] == 0, run
+            assert image["conversions"][mode]["output_bytes"] > 0
 
     chart = mpimg.imread(path.with_suffix(".png"))
     assert chart.shape[0] > 200 and chart.shape[1] > 300
