@@ -94,19 +94,22 @@ def print_result(console: Console, result: ConversionResult) -> None:
     help="os/arch[/variant] to convert (repeatable; default: all in an index).",
 )
 @click.option(
-    "--chunk-size", default=4 << 20, show_default=True, help="eStargz chunk size (full mode)."
+    "--chunk-size",
+    default=ConvertOptions.chunk_size,
+    show_default=True,
+    help="eStargz chunk size (full mode).",
 )
 @click.option(
     "--estargz-min-chunk-size",
     "min_chunk_size",
-    default=64 << 10,
+    default=ConvertOptions.min_chunk_size,
     show_default=True,
     help="Small files share gzip members up to this size (0: one member per file, for "
     "stargz-snapshotter older than 0.13).",
 )
 @click.option(
     "--span",
-    default=4 << 20,
+    default=ConvertOptions.span,
     show_default=True,
     help="Uncompressed bytes between gzip checkpoints (index mode).",
 )

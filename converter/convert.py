@@ -41,14 +41,16 @@ from formats.accelerated import (
     accelerated_tag,
     is_accelerated_tag,
 )
+from formats.estargz_toc import DEFAULT_CHUNK_SIZE
 from formats.estargz_writer import DEFAULT_MIN_CHUNK_SIZE
+from formats.gzip_index import DEFAULT_SPAN
 
 log = get_logger(__name__)
 
-CONVERTER_FORMAT = 3
+CONVERTER_FORMAT = 4
 """Bumped whenever the output for the same input and settings changes (format 2: small
-files share gzip members; 3: index-only spans are digested in pieces too), so that
-conversions by an older converter are redone."""
+files share gzip members; 3: index-only spans are digested in pieces too; 4: pieces of
+64 KiB), so that conversions by an older converter are redone."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,9 @@ class ConvertOptions:
     mode: str = MODE_INDEX
     prefetch: PrefetchList = field(default_factory=lambda: PrefetchList(()))
     platforms: tuple[Platform, ...] = ()
-    chunk_size: int = 4 << 20
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     min_chunk_size: int = DEFAULT_MIN_CHUNK_SIZE
-    span: int = 4 << 20
+    span: int = DEFAULT_SPAN
     parallel_layers: int = 2
     force: bool = False
     workdir: Path | None = None

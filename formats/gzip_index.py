@@ -27,10 +27,16 @@ import numpy as np
 from formats.fast_zlib import ZLIB
 
 WINDOW_SIZE = 32 * 1024
-DEFAULT_SPAN = 4 * 1024 * 1024
-DEFAULT_PIECE = 256 * 1024
+DEFAULT_SPAN = 1024 * 1024
+"""A read can only start inflating at its span's checkpoint, so it costs the compressed
+bytes from there (on average half a span before what it wants, a whole span unplanned);
+each checkpoint costs a stored window (up to 32 KiB, mostly less) in the index fetched
+before the first read. Finer spans cut the first faster than they grow the second down
+to about 1 MiB (`bench.compressed_limit` prices both; docs/bench/startup-notes.md)."""
+DEFAULT_PIECE = 64 * 1024
 """Spans are also digested piece by piece, and where each piece's compressed bytes end is
-kept, so that a reader who needs only the start of a span fetches and checks only that."""
+kept, so that a reader who needs only the start of a span fetches and checks only that
+(a piece costs 36 bytes of index, 16 per span)."""
 _READ_OUT_CHUNK = 256 * 1024
 # Big steps for the builder: each return from zlib re-takes the GIL, which the tar
 # walking thread may hold for a whole switch interval (5 ms), so fewer, longer calls

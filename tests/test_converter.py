@@ -53,7 +53,8 @@ async def test_index_mode_round_trip(pushed_features, registry):
     async with RegistryClient() as client:
         result = await convert_image(client, ref, ConvertOptions(mode="index", **SMALL))
         assert not result.skipped
-        assert result.output_bytes < 0.01 * result.source_bytes
+        # A stored window per span and 36 bytes per 64 KiB piece: a few % of a small image.
+        assert result.output_bytes < 0.03 * result.source_bytes
         artifact = (await client.get_manifest(result.target)).parsed
         assert isinstance(artifact, ImageManifest)
         assert artifact.artifact_type == ARTIFACT_TYPE_INDEX
