@@ -308,6 +308,17 @@ def test_a_streamed_fast_path_that_goes_wrong_is_caught_by_the_span_digest(
         _streamed_span(bytes(corrupt), found, number, seed=3)
 
 
+def test_the_shift_is_the_bit_strings_shift() -> None:
+    """The fast paths read a mid-byte checkpoint's bytes shifted down to its bit: numpy's
+    shift is the little-endian bit string's, zeros coming in past the end."""
+    rnd = random.Random(5)
+    for size in (1, 2, 3, 1000):
+        data = rnd.randbytes(size)
+        for bits in range(1, 8):
+            shifted = gzip_index._shifted_down(data, bits).tobytes()
+            assert shifted == (int.from_bytes(data, "little") >> bits).to_bytes(size, "little")
+
+
 def test_a_streamed_span_cut_short_is_refused() -> None:
     compressed = gzip.compress(RAW, 6)
     _, found = _index(compressed)
