@@ -5,6 +5,8 @@ differently: many small Python modules and big shared libraries (python-scipy), 
 image whose service reads a small share of it (python-fat-api), one large binary
 (node-http), a toolchain that opens hundreds of headers (gcc-hello), a
 database server (postgres), and the bare base (minbase) for quick runs and smoke tests.
+One more, python-torch, is the big image: an ML image whose start maps large shared
+libraries (libtorch and what it links); it is run on its own, not in the suite's defaults.
 Every application prints a line when it is ready, so a probe that reads the container's
 output (`bench.readiness.LogLineProbe` with ``ready_pattern``) times any of them.
 
@@ -123,6 +125,16 @@ print("ready", flush=True)
 server.serve_forever()
 """
 
+# The big image: `import torch` maps libtorch (~130 MB) and the libraries it links
+# (opencv, ffmpeg, BLAS, protobuf...), so the start's reads are mostly shared libraries.
+_TORCH_APP = b"""\
+import torch
+
+x = torch.arange(6.0).reshape(2, 3)
+print("sum", float((x @ x.T).sum()))
+print("ready", flush=True)
+"""
+
 _NODE_APP = b"""\
 const http = require("http");
 const port = Number(process.env.PORT || 8080);
@@ -206,6 +218,18 @@ CATALOG: dict[str, BenchImage] = {
                 "app/settings.json",
                 (b'{"weights": 32}\n', b'{"weights": 64}\n'),
             ),
+        ),
+        BenchImage(
+            "python-torch",
+            "the big image: python3 with PyTorch (Debian's libtorch, opencv, ffmpeg, BLAS);"
+            " imports torch and multiplies a small tensor",
+            DebianImageSpec(
+                packages=("python3", "python3-torch"),
+                app_files=(AppFile("app/main.py", _TORCH_APP, 0o644),),
+                cmd=("python3", "/app/main.py"),
+                working_dir="/app",
+            ),
+            ready_pattern=r"^ready$",
         ),
         BenchImage(
             "node-http",

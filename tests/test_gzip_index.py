@@ -267,6 +267,58 @@ def test_spans_fed_piece_by_piece_decode_as_whole_ones(
             assert not decoder._whole_buffer
 
 
+def test_streamed_spans_take_zlib_ng_and_switch_to_the_exact_path_mid_stream() -> None:
+    """Fed spans are inflated by zlib-ng on the shifted bytes while they arrive; where
+    that fails (a stored block after a mid-byte checkpoint: RAW's noise files), the
+    bytes so far go through the exact path and the rest follows it, still streamed.
+    Both happen in the corpus, so both are exercised."""
+    compressed = MAKERS["python-6"](RAW)
+    _, found = _index(compressed)
+    ways: dict[str, int] = {"zlib-ng": 0, "exact": 0}
+    for number in range(len(found.checkpoints)):
+        start, end = _span_bounds(found, number)
+        plan = plan_range(found.checkpoints, found.compressed_size, start, end - start)
+        decoder = SpanDecoder(
+            found.checkpoints, found.span_digests, len(RAW), number, found.windows[number]
+        )
+        for piece in _chunks(compressed[plan.fetch_start : plan.fetch_end], number):
+            decoder.feed(piece)
+        assert not decoder._whole_buffer and not decoder._wanted, number
+        ways["exact" if decoder._fast is None else "zlib-ng"] += 1
+        assert decoder.finish() == RAW[start:end]
+    assert ways["zlib-ng"] > len(found.checkpoints) // 2, ways
+    assert ways["exact"], ways
+
+
+def test_a_streamed_fast_path_that_goes_wrong_is_caught_by_the_span_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the shift makes of a span is held to the digest: bytes that miss it go to
+    the exact path, which returns the span or refuses corrupt input."""
+    compressed = MAKERS["python-6"](RAW)
+    _, found = _index(compressed)
+    number = next(i for i, p in enumerate(found.checkpoints) if p.bit_offset)
+    monkeypatch.setattr(gzip_index._ShiftedStream, "feed", lambda self, data, limit: b"\0" * limit)
+    start, end = _span_bounds(found, number)
+    _, data = _streamed_span(compressed, found, number, seed=3)
+    assert data == RAW[start:end]
+    corrupt = bytearray(compressed)
+    corrupt[found.checkpoints[number].compressed_offset + 200] ^= 0x55
+    with pytest.raises(CorruptSpanError):
+        _streamed_span(bytes(corrupt), found, number, seed=3)
+
+
+def test_the_shift_is_the_bit_strings_shift() -> None:
+    """The fast paths read a mid-byte checkpoint's bytes shifted down to its bit: numpy's
+    shift is the little-endian bit string's, zeros coming in past the end."""
+    rnd = random.Random(5)
+    for size in (1, 2, 3, 1000):
+        data = rnd.randbytes(size)
+        for bits in range(1, 8):
+            shifted = gzip_index._shifted_down(data, bits).tobytes()
+            assert shifted == (int.from_bytes(data, "little") >> bits).to_bytes(size, "little")
+
+
 def test_a_streamed_span_cut_short_is_refused() -> None:
     compressed = gzip.compress(RAW, 6)
     _, found = _index(compressed)
