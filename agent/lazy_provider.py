@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -187,10 +187,19 @@ class LazyLayerProvider:
         """Fill an index-only layer by streaming its blob through the audit, which
         checks the index against it (layer_audit); if the stream fails, by its spans."""
         started = time.monotonic()
-        stream = self.client.iter_blob(layer.blob.ref, layer.blob.digest)
+        stats = self.fetcher.stats
+        received = 0
+
+        async def counted() -> AsyncIterator[bytes]:
+            nonlocal received
+            async for chunk in self.client.iter_blob(layer.blob.ref, layer.blob.digest):
+                received += len(chunk)
+                stats.stream_received(Priority.BACKGROUND, len(chunk))
+                yield chunk
+
         try:
-            verdict, downloaded = await audit_layer(
-                layer, stream, self.cache, lambda: self.fs.layer(name) is not None
+            verdict, _ = await audit_layer(
+                layer, counted(), self.cache, lambda: self.fs.layer(name) is not None
             )
         except AuditStopped:
             return
@@ -199,9 +208,8 @@ class LazyLayerProvider:
             if self.fs.layer(name) is not None:
                 self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
             return
-        self.fetcher.stats.record_request(
-            Priority.BACKGROUND, downloaded, time.monotonic() - started
-        )
+        finally:
+            stats.stream_ended(Priority.BACKGROUND, received, time.monotonic() - started)
         if verdict is None:
             log.info("agent.layer_audited", layer=name, rows=len(layer.entries))
         else:

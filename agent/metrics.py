@@ -239,9 +239,22 @@ class FetcherCollector(Collector):
             "Compressed bytes of fetched chunks no read has touched yet",
             labels=["priority"],
         )
+        streams_open = GaugeMetricFamily(
+            "acceld_stream_bytes_open",
+            "Bytes received by whole-blob streams still running (not yet in "
+            "acceld_fetch_bytes_total)",
+            labels=["priority"],
+        )
+        stream_bytes = CounterMetricFamily(
+            "acceld_stream_bytes",
+            "Bytes of whole-blob streams that ended (in acceld_fetch_bytes_total, no chunk's)",
+            labels=["priority"],
+        )
         for priority in stats.in_flight:
             label = [priority.name.lower()]
             in_flight.add_metric(label, stats.in_flight[priority])
             chunk_bytes.add_metric(label, stats.chunk_bytes[priority])
             unread.add_metric(label, stats.unread_bytes[priority])
-        yield from (in_flight, chunk_bytes, unread)
+            streams_open.add_metric(label, stats.streams_open[priority])
+            stream_bytes.add_metric(label, stats.stream_bytes[priority])
+        yield from (in_flight, chunk_bytes, unread, streams_open, stream_bytes)

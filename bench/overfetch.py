@@ -13,6 +13,7 @@ causes add up to the link's count:
   and the app reading what its learned start did not (then it can come out negative);
 * ``prefetch_unread`` / ``fill_unread``: chunks prefetched (profile, converter list,
   the agent's read-ahead after a miss) or filled that no read touched by readiness;
+  the fill's whole-blob streams (an index-only layer's audit) count as fill;
 * ``coalescing``: the gaps between chunks that one Range GET fetched together;
 * ``protocol``: the rest, manifests, indexes and TOCs, profiles, HTTP and TCP.
 
@@ -51,19 +52,25 @@ def over_fetch(run: RunResult, cost: RangeCost, planned: bool) -> OverFetch:
     """Split ``run``'s link bytes before readiness; ``cost`` is the form's cost of the
     ranges its learned start read, ``planned`` whether the run prefetched a profile."""
     stats = run.agent_stats
-    payload = int(sum(run.agent_fetch_bytes.values()))
-    chunks = int(sum(v for k, v in stats.items() if k.startswith("chunk_bytes_")))
+
+    def total(prefix: str) -> int:
+        return int(sum(v for k, v in stats.items() if k.startswith(prefix)))
+
+    # Running streams are not in the fetch bytes yet; ended ones are, with no chunks.
+    payload = int(sum(run.agent_fetch_bytes.values())) + total("stream_open_")
+    streams = total("stream_open_") + total("stream_bytes_")
+    chunks = total("chunk_bytes_")
     prefetch_unread = int(stats.get("unread_bytes_prefetch", 0))
-    fill_unread = int(stats.get("unread_bytes_background", 0))
+    filled_unread = int(stats.get("unread_bytes_background", 0))
     units = cost.piece_bytes if planned else cost.span_bytes
     return OverFetch(
         before_ready=run.link_bytes_before_ready,
         limit=cost.limit_bytes,
         granularity=units - cost.limit_bytes,
         # Demand chunks are read as soon as they land, so all but these were touched.
-        read_ahead=chunks - prefetch_unread - fill_unread - units,
+        read_ahead=chunks - prefetch_unread - filled_unread - units,
         prefetch_unread=prefetch_unread,
-        fill_unread=fill_unread,
-        coalescing=payload - chunks,
+        fill_unread=filled_unread + streams,
+        coalescing=payload - streams - chunks,
         protocol=run.link_bytes_before_ready - payload,
     )

@@ -433,6 +433,10 @@ def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, floa
                 stats[f"chunk_bytes_{sample.labels['priority']}"] = sample.value
             elif sample.name == "acceld_unread_chunk_bytes":
                 stats[f"unread_bytes_{sample.labels['priority']}"] = sample.value
+            elif sample.name == "acceld_stream_bytes_open":
+                stats[f"stream_open_{sample.labels['priority']}"] = sample.value
+            elif sample.name == "acceld_stream_bytes_total":
+                stats[f"stream_bytes_{sample.labels['priority']}"] = sample.value
             elif sample.name in ("acceld_cache_hits_total", "acceld_cache_misses_total"):
                 stats[sample.name.removeprefix("acceld_").removesuffix("_total")] = sample.value
     stats["agent_user_seconds"], stats["agent_system_seconds"] = cpu_seconds(agent.pid)

@@ -49,6 +49,12 @@ class FetchStats:
     unread_bytes: dict[Priority, int] = field(default_factory=per_priority)
     """Compressed bytes of fetched chunks no read has touched yet: at a start's readiness,
     what prefetch and fill fetched that the start did not need (over-fetch by cause)."""
+    streams_open: dict[Priority, int] = field(default_factory=per_priority)
+    """Bytes received so far by whole-blob streams (the fill's audit) still running: a
+    stream is one request, counted in ``bytes_fetched`` only when it ends, and on a big
+    layer it can run through a whole start."""
+    stream_bytes: dict[Priority, int] = field(default_factory=per_priority)
+    """Bytes of the finished streams (part of ``bytes_fetched``, no chunk's)."""
     _unread: dict[tuple[str, str], tuple[Priority, int]] = field(default_factory=dict, repr=False)
     _observers: list[RequestObserver] = field(default_factory=list, repr=False)
 
@@ -69,6 +75,16 @@ class FetchStats:
         found = self._unread.pop((blob, key), None)
         if found is not None:
             self.unread_bytes[found[0]] -= found[1]
+
+    def stream_received(self, priority: Priority, nbytes: int) -> None:
+        """A running stream received ``nbytes`` more."""
+        self.streams_open[priority] += nbytes
+
+    def stream_ended(self, priority: Priority, nbytes: int, seconds: float) -> None:
+        """A stream that received ``nbytes`` in all ended (completed or not)."""
+        self.streams_open[priority] -= nbytes
+        self.stream_bytes[priority] += nbytes
+        self.record_request(priority, nbytes, seconds)
 
     def record_request(self, priority: Priority, nbytes: int, seconds: float) -> None:
         """Count one completed Range GET and tell the observers."""

@@ -25,6 +25,8 @@ from bench.compressed_limit import (
 )
 from bench.overfetch import over_fetch
 from bench.startup import RunResult
+from fetcher.chunks import Priority
+from fetcher.fetch_stats import FetchStats
 from formats.estargz_reader import parse_toc
 from formats.estargz_toc import FOOTER_SIZE, parse_footer
 from formats.estargz_writer import write_estargz
@@ -177,3 +179,34 @@ def test_a_plain_tar_layer_costs_its_bytes(tmp_path: Path) -> None:
     cost = gzip_layer_cost(path, media, {"x": [(0, 5_000)]}, span=4 * FINEST_SPAN)
     assert cost.read_bytes == cost.limit_bytes == 5_000
     assert cost.span_bytes == cost.piece_bytes == 4 * FINEST_SPAN  # spans fetched whole
+
+
+def test_a_running_fill_stream_counts_as_fill_not_protocol() -> None:
+    """An index-only layer's audit streams the whole blob as one request, booked in the
+    fetch bytes only when it ends; what it received by readiness is fill."""
+    stats = FetchStats()
+    stats.stream_received(Priority.BACKGROUND, 3_000)
+    stats.stream_received(Priority.BACKGROUND, 2_000)
+    stats.chunk_fetched("sha256:" + "a" * 64, "k", Priority.DEMAND, 1_000)
+    stats.record_request(Priority.DEMAND, 1_000, 0.1)
+    run = RunResult(
+        "lazy-index",
+        1,
+        0.1,
+        1.0,
+        link_bytes_before_ready=7_000,
+        agent_fetch_bytes={"demand": float(stats.bytes_fetched[Priority.DEMAND])},
+        agent_stats={
+            "chunk_bytes_demand": float(stats.chunk_bytes[Priority.DEMAND]),
+            "stream_open_background": float(stats.streams_open[Priority.BACKGROUND]),
+        },
+    )
+    cost = RangeCost(read_bytes=800, limit_bytes=600, span_bytes=1_000, piece_bytes=700)
+    split = over_fetch(run, cost, planned=False)
+    assert (split.fill_unread, split.coalescing, split.protocol) == (5_000, 0, 1_000)
+    assert split.read_ahead == 0
+
+    stats.stream_ended(Priority.BACKGROUND, 5_000, 0.5)
+    assert stats.streams_open[Priority.BACKGROUND] == 0
+    assert stats.stream_bytes[Priority.BACKGROUND] == 5_000
+    assert stats.bytes_fetched[Priority.BACKGROUND] == 5_000
