@@ -405,6 +405,23 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
         return timed_lazy_start(setup, node, lazy_reference(setup, form), mode, repetition)
 
 
+_AGENT_STATS = {
+    "acceld_range_requests_total": "range_requests_{priority}",
+    "acceld_range_request_seconds_sum": "range_seconds",
+    "acceld_fuse_ops_total": "fuse_{op}_ops",
+    "acceld_fuse_op_seconds_sum": "fuse_{op}_seconds",
+    "acceld_fuse_errors_total": "fuse_{op}_{errno}",
+    "acceld_fetch_chunk_bytes_total": "chunk_bytes_{priority}",
+    "acceld_unread_chunk_bytes": "unread_bytes_{priority}",
+    "acceld_stream_bytes_open": "stream_open_{priority}",
+    "acceld_stream_bytes_total": "stream_bytes_{priority}",
+    "acceld_cache_hits_total": "cache_hits",
+    "acceld_cache_misses_total": "cache_misses",
+}
+"""The agent's series kept per run, and the key each sample is kept under (its labels
+filled in)."""
+
+
 def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, float]]:
     """Compressed bytes fetched by priority, and where a lazy start's time went: round
     trips by priority, time FUSE reads waited, the agent's CPU; and the chunk bytes
@@ -419,26 +436,8 @@ def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, floa
         for sample in family.samples:
             if sample.name == "acceld_fetch_bytes_total":
                 fetched[sample.labels["priority"]] = sample.value
-            elif sample.name == "acceld_range_requests_total":
-                stats[f"range_requests_{sample.labels['priority']}"] = sample.value
-            elif sample.name == "acceld_range_request_seconds_sum":
-                stats["range_seconds"] = sample.value
-            elif sample.name == "acceld_fuse_ops_total":
-                stats[f"fuse_{sample.labels['op']}_ops"] = sample.value
-            elif sample.name == "acceld_fuse_op_seconds_sum":
-                stats[f"fuse_{sample.labels['op']}_seconds"] = sample.value
-            elif sample.name == "acceld_fuse_errors_total":
-                stats[f"fuse_{sample.labels['op']}_{sample.labels['errno']}"] = sample.value
-            elif sample.name == "acceld_fetch_chunk_bytes_total":
-                stats[f"chunk_bytes_{sample.labels['priority']}"] = sample.value
-            elif sample.name == "acceld_unread_chunk_bytes":
-                stats[f"unread_bytes_{sample.labels['priority']}"] = sample.value
-            elif sample.name == "acceld_stream_bytes_open":
-                stats[f"stream_open_{sample.labels['priority']}"] = sample.value
-            elif sample.name == "acceld_stream_bytes_total":
-                stats[f"stream_bytes_{sample.labels['priority']}"] = sample.value
-            elif sample.name in ("acceld_cache_hits_total", "acceld_cache_misses_total"):
-                stats[sample.name.removeprefix("acceld_").removesuffix("_total")] = sample.value
+            elif sample.name in _AGENT_STATS:
+                stats[_AGENT_STATS[sample.name].format(**sample.labels)] = sample.value
     stats["agent_user_seconds"], stats["agent_system_seconds"] = cpu_seconds(agent.pid)
     return fetched, stats
 
