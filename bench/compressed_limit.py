@@ -34,6 +34,7 @@ from formats.estargz_toc import FOOTER_SIZE, parse_footer
 from formats.gzip_index import DEFAULT_PIECE, WINDOW_SIZE
 from formats.layer_index import LayerIndex
 from formats.layer_index_builder import build_layer_index
+from formats.layer_tree import InodeAllocator, LayerTree
 from formats.toc import TocEntry
 from profiles.format import Profile
 from rig.images import BuiltImage
@@ -88,24 +89,23 @@ def union_bytes(extents: Iterable[tuple[int, int]]) -> int:
     return total
 
 
-def _data_entries(entries: Sequence[TocEntry]) -> dict[str, TocEntry]:
-    """Each name's entry that holds its data, as the layer's tree shows it: the last
-    entry of a name wins, and a hard link reads its target's data."""
-    last: dict[str, TocEntry] = {}
-    for entry in entries:
-        last[entry.name] = entry
-    resolved = {}
-    for name, entry in last.items():
-        target = last.get(entry.link_name) if entry.type == "hardlink" else entry
-        if target is not None and target.type == "reg":
-            resolved[name] = target
-    return resolved
+def _data_entries(entries: Sequence[TocEntry], names: Iterable[str]) -> dict[str, TocEntry]:
+    """Each named regular file's entry that holds its data, as the layer's tree shows it
+    (formats/layer_tree.py: the last entry of a name wins, a hard link reads its
+    target's data)."""
+    tree = LayerTree(list(entries), InodeAllocator())
+    found = {}
+    for name in names:
+        node = tree.lookup(name)
+        if node is not None and node.entry.type == "reg":
+            found[name] = node.entry
+    return found
 
 
 def _stream_ranges(entries: Sequence[TocEntry], ranges: FileRanges) -> list[tuple[int, int]]:
     """The ranges as offsets in the layer's uncompressed tar stream (clipped at each
     file's end; files the layer does not hold as regular files are skipped)."""
-    files = _data_entries(entries)
+    files = _data_entries(entries, ranges)
     stream = []
     for path, file_ranges in ranges.items():
         entry = files.get(path)
@@ -157,8 +157,9 @@ def _acceld_extents(index: LayerIndex, stream: Sequence[tuple[int, int]]) -> tup
     """Compressed bytes of the whole spans the ranges touch, and of the leading pieces
     that reach the furthest range in each span (the whole span where pieces do not
     reach: the last piece runs on to the next checkpoint)."""
-    bounds = [index.span_range(n) for n in range(len(index.checkpoints))] if index.is_gzip else []
-    if not index.is_gzip:
+    if index.is_gzip:
+        bounds = [index.span_range(n) for n in range(len(index.checkpoints))]
+    else:
         size = index.span_size
         bounds = [
             (start, min(start + size, index.uncompressed_size))
@@ -200,7 +201,7 @@ def _span_at(starts: Sequence[int], offset: int) -> int:
 
 def estargz_layer_cost(toc: EstargzToc, ranges: FileRanges) -> RangeCost:
     """The cost of ``ranges`` in an eStargz layer: every member holding a read byte."""
-    files = _data_entries(toc.entries)
+    files = _data_entries(toc.entries, ranges)
     read = 0
     members = []
     for path, file_ranges in ranges.items():

@@ -210,3 +210,19 @@ def test_a_running_fill_stream_counts_as_fill_not_protocol() -> None:
     assert stats.streams_open[Priority.BACKGROUND] == 0
     assert stats.stream_bytes[Priority.BACKGROUND] == 5_000
     assert stats.bytes_fetched[Priority.BACKGROUND] == 5_000
+
+
+def test_a_hard_link_costs_its_targets_data(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("data")
+        info.size = 50_000
+        tar.addfile(info, io.BytesIO(os.urandom(info.size)))
+        link = tarfile.TarInfo("alias")
+        link.type, link.linkname = tarfile.LNKTYPE, "data"
+        tar.addfile(link)
+    path = tmp_path / "layer.tar.gz"
+    path.write_bytes(gzip.compress(buffer.getvalue()))
+    by_link = gzip_layer_cost(path, GZIP_LAYER, {"alias": [(0, 10_000)]})
+    assert by_link == gzip_layer_cost(path, GZIP_LAYER, {"data": [(0, 10_000)]})
+    assert by_link.read_bytes == 10_000 and by_link.limit_bytes > 0
