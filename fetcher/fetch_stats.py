@@ -18,10 +18,10 @@ log = get_logger(__name__)
 
 RequestObserver = Callable[[Priority, int, float], None]
 """Called after each Range GET with (priority, bytes received, seconds taken)."""
-MAX_UNREAD_TRACKED = 1 << 18
-"""Fetched chunks remembered until a read touches them: a whole image's chunks fit (a
-40 000-member eStargz layer included); beyond, new chunks go uncounted rather than let
-a fill of a huge image grow the map without bound."""
+MAX_UNREAD_TRACKED = 1 << 16
+"""Fetched chunks remembered until a read touches them (about 200 bytes each): a start's
+chunks fit, a 40 000-file eStargz layer's included; beyond, new chunks go uncounted
+rather than let the fill of a huge image grow the map."""
 
 
 @dataclass
