@@ -37,9 +37,8 @@ from pathlib import Path
 from bench.startup import (
     RunResult,
     Setup,
-    cold_pull,
+    cold_start,
     cpu_seconds,
-    start_until_ready,
 )
 from common.logging import get_logger
 from fetcher.reference import ImageReference
@@ -241,14 +240,10 @@ def run_peer(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
         ) as server,
     ):
         try:
-            started, pulled, counter = cold_pull(server, reference, setup)
-            ready = start_until_ready(
-                server, reference, STARGZ_SNAPSHOTTER, setup.image.probe, setup.timeout
-            )
+            start = cold_start(server, reference, STARGZ_SNAPSHOTTER, setup)
         except Exception:
             log.error("bench.peer_run_failed", mode=mode, daemon_log=str(daemon.log_path))
             raise
-        link_bytes = counter.since_start()
         verdicts = daemon.remote_snapshots()
         user, system = cpu_seconds(daemon.pid)
     if verdicts.fallback:
@@ -256,9 +251,9 @@ def run_peer(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
     return RunResult(
         mode,
         repetition,
-        pulled - started,
-        ready - started,
-        link_bytes,
+        start.pull_seconds,
+        start.ready_seconds,
+        start.link_bytes,
         lazy_layers=float(verdicts.lazy),
         fallback_layers=float(verdicts.fallback),
         agent_stats={"agent_user_seconds": user, "agent_system_seconds": system},

@@ -243,27 +243,37 @@ class Setup:
     profiles: bool = False
 
 
-def cold_pull(
-    server: ContainerdServer, reference: str, setup: Setup
-) -> tuple[float, float, LinkCounter]:
-    """CRI pull of ``reference`` with the page caches dropped first; returns when the pull
-    started and ended, and a counter of the link's bytes since it started (every cold
-    mode, acceld's and the peer's, is timed from here)."""
+@dataclass(frozen=True)
+class ColdStart:
+    """One start timed from its CRI pull: every cold mode, acceld's and the peer's."""
+
+    pull_seconds: float
+    ready_seconds: float
+    link_bytes: int
+    """Bytes the link carried from the pull's start to readiness."""
+
+
+def cold_start(
+    server: ContainerdServer, reference: str, snapshotter: str, setup: Setup
+) -> ColdStart:
+    """CRI pull of ``reference`` with the page caches dropped first, then run it with
+    ``snapshotter`` until the image's readiness probe fires."""
     drop_page_caches()
     counter = LinkCounter(setup.link)
     started = time.monotonic()
     server.cri_pull_image(reference, timeout=setup.timeout)
-    return started, time.monotonic(), counter
+    pulled = time.monotonic()
+    ready = start_until_ready(server, reference, snapshotter, setup.image.probe, setup.timeout)
+    return ColdStart(pulled - started, ready - started, counter.since_start())
 
 
 def run_overlayfs(setup: Setup, repetition: int, run_dir: Path) -> list[RunResult]:
     """Full pull with containerd's overlayfs, then a second start with the image local."""
     reference = setup.published.original
     with ContainerdServer(run_dir / "ctrd", snapshotter="overlayfs") as server:
-        started, pulled, counter = cold_pull(server, reference, setup)
-        ready = start_until_ready(server, reference, "overlayfs", setup.image.probe, setup.timeout)
+        first = cold_start(server, reference, "overlayfs", setup)
         cold = RunResult(
-            "overlayfs", repetition, pulled - started, ready - started, counter.since_start()
+            "overlayfs", repetition, first.pull_seconds, first.ready_seconds, first.link_bytes
         )
         drop_page_caches()
         counter = LinkCounter(setup.link)
@@ -329,23 +339,19 @@ def timed_lazy_start(
     """CRI pull of ``reference`` through the node's agent, then run until ready."""
     agent, server = node
     try:
-        started, pulled, counter = cold_pull(server, reference, setup)
-        ready = start_until_ready(
-            server, reference, ACCELD_SNAPSHOTTER, setup.image.probe, setup.timeout
-        )
+        start = cold_start(server, reference, ACCELD_SNAPSHOTTER, setup)
     except Exception:
         log.error("bench.lazy_run_failed", agent_log=str(agent.log_path))
         raise
-    link_bytes = counter.since_start()
     fallbacks = agent.metric("acceld_fallbacks_total")
     fetched, stats = agent_figures(agent)
     loaded = profile_loaded(agent.log_path)
     return RunResult(
         mode,
         repetition,
-        pulled - started,
-        ready - started,
-        link_bytes,
+        start.pull_seconds,
+        start.ready_seconds,
+        start.link_bytes,
         fetched,
         agent.metric("acceld_layers_total") - fallbacks,
         fallbacks,
