@@ -92,3 +92,8 @@ class CredentialsError(ValueError):
 class ResponseTooLargeError(RegistryError):
     """A response body larger than what it can legitimately be: refused before it is
     held in memory (a hostile or broken registry must not grow the agent's RSS)."""
+
+
+class HostsConfigError(RegistryError):
+    """The node's registry host configuration (containerd's hosts.toml and the files it
+    names) cannot be used for a registry: nothing is sent, as containerd sends nothing."""

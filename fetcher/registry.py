@@ -38,6 +38,7 @@ from fetcher.errors import (
     ResponseTooLargeError,
     UnsupportedMediaTypeError,
 )
+from fetcher.hosts_config import RESOLVING, Capability, RegistryHost
 from fetcher.http_errors import reading_body
 from fetcher.manifest import (
     MAX_MANIFEST_BYTES,
@@ -96,21 +97,49 @@ class RangeSink(Protocol):
         """The next piece of the body."""
 
 
-async def _body(resp: aiohttp.ClientResponse, sink: RangeSink | None, length: int) -> bytes:
-    """A range read's body, never held past the ``length`` asked for (a longer one is
-    refused as it arrives: the caller retries)."""
-    if sink is None:
-        return await read_capped(resp, length, "range body")
-    sink.restart()
-    pieces = []
-    total = 0
-    async for piece in resp.content.iter_chunked(STREAM_CHUNK):
-        total += len(piece)
-        if total > length:
-            raise ResponseTooLargeError(f"range body runs past the {length} bytes asked for")
-        sink.feed(piece)
-        pieces.append(piece)
-    return b"".join(pieces)
+class _Received:
+    """What a range read has received so far, across its attempts and hosts: a resumed
+    request asks only for the rest, and ``sink`` sees each byte once."""
+
+    def __init__(self, length: int, sink: RangeSink | None) -> None:
+        self.length = length
+        self.size = 0
+        self._sink = sink
+        self._pieces: list[bytes] = []
+        if sink is not None:
+            sink.restart()
+
+    async def read(self, resp: aiohttp.ClientResponse) -> int:
+        """Take ``resp``'s body; how many bytes it brought. Never holds more than the
+        ``length`` asked for: a body running past it is refused as it arrives."""
+        announced = resp.content_length
+        if announced is not None and self.size + announced > self.length:
+            raise ResponseTooLargeError(
+                f"range body of {announced} bytes announced, over the {self.length} asked for"
+            )
+        got = 0
+        async for piece in resp.content.iter_chunked(STREAM_CHUNK):
+            if self.size + len(piece) > self.length:
+                raise ResponseTooLargeError(
+                    f"range body runs past the {self.length} bytes asked for"
+                )
+            self._pieces.append(piece)
+            self.size += len(piece)
+            got += len(piece)
+            if self._sink is not None:
+                self._sink.feed(piece)
+        return got
+
+    def drop(self) -> None:
+        """Forget everything received (bytes that cannot be trusted to line up)."""
+        self._pieces.clear()
+        self.size = 0
+        if self._sink is not None:
+            self._sink.restart()
+
+    def data(self) -> bytes:
+        """The bytes received, in order."""
+        return b"".join(self._pieces)
 
 
 class RegistryClient:
@@ -125,8 +154,10 @@ class RegistryClient:
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         policy: RegistryPolicy | None = None,
+        hosts_dirs: tuple[Path, ...] = (),
     ) -> None:
-        """``policy`` limits which registries are contacted (default: any)."""
+        """``policy`` limits which registries are contacted (default: any);
+        ``hosts_dirs`` are containerd's hosts directories (`fetcher.hosts_config`)."""
         self.transport = RegistryTransport(
             credentials=credentials,
             plain_http_hosts=plain_http_hosts,
@@ -135,6 +166,7 @@ class RegistryClient:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             policy=policy,
+            hosts_dirs=hosts_dirs,
         )
 
     async def __aenter__(self) -> RegistryClient:
@@ -149,12 +181,23 @@ class RegistryClient:
     ) -> None:
         await self.transport.close()
 
-    def _url(self, ref: ImageReference, kind: str, name: str) -> str:
-        return f"{self.transport.base_url(ref.api_host)}/v2/{ref.repository}/{kind}/{name}"
+    @staticmethod
+    def _api(ref: ImageReference, kind: str, name: str) -> str:
+        """The request's path below a host's API root."""
+        return f"{ref.repository}/{kind}/{name}"
 
     @staticmethod
     def _target(ref: ImageReference, push: bool = False) -> Target:
-        return Target(ref.api_host, ref.repository, push)
+        return Target(ref.registry, ref.repository, push)
+
+    @staticmethod
+    def _need(ref: ImageReference) -> Capability:
+        """A manifest by tag is a resolve; by digest, a pull (containerd's split)."""
+        return Capability.PULL if ref.digest else RESOLVING
+
+    def forget_redirect(self, ref: ImageReference, digest: str) -> None:
+        """A redirect to a bad copy of a blob must not serve the retry too."""
+        self.transport.forget_redirect(self._target(ref), digest)
 
     # -- manifests -----------------------------------------------------------------
 
@@ -162,8 +205,14 @@ class RegistryClient:
         self, ref: ImageReference, accept: str = mt.MANIFEST_ACCEPT
     ) -> FetchedManifest:
         """Fetch and verify the manifest or index ``ref`` names."""
-        url = self._url(ref, "manifests", ref.reference)
-        resp = await self.transport.send("GET", self._target(ref), url, headers={"Accept": accept})
+        resp = await self.transport.send(
+            "GET",
+            self._target(ref),
+            self._api(ref, "manifests", ref.reference),
+            need=self._need(ref),
+            headers={"Accept": accept},
+        )
+        url = str(resp.url.with_query(None))
         await raise_for_status(resp, f"manifest {ref}")
         try:
             body = await read_capped(resp, MAX_MANIFEST_BYTES, f"manifest {ref}")
@@ -186,9 +235,12 @@ class RegistryClient:
 
     async def manifest_digest(self, ref: ImageReference) -> str | None:
         """The digest ``ref`` currently points at (HEAD), or None if it does not exist."""
-        url = self._url(ref, "manifests", ref.reference)
         resp = await self.transport.send(
-            "HEAD", self._target(ref), url, headers={"Accept": mt.MANIFEST_ACCEPT}
+            "HEAD",
+            self._target(ref),
+            self._api(ref, "manifests", ref.reference),
+            need=self._need(ref),
+            headers={"Accept": mt.MANIFEST_ACCEPT},
         )
         if resp.status == 404:
             resp.release()
@@ -236,7 +288,8 @@ class RegistryClient:
         resp = await self.transport.send(
             "PUT",
             self._target(ref, push=True),
-            self._url(ref, "manifests", ref.reference),
+            self._api(ref, "manifests", ref.reference),
+            need=Capability.PUSH,
             headers={"Content-Type": media_type},
             body=lambda: body,
         )
@@ -248,8 +301,12 @@ class RegistryClient:
         """Delete a manifest by digest (the registry must allow deletes)."""
         if not ref.digest:
             raise ValueError("deleting a manifest needs a digest reference")
-        url = self._url(ref, "manifests", ref.digest)
-        resp = await self.transport.send("DELETE", self._target(ref, push=True), url)
+        resp = await self.transport.send(
+            "DELETE",
+            self._target(ref, push=True),
+            self._api(ref, "manifests", ref.digest),
+            need=Capability.PUSH,
+        )
         await raise_for_status(resp, f"manifest delete {ref}")
         resp.release()
 
@@ -257,9 +314,11 @@ class RegistryClient:
         """The repository's tags, following `Link` pagination: every one, or the first
         ``limit`` (a registry that paginates forever is not followed forever)."""
         tags: list[str] = []
-        url: str | None = f"{self.transport.base_url(ref.api_host)}/v2/{ref.repository}/tags/list"
-        while url and (limit is None or len(tags) < limit):
-            resp = await self.transport.send("GET", self._target(ref), url)
+        target = self._target(ref)
+        resp, host = await self.transport.send_served(
+            "GET", target, f"{ref.repository}/tags/list", need=RESOLVING
+        )
+        while True:
             await raise_for_status(resp, f"tags of {ref.repository}")
             try:
                 doc = await json_capped(resp, MAX_MANIFEST_BYTES, f"tags of {ref.repository}")
@@ -269,15 +328,26 @@ class RegistryClient:
                 raise RegistryError(f"tags of {ref.repository}: not a JSON object")
             tags.extend(t for t in (doc.get("tags") or []) if isinstance(t, str))
             link = resp.links.get("next")
-            url = urljoin(str(resp.url), str(link["url"])) if link else None
-        return tags if limit is None else tags[:limit]
+            if not link or (limit is not None and len(tags) >= limit):
+                return tags if limit is None else tags[:limit]
+            # The next page is the same host's: another host's pages need not line up.
+            url = urljoin(str(resp.url), str(link["url"]))
+            resp = await self.transport.send_to("GET", target, host, url)
 
     # -- blobs -----------------------------------------------------------------------
 
-    async def blob_size(self, ref: ImageReference, digest: str) -> int | None:
-        """Size of the blob if the repository has it, else None."""
-        url = self._url(ref, "blobs", validate_digest(digest))
-        resp = await self.transport.send("HEAD", self._target(ref), url, blob_digest=digest)
+    async def blob_size(
+        self, ref: ImageReference, digest: str, need: Capability = Capability.PULL
+    ) -> int | None:
+        """Size of the blob if the repository has it, else None (``need`` PUSH: as the
+        host a push goes to has it, a mirror's copy does not count)."""
+        resp = await self.transport.send(
+            "HEAD",
+            self._target(ref),
+            self._api(ref, "blobs", validate_digest(digest)),
+            need=need,
+            blob_digest=digest,
+        )
         if resp.status == 404:
             resp.release()
             return None
@@ -288,19 +358,28 @@ class RegistryClient:
     async def iter_blob(self, ref: ImageReference, digest: str) -> AsyncIterator[bytes]:
         """Stream a blob, resuming with a Range after a dropped connection.
 
-        The digest is checked when the stream ends: a consumer must treat the data as
-        unverified until iteration finishes without DigestMismatchError.
+        A mirror that cuts the stream, or answers the resumed Range whole, is passed
+        over and the next host continues from the byte reached. The digest is checked
+        when the stream ends: a consumer must treat the data as unverified until
+        iteration finishes without DigestMismatchError.
         """
-        url = self._url(ref, "blobs", validate_digest(digest))
+        target = self._target(ref)
+        api = self._api(ref, "blobs", validate_digest(digest))
         hasher = new_hasher(digest)
         offset = 0
+        url = ""
         policy = self.transport.retry
         for attempt in range(policy.attempts):
             headers = {"Range": f"bytes={offset}-"} if offset else {}
-            resp = await self.transport.send(
-                "GET", self._target(ref), url, headers=headers, blob_digest=digest
+            resp, host = await self.transport.send_served(
+                "GET", target, api, headers=headers, blob_digest=digest
             )
+            url = str(resp.url.with_query(None))
             await raise_for_status(resp, f"blob {digest}")
+            if offset and resp.status == 200 and host.mirror:
+                resp.release()
+                self.transport.pass_over(target, host, "no_range")
+                continue
             skip = offset if (offset and resp.status == 200) else 0
             try:
                 with reading_body(f"blob {digest}", url):
@@ -319,6 +398,7 @@ class RegistryClient:
                     "registry.blob_stream_interrupted",
                     digest=digest,
                     offset=offset,
+                    host=host.host,
                     error=str(exc),
                     attempt=attempt + 1,
                 )
@@ -327,12 +407,15 @@ class RegistryClient:
                         f"blob {digest}: stream kept failing at byte {offset}", url=url
                     ) from None
                 self.transport.retries["stream"] += 1
-                await asyncio.sleep(policy.delay(attempt))
+                if host.mirror:
+                    self.transport.pass_over(target, host, "body")
+                else:
+                    await asyncio.sleep(policy.delay(attempt))
             finally:
                 resp.release()
         actual = digest_of_hasher(hasher)
         if actual != digest:
-            self.transport.forget_redirect(self._target(ref), digest)
+            self.transport.forget_redirect(target, digest)
             raise DigestMismatchError(f"blob {digest}: received bytes hash to {actual}", url=url)
 
     async def get_blob(
@@ -372,85 +455,111 @@ class RegistryClient:
         length: int,
         sink: RangeSink | None = None,
     ) -> bytes:
-        """Bytes [offset, offset+length) of a blob with one HTTP Range GET.
+        """Bytes [offset, offset+length) of a blob with HTTP Range GETs.
 
         A registry that ignores Range raises RangeNotSupportedError rather than making
-        us download the whole layer; a short or mis-addressed body is retried. A
-        ``sink`` is fed the body as it arrives, and restarted at each attempt's body.
+        us download the whole layer (a mirror that does is passed over for the next
+        host). A body cut short is resumed from the byte reached, on the next host when
+        a mirror cut it; a mis-addressed or oversized body is retried from the start.
+        A ``sink`` is fed the bytes as they arrive, and restarted when they are dropped.
         """
         if offset < 0 or length <= 0:
             raise ValueError(f"invalid range offset={offset} length={length}")
-        url = self._url(ref, "blobs", validate_digest(digest))
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        target = self._target(ref)
+        api = self._api(ref, "blobs", validate_digest(digest))
+        received = _Received(length, sink)
         policy = self.transport.retry
         problem = ""
+        url = ""
         for attempt in range(policy.attempts):
-            resp = await self.transport.send(
-                "GET", self._target(ref), url, headers=headers, blob_digest=digest
+            start = offset + received.size
+            headers = {"Range": f"bytes={start}-{offset + length - 1}"}
+            resp, host = await self.transport.send_served(
+                "GET", target, api, headers=headers, blob_digest=digest
             )
+            url = str(resp.url.with_query(None))
             if resp.status == 416:
                 resp.release()
                 raise RegistryError(
                     f"blob {digest}: range {offset}+{length} beyond its end", 416, url
                 )
             await raise_for_status(resp, f"blob {digest}")
+            passed_over = ""
             try:
                 if resp.status != 206:
-                    raise RangeNotSupportedError(
-                        f"blob {digest}: registry answered {resp.status} to a Range GET",
-                        resp.status,
-                        url,
-                    )
-                match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
-                if match and int(match.group(1)) != offset:
-                    problem = f"Content-Range {resp.headers['Content-Range']} for {offset}"
+                    if not host.mirror:
+                        raise RangeNotSupportedError(
+                            f"blob {digest}: registry answered {resp.status} to a Range GET",
+                            resp.status,
+                            url,
+                        )
+                    passed_over = "no_range"
+                    problem = f"{host.host} answered {resp.status} to a Range GET"
                 else:
-                    with reading_body("range body", url):
-                        data = await _body(resp, sink, length)
-                    if len(data) == length or (
-                        match and len(data) == int(match.group(2)) - offset + 1
-                    ):
-                        return data
-                    problem = f"short body {len(data)} of {length}"
-            except (BodyInterruptedError, ResponseTooLargeError) as exc:
+                    match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+                    if match and int(match.group(1)) != start:
+                        problem = f"Content-Range {resp.headers['Content-Range']} for {start}"
+                    else:
+                        with reading_body("range body", url):
+                            got = await received.read(resp)
+                        if received.size == length or (
+                            match and got == int(match.group(2)) - start + 1
+                        ):
+                            return received.data()
+                        problem = f"short body {received.size} of {length}"
+            except BodyInterruptedError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
+                passed_over = "body" if host.mirror else ""
+            except ResponseTooLargeError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                received.drop()
             finally:
                 resp.release()
+            if passed_over:
+                self.transport.pass_over(target, host, passed_over)
             log.warning(
                 "registry.range_retry",
                 digest=digest,
                 offset=offset,
                 length=length,
+                received=received.size,
+                host=host.host,
                 problem=problem,
                 attempt=attempt + 1,
             )
             if attempt + 1 < policy.attempts:
                 self.transport.retries["range"] += 1
-                await asyncio.sleep(policy.delay(attempt))
+                if not passed_over:
+                    await asyncio.sleep(policy.delay(attempt))
         raise RegistryUnavailableError(f"blob {digest}: range read failed: {problem}", url=url)
 
-    async def _start_upload(self, ref: ImageReference) -> str:
-        url = f"{self.transport.base_url(ref.api_host)}/v2/{ref.repository}/blobs/uploads/"
-        resp = await self.transport.send(
-            "POST", self._target(ref, push=True), url, headers={"Content-Length": "0"}
+    async def _start_upload(self, ref: ImageReference) -> tuple[str, RegistryHost]:
+        """An upload's Location, and the host that gave it (the rest goes there too)."""
+        resp, host = await self.transport.send_served(
+            "POST",
+            self._target(ref, push=True),
+            f"{ref.repository}/blobs/uploads/",
+            need=Capability.PUSH,
+            headers={"Content-Length": "0"},
         )
         await raise_for_status(resp, f"upload to {ref.repository}")
         resp.release()
         location = resp.headers.get("Location")
         if not location:
             raise RegistryError("registry started an upload without a Location", resp.status)
-        return urljoin(str(resp.url), location)
+        return urljoin(str(resp.url), location), host
 
     async def _upload(self, ref: ImageReference, digest: str, size: int, open_body: Any) -> None:
         """POST + monolithic PUT, retried as a unit (a broken upload session is discarded)."""
         policy = self.transport.retry
         for attempt in range(policy.attempts):
-            location = await self._start_upload(ref)
+            location, host = await self._start_upload(ref)
             sep = "&" if "?" in location else "?"
             try:
-                resp = await self.transport.send(
+                resp = await self.transport.send_to(
                     "PUT",
                     self._target(ref, push=True),
+                    host,
                     f"{location}{sep}digest={digest}",
                     headers={
                         "Content-Type": "application/octet-stream",
@@ -506,11 +615,11 @@ class RegistryClient:
         self, ref: ImageReference, subject_digest: str, artifact_type: str | None = None
     ) -> list[Descriptor]:
         """Manifests whose `subject` is ``subject_digest``: referrers API, else tag schema."""
-        url = self._url(ref, "referrers", validate_digest(subject_digest))
+        api = self._api(ref, "referrers", validate_digest(subject_digest))
         if artifact_type:
-            url += f"?artifactType={artifact_type}"
+            api += f"?artifactType={artifact_type}"
         resp = await self.transport.send(
-            "GET", self._target(ref), url, headers={"Accept": mt.OCI_INDEX}
+            "GET", self._target(ref), api, need=RESOLVING, headers={"Accept": mt.OCI_INDEX}
         )
         content_type = resp.headers.get("Content-Type", "").split(";")[0]
         if resp.status == 200 and content_type == mt.OCI_INDEX:

@@ -16,7 +16,6 @@ from fetcher.chunks import BlobSource, ChunkSpec, Priority
 from fetcher.fetch_stats import FetchStats
 from fetcher.registry import RegistryClient
 from fetcher.streaming_decode import StreamingDecode
-from fetcher.transport import Target
 from fetcher.warming import RangeWarmer
 
 log = get_logger(__name__)
@@ -63,9 +62,7 @@ class Transfer:
 
     def forget_redirect(self, blob: BlobSource) -> None:
         """A redirect to a bad CDN copy must not serve the retry too."""
-        self._client.transport.forget_redirect(
-            Target(blob.ref.api_host, blob.ref.repository), blob.digest
-        )
+        self._client.forget_redirect(blob.ref, blob.digest)
 
     async def close(self) -> None:
         """Let the decoding threads finish what they started."""

@@ -6,6 +6,15 @@ redirect (e.g. a pre-signed storage URL) can be reused until it expires instead 
 costing a registry round trip per range request, which registries may be contacted at
 all (`fetcher.registry_policy`), and where the realms and redirects a registry names may
 lead (`fetcher.delegation`, enforced at connect time by `fetcher.resolver`).
+
+Which hosts answer for a registry is the node's containerd configuration
+(`fetcher.hosts_config`): a request goes to the first host, in the configured order,
+that may be asked for it (resolve: a tag; pull: content by digest; push), with that
+host's TLS settings, headers and credentials. A mirror that fails (no connection, a
+TLS error, an error status, a 404) hands the request to the next host, down to the
+server, and is passed over for a while (MIRROR_PASS_OVER_S) when it is gone, so that
+each request does not wait for it again. Without a hosts.toml the one host is the
+registry itself, exactly as before.
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
+from multidict import CIMultiDict
 
 from common.logging import get_logger
 from fetcher.auth import Challenge, TokenCache, basic_header, parse_challenge, repository_scope
@@ -29,13 +40,17 @@ from fetcher.bodies import SMALL_BODY, json_capped
 from fetcher.credentials import CredentialStore
 from fetcher.delegation import delegate_allowed, may_send_credentials, registry_host
 from fetcher.errors import (
+    BodyInterruptedError,
     DelegationRefusedError,
     ForbiddenError,
+    HostsConfigError,
+    MalformedResponseError,
     NotFoundError,
     RegistryError,
     RegistryUnavailableError,
     UnauthorizedError,
 )
+from fetcher.hosts_config import Capability, HostsConfig, RegistryHost
 from fetcher.http_errors import TRANSIENT_ERRORS, malformed
 from fetcher.registry_policy import RegistryPolicy
 from fetcher.resolver import PublicOnlyResolver, RegistryResolver
@@ -49,6 +64,29 @@ RETRY_CAUSES = ("status", "connection", "range", "stream", "upload")
 """Why a registry request was sent again: a retryable HTTP status, a failed connection,
 a bad Range answer, a blob stream cut short, a failed upload."""
 
+SKIP_REASONS = (
+    "down",
+    "connection",
+    "tls",
+    "status",
+    "not_found",
+    "auth",
+    "malformed",
+    "body",
+    "no_range",
+    "error",
+)
+"""Why a request passed a mirror by: it failed a moment ago (down), no connection, a
+TLS failure, an error status, 404, authentication, an unreadable answer, a body cut
+short, a Range request answered whole, any other refusal."""
+MIRROR_PASS_OVER_S = 30.0
+"""How long a mirror that was unreachable, cut a body short or answered a Range whole is
+passed over: long enough that a dead mirror costs one failed connection, not one per
+request (and a pull-through cache has stored the blob it was asked for by then)."""
+PASS_OVER_REASONS = frozenset({"connection", "tls", "body", "no_range"})
+MAX_HOST_LABELS = 32
+"""Distinct hosts named in the served and skipped counters; the rest are "other"."""
+
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 DEFAULT_REDIRECT_TTL = 60.0
@@ -58,11 +96,27 @@ BodyFactory = Callable[[], Any]
 
 @dataclass(frozen=True)
 class Target:
-    """What a request is about: the registry host, repository and whether it writes."""
+    """What a request is about: the registry as the image reference names it (the
+    namespace of containerd's hosts directory), the repository and whether it writes."""
 
     registry: str
     repository: str
     push: bool = False
+
+
+def skip_reason(exc: RegistryError) -> str:
+    """The SKIP_REASONS entry for an error a host answered a request with."""
+    if isinstance(exc, BodyInterruptedError):
+        return "body"
+    if isinstance(exc, RegistryUnavailableError):
+        if isinstance(exc.__cause__, aiohttp.ClientSSLError):
+            return "tls"
+        return "connection" if exc.__cause__ is not None else "status"
+    if isinstance(exc, UnauthorizedError):
+        return "auth"
+    if isinstance(exc, MalformedResponseError):
+        return "malformed"
+    return "error"
 
 
 def redirect_expiry(url: str, now: float, default_ttl: float = DEFAULT_REDIRECT_TTL) -> float:
@@ -108,10 +162,21 @@ class RegistryTransport:
         read_timeout: float = 30.0,
         redirect_ttl: float = DEFAULT_REDIRECT_TTL,
         policy: RegistryPolicy | None = None,
+        hosts_dirs: tuple[Path, ...] = (),
     ) -> None:
+        """``hosts_dirs``: containerd's ``config_path`` roots (none: every registry is
+        its own only host)."""
         self.credentials = credentials or CredentialStore()
         self.policy = policy or RegistryPolicy()
         self.plain_http_hosts = set(plain_http_hosts)
+        self.hosts = HostsConfig(hosts_dirs, plain_http=self._plain_http)
+        self.served: collections.Counter[tuple[str, str]] = collections.Counter()
+        """Responses by (host, role): which host answered, mirror or server."""
+        self.skipped: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        """Requests that passed a host by, by (host, role, SKIP_REASONS entry)."""
+        self._host_labels: set[str] = set()
+        self._passed_over: dict[str, float] = {}
+        self._serving: dict[str, str] = {}
         self.retry = retry or RetryPolicy()
         self.retries: collections.Counter[str] = collections.Counter()
         """Retries so far, by cause (RETRY_CAUSES): a registry that keeps failing shows
@@ -126,7 +191,7 @@ class RegistryTransport:
         self._registry_resolver = RegistryResolver()
         self._challenges: dict[str, Challenge] = {}
         self._tokens = TokenCache()
-        self._redirects: dict[tuple[str, str], tuple[str, float]] = {}
+        self._redirects: dict[tuple[str, str, str], tuple[str, float]] = {}
 
     async def open(self) -> None:
         """Create the pooled sessions (they must be created inside the running loop)."""
@@ -159,47 +224,47 @@ class RegistryTransport:
             raise RuntimeError("RegistryTransport used before open()")
         return self._session
 
-    def _registry_public(self, target: Target) -> bool:
-        return not self._registry_resolver.on_non_public_address(registry_host(target.registry))
+    def _registry_public(self, host: str) -> bool:
+        return not self._registry_resolver.on_non_public_address(registry_host(host))
 
-    def _delegate_session(self, target: Target) -> aiohttp.ClientSession:
-        """The session for the realms and redirects ``target``'s registry names: for a
-        registry on a public address, one whose connections reach public addresses only.
-        A connection pool of its own, so that no connection another request made to a
-        private address is ever reused for them."""
-        if not self._registry_public(target):
+    def _delegate_session(self, host: str) -> aiohttp.ClientSession:
+        """The session for the realms and redirects ``host`` names: for a registry on a
+        public address, one whose connections reach public addresses only. A connection
+        pool of its own, so that no connection another request made to a private
+        address is ever reused for them."""
+        if not self._registry_public(host):
             return self.session
         if self._public_session is None:
             raise RuntimeError("RegistryTransport used before open()")
         return self._public_session
 
-    def _check_delegate(self, target: Target, url: str, what: str) -> None:
+    def _check_delegate(self, host: str, url: str, what: str) -> None:
         """Refuse a realm or redirect written as a non-public address (a name is judged
         when the delegate session resolves it)."""
-        if not delegate_allowed(self._registry_public(target), url):
-            log.warning("registry.delegate_refused", registry=target.registry, what=what)
+        if not delegate_allowed(self._registry_public(host), url):
+            log.warning("registry.delegate_refused", registry=host, what=what)
             raise DelegationRefusedError(
-                f"{target.registry}: {what} to a non-public address, not followed",
+                f"{host}: {what} to a non-public address, not followed",
                 url=str(urlsplit(url)._replace(query="").geturl()),
             )
 
-    def base_url(self, registry: str) -> str:
-        """`http(s)://host` for a registry: plain HTTP only where configured or on loopback."""
+    def _plain_http(self, registry: str) -> bool:
+        """Whether a registry's own host is spoken to over plain HTTP: where configured,
+        or on loopback (containerd's default for localhost too)."""
         host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-        plain = (
+        return (
             registry in self.plain_http_hosts
             or host in ("localhost", "[::1]")
             or (host.startswith("127."))
         )
-        return f"{'http' if plain else 'https'}://{registry}"
 
-    def _auth_header(self, target: Target) -> str | None:
-        challenge = self._challenges.get(target.registry)
+    def _auth_header(self, target: Target, host: str) -> str | None:
+        challenge = self._challenges.get(host)
         if challenge is None:
             return None
         if challenge.scheme == "basic":
             # What the last challenge looked up (a helper is asked again on the next 401).
-            credential = self.credentials.lookup(target.registry, ask_helper=False)
+            credential = self.credentials.lookup(host, ask_helper=False)
             return basic_header(credential) if credential and credential.username else None
         if challenge.scheme == "bearer":
             scope = repository_scope(target.repository, target.push)
@@ -209,52 +274,191 @@ class RegistryTransport:
             return f"Bearer {token}" if token else None
         return None
 
-    async def _authorize(self, target: Target, header: str) -> str:
-        """Answer a 401 challenge: remember it and return the Authorization to retry with."""
+    async def _authorize(self, target: Target, host: str, header: str) -> str:
+        """Answer ``host``'s 401 challenge with ``host``'s credentials (as containerd
+        looks them up: by the host contacted, a mirror's own): remember the challenge
+        and return the Authorization to retry with."""
         challenge = parse_challenge(header)
-        self._challenges[target.registry] = challenge
+        self._challenges[host] = challenge
         # Off the loop, on a thread of its own: a Docker credential helper is a
         # subprocess, and the loop's default executor also runs file-system walks
         # that can wait behind overlayfs.
         loop = asyncio.get_running_loop()
-        credential = await loop.run_in_executor(
-            _CREDENTIAL_LOOKUPS, self.credentials.lookup, target.registry
-        )
+        credential = await loop.run_in_executor(_CREDENTIAL_LOOKUPS, self.credentials.lookup, host)
         if challenge.scheme == "basic":
             if credential is None or not credential.username:
-                raise UnauthorizedError(
-                    f"{target.registry} needs credentials, none configured", status=401
-                )
+                raise UnauthorizedError(f"{host} needs credentials, none configured", status=401)
             return basic_header(credential)
         if challenge.scheme == "bearer":
             realm = challenge.params.get("realm", "")
-            self._check_delegate(target, realm, "token realm")
-            if credential is not None and not may_send_credentials(target.registry, realm):
-                log.warning("registry.realm_credentials_withheld", registry=target.registry)
+            self._check_delegate(host, realm, "token realm")
+            if credential is not None and not may_send_credentials(host, realm):
+                log.warning("registry.realm_credentials_withheld", registry=host)
                 credential = None
             scope = repository_scope(target.repository, target.push)
             token = await self._tokens.fetch(
-                self._delegate_session(target), challenge, scope, credential, self.timeout
+                self._delegate_session(host), challenge, scope, credential, self.timeout
             )
             return f"Bearer {token}"
         raise UnauthorizedError(f"unsupported auth scheme {challenge.scheme!r}", status=401)
 
-    def cached_redirect(self, target: Target, digest: str) -> str | None:
-        """A still-valid redirect URL previously given for this blob."""
-        entry = self._redirects.get((target.registry, digest))
+    def cached_redirect(self, target: Target, host: str, digest: str) -> str | None:
+        """A still-valid redirect URL ``host`` previously gave for this blob."""
+        key = (target.registry, host, digest)
+        entry = self._redirects.get(key)
         if entry and entry[1] > time.monotonic():
             return entry[0]
-        self._redirects.pop((target.registry, digest), None)
+        self._redirects.pop(key, None)
         return None
 
     def forget_redirect(self, target: Target, digest: str) -> None:
-        """Drop a redirect that failed, so the next request asks the registry again."""
-        self._redirects.pop((target.registry, digest), None)
+        """Drop the redirects any host gave for a blob that failed, so the next request
+        asks the registry again."""
+        for key in [k for k in self._redirects if k[0] == target.registry and k[2] == digest]:
+            self._redirects.pop(key, None)
+
+    def candidates(self, target: Target, need: Capability) -> list[RegistryHost]:
+        """The hosts to try for a request that needs ``need``, in order (a push goes to
+        the first push host only, as containerd pushes)."""
+        hosts = [host for host in self.hosts.hosts(target.registry) if host.allows(need)]
+        if not hosts:
+            raise HostsConfigError(
+                f"no host configured for {target.registry} may be asked to"
+                f" {'/'.join((c.name or '').lower() for c in need)}"
+                " (capabilities in its hosts.toml)"
+            )
+        return hosts[:1] if Capability.PUSH in need else hosts
+
+    def _label(self, host: RegistryHost) -> str:
+        """``host`` as the counters name it: configuration names few hosts, but a
+        registry's own host comes from image references, so the names are capped."""
+        if host.host in self._host_labels or len(self._host_labels) < MAX_HOST_LABELS:
+            self._host_labels.add(host.host)
+            return host.host
+        return "other"
+
+    def pass_over(self, target: Target, host: RegistryHost, reason: str) -> None:
+        """Record that ``host`` failed a request for ``reason``; a mirror that failed for
+        one of PASS_OVER_REASONS is passed over for MIRROR_PASS_OVER_S."""
+        self.skipped[(self._label(host), host.role, reason)] += 1
+        if host.mirror and reason in PASS_OVER_REASONS:
+            self._passed_over[host.host] = time.monotonic() + MIRROR_PASS_OVER_S
+        log.warning(
+            "registry.host_skipped",
+            registry=target.registry,
+            host=host.host,
+            role=host.role,
+            reason=reason,
+        )
+
+    def _passed_over_now(self, host: RegistryHost) -> bool:
+        until = self._passed_over.get(host.host)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._passed_over[host.host]
+        return False
+
+    def _count_served(self, target: Target, host: RegistryHost) -> None:
+        self.served[(self._label(host), host.role)] += 1
+        if self._serving.get(target.registry) != host.host:
+            self._serving[target.registry] = host.host
+            log.info(
+                "registry.serving_host", registry=target.registry, host=host.host, role=host.role
+            )
 
     async def send(
         self,
         method: str,
         target: Target,
+        api_path: str,
+        *,
+        need: Capability = Capability.PULL,
+        headers: Mapping[str, str] | None = None,
+        body: BodyFactory | None = None,
+        attempts: int | None = None,
+        blob_digest: str | None = None,
+    ) -> aiohttp.ClientResponse:
+        """`send_served` without the host: for callers that do not resume on another."""
+        resp, _ = await self.send_served(
+            method,
+            target,
+            api_path,
+            need=need,
+            headers=headers,
+            body=body,
+            attempts=attempts,
+            blob_digest=blob_digest,
+        )
+        return resp
+
+    async def send_served(
+        self,
+        method: str,
+        target: Target,
+        api_path: str,
+        *,
+        need: Capability = Capability.PULL,
+        headers: Mapping[str, str] | None = None,
+        body: BodyFactory | None = None,
+        attempts: int | None = None,
+        blob_digest: str | None = None,
+    ) -> tuple[aiohttp.ClientResponse, RegistryHost]:
+        """Send a request for ``api_path`` (``<repository>/blobs/<digest>``) to the first
+        host that answers it; return the open response and that host.
+
+        A mirror gets one attempt: its failure, an error status or a 404 hands the
+        request to the next host. The last host (the server) gets `send_to`'s retries,
+        and its answer, whatever the status, is the caller's to map. The registry is
+        checked against the policy before anything is sent; its hosts come from the
+        node's configuration, not from the request, and are not held to the policy.
+        """
+        self.policy.check(target.registry)
+        hosts = self.candidates(target, need)
+        for host in hosts[:-1]:
+            if self._passed_over_now(host):
+                self.skipped[(self._label(host), host.role, "down")] += 1
+                continue
+            url = host.url(api_path, target.registry)
+            try:
+                resp = await self.send_to(
+                    method,
+                    target,
+                    host,
+                    url,
+                    headers=headers,
+                    body=body,
+                    attempts=1,
+                    blob_digest=blob_digest,
+                )
+            except RegistryError as exc:
+                self.pass_over(target, host, skip_reason(exc))
+                continue
+            if resp.status < 400 or resp.status == 416:
+                self._count_served(target, host)
+                return resp, host
+            resp.release()
+            self.pass_over(target, host, "not_found" if resp.status == 404 else "status")
+        server = hosts[-1]
+        resp = await self.send_to(
+            method,
+            target,
+            server,
+            server.url(api_path, target.registry),
+            headers=headers,
+            body=body,
+            attempts=attempts,
+            blob_digest=blob_digest,
+        )
+        self._count_served(target, server)
+        return resp, server
+
+    async def send_to(
+        self,
+        method: str,
+        target: Target,
+        host: RegistryHost,
         url: str,
         *,
         headers: Mapping[str, str] | None = None,
@@ -262,24 +466,24 @@ class RegistryTransport:
         attempts: int | None = None,
         blob_digest: str | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send one request with auth, redirects and retries; return the open response.
+        """Send one request to ``url`` on ``host`` with auth, redirects and retries;
+        return the open response (for a URL a host gave: an upload's, the next page's).
 
         Retries connection failures and RETRYABLE_STATUS (honouring Retry-After). Other
         statuses are returned for the caller to map; an answer that is not readable HTTP
         raises MalformedResponseError. ``body`` is a factory so a retry can resend it.
-        ``blob_digest`` enables redirect caching for blob GET/HEAD.
-        A registry the policy does not allow raises RegistryNotAllowedError before
-        anything is sent; the hosts it delegates to are not held to the policy's list,
-        only to `fetcher.delegation`'s rule (DelegationRefusedError).
+        ``blob_digest`` enables redirect caching for blob GET/HEAD. The hosts a registry
+        delegates to are held to `fetcher.delegation`'s rule (DelegationRefusedError).
         """
-        self.policy.check(target.registry)
         attempts = attempts or self.retry.attempts
         last_error: str = "no attempt made"
+        last_exc: BaseException | None = None
         for attempt in range(attempts):
             try:
-                resp = await self._send_once(method, target, url, headers, body, blob_digest)
+                resp = await self._send_once(method, target, host, url, headers, body, blob_digest)
             except TRANSIENT_ERRORS as exc:
                 last_error = f"{exc.__class__.__name__}: {exc}"
+                last_exc = exc
                 retry_after = None
             except aiohttp.ClientError as exc:
                 raise malformed(f"{method} {url}", exc, url) from None
@@ -287,6 +491,7 @@ class RegistryTransport:
                 if resp.status not in RETRYABLE_STATUS:
                     return resp
                 last_error = f"HTTP {resp.status}"
+                last_exc = None
                 retry_after = resp.headers.get("Retry-After")
                 resp.release()
             if attempt + 1 < attempts:
@@ -301,32 +506,37 @@ class RegistryTransport:
                     delay=round(delay, 3),
                 )
                 await asyncio.sleep(delay)
+        # The cause (None for a status) tells a skipped mirror's reason; callers see
+        # this error's type only.
         raise RegistryUnavailableError(
             f"{method} {url} failed after {attempts} attempts: {last_error}", url=url
-        )
+        ) from last_exc
 
     async def _send_once(
         self,
         method: str,
         target: Target,
+        host: RegistryHost,
         url: str,
         headers: Mapping[str, str] | None,
         body: BodyFactory | None,
         blob_digest: str | None,
     ) -> aiohttp.ClientResponse:
         if blob_digest:
-            cached = self.cached_redirect(target, blob_digest)
+            cached = self.cached_redirect(target, host.host, blob_digest)
             if cached:
-                resp = await self._follow(target, method, cached, headers, MAX_REDIRECTS)
+                resp = await self._follow(host.host, method, cached, headers, MAX_REDIRECTS)
                 if resp.status < 400 or resp.status in RETRYABLE_STATUS:
                     return resp
                 resp.release()
                 log.info("registry.redirect_expired", status=resp.status)
                 self.forget_redirect(target, blob_digest)
-        request_headers = dict(headers or {})
-        auth = self._auth_header(target)
+        request_headers: CIMultiDict[str] = CIMultiDict(host.headers)
+        request_headers.update(headers or {})
+        auth = self._auth_header(target, host.host)
         if auth:
             request_headers["Authorization"] = auth
+        ssl = self.hosts.ssl_for(target.registry, host)
 
         async def send() -> aiohttp.ClientResponse:
             return await self.session.request(
@@ -335,6 +545,7 @@ class RegistryTransport:
                 headers=request_headers,
                 data=body() if body else None,
                 allow_redirects=False,
+                ssl=ssl,
             )
 
         resp = await send()
@@ -348,37 +559,38 @@ class RegistryTransport:
                     old.params.get("service", ""),
                     repository_scope(target.repository, target.push),
                 )
-            request_headers["Authorization"] = await self._authorize(target, challenge)
+            request_headers["Authorization"] = await self._authorize(target, host.host, challenge)
             resp = await send()
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
             location = urljoin(url, resp.headers["Location"])
             resp.release()
-            self._check_delegate(target, location, "redirect")
+            self._check_delegate(host.host, location, "redirect")
             if blob_digest:
-                self._redirects[(target.registry, blob_digest)] = (
+                self._redirects[(target.registry, host.host, blob_digest)] = (
                     location,
                     redirect_expiry(location, time.monotonic(), self._redirect_ttl),
                 )
-            return await self._follow(target, method, location, headers, MAX_REDIRECTS - 1)
+            return await self._follow(host.host, method, location, headers, MAX_REDIRECTS - 1)
         return resp
 
     async def _follow(
         self,
-        target: Target,
+        host: str,
         method: str,
         url: str,
         headers: Mapping[str, str] | None,
         hops: int,
     ) -> aiohttp.ClientResponse:
-        """Follow a redirect without our registry credentials (they are not the CDN's)."""
-        resp = await self._delegate_session(target).request(
+        """Follow a redirect without our registry credentials (they are not the CDN's)
+        nor the host's configured headers (they are the host's)."""
+        resp = await self._delegate_session(host).request(
             method, url, headers=dict(headers or {}), allow_redirects=False
         )
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers and hops > 0:
             location = urljoin(url, resp.headers["Location"])
             resp.release()
-            self._check_delegate(target, location, "redirect")
-            return await self._follow(target, method, location, headers, hops - 1)
+            self._check_delegate(host, location, "redirect")
+            return await self._follow(host, method, location, headers, hops - 1)
         return resp
 
 
