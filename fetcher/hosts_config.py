@@ -105,6 +105,8 @@ class RegistryHost:
     tls: HostTLS = HostTLS()
     headers: tuple[tuple[str, str], ...] = ()
     mirror: bool = False
+    """Listed under ``[host]`` and not the server itself: a copy, which may fail or lag
+    without the registry being at fault (the server may be listed there for settings)."""
 
     @property
     def role(self) -> str:
@@ -359,9 +361,9 @@ def registry_hosts(
             capabilities=entry.capabilities,
             tls=entry.tls,
             headers=entry.headers,
-            mirror=index < len(entries) - 1,
+            mirror=entry is not last and entry.host != last.host,
         )
-        for index, entry in enumerate(entries)
+        for entry in entries
     )
 
 

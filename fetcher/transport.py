@@ -149,6 +149,13 @@ def error_codes(body: Any) -> list[str]:
     return []
 
 
+def _status_reason(status: int) -> str:
+    """The SKIP_REASONS entry for an error status."""
+    if status == 404:
+        return "not_found"
+    return "auth" if status in (401, 403) else "status"
+
+
 class RegistryTransport:
     """Pooled, authenticated, retrying HTTP to any number of registries."""
 
@@ -439,7 +446,7 @@ class RegistryTransport:
                 self._count_served(target, host)
                 return resp, host
             resp.release()
-            self.pass_over(target, host, "not_found" if resp.status == 404 else "status")
+            self.pass_over(target, host, _status_reason(resp.status))
         server = hosts[-1]
         resp = await self.send_to(
             method,

@@ -27,6 +27,7 @@ import tomli_w
 
 from accelctl.cri.client import CRI_NAMESPACE, CRIError, CRIImageClient
 from common.logging import get_logger
+from rig.hosts_toml import write_hosts_toml
 
 log = get_logger(__name__)
 
@@ -246,13 +247,8 @@ class ContainerdServer:
         works on a running daemon; `ctr` honours the same file via ``--hosts-dir``.
         """
         url = f"http://{endpoint or host}"
-        host_dir = self.hosts_dir / host
-        host_dir.mkdir(parents=True, exist_ok=True)
-        path = host_dir / "hosts.toml"
-        path.write_text(
-            tomli_w.dumps({"server": url, "host": {url: {"capabilities": ["pull", "resolve"]}}})
-        )
-        return path
+        document = {"server": url, "host": {url: {"capabilities": ["pull", "resolve"]}}}
+        return write_hosts_toml(self.hosts_dir, host, document)
 
     def wait_for_snapshotter(
         self, snapshotter: str = ACCELD_SNAPSHOTTER, timeout: float = 30.0

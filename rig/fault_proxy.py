@@ -106,6 +106,8 @@ class FaultProxy(UpstreamProxy):
         super().__init__(upstream, "fault-proxy")
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, int]] = []
+        self.headers: list[dict[str, str]] = []
+        """Each request's headers, in the order of ``requests``' arrival."""
 
     def add(self, fault: Fault) -> Fault:
         """Arm a fault; returns it so a test can read ``hits`` afterwards."""
@@ -131,6 +133,7 @@ class FaultProxy(UpstreamProxy):
         return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.headers.append({k: ", ".join(request.headers.getall(k)) for k in request.headers})
         fault = self._take_fault(request.method, request.path)
         if fault and fault.kind == "status":
             self.requests.append((request.method, request.path_qs, fault.status))

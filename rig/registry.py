@@ -13,6 +13,10 @@ stderr carries the application log (JSON here), whose ``response completed`` rec
 skip requests that failed authorization. Neither logs request headers, so a Range GET
 shows only as status 206 with a short size, never by its ``Range`` value.
 `RegistryServer.requests` parses the access log.
+
+A registry may serve HTTPS with a certificate from a rig CA (`RegistryTLS`), require
+client certificates (distribution's ``http.tls.clientcas``), or be a pull-through cache
+of another registry (``proxy.remoteurl``, through ``extra_config``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import copy
 import re
 import secrets
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -33,6 +38,7 @@ from typing import Any
 import yaml
 
 from common.logging import get_logger
+from rig.certificates import IssuedPair
 from rig.ports import free_port
 from rig.processes import terminate_group
 from rig.token_service import TokenAuth
@@ -48,6 +54,25 @@ class HtpasswdAuth:
 
     users: Mapping[str, str]
     realm: str = "acceld-rig"
+
+
+@dataclass(frozen=True)
+class RegistryTLS:
+    """HTTPS for a registry: its certificate, the CA clients verify it with, and, when
+    ``client_ca`` is set, the CA whose client certificates it requires (``client``
+    is the pair the readiness probe presents)."""
+
+    server: IssuedPair
+    ca: Path
+    client_ca: Path | None = None
+    client: IssuedPair | None = None
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a client that trusts the CA (and holds the client pair) uses."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if self.client is not None:
+            context.load_cert_chain(str(self.client.cert), str(self.client.key))
+        return context
 
 
 @dataclass(frozen=True)
@@ -127,6 +152,7 @@ class RegistryServer:
         host: str = "127.0.0.1",
         port: int | None = None,
         auth: HtpasswdAuth | TokenAuth | None = None,
+        tls: RegistryTLS | None = None,
         notification_urls: Sequence[str] = (),
         notification_headers: Mapping[str, str] | None = None,
         delete_enabled: bool = True,
@@ -141,6 +167,7 @@ class RegistryServer:
         self._fixed_port = port
         self.port = port or 0
         self.auth = auth
+        self.tls = tls
         self.notification_urls = list(notification_urls)
         self.notification_headers = dict(notification_headers or {})
         self.delete_enabled = delete_enabled
@@ -162,8 +189,8 @@ class RegistryServer:
 
     @property
     def url(self) -> str:
-        """Base URL, ``http://host:port``."""
-        return f"http://{self.host}"
+        """Base URL, ``http(s)://host:port``."""
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def config(self) -> dict[str, Any]:
         """The registry config this server runs with (written to ``config_path``)."""
@@ -184,6 +211,14 @@ class RegistryServer:
             },
             "health": {"storagedriver": {"enabled": False}},
         }
+        if self.tls is not None:
+            tls: dict[str, Any] = {
+                "certificate": str(self.tls.server.cert),
+                "key": str(self.tls.server.key),
+            }
+            if self.tls.client_ca is not None:
+                tls["clientcas"] = [str(self.tls.client_ca)]
+            config["http"]["tls"] = tls
         if isinstance(self.auth, HtpasswdAuth):
             config["auth"] = {
                 "htpasswd": {"realm": self.auth.realm, "path": str(self.htpasswd_path)}
@@ -267,7 +302,10 @@ class RegistryServer:
         port first; proxies from the environment are bypassed, the rig is local.
         """
         assert self._proc is not None
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+        if self.tls is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self.tls.client_context()))
+        opener = urllib.request.build_opener(*handlers)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
