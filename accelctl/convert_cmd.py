@@ -158,6 +158,7 @@ def convert(
     docker_config: Path | None,
     pull_secret: tuple[Path, ...],
     plain_http: tuple[str, ...],
+    hosts_dir: str,
 ) -> None:
     """Convert IMAGE and publish the result as <tag>_accelerated in the same repository."""
     settings = None
@@ -186,7 +187,7 @@ def convert(
         raise click.ClickException(str(exc)) from None
 
     async def run() -> ConversionResult:
-        async with make_client(docker_config, pull_secret, plain_http) as client:
+        async with make_client(docker_config, pull_secret, plain_http, hosts_dir) as client:
             return await convert_image(client, ref, options)
 
     try:
@@ -197,7 +198,8 @@ def convert(
     if settings is not None:
         target = ContainerdTarget(address, snapshotter)
         credentials = CredentialStore.from_files(docker_config, pull_secret)
-        _record(result, settings, target, credentials, (docker_config, pull_secret, plain_http))
+        registry = (docker_config, pull_secret, plain_http, hosts_dir)
+        _record(result, settings, target, credentials, registry)
 
 
 def _record(
@@ -205,7 +207,7 @@ def _record(
     settings: RecordSettings,
     target: ContainerdTarget,
     credentials: CredentialStore,
-    registry: tuple[Path | None, tuple[Path, ...], tuple[str, ...]],
+    registry: tuple[Path | None, tuple[Path, ...], tuple[str, ...], str],
 ) -> None:
     """`--record-profile`: the start at conversion, reported; an error when nothing was
     published (the conversion itself stays published)."""

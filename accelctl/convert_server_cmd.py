@@ -18,7 +18,8 @@ from converter.server import serve
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help=(
         "YAML: listen, token_file, registry or allowed_registries, queue_size, "
-        "repositories[{match, mode, prefetch_list, record_profile}], containerd, webhook."
+        "repositories[{match, mode, prefetch_list, record_profile}], containerd, webhook, "
+        "hosts_dir."
     ),
 )
 def convert_server(config_path: Path) -> None:

@@ -52,11 +52,12 @@ def inspect_image(
     docker_config: Path | None,
     pull_secret: tuple[Path, ...],
     plain_http: tuple[str, ...],
+    hosts_dir: str,
 ) -> None:
     """Resolve IMAGE in its registry and list its layers."""
 
     async def run() -> tuple[ResolvedImage, dict[str, object]]:
-        async with make_client(docker_config, pull_secret, plain_http) as client:
+        async with make_client(docker_config, pull_secret, plain_http, hosts_dir) as client:
             return await describe_image(
                 client, ImageReference.parse(image), Platform.parse(platform) if platform else None
             )

@@ -204,6 +204,7 @@ def record(
     docker_config: Path | None,
     pull_secret: tuple[Path, ...],
     plain_http: tuple[str, ...],
+    hosts_dir: str,
 ) -> None:
     """Start IMAGE once on this node under the eBPF tracer and learn what it reads.
 
@@ -213,7 +214,7 @@ def record(
     """
 
     def client() -> RegistryClient:
-        return make_client(docker_config, pull_secret, plain_http)
+        return make_client(docker_config, pull_secret, plain_http, hosts_dir)
 
     async def resolve(ref: ImageReference) -> tuple[ResolvedImage, str]:
         async with client() as registry:

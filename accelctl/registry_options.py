@@ -1,4 +1,8 @@
-"""Registry connection options shared by every accelctl command that talks to a registry."""
+"""Registry connection options shared by every accelctl command that talks to a registry.
+
+Each reaches registries as the node's containerd does: through the hosts.toml files
+under its ``config_path`` (`fetcher.hosts_config`), from --hosts-dir or ACCELD_HOSTS_DIR.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from fetcher.credentials import CredentialStore
+from fetcher.hosts_config import DEFAULT_HOSTS_DIR, HOSTS_DIR_ENV
 from fetcher.registry import RegistryClient
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,7 +35,16 @@ def credential_options(func: F) -> F:
 
 
 def registry_options(func: F) -> F:
-    """Add the credential options and --plain-http to a command that talks to a registry."""
+    """Add the credential options, --plain-http and --hosts-dir to a command that talks
+    to a registry."""
+    func = click.option(
+        "--hosts-dir",
+        envvar=HOSTS_DIR_ENV,
+        default=DEFAULT_HOSTS_DIR,
+        show_default=True,
+        help="containerd's registry config_path: hosts.toml per registry (CA, client"
+        " certificates, mirrors); ':' between roots, empty for none.",
+    )(func)
     func = click.option(
         "--plain-http",
         multiple=True,
@@ -41,8 +55,13 @@ def registry_options(func: F) -> F:
 
 
 def make_client(
-    docker_config: Path | None, pull_secret: tuple[Path, ...], plain_http: tuple[str, ...]
+    docker_config: Path | None,
+    pull_secret: tuple[Path, ...],
+    plain_http: tuple[str, ...],
+    hosts_dir: str,
 ) -> RegistryClient:
-    """A RegistryClient with the credentials the options name."""
+    """A RegistryClient with the credentials and registry hosts the options name."""
     store = CredentialStore.from_files(docker_config, pull_secret)
-    return RegistryClient(credentials=store, plain_http_hosts=frozenset(plain_http))
+    return RegistryClient(
+        credentials=store, plain_http_hosts=frozenset(plain_http), hosts_dir=hosts_dir
+    )

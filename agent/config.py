@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from fetcher.hosts_config import DEFAULT_HOSTS_DIR
+
 
 class ConfigError(ValueError):
     """A configuration file or flag that cannot be used."""
@@ -57,6 +59,15 @@ class AgentConfig:
     turns read-ahead off, so every read reaches FUSE as the application asked for it,
     which is how the benchmark learns exactly which bytes a start reads.
 
+    ``hosts_dir``: where the node's containerd keeps its registry host configuration
+    (its CRI plugin's ``registry.config_path``; ``:`` between several roots; empty:
+    none). The agent reads the same ``<registry>/hosts.toml`` files as containerd
+    (`fetcher.hosts_config`): mirrors in order for what each may serve (``pull``,
+    ``resolve``), then ``server``; ``ca``, ``client``, ``skip_verify``, ``header`` and
+    ``override_path`` per host; ``_default``; Docker's ``*.crt``/``*.cert``/``*.key``
+    files where there is no hosts.toml. Set it to the node's ``config_path`` so that a
+    lazy layer comes from where containerd would pull it.
+
     ``keeper``: hold the FUSE connection in a keeper process (`agent.fs.keeper`, at
     ``keeper_socket``, started by the agent unless ``keeper_spawn`` is off because a
     service manager runs it), so that running containers survive the agent's crashes
@@ -70,6 +81,7 @@ class AgentConfig:
     cache_max_bytes: int = 20 << 30
     metrics_address: str = "127.0.0.1:9797"
     plain_http: tuple[str, ...] = ()
+    hosts_dir: str = DEFAULT_HOSTS_DIR
     docker_config: Path | None = None
     pull_secrets: tuple[Path, ...] = ()
     allowed_registries: tuple[str, ...] = ()

@@ -78,6 +78,7 @@ class Agent:
         self.client = RegistryClient(
             credentials=load_credentials(config),
             plain_http_hosts=frozenset(config.plain_http),
+            hosts_dir=config.hosts_dir,
             max_connections_per_host=config.max_connections_per_registry,
             policy=RegistryPolicy(config.allowed_registries),
         )

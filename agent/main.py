@@ -57,6 +57,10 @@ def check() -> None:
 @click.option("--cache-max-bytes", type=int, help="Chunk cache size cap.")
 @click.option("--plain-http", multiple=True, help="Registry host reached over plain HTTP.")
 @click.option(
+    "--hosts-dir",
+    help="containerd's registry config_path (hosts.toml per registry; ':' between roots).",
+)
+@click.option(
     "--no-background-fill",
     is_flag=True,
     default=None,
@@ -69,6 +73,7 @@ def run_agent(
     metrics_address: str | None,
     cache_max_bytes: int | None,
     plain_http: tuple[str, ...],
+    hosts_dir: str | None,
     no_background_fill: bool | None,
 ) -> None:
     """Serve lazy layers to containerd until SIGTERM."""
@@ -78,6 +83,7 @@ def run_agent(
         "metrics_address": metrics_address,
         "cache_max_bytes": cache_max_bytes,
         "plain_http": plain_http or None,
+        "hosts_dir": hosts_dir,
         "background_fill": False if no_background_fill else None,
     }
     try:

@@ -20,6 +20,7 @@ import yaml
 from converter.prefetch import PrefetchList
 from converter.record_at_conversion import ContainerdTarget, RecordSettings, RecordSettingsError
 from fetcher import mediatypes as mt
+from fetcher.hosts_config import DEFAULT_HOSTS_DIR
 from formats.accelerated import MODE_FULL, MODE_INDEX, is_accelerated_tag
 
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
@@ -62,6 +63,9 @@ class ServerConfig:
     rules: tuple[RepositoryRule, ...] = ()
     webhook_url: str | None = None
     plain_http: tuple[str, ...] = ()
+    hosts_dir: str = DEFAULT_HOSTS_DIR
+    """containerd's registry ``config_path`` (`fetcher.hosts_config`): the registry's
+    CA, client certificates and mirrors, as the node's containerd reads them."""
     docker_config: Path | None = None
     token: str | None = None
     """The bearer token `POST /events` requires (read from ``token_file``: a mounted
@@ -163,6 +167,7 @@ class ServerConfig:
             rules=tuple(rules),
             webhook_url=doc.get("webhook"),
             plain_http=tuple(doc.get("plain_http") or ()),
+            hosts_dir=str(doc.get("hosts_dir", DEFAULT_HOSTS_DIR)),
             docker_config=Path(doc["docker_config"]) if doc.get("docker_config") else None,
         )
 

@@ -112,7 +112,9 @@ class ConvertServer:
             credentials.load_docker_config(self.config.docker_config)
         self._credentials = credentials
         self._client = RegistryClient(
-            credentials=credentials, plain_http_hosts=frozenset(self.config.plain_http)
+            credentials=credentials,
+            plain_http_hosts=frozenset(self.config.plain_http),
+            hosts_dir=self.config.hosts_dir,
         )
         await self._client.__aenter__()
         self._http = aiohttp.ClientSession()

@@ -154,10 +154,11 @@ class RegistryClient:
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
         policy: RegistryPolicy | None = None,
-        hosts_dirs: tuple[Path, ...] = (),
+        hosts_dir: str = "",
     ) -> None:
         """``policy`` limits which registries are contacted (default: any);
-        ``hosts_dirs`` are containerd's hosts directories (`fetcher.hosts_config`)."""
+        ``hosts_dir`` is containerd's ``config_path`` (`fetcher.hosts_config`; empty:
+        no hosts.toml is read)."""
         self.transport = RegistryTransport(
             credentials=credentials,
             plain_http_hosts=plain_http_hosts,
@@ -166,7 +167,7 @@ class RegistryClient:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             policy=policy,
-            hosts_dirs=hosts_dirs,
+            hosts_dir=hosts_dir,
         )
 
     async def __aenter__(self) -> RegistryClient:

@@ -26,7 +26,6 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
@@ -50,7 +49,7 @@ from fetcher.errors import (
     RegistryUnavailableError,
     UnauthorizedError,
 )
-from fetcher.hosts_config import Capability, HostsConfig, RegistryHost
+from fetcher.hosts_config import Capability, HostsConfig, RegistryHost, split_roots
 from fetcher.http_errors import TRANSIENT_ERRORS, malformed
 from fetcher.registry_policy import RegistryPolicy
 from fetcher.resolver import PublicOnlyResolver, RegistryResolver
@@ -169,14 +168,14 @@ class RegistryTransport:
         read_timeout: float = 30.0,
         redirect_ttl: float = DEFAULT_REDIRECT_TTL,
         policy: RegistryPolicy | None = None,
-        hosts_dirs: tuple[Path, ...] = (),
+        hosts_dir: str = "",
     ) -> None:
-        """``hosts_dirs``: containerd's ``config_path`` roots (none: every registry is
-        its own only host)."""
+        """``hosts_dir``: containerd's ``config_path`` (``:``-separated roots; empty:
+        every registry is its own only host)."""
         self.credentials = credentials or CredentialStore()
         self.policy = policy or RegistryPolicy()
         self.plain_http_hosts = set(plain_http_hosts)
-        self.hosts = HostsConfig(hosts_dirs, plain_http=self._plain_http)
+        self.hosts = HostsConfig(split_roots(hosts_dir), plain_http=self._plain_http)
         self.served: collections.Counter[tuple[str, str]] = collections.Counter()
         """Responses by (host, role): which host answered, mirror or server."""
         self.skipped: collections.Counter[tuple[str, str, str]] = collections.Counter()

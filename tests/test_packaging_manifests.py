@@ -38,6 +38,11 @@ FULL_VALUES: dict[str, Any] = {
     "webhook": {"pullSecretName": "acceld-pull", "plainHttp": ["registry.lan:5000"]},
     "agent": {"tolerations": [{"operator": "Exists"}], "plainHttp": ["registry.lan:5000"]},
     "imagePullSecrets": [{"name": "acceld-pull"}],
+    "registryHosts": {
+        "files": {
+            "registry.lan_5000_": '[host."http://mirror.lan:5000"]\ncapabilities = ["pull"]\n'
+        }
+    },
 }
 
 
@@ -54,8 +59,8 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [doc for doc in docs if doc["kind"] == kind]
 
 
-def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = by_kind(docs, kind)
+def one(docs: list[dict[str, Any]], kind: str, name_suffix: str = "") -> dict[str, Any]:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"].endswith(name_suffix)]
     assert len(found) == 1, f"{len(found)} {kind} objects"
     return found[0]
 
@@ -180,7 +185,7 @@ def test_daemonset_runs_privileged_on_opted_in_nodes(default_docs: list[dict[str
 def test_agent_config_is_one_the_agent_accepts(
     default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]]
 ) -> None:
-    config_map = one(default_docs, "ConfigMap")
+    config_map = one(default_docs, "ConfigMap", "-agent")
     config = AgentConfig.from_dict(yaml.safe_load(config_map["data"]["config.yaml"]))
     spec = one(default_docs, "DaemonSet")["spec"]["template"]["spec"]
     init = spec["initContainers"][0]["command"]
@@ -189,8 +194,25 @@ def test_agent_config_is_one_the_agent_accepts(
     assert config.metrics_address == "0.0.0.0:9797"
     assert config.root == Path("/var/lib/acceld")
     assert config.cache_max_bytes == 20 << 30
-    full = AgentConfig.from_dict(yaml.safe_load(one(full_docs, "ConfigMap")["data"]["config.yaml"]))
+    assert config.hosts_dir == "/etc/containerd/certs.d"
+    agent_map = one(full_docs, "ConfigMap", "-agent")
+    full = AgentConfig.from_dict(yaml.safe_load(agent_map["data"]["config.yaml"]))
     assert full.plain_http == ("registry.lan:5000",)
+    assert full.hosts_dir == "/etc/acceld/certs.d:/etc/containerd/certs.d"
+
+
+def test_agent_reads_the_nodes_registry_hosts_read_only(full_docs: list[dict[str, Any]]) -> None:
+    spec = one(full_docs, "DaemonSet")["spec"]["template"]["spec"]
+    agent = next(c for c in spec["containers"] if c["name"] == "acceld")
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    node = mounts["/etc/containerd/certs.d"]
+    assert node["readOnly"] and volumes[node["name"]]["hostPath"]["path"] == node["mountPath"]
+    files = mounts["/etc/acceld/certs.d"]
+    items = volumes[files["name"]]["configMap"]["items"]
+    assert items == [{"key": "registry.lan_5000_", "path": "registry.lan_5000_/hosts.toml"}]
+    hosts = one(full_docs, "ConfigMap", "-registry-hosts")["data"]["registry.lan_5000_"]
+    assert tomllib.loads(hosts)["host"]["http://mirror.lan:5000"]["capabilities"] == ["pull"]
 
 
 def test_init_container_edits_the_mounted_host_config(
@@ -292,6 +314,7 @@ def test_webhook_command_line_is_one_accelctl_accepts(
     context = webhook_command.make_context("webhook", command[2:])
     assert context.params["listen"] == "0.0.0.0:8443"
     assert context.params["plain_http"] == ("registry.lan:5000",)
+    assert context.params["hosts_dir"] == "/etc/acceld/certs.d"
     assert container["ports"][0]["containerPort"] == 8443
 
 

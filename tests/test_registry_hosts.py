@@ -81,13 +81,13 @@ async def _push_layer(client: RegistryClient, ref: ImageReference) -> str:
 async def test_private_ca_is_used_only_through_hosts_toml(tls_registry, repo_name, tmp_path):
     ref = ImageReference.parse(f"{tls_registry.host}/{repo_name}:ca")
     https_hosts(tmp_path, tls_registry)
-    async with RegistryClient(hosts_dirs=(tmp_path,)) as client:
+    async with RegistryClient(hosts_dir=str(tmp_path)) as client:
         digest = await _push_layer(client, ref)
         assert await client.get_range(ref, digest, 1000, 5000) == LAYER[1000:6000]
         assert client.transport.served[(tls_registry.host, "server")] >= 2
     # Without the CA the system's store is all there is: the registry is not trusted.
     https_hosts(tmp_path, tls_registry, ca=False)
-    async with RegistryClient(hosts_dirs=(tmp_path,), retry=FAST_RETRY) as client:
+    async with RegistryClient(hosts_dir=str(tmp_path), retry=FAST_RETRY) as client:
         with pytest.raises(RegistryUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
             await client.blob_size(ref, digest)
 
@@ -95,11 +95,11 @@ async def test_private_ca_is_used_only_through_hosts_toml(tls_registry, repo_nam
 async def test_client_certificates_from_hosts_toml(mtls_registry, repo_name, tmp_path):
     ref = ImageReference.parse(f"{mtls_registry.host}/{repo_name}:mtls")
     https_hosts(tmp_path, mtls_registry)
-    async with RegistryClient(hosts_dirs=(tmp_path,)) as client:
+    async with RegistryClient(hosts_dir=str(tmp_path)) as client:
         digest = await _push_layer(client, ref)
         assert await client.get_range(ref, digest, 0, 100) == LAYER[:100]
     https_hosts(tmp_path, mtls_registry, client=False)
-    async with RegistryClient(hosts_dirs=(tmp_path,), retry=FAST_RETRY) as client:
+    async with RegistryClient(hosts_dir=str(tmp_path), retry=FAST_RETRY) as client:
         with pytest.raises(RegistryUnavailableError, match=r"CERTIFICATE_REQUIRED|alert"):
             await client.blob_size(ref, digest)
 
@@ -117,7 +117,7 @@ async def test_mirror_serves_content_server_resolves(
     ref = ImageReference.parse(pushed.reference)
     with FaultProxy(registry.url) as mirror:
         _mirror_hosts(tmp_path, registry, mirror.host, header={"X-Mirror-Key": ["a", "b"]})
-        async with RegistryClient(hosts_dirs=(tmp_path,)) as client:
+        async with RegistryClient(hosts_dir=str(tmp_path)) as client:
             resolved = await client.resolve(ref)
             layer = resolved.manifest.layers[0]
             data = await client.get_range(ref, layer.digest, 0, 4096)
@@ -147,7 +147,7 @@ async def test_mirror_error_status_falls_to_server(registry, repo_name, tmp_path
     with FaultProxy(registry.url) as mirror:
         mirror.add(fault)
         _mirror_hosts(tmp_path, registry, mirror.host)
-        async with RegistryClient(hosts_dirs=(tmp_path,), retry=FAST_RETRY) as client:
+        async with RegistryClient(hosts_dir=str(tmp_path), retry=FAST_RETRY) as client:
             for _ in range(2):
                 assert await client.get_range(ref, digest, 10, 100) == LAYER[10:110]
             skipped = dict(client.transport.skipped)
@@ -162,7 +162,7 @@ async def test_unreachable_mirror_is_passed_over(registry, repo_name, tmp_path):
     async with RegistryClient() as client:
         digest = await _push_layer(client, ref)
     _mirror_hosts(tmp_path, registry, dead)
-    async with RegistryClient(hosts_dirs=(tmp_path,), retry=FAST_RETRY) as client:
+    async with RegistryClient(hosts_dir=str(tmp_path), retry=FAST_RETRY) as client:
         for _ in range(3):
             assert await client.get_range(ref, digest, 0, 10) == LAYER[:10]
         skipped = dict(client.transport.skipped)
@@ -182,7 +182,7 @@ async def test_range_cut_on_mirror_resumes_on_server_from_byte_reached(
         mirror.add(Fault("reset", path_contains=digest, after_bytes=cut))
         _mirror_hosts(tmp_path, registry, mirror.host)
         before = len(registry.requests())
-        async with RegistryClient(hosts_dirs=(tmp_path,), retry=FAST_RETRY) as client:
+        async with RegistryClient(hosts_dir=str(tmp_path), retry=FAST_RETRY) as client:
             assert await client.get_range(ref, digest, 5, length) == LAYER[5 : 5 + length]
             # Cut once, then passed over: the retry went straight to the server.
             assert dict(client.transport.skipped) == {
@@ -216,7 +216,7 @@ async def test_mirror_answers_a_401_with_its_own_credentials(
         store = CredentialStore.from_files(config, ())
         before = len(mirror.requests())
         async with RegistryClient(
-            credentials=store, hosts_dirs=(tmp_path,), retry=FAST_RETRY
+            credentials=store, hosts_dir=str(tmp_path), retry=FAST_RETRY
         ) as client:
             assert await client.get_range(ref, digest, 0, 10) == LAYER[:10]
             assert dict(client.transport.skipped) == {(mirror.host, "mirror", reason): 1}

@@ -67,10 +67,11 @@ def webhook(
     docker_config: Path | None,
     pull_secret: tuple[Path, ...],
     plain_http: tuple[str, ...],
+    hosts_dir: str,
 ) -> None:
     """Mutating admission webhook: switch opted-in pods to `_accelerated` images."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
         raise click.BadParameter("expected host:port", param_hint="--listen")
-    client = make_client(docker_config, pull_secret, plain_http)
+    client = make_client(docker_config, pull_secret, plain_http, hosts_dir)
     asyncio.run(serve(client, host or "0.0.0.0", int(port), cert, key, cache_ttl, timeout))

@@ -26,6 +26,29 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: webhook
 {{- end -}}
 
+{{- /* Where the ConfigMap of registryHosts.files is mounted. */ -}}
+{{- define "acceld.hostsFilesDir" -}}/etc/acceld/certs.d{{- end -}}
+
+{{- /* The agent's hosts_dir: the ConfigMap's files first, then the node's. */ -}}
+{{- define "acceld.agentHostsDir" -}}
+{{- $roots := list -}}
+{{- if .Values.registryHosts.files -}}{{- $roots = append $roots (include "acceld.hostsFilesDir" .) -}}{{- end -}}
+{{- if .Values.registryHosts.nodePath -}}{{- $roots = append $roots .Values.registryHosts.nodePath -}}{{- end -}}
+{{- join ":" $roots -}}
+{{- end -}}
+
+{{- /* The volume of registryHosts.files: each text as <registry>/hosts.toml. */ -}}
+{{- define "acceld.hostsFilesVolume" -}}
+- name: registry-hosts-files
+  configMap:
+    name: {{ include "acceld.fullname" . }}-registry-hosts
+    items:
+      {{- range $name, $_ := .Values.registryHosts.files }}
+      - key: {{ $name }}
+        path: {{ $name }}/hosts.toml
+      {{- end }}
+{{- end -}}
+
 {{- define "acceld.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
