@@ -135,6 +135,7 @@ class Agent:
             metrics.FetcherCollector(lambda: self.read_path.stats if self.read_path else None)
         )
         metrics.REGISTRY.register(metrics.RetryCollector(lambda: self.client.transport.retries))
+        metrics.REGISTRY.register(metrics.RegistryHostsCollector(self.client.transport))
         distrust = DistrustedMetadata(config.root / "distrusted-metadata.json")
         sessions = ImageSessions()
         if config.record_profiles:

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fetcher.fetch_stats import FetchStats
-from fetcher.transport import RETRY_CAUSES
+from fetcher.transport import RETRY_CAUSES, RegistryTransport
 
 REGISTRY = CollectorRegistry()
 
@@ -178,6 +178,36 @@ class RetryCollector(Collector):
         for cause in RETRY_CAUSES:
             family.add_metric([cause], counts.get(cause, 0))
         yield family
+
+
+class RegistryHostsCollector(Collector):
+    """Exports which registry host answered each request (mirror or server, as the
+    node's hosts.toml lists them) and why a host was passed over. The transport caps
+    the distinct host names it counts, so the label sets stay few."""
+
+    def __init__(self, transport: RegistryTransport) -> None:
+        self._transport = transport
+
+    def collect(self) -> Iterator[Metric]:
+        # One C-level copy each while the loop may add keys (holding the GIL).
+        served = tuple(self._transport.served.items())
+        skipped = tuple(self._transport.skipped.items())
+        requests = CounterMetricFamily(
+            "acceld_registry_requests",
+            "Registry requests answered, by the host that answered (role: mirror, server)",
+            labels=["host", "role"],
+        )
+        for (host, role), count in served:
+            requests.add_metric([host, role], count)
+        skips = CounterMetricFamily(
+            "acceld_registry_host_skips",
+            "Requests that passed a registry host by, and why (fetcher.transport.SKIP_REASONS)",
+            labels=["host", "role", "reason"],
+        )
+        for (host, role, reason), count in skipped:
+            skips.add_metric([host, role, reason], count)
+        yield requests
+        yield skips
 
 
 class FetcherCollector(Collector):
