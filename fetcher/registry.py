@@ -379,7 +379,7 @@ class RegistryClient:
             await raise_for_status(resp, f"blob {digest}")
             if offset and resp.status == 200 and host.mirror:
                 resp.release()
-                self.transport.pass_over(target, host, "no_range")
+                self.transport.pass_over(target, host, "no_range", digest)
                 continue
             skip = offset if (offset and resp.status == 200) else 0
             try:
@@ -517,7 +517,7 @@ class RegistryClient:
             finally:
                 resp.release()
             if passed_over:
-                self.transport.pass_over(target, host, passed_over)
+                self.transport.pass_over(target, host, passed_over, digest)
             log.warning(
                 "registry.range_retry",
                 digest=digest,

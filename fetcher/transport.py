@@ -79,10 +79,12 @@ SKIP_REASONS = (
 TLS failure, an error status, 404, authentication, an unreadable answer, a body cut
 short, a Range request answered whole, any other refusal."""
 MIRROR_PASS_OVER_S = 30.0
-"""How long a mirror that was unreachable, cut a body short or answered a Range whole is
-passed over: long enough that a dead mirror costs one failed connection, not one per
-request (and a pull-through cache has stored the blob it was asked for by then)."""
-PASS_OVER_REASONS = frozenset({"connection", "tls", "body", "no_range"})
+"""How long a mirror that was unreachable or cut a body short is passed over (for every
+blob), or one that answered a Range whole (for that blob: a pull-through cache answers
+so until it has stored the blob, which its first request makes it do): long enough that
+a dead mirror costs one failed connection, not one per request."""
+PASS_OVER_REASONS = frozenset({"connection", "tls", "body"})
+BLOB_PASS_OVER_REASONS = frozenset({"no_range"})
 MAX_HOST_LABELS = 32
 """Distinct hosts named in the served and skipped counters; the rest are "other"."""
 
@@ -181,7 +183,8 @@ class RegistryTransport:
         self.skipped: collections.Counter[tuple[str, str, str]] = collections.Counter()
         """Requests that passed a host by, by (host, role, SKIP_REASONS entry)."""
         self._host_labels: set[str] = set()
-        self._passed_over: dict[str, float] = {}
+        self._passed_over: dict[tuple[str, str], float] = {}
+        """(host, blob digest or "" for every request) -> until when it is passed over."""
         self._serving: dict[str, str] = {}
         self.retry = retry or RetryPolicy()
         self.retries: collections.Counter[str] = collections.Counter()
@@ -343,12 +346,18 @@ class RegistryTransport:
             return host.host
         return "other"
 
-    def pass_over(self, target: Target, host: RegistryHost, reason: str) -> None:
+    def pass_over(
+        self, target: Target, host: RegistryHost, reason: str, blob_digest: str | None = None
+    ) -> None:
         """Record that ``host`` failed a request for ``reason``; a mirror that failed for
-        one of PASS_OVER_REASONS is passed over for MIRROR_PASS_OVER_S."""
+        one of PASS_OVER_REASONS (or BLOB_PASS_OVER_REASONS, for ``blob_digest``) is
+        passed over for MIRROR_PASS_OVER_S."""
         self.skipped[(self._label(host), host.role, reason)] += 1
+        until = time.monotonic() + MIRROR_PASS_OVER_S
         if host.mirror and reason in PASS_OVER_REASONS:
-            self._passed_over[host.host] = time.monotonic() + MIRROR_PASS_OVER_S
+            self._passed_over[(host.host, "")] = until
+        elif host.mirror and blob_digest and reason in BLOB_PASS_OVER_REASONS:
+            self._passed_over[(host.host, blob_digest)] = until
         log.warning(
             "registry.host_skipped",
             registry=target.registry,
@@ -357,13 +366,14 @@ class RegistryTransport:
             reason=reason,
         )
 
-    def _passed_over_now(self, host: RegistryHost) -> bool:
-        until = self._passed_over.get(host.host)
-        if until is None:
-            return False
-        if until > time.monotonic():
-            return True
-        del self._passed_over[host.host]
+    def _passed_over_now(self, host: RegistryHost, blob_digest: str | None) -> bool:
+        now = time.monotonic()
+        for key in ((host.host, ""), (host.host, blob_digest or "")):
+            until = self._passed_over.get(key)
+            if until is not None and until <= now:
+                del self._passed_over[key]
+            elif until is not None:
+                return True
         return False
 
     def _count_served(self, target: Target, host: RegistryHost) -> None:
@@ -423,7 +433,7 @@ class RegistryTransport:
         self.policy.check(target.registry)
         hosts = self.candidates(target, need)
         for host in hosts[:-1]:
-            if self._passed_over_now(host):
+            if self._passed_over_now(host, blob_digest):
                 self.skipped[(self._label(host), host.role, "down")] += 1
                 continue
             url = host.url(api_path, target.registry)

@@ -63,6 +63,8 @@ class ContainerdServer:
     per call. ``acceld_socket`` is where the `acceld` proxy snapshotter is expected to
     listen; containerd dials it only when that snapshotter is used. ``stargz_socket``
     declares the `stargz` proxy snapshotter too (stargz-snapshotter's daemon there).
+    ``hosts_dir`` is the CRI plugin's registry ``config_path`` (default: one of its own),
+    given when an agent is to read the same hosts.toml files.
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class ContainerdServer:
         sandbox_image: str = "127.0.0.1:1/acceld-test/pause:none",
         tmpfs_size: str = "8g",
         log_level: str = "info",
+        hosts_dir: Path | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         self.namespace = namespace
@@ -89,7 +92,7 @@ class ContainerdServer:
         self.state = self.workdir / "state"
         self.runc_root = self.state / "runc"
         self.fifo_dir = self.state / "fifo"
-        self.hosts_dir = self.workdir / "hosts.d"
+        self.hosts_dir = hosts_dir or self.workdir / "hosts.d"
         self.config_path = self.workdir / "config.toml"
         self.log_path = self.workdir / "containerd.log"
         self.address = self.workdir / "containerd.sock"

@@ -18,60 +18,13 @@ from fetcher.errors import RegistryUnavailableError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.retry import RetryPolicy
-from rig.certificates import RigCA
 from rig.fault_proxy import Fault, FaultProxy
-from rig.hosts_toml import write_hosts_toml
+from rig.hosts_toml import write_hosts_toml, write_https_hosts
 from rig.ports import free_port
-from rig.registry import RegistryServer, RegistryTLS
-from tests.fixtures.registry import running
+from rig.registry import RegistryServer
 
 FAST_RETRY = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.2)
 LAYER = os.urandom(3_000_000)
-
-
-@pytest.fixture(scope="module")
-def rig_ca(tmp_path_factory: pytest.TempPathFactory) -> RigCA:
-    """A CA no trust store on this machine holds."""
-    return RigCA(tmp_path_factory.mktemp("ca"))
-
-
-def _tls(ca: RigCA, client_certificates: bool = False) -> RegistryTLS:
-    server = ca.issue("registry", ip_addresses=["127.0.0.1"], dns_names=["localhost"])
-    client = ca.issue("probe", client=True) if client_certificates else None
-    return RegistryTLS(server, ca.cert_path, ca.cert_path if client else None, client)
-
-
-@pytest.fixture(scope="module")
-def tls_registry(tmp_path_factory: pytest.TempPathFactory, rig_ca: RigCA) -> Any:
-    """A registry on HTTPS with the rig CA's certificate."""
-    server = RegistryServer(tmp_path_factory.mktemp("tls-registry"), tls=_tls(rig_ca))
-    with running(server):
-        yield server
-
-
-@pytest.fixture(scope="module")
-def mtls_registry(tmp_path_factory: pytest.TempPathFactory, rig_ca: RigCA) -> Any:
-    """A registry on HTTPS that requires client certificates the rig CA issued."""
-    server = RegistryServer(
-        tmp_path_factory.mktemp("mtls-registry"), tls=_tls(rig_ca, client_certificates=True)
-    )
-    with running(server):
-        yield server
-
-
-def https_hosts(
-    hosts_dir: Path, registry: RegistryServer, *, ca: bool = True, client: bool = True
-) -> Path:
-    """The registry's hosts.toml: itself over https with the CA (and client pair), as
-    both ``server`` and a ``[host]`` (containerd 1.6 reads no file without the latter)."""
-    assert registry.tls is not None
-    settings: dict[str, Any] = {}
-    if ca:
-        settings["ca"] = str(registry.tls.ca)
-    if client and registry.tls.client is not None:
-        settings["client"] = [[str(registry.tls.client.cert), str(registry.tls.client.key)]]
-    document = {"server": registry.url, **settings, "host": {registry.url: settings}}
-    return write_hosts_toml(hosts_dir, registry.host, document)
 
 
 async def _push_layer(client: RegistryClient, ref: ImageReference) -> str:
@@ -80,13 +33,13 @@ async def _push_layer(client: RegistryClient, ref: ImageReference) -> str:
 
 async def test_private_ca_is_used_only_through_hosts_toml(tls_registry, repo_name, tmp_path):
     ref = ImageReference.parse(f"{tls_registry.host}/{repo_name}:ca")
-    https_hosts(tmp_path, tls_registry)
+    write_https_hosts(tmp_path, tls_registry)
     async with RegistryClient(hosts_dir=str(tmp_path)) as client:
         digest = await _push_layer(client, ref)
         assert await client.get_range(ref, digest, 1000, 5000) == LAYER[1000:6000]
         assert client.transport.served[(tls_registry.host, "server")] >= 2
     # Without the CA the system's store is all there is: the registry is not trusted.
-    https_hosts(tmp_path, tls_registry, ca=False)
+    write_https_hosts(tmp_path, tls_registry, ca=False)
     async with RegistryClient(hosts_dir=str(tmp_path), retry=FAST_RETRY) as client:
         with pytest.raises(RegistryUnavailableError, match="CERTIFICATE_VERIFY_FAILED"):
             await client.blob_size(ref, digest)
@@ -94,11 +47,11 @@ async def test_private_ca_is_used_only_through_hosts_toml(tls_registry, repo_nam
 
 async def test_client_certificates_from_hosts_toml(mtls_registry, repo_name, tmp_path):
     ref = ImageReference.parse(f"{mtls_registry.host}/{repo_name}:mtls")
-    https_hosts(tmp_path, mtls_registry)
+    write_https_hosts(tmp_path, mtls_registry)
     async with RegistryClient(hosts_dir=str(tmp_path)) as client:
         digest = await _push_layer(client, ref)
         assert await client.get_range(ref, digest, 0, 100) == LAYER[:100]
-    https_hosts(tmp_path, mtls_registry, client=False)
+    write_https_hosts(tmp_path, mtls_registry, client=False)
     async with RegistryClient(hosts_dir=str(tmp_path), retry=FAST_RETRY) as client:
         with pytest.raises(RegistryUnavailableError, match=r"CERTIFICATE_REQUIRED|alert"):
             await client.blob_size(ref, digest)
