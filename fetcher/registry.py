@@ -206,7 +206,7 @@ class RegistryClient:
         self, ref: ImageReference, accept: str = mt.MANIFEST_ACCEPT
     ) -> FetchedManifest:
         """Fetch and verify the manifest or index ``ref`` names."""
-        resp = await self.transport.send(
+        resp, _ = await self.transport.send(
             "GET",
             self._target(ref),
             self._api(ref, "manifests", ref.reference),
@@ -236,7 +236,7 @@ class RegistryClient:
 
     async def manifest_digest(self, ref: ImageReference) -> str | None:
         """The digest ``ref`` currently points at (HEAD), or None if it does not exist."""
-        resp = await self.transport.send(
+        resp, _ = await self.transport.send(
             "HEAD",
             self._target(ref),
             self._api(ref, "manifests", ref.reference),
@@ -286,7 +286,7 @@ class RegistryClient:
         self, ref: ImageReference, body: bytes, media_type: str
     ) -> Mapping[str, str]:
         """PUT a manifest at ``ref.reference``; returns the response headers."""
-        resp = await self.transport.send(
+        resp, _ = await self.transport.send(
             "PUT",
             self._target(ref, push=True),
             self._api(ref, "manifests", ref.reference),
@@ -302,7 +302,7 @@ class RegistryClient:
         """Delete a manifest by digest (the registry must allow deletes)."""
         if not ref.digest:
             raise ValueError("deleting a manifest needs a digest reference")
-        resp = await self.transport.send(
+        resp, _ = await self.transport.send(
             "DELETE",
             self._target(ref, push=True),
             self._api(ref, "manifests", ref.digest),
@@ -316,7 +316,7 @@ class RegistryClient:
         ``limit`` (a registry that paginates forever is not followed forever)."""
         tags: list[str] = []
         target = self._target(ref)
-        resp, host = await self.transport.send_served(
+        resp, host = await self.transport.send(
             "GET", target, f"{ref.repository}/tags/list", need=RESOLVING
         )
         while True:
@@ -342,7 +342,7 @@ class RegistryClient:
     ) -> int | None:
         """Size of the blob if the repository has it, else None (``need`` PUSH: as the
         host a push goes to has it, a mirror's copy does not count)."""
-        resp = await self.transport.send(
+        resp, _ = await self.transport.send(
             "HEAD",
             self._target(ref),
             self._api(ref, "blobs", validate_digest(digest)),
@@ -372,7 +372,7 @@ class RegistryClient:
         policy = self.transport.retry
         for attempt in range(policy.attempts):
             headers = {"Range": f"bytes={offset}-"} if offset else {}
-            resp, host = await self.transport.send_served(
+            resp, host = await self.transport.send(
                 "GET", target, api, headers=headers, blob_digest=digest
             )
             url = str(resp.url.with_query(None))
@@ -475,7 +475,7 @@ class RegistryClient:
         for attempt in range(policy.attempts):
             start = offset + received.size
             headers = {"Range": f"bytes={start}-{offset + length - 1}"}
-            resp, host = await self.transport.send_served(
+            resp, host = await self.transport.send(
                 "GET", target, api, headers=headers, blob_digest=digest
             )
             url = str(resp.url.with_query(None))
@@ -536,7 +536,7 @@ class RegistryClient:
 
     async def _start_upload(self, ref: ImageReference) -> tuple[str, RegistryHost]:
         """An upload's Location, and the host that gave it (the rest goes there too)."""
-        resp, host = await self.transport.send_served(
+        resp, host = await self.transport.send(
             "POST",
             self._target(ref, push=True),
             f"{ref.repository}/blobs/uploads/",
@@ -619,7 +619,7 @@ class RegistryClient:
         api = self._api(ref, "referrers", validate_digest(subject_digest))
         if artifact_type:
             api += f"?artifactType={artifact_type}"
-        resp = await self.transport.send(
+        resp, _ = await self.transport.send(
             "GET", self._target(ref), api, need=RESOLVING, headers={"Accept": mt.OCI_INDEX}
         )
         content_type = resp.headers.get("Content-Type", "").split(";")[0]

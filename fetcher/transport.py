@@ -1,10 +1,10 @@
 """HTTP transport to registries: pooling, authentication, retries and redirect reuse.
 
-Every registry call goes through `RegistryTransport.send`, so there is one place that
-knows how to answer a 401 challenge, when a failure is worth retrying, that a blob
-redirect (e.g. a pre-signed storage URL) can be reused until it expires instead of
-costing a registry round trip per range request, which registries may be contacted at
-all (`fetcher.registry_policy`), and where the realms and redirects a registry names may
+Every registry call goes through `RegistryTransport.send` (or `send_to`, for a URL a
+host gave: an upload's, a next page), so there is one place that knows how to answer a
+401 challenge, when a failure is worth retrying, that a blob redirect (e.g. a pre-signed
+storage URL) can be reused until it expires instead of costing a registry round trip
+per range request, which registries may be contacted at all (`fetcher.registry_policy`), and where the realms and redirects a registry names may
 lead (`fetcher.delegation`, enforced at connect time by `fetcher.resolver`).
 
 Which hosts answer for a registry is the node's containerd configuration
@@ -385,31 +385,6 @@ class RegistryTransport:
             )
 
     async def send(
-        self,
-        method: str,
-        target: Target,
-        api_path: str,
-        *,
-        need: Capability = Capability.PULL,
-        headers: Mapping[str, str] | None = None,
-        body: BodyFactory | None = None,
-        attempts: int | None = None,
-        blob_digest: str | None = None,
-    ) -> aiohttp.ClientResponse:
-        """`send_served` without the host: for callers that do not resume on another."""
-        resp, _ = await self.send_served(
-            method,
-            target,
-            api_path,
-            need=need,
-            headers=headers,
-            body=body,
-            attempts=attempts,
-            blob_digest=blob_digest,
-        )
-        return resp
-
-    async def send_served(
         self,
         method: str,
         target: Target,

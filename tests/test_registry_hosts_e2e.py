@@ -45,11 +45,28 @@ async def _publish(hosts: Path, built: BuiltImage, registry: RegistryServer) -> 
 
 
 @contextlib.contextmanager
-def _agent(workdir: Path, hosts: Path) -> Iterator[AgentProcess]:
+def _lazy_node(
+    workdir: Path, hosts: Path, containerd_factory: Any, containerd_hosts: Path | None = None
+) -> Iterator[tuple[AgentProcess, ContainerdServer]]:
+    """An agent and a containerd that pulls with it, reading ``hosts`` (containerd
+    ``containerd_hosts`` instead, when given)."""
     with AgentProcess(
         workdir, settings={"hosts_dir": str(hosts)}, extra_args=["--no-background-fill"]
     ) as agent:
-        yield agent
+        lazy = containerd_factory(
+            snapshotter=ACCELD_SNAPSHOTTER,
+            acceld_socket=agent.socket,
+            hosts_dir=containerd_hosts or hosts,
+        )
+        yield agent, lazy
+
+
+async def _expected_tree(
+    containerd: ContainerdServer, hosts: Path, built: BuiltImage, reference: str, at: Path
+) -> tuple[str, dict[str, Any]]:
+    """The top layer's chain ID and the tree containerd's own pull makes of it."""
+    top = image_chain_id(built.config_bytes)
+    return top, await asyncio.to_thread(_reference_tree, containerd, hosts, reference, top, at)
 
 
 def _samples(agent: AgentProcess, name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -101,14 +118,10 @@ async def test_lazy_start_from_https_registry_known_only_through_hosts_toml(
     hosts = tmp_path / "certs.d"
     write_https_hosts(hosts, tls_registry)
     reference = await _publish(hosts, built_features, tls_registry)
-    top = image_chain_id(built_features.config_bytes)
-    expected = await asyncio.to_thread(
-        _reference_tree, containerd, hosts, reference, top, tmp_path / "reference"
+    top, expected = await _expected_tree(
+        containerd, hosts, built_features, reference, tmp_path / "reference"
     )
-    with _agent(tmp_path / "agent", hosts) as agent:
-        lazy = containerd_factory(
-            snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, hosts_dir=hosts
-        )
+    with _lazy_node(tmp_path / "agent", hosts, containerd_factory) as (agent, lazy):
         before = len(tls_registry.requests())
         actual = await asyncio.to_thread(_lazy_tree, lazy, reference, top, tmp_path / "lazy")
         assert tree_differences(expected, actual) == []
@@ -144,31 +157,23 @@ async def test_client_certificates_lazy_start_and_clean_fallback_without_them(
         return str(out.stdout).strip()
 
     # Both read the pair: served lazily.
-    with _agent(tmp_path / "agent-a", with_pair) as agent:
-        lazy = containerd_factory(
-            snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, hosts_dir=with_pair
-        )
+    with _lazy_node(tmp_path / "agent-a", with_pair, containerd_factory) as (agent, lazy):
         assert await asyncio.to_thread(run, lazy) == "hello from acceld"
         assert agent.metric("acceld_fallbacks_total") == 0
         assert _served(agent, mtls_registry.host, "server") > 0
 
     # The agent lacks the pair, containerd has it: the agent declines each layer with
     # the TLS error in its log, and containerd's own pull is what runs.
-    with _agent(tmp_path / "agent-b", without) as agent:
-        lazy = containerd_factory(
-            snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, hosts_dir=with_pair
-        )
+    node = _lazy_node(tmp_path / "agent-b", without, containerd_factory, with_pair)
+    with node as (agent, lazy):
         assert await asyncio.to_thread(run, lazy) == "hello from acceld"
         assert agent.metric("acceld_fallbacks_total") >= len(built_busybox.layers)
         assert re.search(r"BAD_CERTIFICATE|CERTIFICATE_REQUIRED", agent.log_tail(400))
 
     # Neither has it: containerd cannot pull either, and says why.
-    with _agent(tmp_path / "agent-c", without) as agent:
-        lazy = containerd_factory(
-            snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, hosts_dir=without
-        )
-        with pytest.raises(ContainerdError, match="certificate"):
-            await asyncio.to_thread(lazy.cri_pull_image, reference)
+    node = _lazy_node(tmp_path / "agent-c", without, containerd_factory)
+    with node as (_, lazy), pytest.raises(ContainerdError, match="certificate"):
+        await asyncio.to_thread(lazy.cri_pull_image, reference)
 
 
 async def _warm(mirror_host: str, built: BuiltImage, repository: str) -> None:
@@ -219,14 +224,10 @@ async def test_pull_through_cache_serves_range_reads_and_its_death_mid_start_is_
     reference = await _publish(hosts, built_features, registry)
     repository = ImageReference.parse(reference).repository
     await _warm(mirror, built_features, repository)
-    top = image_chain_id(built_features.config_bytes)
-    expected = await asyncio.to_thread(
-        _reference_tree, containerd, hosts, reference, top, tmp_path / "reference"
+    top, expected = await _expected_tree(
+        containerd, hosts, built_features, reference, tmp_path / "reference"
     )
-    with _agent(tmp_path / "agent", hosts) as agent:
-        lazy = containerd_factory(
-            snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, hosts_dir=hosts
-        )
+    with _lazy_node(tmp_path / "agent", hosts, containerd_factory) as (agent, lazy):
         since, server_since = len(cache.requests()), len(registry.requests())
         await asyncio.to_thread(lazy.cri_pull_image, reference)
         pulled = _served(agent, mirror, "mirror")
