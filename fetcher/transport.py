@@ -4,8 +4,9 @@ Every registry call goes through `RegistryTransport.send` (or `send_to`, for a U
 host gave: an upload's, a next page), so there is one place that knows how to answer a
 401 challenge, when a failure is worth retrying, that a blob redirect (e.g. a pre-signed
 storage URL) can be reused until it expires instead of costing a registry round trip
-per range request, which registries may be contacted at all (`fetcher.registry_policy`), and where the realms and redirects a registry names may
-lead (`fetcher.delegation`, enforced at connect time by `fetcher.resolver`).
+per range request, which registries may be contacted at all (`fetcher.registry_policy`),
+and where the realms and redirects a registry names may lead (`fetcher.delegation`,
+enforced at connect time by `fetcher.resolver`).
 
 Which hosts answer for a registry is the node's containerd configuration
 (`fetcher.hosts_config`): a request goes to the first host, in the configured order,
