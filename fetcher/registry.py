@@ -460,9 +460,9 @@ class RegistryClient:
 
         A registry that ignores Range raises RangeNotSupportedError rather than making
         us download the whole layer (a mirror that does is passed over for the next
-        host). A body cut short is resumed from the byte reached, on the next host when
-        a mirror cut it; a mis-addressed or oversized body is retried from the start.
-        A ``sink`` is fed the bytes as they arrive, and restarted when they are dropped.
+        host). A body a mirror cut short is resumed on the next host from the byte
+        reached; any other bad body is retried whole. A ``sink`` is fed the bytes as
+        they arrive, and restarted when they are dropped.
         """
         if offset < 0 or length <= 0:
             raise ValueError(f"invalid range offset={offset} length={length}")
@@ -508,9 +508,15 @@ class RegistryClient:
                         ):
                             return received.data()
                         problem = f"short body {received.size} of {length}"
+                        if not host.mirror:
+                            received.drop()
             except BodyInterruptedError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
-                passed_over = "body" if host.mirror else ""
+                if host.mirror:
+                    passed_over = "body"
+                else:
+                    # The same host is asked again, for the whole range as ever.
+                    received.drop()
             except ResponseTooLargeError as exc:
                 problem = f"{type(exc).__name__}: {exc}"
                 received.drop()
