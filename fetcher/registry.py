@@ -592,7 +592,7 @@ class RegistryClient:
         actual = sha256_digest(data)
         if digest and digest != actual:
             raise DigestMismatchError(f"blob to push hashes to {actual}, not {digest}")
-        if await self.blob_size(ref, actual) is None:
+        if await self.blob_size(ref, actual, Capability.PUSH) is None:
             await self._upload(ref, actual, len(data), lambda: data)
         return actual
 
@@ -601,7 +601,7 @@ class RegistryClient:
         validate_digest(digest)
         if path.stat().st_size != size:
             raise ValueError(f"{path} is {path.stat().st_size} bytes, descriptor says {size}")
-        if await self.blob_size(ref, digest) is not None:
+        if await self.blob_size(ref, digest, Capability.PUSH) is not None:
             return
         handles: list[BinaryIO] = []
 

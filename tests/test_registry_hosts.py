@@ -74,8 +74,12 @@ async def test_mirror_serves_content_server_resolves(
             resolved = await client.resolve(ref)
             layer = resolved.manifest.layers[0]
             data = await client.get_range(ref, layer.digest, 0, 4096)
+            mirrored = len(mirror.requests)
+            # A push, and its check for what the registry has, go to the server only.
+            await client.push_blob(ref, os.urandom(1000))
             served = dict(client.transport.served)
     assert len(data) == 4096
+    assert len(mirror.requests) == mirrored
     # The tag went to the server (a pull-only mirror may not resolve); content by
     # digest to the mirror, with its headers and the namespace it stands in for.
     paths = [path for _, path, _ in mirror.requests]
