@@ -517,7 +517,8 @@ def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
         f"median time-to-ready speedup vs full pull over {images} image(s): "
         + ", ".join(parts)
         + "; limit = local start + the compressed bytes holding what the app read"
-        " / link bandwidth (first limit: those bytes uncompressed)" + _versus_peer(rows)
+        " / link bandwidth (first limit: those bytes uncompressed); agent CPU = the lazy"
+        " daemon's, from the pull's start to readiness" + _versus_peer(rows)
     )
 
 
