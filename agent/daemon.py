@@ -175,7 +175,6 @@ class Agent:
         )
         provider = LazyLayerProvider(
             discovery,
-            self.client,
             self.fs,
             fetcher,
             cache,

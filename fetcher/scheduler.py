@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from common.logging import get_logger
 from fetcher.chunks import (
@@ -61,6 +62,7 @@ class ChunkFetcher:
         ``memory`` bounds the bytes warmed ahead (see ``warm``)."""
         if max_connections_per_registry < 1:
             raise ValueError("max_connections_per_registry must be at least 1")
+        self._client = client
         self._store = store
         self._queues = queues
         self._max_connections = max_connections_per_registry
@@ -146,6 +148,35 @@ class ChunkFetcher:
             if not self._demand_only:
                 for host in self._queues:
                     self._pump(host)
+
+    async def background_stream(self, blob: BlobSource) -> AsyncGenerator[bytes, None]:
+        """The whole blob as one background request (a fill audit's), counted as fill.
+
+        It runs outside the queues, so it yields to a start by itself: it begins only
+        once no demand or prefetch request has run for the fill's idle time, and pauses
+        (stops reading its socket, which TCP turns into the sender pausing) whenever
+        they run again, as queued fill chunks wait. Close it (``contextlib.aclosing``)
+        when done early, so its bytes are booked as it ends.
+        """
+        started = time.monotonic()
+        received = 0
+        try:
+            await self._until_quiet()
+            async for data in self._client.iter_blob(blob.ref, blob.digest):
+                received += len(data)
+                self.stats.stream_received(Priority.BACKGROUND, len(data))
+                yield data
+                await self._until_quiet()
+        finally:
+            self.stats.stream_ended(Priority.BACKGROUND, received, time.monotonic() - started)
+
+    async def _until_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self._queues.quiet_wait(loop.time())
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)  # an estimate while urgent work runs: ask again
 
     async def wait_idle(self) -> None:
         """Until nothing is queued, in flight or waiting to be written to the cache."""

@@ -8,6 +8,7 @@ proxy saw them, so single flight and coalescing are measured on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import os
@@ -301,6 +302,59 @@ async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     assert max(s[Priority.BACKGROUND] for s in samples) == 4
     assert min(background_starts) >= max(prefetch_ends) + 0.15
     assert all(_cached(parts, background.blob, c) for c in background.chunks)
+
+
+async def _until_in_flight(parts: ReadPath, priority: Priority) -> None:
+    while not parts.fetcher.stats.in_flight[priority]:
+        await asyncio.sleep(0.005)
+
+
+async def test_a_background_stream_runs_only_while_the_link_is_quiet(
+    push, make_fetcher, fault_proxy
+):
+    """A fill audit streams a whole blob outside the queues: it must not begin while a
+    demand request is on the wire, nor before the link has been quiet for fill_idle_s,
+    and it pauses while a later demand request runs; it still delivers the whole blob,
+    counted as fill."""
+    demand = await push(4, size=32 << 10)
+    streamed = await push(48, size=64 << 10)
+    parts = make_fetcher(fill_idle_s=0.3)
+    fetcher = parts.fetcher
+    loop = asyncio.get_running_loop()
+    stall = partial(
+        Fault, "stall", path_contains=demand.blob.digest, after_bytes=0, stall_seconds=0.8
+    )
+    demand_ends: list[float] = []
+
+    async def demand_read(chunk: ChunkSpec) -> None:
+        await _read_one(parts, demand.blob, chunk)
+        demand_ends.append(loop.time())
+
+    fault_proxy.add(stall())
+    first = asyncio.create_task(demand_read(demand.chunks[0]))
+    await _until_in_flight(parts, Priority.DEMAND)
+    arrivals: list[float] = []
+    received = 0
+    second: asyncio.Task[None] | None = None
+    paused_from = 0.0
+    async with contextlib.aclosing(fetcher.background_stream(streamed.blob)) as stream:
+        async for data in stream:
+            arrivals.append(loop.time())
+            received += len(data)
+            if second is None:
+                fault_proxy.add(stall())
+                second = asyncio.create_task(demand_read(demand.chunks[2]))
+                await _until_in_flight(parts, Priority.DEMAND)
+                paused_from = loop.time()
+    await asyncio.gather(first, second)  # type: ignore[arg-type]
+    assert received == streamed.blob.size
+    assert len(arrivals) > 2
+    assert arrivals[0] >= demand_ends[0] + 0.25, (arrivals[0], demand_ends)
+    # Nothing more arrived while the second demand read was on the wire, nor until the
+    # link had been quiet again.
+    resumed = arrivals[1]
+    assert resumed >= demand_ends[1] + 0.25 > paused_from + 0.5, (resumed, demand_ends)
+    assert fetcher.stats.stream_bytes[Priority.BACKGROUND] == streamed.blob.size
 
 
 class _FedMember:
