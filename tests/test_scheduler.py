@@ -305,8 +305,11 @@ async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
 
 
 async def _until_in_flight(parts: ReadPath, priority: Priority) -> None:
-    while not parts.fetcher.stats.in_flight[priority]:
+    for _ in range(2000):
+        if parts.fetcher.stats.in_flight[priority]:
+            return
         await asyncio.sleep(0.005)
+    raise AssertionError(f"no {priority.name} request went on the wire")
 
 
 async def test_a_background_stream_runs_only_while_the_link_is_quiet(
