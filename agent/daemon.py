@@ -372,7 +372,7 @@ def _observe_request(priority: Priority, nbytes: int, seconds: float) -> None:
     label = priority.name.lower()
     metrics.FETCH_BYTES.labels(label).inc(nbytes)
     metrics.RANGE_REQUESTS.labels(label).inc()
-    metrics.RANGE_SECONDS.observe(seconds)
+    metrics.RANGE_SECONDS.labels(label).observe(seconds)
 
 
 def run(config: AgentConfig) -> None:

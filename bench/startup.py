@@ -443,7 +443,7 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
 
 _AGENT_STATS = {
     "acceld_range_requests_total": "range_requests_{priority}",
-    "acceld_range_request_seconds_sum": "range_seconds",
+    "acceld_range_request_seconds_sum": "range_seconds_{priority}",
     "acceld_fuse_ops_total": "fuse_{op}_ops",
     "acceld_fuse_op_seconds_sum": "fuse_{op}_seconds",
     "acceld_fuse_errors_total": "fuse_{op}_{errno}",
