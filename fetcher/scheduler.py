@@ -39,6 +39,9 @@ from fetcher.warming import RangeWarmer
 from fetcher.write_behind import WriteBehindCache
 
 log = get_logger(__name__)
+DEMAND_SPARE_CONNECTIONS = 1
+"""Connections per host that prefetch and fill leave free for demand reads (when the
+host is allowed more than this)."""
 
 
 class ChunkFetcher:
@@ -243,11 +246,14 @@ class ChunkFetcher:
     def _pump(self, host: str) -> None:
         """Start requests for the host's most urgent work while connections are free."""
         queue = self._queues.of(host)
+        spare = DEMAND_SPARE_CONNECTIONS if self._max_connections > DEMAND_SPARE_CONNECTIONS else 0
         while not self._closed and sum(queue.in_flight.values()) < self._max_connections:
             taken = self._queues.next_batch(
                 host,
                 self._gap,
                 self._max_request,
+                free=self._max_connections - sum(queue.in_flight.values()),
+                spare_for_demand=spare,
                 demand_only=bool(self._demand_only),
                 on_quiet=self._pump,
             )

@@ -39,6 +39,7 @@ from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.retry import RetryPolicy
+from fetcher.scheduler import DEMAND_SPARE_CONNECTIONS
 from formats.estargz_toc import ChunkDigestError
 from rig.fault_proxy import Fault, FaultProxy
 
@@ -276,7 +277,7 @@ async def test_demand_reads_overtake_queued_background_fill(push, make_fetcher):
 async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     """Fill shares the link and CPUs with a starting container: none of it starts while
     prefetch (or demand) requests run, nor until they have been quiet for fill_idle_s;
-    then it may use every connection."""
+    then it may use every connection but the one kept for demand reads."""
     prefetch = await push(16, size=32 << 10)
     background = await push(24, size=32 << 10)
     parts = make_fetcher(max_connections_per_registry=4, fill_idle_s=0.2, max_request_bytes=1)
@@ -299,9 +300,32 @@ async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     await fetcher.wait_idle()
     assert len(samples) == 40
     assert all(s[Priority.BACKGROUND] == 0 for s in samples if s[Priority.PREFETCH])
-    assert max(s[Priority.BACKGROUND] for s in samples) == 4
+    assert max(s[Priority.BACKGROUND] for s in samples) == 4 - DEMAND_SPARE_CONNECTIONS
     assert min(background_starts) >= max(prefetch_ends) + 0.15
     assert all(_cached(parts, background.blob, c) for c in background.chunks)
+
+
+async def test_a_demand_read_never_waits_for_a_connection_behind_prefetch(
+    push, make_fetcher, fault_proxy
+):
+    """Prefetch leaves a connection free: a read that arrives while stalled prefetch
+    requests hold the others goes on the wire at once, and prefetch never takes it."""
+    ahead = await push(12, size=32 << 10)
+    wanted = await push(2, size=32 << 10)
+    parts = make_fetcher(max_connections_per_registry=3, max_request_bytes=1)
+    fetcher = parts.fetcher
+    fault_proxy.add(
+        Fault("stall", path_contains=ahead.blob.digest, after_bytes=0, stall_seconds=1.5, times=12)
+    )
+    fetcher.enqueue(ahead.blob, ahead.chunks, Priority.PREFETCH)
+    await _until_in_flight(parts, Priority.PREFETCH)
+    await asyncio.sleep(0.1)  # every request prefetch may start is on the wire
+    assert fetcher.stats.in_flight[Priority.PREFETCH] == 3 - DEMAND_SPARE_CONNECTIONS
+    started = time.monotonic()
+    content = await _read_one(parts, wanted.blob, wanted.chunks[1])
+    assert content == wanted.contents[1]
+    assert time.monotonic() - started < 1.0
+    await fetcher.wait_idle()
 
 
 async def _until_in_flight(parts: ReadPath, priority: Priority) -> None:
