@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import json
+import contextlib
 import os
 import secrets
 import ssl
@@ -27,25 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from converter.convert import ConvertOptions, convert_image
-from fetcher.errors import RegistryError
 from fetcher.proxy_env import ProxyEnvironment, ProxySelector
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from rig.agent_process import AgentProcess
 from rig.certificates import write_self_signed
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdServer
+from rig.delegating_registry import DelegatingRegistry, StorageDelegate, read_outcome, serving
 from rig.http_proxy import HttpProxy
 from rig.isolated_net import run_isolated
 from rig.netns import create_netns, delete_netns, remove_orphaned_namespaces
 from rig.registry import RegistryServer
-from rig.rootfs_digest import describe_tree, tree_differences
-from rig.snapshot_view import image_chain_id, mounted_view
+from rig.rootfs_digest import FileFacts, tree_differences
+from rig.snapshot_view import image_chain_id, view_tree
 from tests.fixtures.registry import running
 
-SMALL = {"chunk_size": 256 << 10, "span": 1 << 20}
 SETTLE_S = 10.0
 
 
@@ -107,19 +104,24 @@ def _wait_for_equal_logs(
 
 async def _convert(registry: RegistryServer, reference: str) -> None:
     async with RegistryClient(plain_http_hosts={registry.host}) as client:
-        options = ConvertOptions(mode="index", **SMALL)
+        options = ConvertOptions(mode="index", chunk_size=256 << 10, span=1 << 20)
         await convert_image(client, ImageReference.parse(reference), options)
 
 
-def _lazy_containerd(
-    containerd_factory: Any, agent: AgentProcess, env: dict[str, str], registry: RegistryServer
-) -> ContainerdServer:
-    """A containerd with the agent's environment, pulling over http from ``registry``."""
-    lazy: ContainerdServer = containerd_factory(
-        snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, env=env
-    )
-    lazy.allow_insecure_registry(registry.host)
-    return lazy
+@contextlib.contextmanager
+def _node(
+    tmp_path: Path, registry: RegistryServer, containerd_factory: Any, env: dict[str, str]
+) -> Iterator[tuple[AgentProcess, ContainerdServer]]:
+    """A node whose agent and containerd both have ``env`` and reach ``registry`` over
+    plain http."""
+    with AgentProcess(
+        tmp_path / "agent", plain_http=[registry.host], extra_args=["--no-background-fill"], env=env
+    ) as agent:
+        lazy = containerd_factory(
+            snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, env=env
+        )
+        lazy.allow_insecure_registry(registry.host)
+        yield agent, lazy
 
 
 async def test_a_lazy_start_goes_through_the_proxy(
@@ -135,30 +137,19 @@ async def test_a_lazy_start_goes_through_the_proxy(
     await _convert(registry, pushed.reference)
     top = image_chain_id(built_features.config_bytes)
 
-    def reference_tree() -> dict[str, Any]:
+    def reference_tree() -> dict[str, FileFacts]:
         containerd.ctr("images", "pull", "--plain-http", pushed.reference)
-        with mounted_view(containerd, top, tmp_path / "reference") as root:
-            return describe_tree(root)
+        return view_tree(containerd, top, tmp_path / "reference")
 
     expected = await asyncio.to_thread(reference_tree)
     env = _node_env(http_proxy)
     layer_digests = {layer.digest for layer in built_features.layers}
     since = len(registry.requests())
-    with AgentProcess(
-        tmp_path / "agent", plain_http=[registry.host], extra_args=["--no-background-fill"], env=env
-    ) as agent:
-        lazy = _lazy_containerd(containerd_factory, agent, env, registry)
+    with _node(tmp_path, registry, containerd_factory, env) as (agent, lazy):
 
-        def lazy_tree() -> dict[str, Any]:
+        def lazy_tree() -> dict[str, FileFacts]:
             lazy.cri_pull_image(pushed.reference)
-            with mounted_view(
-                lazy,
-                top,
-                tmp_path / "lazy",
-                snapshotter=ACCELD_SNAPSHOTTER,
-                namespace=CRI_NAMESPACE,
-            ) as root:
-                return describe_tree(root)
+            return view_tree(lazy, top, tmp_path / "lazy", ACCELD_SNAPSHOTTER, CRI_NAMESPACE)
 
         actual = await asyncio.to_thread(lazy_tree)
         assert tree_differences(expected, actual) == []
@@ -192,10 +183,7 @@ async def test_no_proxy_naming_the_registry_bypasses_the_proxy(
     pushed = await image_pusher.push(built_busybox)
     await _convert(registry, pushed.reference)
     env = _node_env(http_proxy, no_proxy=registry.bind_host)
-    with AgentProcess(
-        tmp_path / "agent", plain_http=[registry.host], extra_args=["--no-background-fill"], env=env
-    ) as agent:
-        lazy = _lazy_containerd(containerd_factory, agent, env, registry)
+    with _node(tmp_path, registry, containerd_factory, env) as (agent, lazy):
         await asyncio.to_thread(lazy.cri_pull_image, pushed.reference)
         out = await asyncio.to_thread(
             lazy.run_container,
@@ -220,130 +208,62 @@ async def test_no_proxy_naming_the_registry_bypasses_the_proxy(
 
 REGISTRY_ADDRESS = "11.0.0.30"
 STORAGE_ADDRESS = "11.0.0.40"
-PRIVATE_STORAGE_ADDRESS = "127.0.0.2"
 NAMES = {
     "registry.public.test": REGISTRY_ADDRESS,
     "storage.public.test": STORAGE_ADDRESS,
     "auth.public.test": STORAGE_ADDRESS,
-    "storage.private.test": PRIVATE_STORAGE_ADDRESS,
+    "storage.private.test": "127.0.0.2",
 }
 REGISTRY = "registry.public.test"
-BLOB = bytes(range(256)) * 64
-BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-MANIFEST = json.dumps(
-    {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": "sha256:" + "c" * 64,
-            "size": 2,
-        },
-        "layers": [],
-    }
-).encode()
+DELEGATE_PORT = 8443
+"""Storage's and the token service's, on every address (the registry has 443)."""
 WORK_VARIABLE = "ACCELD_TEST_PROXY_WORK"
-
-
-def _registry_app() -> web.Application:
-    """A registry on https whose manifests need a token from auth.public.test and whose
-    blobs redirect to storage.<repository>.test."""
-
-    async def manifest(request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != "Bearer t0ken":
-            challenge = 'Bearer realm="https://auth.public.test/token",service="svc"'
-            return web.Response(status=401, headers={"WWW-Authenticate": challenge})
-        media = "application/vnd.oci.image.manifest.v1+json"
-        return web.Response(body=MANIFEST, headers={"Content-Type": media})
-
-    async def blob(request: web.Request) -> web.Response:
-        location = f"https://storage.{request.match_info['repo']}.test/blob"
-        return web.Response(status=307, headers={"Location": location})
-
-    app = web.Application()
-    app.router.add_get("/v2/{repo}/manifests/{reference}", manifest)
-    app.router.add_get("/v2/{repo}/blobs/{digest}", blob)
-    return app
-
-
-def _storage_app(reached: list[str]) -> web.Application:
-    """Storage and token service, recording the address each request reached."""
-
-    def record(request: web.Request) -> None:
-        assert request.transport is not None
-        reached.append(request.transport.get_extra_info("sockname")[0])
-
-    async def blob(request: web.Request) -> web.Response:
-        record(request)
-        first, last = request.http_range.start, request.http_range.stop
-        headers = {"Content-Range": f"bytes {first}-{last - 1}/{len(BLOB)}"}
-        return web.Response(status=206, body=BLOB[first:last], headers=headers)
-
-    async def token(request: web.Request) -> web.Response:
-        record(request)
-        return web.json_response({"token": "t0ken", "expires_in": 300})
-
-    app = web.Application()
-    app.router.add_get("/blob", blob)
-    app.router.add_get("/token", token)
-    return app
-
-
-async def _read(repository: str, proxies: ProxySelector) -> str:
-    """A manifest and a blob range read by a fresh client: ``ok`` or the error's class."""
-    reference = ImageReference.parse(f"{REGISTRY}/{repository}:v1")
-    try:
-        async with RegistryClient() as client:
-            client.transport.proxies = proxies
-            assert (await client.get_manifest(reference)).body == MANIFEST
-            assert await client.get_range(reference, BLOB_DIGEST, 100, 1000) == BLOB[100:1100]
-    except RegistryError as exc:
-        return type(exc).__name__
-    return "ok"
+REPOSITORIES = ("public", "private")
+SCENARIOS = {
+    # name: (repository, NO_PROXY, whether the proxy URL carries the credentials)
+    "all through the proxy": ("public", "", True),
+    "storage in NO_PROXY": ("public", "storage.public.test", True),
+    "registry in NO_PROXY": ("public", REGISTRY, True),
+    "storage on a private name": ("private", "", True),
+    "without the proxy's credentials": ("public", "", False),
+}
 
 
 async def _connect_scenarios() -> dict[str, Any]:
-    """Each scenario's outcome, the CONNECTs the proxy was asked for meanwhile and the
-    addresses storage was reached at."""
+    """Per scenario: a manifest read (its token from auth.public.test) and a blob read
+    (redirected to storage.<repository>.test) by fresh clients over https, their
+    outcomes, the CONNECTs the proxy was asked for meanwhile and the addresses the
+    storage and token service were reached at."""
     work = Path(os.environ[WORK_VARIABLE])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(work / "server.crt", work / "server.key")
-    reached: list[str] = []
-    runners = []
-    for app, address in (
-        (_registry_app(), REGISTRY_ADDRESS),
-        (_storage_app(reached), STORAGE_ADDRESS),
-        (_storage_app(reached), PRIVATE_STORAGE_ADDRESS),
-    ):
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, address, 443, ssl_context=context).start()
-        runners.append(runner)
+    delegate = StorageDelegate(port=DELEGATE_PORT, ssl_context=context)
+    registry = DelegatingRegistry(
+        REGISTRY_ADDRESS,
+        delegate,
+        redirects={repo: f"https://storage.{repo}.test:{{port}}/blob" for repo in REPOSITORIES},
+        realms={repo: "https://auth.public.test:{port}/token" for repo in REPOSITORIES},
+        port=443,
+        ssl_context=context,
+    )
     proxy = HttpProxy(work / "proxy", credentials=("node", "pr0xy"))
-    scenarios = {
-        "all through the proxy": ("public", ""),
-        "storage in NO_PROXY": ("public", "storage.public.test"),
-        "registry in NO_PROXY": ("public", REGISTRY),
-        "storage on a private name": ("private", ""),
-        "without the proxy's credentials": ("public", ""),
-    }
     report: dict[str, Any] = {}
-    with proxy:
-        for name, (repository, no_proxy) in scenarios.items():
-            url = proxy.url
-            if name == "without the proxy's credentials":
-                url = f"http://127.0.0.1:{proxy.port}"
+    with proxy, serving(delegate, registry):
+        for name, (repository, no_proxy, credentials) in SCENARIOS.items():
+            url = proxy.url if credentials else f"http://127.0.0.1:{proxy.port}"
             selector = ProxySelector(ProxyEnvironment(https_proxy=url, no_proxy=no_proxy))
-            before, reached_before = len(proxy.requests()), len(reached)
-            outcome = await _read(repository, selector)
+            before, reached_before = len(proxy.requests()), len(delegate.reached)
+            outcomes = [
+                await read_outcome(REGISTRY, repository, what, plain_http=False, proxies=selector)
+                for what in ("manifest", "blob")
+            ]
+            asked = proxy.requests()[before:]
             report[name] = {
-                "outcome": outcome,
-                "connects": sorted({r.target for r in proxy.requests()[before:]}),
-                "methods": sorted({r.method for r in proxy.requests()[before:]}),
-                "reached": sorted(set(reached[reached_before:])),
+                "outcomes": outcomes,
+                "connects": sorted({r.target for r in asked}),
+                "methods": sorted({r.method for r in asked}),
+                "reached": sorted(set(delegate.reached[reached_before:])),
             }
-    for runner in runners:
-        await runner.cleanup()
     return report
 
 
@@ -352,10 +272,7 @@ def test_https_goes_through_connect_tunnels_host_by_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_self_signed(
-        tmp_path / "server.key",
-        tmp_path / "server.crt",
-        "acceld proxy test",
-        dns_names=list(NAMES),
+        tmp_path / "server.key", tmp_path / "server.crt", "acceld proxy test", dns_names=list(NAMES)
     )
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "server.crt"))
     monkeypatch.setenv(WORK_VARIABLE, str(tmp_path))
@@ -365,26 +282,29 @@ def test_https_goes_through_connect_tunnels_host_by_host(
         addresses=[REGISTRY_ADDRESS, STORAGE_ADDRESS],
         hosts=NAMES,
     )
-    registry, auth, storage = (
-        f"{name}:443" for name in (REGISTRY, "auth.public.test", "storage.public.test")
-    )
+    registry = f"{REGISTRY}:443"
+    auth, storage = (f"{name}.public.test:{DELEGATE_PORT}" for name in ("auth", "storage"))
     assert report["all through the proxy"] == {
-        "outcome": "ok",
+        "outcomes": ["ok", "ok"],
         "connects": [auth, registry, storage],
         "methods": ["CONNECT"],
         "reached": [STORAGE_ADDRESS],
     }
-    assert report["storage in NO_PROXY"]["outcome"] == "ok"
+    # Each host is judged on its own: the redirect's, the realm's, the registry's.
+    assert report["storage in NO_PROXY"]["outcomes"] == ["ok", "ok"]
     assert report["storage in NO_PROXY"]["connects"] == [auth, registry]
-    assert report["registry in NO_PROXY"]["outcome"] == "ok"
+    assert report["registry in NO_PROXY"]["outcomes"] == ["ok", "ok"]
     assert report["registry in NO_PROXY"]["connects"] == [auth, storage]
     # The node resolves the redirect's name to loopback: refused before the proxy is
     # asked, as it would be at connect time without a proxy.
     assert report["storage on a private name"] == {
-        "outcome": "DelegationRefusedError",
+        "outcomes": ["ok", "DelegationRefusedError"],
         "connects": [auth, registry],
         "methods": ["CONNECT"],
         "reached": [STORAGE_ADDRESS],
     }
-    assert report["without the proxy's credentials"]["outcome"] != "ok"
-    assert report["without the proxy's credentials"]["connects"] == [registry]
+    # tinyproxy refuses a CONNECT without them (407): they were sent above.
+    refused = report["without the proxy's credentials"]
+    assert "ok" not in refused["outcomes"]
+    assert refused["connects"] == [registry]
+    assert refused["reached"] == []
