@@ -100,6 +100,7 @@ class RegistryResolver(AbstractResolver):
 
     def __init__(self) -> None:
         self._had_public: dict[str, bool] = {}
+        self._unresolved: set[str] = set()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -120,11 +121,16 @@ class RegistryResolver(AbstractResolver):
 
     async def learn(self, host: str) -> None:
         """Look up a registry name that a proxy connects to, only to learn whether it is
-        public; once per name. A name the node cannot resolve teaches nothing (it stays
-        public, the stricter rule for its delegates)."""
-        if _key(host) not in self._had_public:
-            with contextlib.suppress(OSError):
-                await self.resolve(host, 0, socket.AF_UNSPEC)
+        public; once per name, so that a node whose names resolve only at the proxy
+        pays one failed lookup, not one per request. A name the node cannot resolve
+        teaches nothing (it stays public, the stricter rule for its delegates)."""
+        key = _key(host)
+        if key in self._had_public or key in self._unresolved:
+            return
+        try:
+            await self.resolve(host, 0, socket.AF_UNSPEC)
+        except OSError:
+            self._unresolved.add(key)
 
     async def close(self) -> None:
         """Nothing to release: lookups run on a shared pool."""
@@ -154,11 +160,12 @@ class PublicOnlyResolver(AbstractResolver):
 
     async def check_name(self, host: str) -> None:
         """Hold a delegate's name that a proxy resolves to the rule, by the node's own
-        answer: DelegationRefusedError if it has a non-public address. A name that
-        passed is not looked up again; one the node cannot resolve is left to the proxy."""
+        answer: DelegationRefusedError if it has a non-public address. A name the node
+        cannot resolve is left to the proxy. Either way the name is not looked up again
+        (a redirect is followed for every range read)."""
         key = _key(host)
         if key in self._checked:
             return
         with contextlib.suppress(OSError):
             await self.resolve(host, 0, socket.AF_UNSPEC)
-            self._checked.add(key)
+        self._checked.add(key)

@@ -129,8 +129,8 @@ class RegistryTransport:
         self._registry_resolver = RegistryResolver()
         self._public_resolver = PublicOnlyResolver()
         self.proxies: ProxySelector = process_proxies()
-        """Which requests go through a proxy; the process's environment unless replaced
-        before `open()`."""
+        """Which requests go through a proxy: by the rules of this process's environment,
+        read once (`process_proxies`), unless replaced (a test's own settings)."""
         self._challenges: dict[str, Challenge] = {}
         self._tokens = TokenCache()
         self._redirects: dict[tuple[str, str], tuple[str, float]] = {}
