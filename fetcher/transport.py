@@ -5,7 +5,8 @@ knows how to answer a 401 challenge, when a failure is worth retrying, that a bl
 redirect (e.g. a pre-signed storage URL) can be reused until it expires instead of
 costing a registry round trip per range request, which registries may be contacted at
 all (`fetcher.registry_policy`), and where the realms and redirects a registry names may
-lead (`fetcher.delegation`, enforced at connect time by `fetcher.resolver`).
+lead (`fetcher.delegation`, enforced at connect time by `fetcher.resolver`), and which
+requests go through an HTTP proxy (`fetcher.proxy_env`, containerd's rules).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from common.logging import get_logger
 from fetcher.auth import Challenge, TokenCache, basic_header, parse_challenge, repository_scope
 from fetcher.bodies import SMALL_BODY, json_capped
 from fetcher.credentials import CredentialStore
-from fetcher.delegation import delegate_allowed, may_send_credentials, registry_host
+from fetcher.delegation import delegate_allowed, host_of_url, may_send_credentials, registry_host
 from fetcher.errors import (
     DelegationRefusedError,
     ForbiddenError,
@@ -37,6 +38,7 @@ from fetcher.errors import (
     UnauthorizedError,
 )
 from fetcher.http_errors import TRANSIENT_ERRORS, malformed
+from fetcher.proxy_env import ProxySelector, process_proxies
 from fetcher.registry_policy import RegistryPolicy
 from fetcher.resolver import PublicOnlyResolver, RegistryResolver
 from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
@@ -123,7 +125,12 @@ class RegistryTransport:
         self._redirect_ttl = redirect_ttl
         self._session: aiohttp.ClientSession | None = None
         self._public_session: aiohttp.ClientSession | None = None
+        self._proxied_session: aiohttp.ClientSession | None = None
         self._registry_resolver = RegistryResolver()
+        self._public_resolver = PublicOnlyResolver()
+        self.proxies: ProxySelector = process_proxies()
+        """Which requests go through a proxy: by the rules of this process's environment,
+        read once (`process_proxies`), unless replaced (a test's own settings)."""
         self._challenges: dict[str, Challenge] = {}
         self._tokens = TokenCache()
         self._redirects: dict[tuple[str, str], tuple[str, float]] = {}
@@ -132,7 +139,9 @@ class RegistryTransport:
         """Create the pooled sessions (they must be created inside the running loop)."""
         if self._session is None:
             self._session = self._new_session(self._registry_resolver)
-            self._public_session = self._new_session(PublicOnlyResolver())
+            self._public_session = self._new_session(self._public_resolver)
+            # Its resolver only ever sees proxies' names: the proxy resolves the rest.
+            self._proxied_session = self._new_session(RegistryResolver())
 
     def _new_session(self, resolver: AbstractResolver) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -147,10 +156,10 @@ class RegistryTransport:
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        for session in (self._session, self._public_session):
+        for session in (self._session, self._public_session, self._proxied_session):
             if session is not None:
                 await session.close()
-        self._session = self._public_session = None
+        self._session = self._public_session = self._proxied_session = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -172,6 +181,29 @@ class RegistryTransport:
         if self._public_session is None:
             raise RuntimeError("RegistryTransport used before open()")
         return self._public_session
+
+    async def _route(
+        self, target: Target, url: str, delegate: bool
+    ) -> tuple[aiohttp.ClientSession, str | None]:
+        """The session and the proxy (None: direct) for a request to ``url``, one of
+        ``target``'s registry (``delegate`` False) or of a realm or redirect it named.
+
+        Through a proxy the proxy resolves the name and connects, so the rules meet the
+        name instead of the peer (`fetcher.resolver`): a registry's name is looked up
+        here to learn which rule its delegates follow, and a delegate's is held to that
+        rule by the node's own answer. The registry policy and the written-address rule
+        apply to the URL as before, whichever way it goes.
+        """
+        proxy = self.proxies.proxy_for(url)
+        if proxy is None:
+            return (self._delegate_session(target) if delegate else self.session), None
+        if self._proxied_session is None:
+            raise RuntimeError("RegistryTransport used before open()")
+        if not delegate:
+            await self._registry_resolver.learn(host_of_url(url))
+        elif self._registry_public(target):
+            await self._public_resolver.check_name(host_of_url(url))
+        return self._proxied_session, proxy
 
     def _check_delegate(self, target: Target, url: str, what: str) -> None:
         """Refuse a realm or redirect written as a non-public address (a name is judged
@@ -233,8 +265,9 @@ class RegistryTransport:
                 log.warning("registry.realm_credentials_withheld", registry=target.registry)
                 credential = None
             scope = repository_scope(target.repository, target.push)
+            session, proxy = await self._route(target, realm, delegate=True)
             token = await self._tokens.fetch(
-                self._delegate_session(target), challenge, scope, credential, self.timeout
+                session, challenge, scope, credential, self.timeout, proxy=proxy
             )
             return f"Bearer {token}"
         raise UnauthorizedError(f"unsupported auth scheme {challenge.scheme!r}", status=401)
@@ -328,13 +361,16 @@ class RegistryTransport:
         if auth:
             request_headers["Authorization"] = auth
 
+        session, proxy = await self._route(target, url, delegate=False)
+
         async def send() -> aiohttp.ClientResponse:
-            return await self.session.request(
+            return await session.request(
                 method,
                 url,
                 headers=request_headers,
                 data=body() if body else None,
                 allow_redirects=False,
+                proxy=proxy,
             )
 
         resp = await send()
@@ -371,8 +407,9 @@ class RegistryTransport:
         hops: int,
     ) -> aiohttp.ClientResponse:
         """Follow a redirect without our registry credentials (they are not the CDN's)."""
-        resp = await self._delegate_session(target).request(
-            method, url, headers=dict(headers or {}), allow_redirects=False
+        session, proxy = await self._route(target, url, delegate=True)
+        resp = await session.request(
+            method, url, headers=dict(headers or {}), allow_redirects=False, proxy=proxy
         )
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers and hops > 0:
             location = urljoin(url, resp.headers["Location"])

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class ContainerdServer:
     per call. ``acceld_socket`` is where the `acceld` proxy snapshotter is expected to
     listen; containerd dials it only when that snapshotter is used. ``stargz_socket``
     declares the `stargz` proxy snapshotter too (stargz-snapshotter's daemon there).
+    ``env`` is added to the environment the daemon inherits (a node's proxy variables).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class ContainerdServer:
         sandbox_image: str = "127.0.0.1:1/acceld-test/pause:none",
         tmpfs_size: str = "8g",
         log_level: str = "info",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         self.namespace = namespace
@@ -84,6 +86,7 @@ class ContainerdServer:
         self.sandbox_image = sandbox_image
         self.tmpfs_size = tmpfs_size
         self.log_level = log_level
+        self.env = dict(env or {})
         self.root = self.workdir / "root"
         self.state = self.workdir / "state"
         self.runc_root = self.state / "runc"
@@ -116,6 +119,7 @@ class ContainerdServer:
             with self.log_path.open("ab") as log_file:
                 self._process = subprocess.Popen(
                     ["containerd", "--config", str(self.config_path)],
+                    env={**os.environ, **self.env},
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
