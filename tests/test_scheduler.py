@@ -373,7 +373,8 @@ async def test_a_background_stream_runs_only_while_the_link_is_quiet(
                 second = asyncio.create_task(demand_read(demand.chunks[2]))
                 await _until_in_flight(parts, Priority.DEMAND)
                 paused_from = loop.time()
-    await asyncio.gather(first, second)  # type: ignore[arg-type]
+    assert second is not None
+    await asyncio.gather(first, second)
     assert received == streamed.blob.size
     assert len(arrivals) > 2
     assert arrivals[0] >= demand_ends[0] + 0.25, (arrivals[0], demand_ends)
