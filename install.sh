@@ -24,6 +24,7 @@ done
 APT_PACKAGES=(
   containerd runc pigz docker-registry fuse3 libfuse3-dev pkg-config python3-bpfcc
   skopeo umoci iproute2 stargz-snapshotter apache2-utils ca-certificates busybox-static linux-libc-dev debootstrap systemd
+  tinyproxy-bin
 )
 # Only for --bench-peer: the Go toolchain and stargz-snapshotter's library sources.
 BENCH_PEER_APT_PACKAGES=(golang-go golang-github-containerd-stargz-snapshotter-dev)

@@ -14,6 +14,7 @@ from accelctl.pull_run import pull, run
 from accelctl.webhook.command import webhook
 from common.logging import configure_logging
 from common.version import VERSION
+from fetcher.proxy_env import ProxyConfigError, process_proxies
 
 
 @click.group()
@@ -22,6 +23,10 @@ from common.version import VERSION
 def cli(log_level: str) -> None:
     """Operate acceld: inspect, convert and lazily pull container images."""
     configure_logging(log_level)
+    try:
+        process_proxies()
+    except ProxyConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 cli.add_command(inspect_image)

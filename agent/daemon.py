@@ -177,7 +177,6 @@ class Agent:
         )
         provider = LazyLayerProvider(
             discovery,
-            self.client,
             self.fs,
             fetcher,
             cache,
@@ -375,7 +374,7 @@ def _observe_request(priority: Priority, nbytes: int, seconds: float) -> None:
     label = priority.name.lower()
     metrics.FETCH_BYTES.labels(label).inc(nbytes)
     metrics.RANGE_REQUESTS.labels(label).inc()
-    metrics.RANGE_SECONDS.observe(seconds)
+    metrics.RANGE_SECONDS.labels(label).observe(seconds)
 
 
 def run(config: AgentConfig) -> None:

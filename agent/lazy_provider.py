@@ -9,9 +9,9 @@ so the node converges to holding the full image while the container is already r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import posixpath
-import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +28,6 @@ from fetcher.chunk_cache import ChunkCache
 from fetcher.chunks import Priority
 from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
-from fetcher.registry import RegistryClient
 from fetcher.scheduler import ChunkFetcher
 
 log = get_logger(__name__)
@@ -53,7 +52,6 @@ class LazyLayerProvider:
     def __init__(
         self,
         discovery: LayerDiscovery,
-        client: RegistryClient,
         fs: LayerFS,
         fetcher: ChunkFetcher,
         cache: ChunkCache,
@@ -63,10 +61,9 @@ class LazyLayerProvider:
         background_fill_delay_s: float = 10.0,
         discovery_timeout_s: float = 30.0,
     ) -> None:
-        """``client`` streams blobs for the fill's audit; ``planner`` decides what to
-        fetch ahead of each start (its hooks are discovery's, wired by the daemon)."""
+        """``planner`` decides what to fetch ahead of each start (its hooks are
+        discovery's, wired by the daemon)."""
         self.discovery = discovery
-        self.client = client
         self.fs = fs
         self.fetcher = fetcher
         self.cache = cache
@@ -185,22 +182,13 @@ class LazyLayerProvider:
 
     async def _audit(self, name: str, layer: IndexedLayer) -> None:
         """Fill an index-only layer by streaming its blob through the audit, which
-        checks the index against it (layer_audit); if the stream fails, by its spans."""
-        started = time.monotonic()
-        stats = self.fetcher.stats
-        received = 0
-
-        async def counted() -> AsyncIterator[bytes]:
-            nonlocal received
-            async for chunk in self.client.iter_blob(layer.blob.ref, layer.blob.digest):
-                received += len(chunk)
-                stats.stream_received(Priority.BACKGROUND, len(chunk))
-                yield chunk
-
+        checks the index against it (layer_audit); if the stream fails, by its spans.
+        The stream yields the link to starts (``ChunkFetcher.background_stream``)."""
         try:
-            verdict, _ = await audit_layer(
-                layer, counted(), self.cache, lambda: self.fs.layer(name) is not None
-            )
+            async with contextlib.aclosing(self.fetcher.background_stream(layer.blob)) as stream:
+                verdict, _ = await audit_layer(
+                    layer, stream, self.cache, lambda: self.fs.layer(name) is not None
+                )
         except AuditStopped:
             return
         except (RegistryError, OSError) as exc:
@@ -208,8 +196,6 @@ class LazyLayerProvider:
             if self.fs.layer(name) is not None:
                 self.fetcher.enqueue(layer.blob, layer.all_chunks(), Priority.BACKGROUND)
             return
-        finally:
-            stats.stream_ended(Priority.BACKGROUND, received, time.monotonic() - started)
         if verdict is None:
             log.info("agent.layer_audited", layer=name, rows=len(layer.entries))
         else:

@@ -14,6 +14,7 @@ from agent.daemon import run
 from agent.node_check import run_checks
 from common.logging import configure_logging
 from common.version import VERSION
+from fetcher.proxy_env import ProxyConfigError, process_proxies
 
 
 @click.group()
@@ -88,7 +89,8 @@ def run_agent(
     }
     try:
         config = AgentConfig.load(config_path, overrides)
-    except ConfigError as exc:
+        process_proxies()
+    except (ConfigError, ProxyConfigError) as exc:
         raise click.ClickException(str(exc)) from None
     run(config)
 

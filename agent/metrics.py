@@ -50,7 +50,9 @@ RANGE_REQUESTS = Counter(
 )
 RANGE_SECONDS = Histogram(
     "acceld_range_request_seconds",
-    "Latency of one Range request",
+    "Latency of one Range request, by the priority it ran at (a demand read's shows how"
+    " much the prefetch and fill sharing the link delayed it)",
+    ["priority"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )

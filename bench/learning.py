@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.compressed_limit import RangeCost
+from bench.compressed_limit import RangeCost, full_form_cost, index_form_cost
 from bench.profile_state import LearnError, forget_profiles, wait_for_profile
 from bench.startup import RunResult, Setup, lazy_node, lazy_reference, timed_lazy_start
 from common.logging import get_logger
+from fetcher.reference import ImageReference
+from fetcher.registry import RegistryClient
 from profiles.format import Profile
 
 log = get_logger(__name__)
@@ -29,9 +31,23 @@ PROFILE_WAIT_S = 120.0
 trace window (quiet period, or its 60 s deadline) plus its publish settle time."""
 
 ProgressCallback = Callable[[str], None]
+"""Told the label of each step as it begins (``bench_command`` shows it with rich)."""
 Costing = Callable[[Profile], RangeCost]
 """What the ranges a learned profile records cost on the link (bench/compressed_limit.py)."""
-"""Told the label of each step as it begins (``bench_command`` shows it with rich)."""
+
+
+def form_costing(setup: Setup, form: str) -> Costing:
+    """How to price a learned profile's ranges in ``form``: the original layers are in
+    the bench's image cache; the eStargz TOCs come from the bench registry."""
+    if form == "index":
+        return lambda profile: index_form_cost(setup.image.built, profile)
+
+    async def full(profile: Profile) -> RangeCost:
+        async with RegistryClient(plain_http_hosts={setup.registry_host}) as client:
+            reference = ImageReference.parse(lazy_reference(setup, "full"))
+            return await full_form_cost(client, reference, profile)
+
+    return lambda profile: asyncio.run(full(profile))
 
 
 @dataclass

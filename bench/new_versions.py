@@ -18,9 +18,10 @@ times with the order rotating, each from a cold node and none recording:
 
 Each run records which profile the agent loaded (`bench.startup.profile_loaded`).
 The rows hold the ratios the issue sets targets for: inherited over own-profile ready
-time, inherited over the physical limit (v1's local start plus the bytes the version's
-own profile says its start reads, at link bandwidth), and the bytes fetched before
-ready by an inherited start over the bytes the app read.
+time, inherited over the compressed limit (v1's local start plus the compressed bytes,
+in the form's layers, holding what the version's start read, from one start with
+read-ahead off, at link bandwidth: bench/compressed_limit.py), and the bytes fetched
+before ready by an inherited start over the bytes the app read.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from bench.learning import (
     Learned,
     ProgressCallback,
     done_with,
+    form_costing,
     learn_profile,
     run_dir,
 )
@@ -217,6 +219,7 @@ def measure_versions(
             outcome.learned[form] = learn_profile(
                 version_setup,
                 form,
+                costing=form_costing(version_setup, form),
                 starts=learn_starts,
                 keep_runs=keep_runs,
                 image_number=image_number,
@@ -329,8 +332,9 @@ def version_rows(
         tags.update({digest: outcome.tag for digest in outcome.digests.values()})
     rows = []
     for outcome in outcomes:
-        limit = physical_limit_seconds(warm_seconds, outcome.app_read_bytes, rate_mbit)
         for form, learned in outcome.learned.items():
+            limit_bytes = None if learned.cost is None else learned.cost.limit_bytes
+            limit = physical_limit_seconds(warm_seconds, limit_bytes, rate_mbit)
             by_mode = {
                 mode: [r for r in outcome.runs if r.mode == mode_name(form, mode)]
                 for mode in VERSION_MODES

@@ -38,7 +38,6 @@ from bench.startup import (
     RunResult,
     Setup,
     cold_start,
-    cpu_seconds,
 )
 from common.logging import get_logger
 from fetcher.reference import ImageReference
@@ -227,7 +226,7 @@ def run_peer(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
 
     ``lazy_layers`` / ``fallback_layers`` are the daemon's own per-layer verdicts (a
     fallback layer is downloaded and unpacked by containerd); ``agent_stats`` holds the
-    daemon's CPU time, as it holds acceld's for acceld's runs.
+    daemon's CPU time over the start, as it holds acceld's for acceld's runs.
     """
     reference = peer_images(setup).reference(mode)
     fs_config = {"no_background_fetch": not setup.background_fill}
@@ -240,12 +239,11 @@ def run_peer(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
         ) as server,
     ):
         try:
-            start = cold_start(server, reference, STARGZ_SNAPSHOTTER, setup)
+            start = cold_start(server, reference, STARGZ_SNAPSHOTTER, setup, daemon.pid)
         except Exception:
             log.error("bench.peer_run_failed", mode=mode, daemon_log=str(daemon.log_path))
             raise
         verdicts = daemon.remote_snapshots()
-        user, system = cpu_seconds(daemon.pid)
     if verdicts.fallback:
         log.warning("bench.peer_fallback_layers", mode=mode, layers=verdicts.fallback)
     return RunResult(
@@ -256,5 +254,7 @@ def run_peer(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
         start.link_bytes,
         lazy_layers=float(verdicts.lazy),
         fallback_layers=float(verdicts.fallback),
-        agent_stats={"agent_user_seconds": user, "agent_system_seconds": system},
+        agent_stats=dict(
+            zip(("agent_user_seconds", "agent_system_seconds"), start.daemon_cpu, strict=True)
+        ),
     )

@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,18 +194,26 @@ def ctr_run_command(
 
 
 def start_until_ready(
-    server: ContainerdServer, image: str, snapshotter: str, probe: ReadinessProbe, timeout: float
+    server: ContainerdServer,
+    image: str,
+    snapshotter: str,
+    probe: ReadinessProbe,
+    timeout: float,
+    at_ready: Callable[[], None] | None = None,
 ) -> float:
     """`ctr run` the image and return when ``probe`` fires; the container is then stopped.
 
     A server never exits by itself, so after readiness the task is killed; `--rm` then
     removes the container, and `ContainerdServer.stop` sweeps anything left.
+    ``at_ready`` is called as the probe fires, before the stop (which takes seconds).
     """
     container_id = f"bench-{uuid.uuid4().hex[:10]}"
     command = ctr_run_command(server, image, container_id, snapshotter)
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as process:
         try:
             ready = probe.wait(process, time.monotonic() + timeout)
+            if at_ready is not None:
+                at_ready()
         except NotReadyError as exc:
             raise NotReadyError(f"{' '.join(command)}: {exc}") from None
         finally:
@@ -251,20 +259,41 @@ class ColdStart:
     ready_seconds: float
     link_bytes: int
     """Bytes the link carried from the pull's start to readiness."""
+    daemon_cpu: tuple[float, float] = (0.0, 0.0)
+    """User and system CPU seconds the lazy daemon spent from the pull's start to
+    readiness: its start-up (imports, eBPF compile) and the container's stop are
+    another matter than what serving this start cost."""
 
 
 def cold_start(
-    server: ContainerdServer, reference: str, snapshotter: str, setup: Setup
+    server: ContainerdServer,
+    reference: str,
+    snapshotter: str,
+    setup: Setup,
+    daemon_pid: int | None = None,
 ) -> ColdStart:
     """CRI pull of ``reference`` with the page caches dropped first, then run it with
-    ``snapshotter`` until the image's readiness probe fires."""
+    ``snapshotter`` until the image's readiness probe fires; ``daemon_pid``'s CPU is
+    counted over that span."""
     drop_page_caches()
     counter = LinkCounter(setup.link)
+    spent: list[tuple[float, float]] = []
+
+    def sample_cpu() -> None:
+        if daemon_pid is not None:
+            spent.append(cpu_seconds(daemon_pid))
+
+    sample_cpu()
     started = time.monotonic()
     server.cri_pull_image(reference, timeout=setup.timeout)
     pulled = time.monotonic()
-    ready = start_until_ready(server, reference, snapshotter, setup.image.probe, setup.timeout)
-    return ColdStart(pulled - started, ready - started, counter.since_start())
+    ready = start_until_ready(
+        server, reference, snapshotter, setup.image.probe, setup.timeout, sample_cpu
+    )
+    cpu = (0.0, 0.0)
+    if len(spent) == 2:
+        cpu = (spent[1][0] - spent[0][0], spent[1][1] - spent[0][1])
+    return ColdStart(pulled - started, ready - started, counter.since_start(), cpu)
 
 
 def run_overlayfs(setup: Setup, repetition: int, run_dir: Path) -> list[RunResult]:
@@ -339,12 +368,13 @@ def timed_lazy_start(
     """CRI pull of ``reference`` through the node's agent, then run until ready."""
     agent, server = node
     try:
-        start = cold_start(server, reference, ACCELD_SNAPSHOTTER, setup)
+        start = cold_start(server, reference, ACCELD_SNAPSHOTTER, setup, agent.pid)
     except Exception:
         log.error("bench.lazy_run_failed", agent_log=str(agent.log_path))
         raise
     fallbacks = agent.metric("acceld_fallbacks_total")
     fetched, stats = agent_figures(agent)
+    stats["agent_user_seconds"], stats["agent_system_seconds"] = start.daemon_cpu
     loaded = profile_loaded(agent.log_path)
     return RunResult(
         mode,
@@ -413,7 +443,7 @@ def run_lazy(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
 
 _AGENT_STATS = {
     "acceld_range_requests_total": "range_requests_{priority}",
-    "acceld_range_request_seconds_sum": "range_seconds",
+    "acceld_range_request_seconds_sum": "range_seconds_{priority}",
     "acceld_fuse_ops_total": "fuse_{op}_ops",
     "acceld_fuse_op_seconds_sum": "fuse_{op}_seconds",
     "acceld_fuse_errors_total": "fuse_{op}_{errno}",
@@ -430,8 +460,8 @@ filled in)."""
 
 def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, float]]:
     """Compressed bytes fetched by priority, and where a lazy start's time went: round
-    trips by priority, time FUSE reads waited, the agent's CPU; and the chunk bytes
-    fetched and not yet read, by priority, which bench/overfetch.py splits by cause.
+    trips by priority, time FUSE reads waited; and the chunk bytes fetched and not yet
+    read, by priority, which bench/overfetch.py splits by cause.
 
     These explain a ready time (a start is usually bound by sequential demand round
     trips, not bandwidth), so they are kept in the JSON next to it.
@@ -444,7 +474,6 @@ def agent_figures(agent: AgentProcess) -> tuple[dict[str, float], dict[str, floa
                 fetched[sample.labels["priority"]] = sample.value
             elif sample.name in _AGENT_STATS:
                 stats[_AGENT_STATS[sample.name].format(**sample.labels)] = sample.value
-    stats["agent_user_seconds"], stats["agent_system_seconds"] = cpu_seconds(agent.pid)
     return fetched, stats
 
 

@@ -48,13 +48,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bench.catalog import CATALOG, ImageVersion
 from bench.chart import Bar, Panel, stacked_bars
-from bench.compressed_limit import RangeCost, full_form_cost, index_form_cost
+from bench.compressed_limit import RangeCost
 from bench.learning import (
     PROFILE_SUFFIX,
-    Costing,
     Learned,
     ProgressCallback,
     done_with,
+    form_costing,
     learn_profile,
     run_dir,
 )
@@ -89,9 +89,6 @@ from bench.startup import (
     timed_lazy_start,
 )
 from common.logging import get_logger
-from fetcher.reference import ImageReference
-from fetcher.registry import RegistryClient
-from profiles.format import Profile
 from rig.shaped_link import ShapedLink
 
 log = get_logger(__name__)
@@ -290,20 +287,6 @@ def measure_image(
             log.info("bench.done", image=setup.image.name, **asdict(runs[-1]))
         order = order[1:] + order[:1]
     return learned, runs
-
-
-def form_costing(setup: Setup, form: str) -> Costing:
-    """How to price a learned profile's ranges in ``form``: the original layers are in
-    the bench's image cache; the eStargz TOCs come from the bench registry."""
-    if form == "index":
-        return lambda profile: index_form_cost(setup.image.built, profile)
-
-    async def full(profile: Profile) -> RangeCost:
-        async with RegistryClient(plain_http_hosts={setup.registry_host}) as client:
-            reference = ImageReference.parse(lazy_reference(setup, "full"))
-            return await full_form_cost(client, reference, profile)
-
-    return lambda profile: asyncio.run(full(profile))
 
 
 def load_image(name: str, options: SuiteOptions) -> ImageUnderTest:
@@ -517,7 +500,8 @@ def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
         f"median time-to-ready speedup vs full pull over {images} image(s): "
         + ", ".join(parts)
         + "; limit = local start + the compressed bytes holding what the app read"
-        " / link bandwidth (first limit: those bytes uncompressed)" + _versus_peer(rows)
+        " / link bandwidth (first limit: those bytes uncompressed); agent CPU = the lazy"
+        " daemon's, from the pull's start to readiness" + _versus_peer(rows)
     )
 
 

@@ -33,6 +33,7 @@ from converter.push_events import PushedImage, RepositoryRule, ServerConfig, ima
 from converter.record_at_conversion import RECORD_FAILURES, record_at_conversion
 from fetcher.credentials import CredentialStore
 from fetcher.errors import RegistryError
+from fetcher.proxy_env import ProxyRefusedError, process_proxies
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 
@@ -264,11 +265,14 @@ class ConvertServer:
             return
         try:
             async with self._http.post(
-                self.config.webhook_url, json=report, timeout=aiohttp.ClientTimeout(total=10)
+                self.config.webhook_url,
+                json=report,
+                timeout=aiohttp.ClientTimeout(total=10),
+                proxy=process_proxies().proxy_for(self.config.webhook_url),
             ) as resp:
                 if resp.status >= 300:
                     log.warning("convert_server.webhook_refused", status=resp.status)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ProxyRefusedError) as exc:
             log.warning("convert_server.webhook_failed", error=exc.__class__.__name__)
 
     async def drain(self) -> None:

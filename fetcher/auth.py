@@ -94,8 +94,9 @@ class TokenCache:
         scope: str,
         credential: Credential | None,
         timeout: aiohttp.ClientTimeout,
+        proxy: str | None = None,
     ) -> str:
-        """A token for ``scope`` from the challenge's realm, cached."""
+        """A token for ``scope`` from the challenge's realm (through ``proxy``), cached."""
         realm = challenge.params.get("realm")
         if not realm:
             raise UnauthorizedError("Bearer challenge without a realm")
@@ -110,7 +111,7 @@ class TokenCache:
                 token, lifetime = credential.registry_token, DEFAULT_TOKEN_LIFETIME
             else:
                 token, lifetime = await _request_token(
-                    session, realm, service, scope, credential, timeout
+                    session, realm, service, scope, credential, timeout, proxy
                 )
             expires = time.monotonic() + max(lifetime - TOKEN_EXPIRY_MARGIN, 1.0)
             self._tokens[key] = _CachedToken(token, expires)
@@ -131,6 +132,7 @@ async def _request_token(
     scope: str,
     credential: Credential | None,
     timeout: aiohttp.ClientTimeout,
+    proxy: str | None,
 ) -> tuple[str, float]:
     """Ask the token service: OAuth2 refresh-token POST if we hold one, else GET (+Basic)."""
     try:
@@ -142,7 +144,7 @@ async def _request_token(
                 "scope": scope,
                 "client_id": "acceld",
             }
-            async with session.post(realm, data=form, timeout=timeout) as resp:
+            async with session.post(realm, data=form, timeout=timeout, proxy=proxy) as resp:
                 return await _token_from_response(resp, realm)
         params = {"scope": scope, "client_id": "acceld"}
         if service:
@@ -151,7 +153,9 @@ async def _request_token(
         if credential and credential.username:
             params["account"] = credential.username
             headers["Authorization"] = basic_header(credential)
-        async with session.get(realm, params=params, headers=headers, timeout=timeout) as resp:
+        async with session.get(
+            realm, params=params, headers=headers, timeout=timeout, proxy=proxy
+        ) as resp:
             return await _token_from_response(resp, realm)
     except TRANSIENT_ERRORS as exc:
         raise RegistryUnavailableError(

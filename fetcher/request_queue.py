@@ -23,6 +23,9 @@ from fetcher.coalesce import RangeQueue
 BACKGROUND_REQUEST_BYTES = 2 << 20
 """Fill requests stay small: one already on the wire when a read arrives delays it
 by at most this much transfer."""
+PREFETCH_REQUEST_BYTES = 4 << 20
+"""Prefetch requests stay moderate for the same reason: a demand read shares the link
+with every request already on the wire until it ends, whatever its priority."""
 
 _HEAP_SLACK = 256
 """Stale heap entries tolerated beyond twice the live ones before a rebuild."""
@@ -149,17 +152,26 @@ class RequestQueues:
         gap: int,
         max_request: int,
         *,
+        free: int,
+        spare_for_demand: int,
         demand_only: bool,
         on_quiet: Callable[[str], None],
     ) -> tuple[Priority, list[ChunkJob]] | None:
         """Dequeue the host's most urgent job and its neighbours, with the priority the
         request runs at (the most urgent job's), or None when nothing may start now:
-        nothing queued, only prefetch or fill while ``demand_only``, or only fill before
-        the link is quiet (``on_quiet(host)`` is called once it is)."""
+        nothing queued; only prefetch or fill while ``demand_only``, or while no more than
+        ``spare_for_demand`` of the host's ``free`` connections are left (they are kept
+        for the next demand read, so it never waits for a request to end before its own
+        starts); or only fill before the link is quiet (``on_quiet(host)`` is called
+        once it is)."""
         queue = self._hosts.get(host)
         lead = None if queue is None else queue.peek()
-        if queue is None or lead is None or (lead.priority != Priority.DEMAND and demand_only):
+        if queue is None or lead is None:
             return None
+        if lead.priority != Priority.DEMAND:
+            if demand_only or free <= spare_for_demand:
+                return None
+            max_request = min(max_request, PREFETCH_REQUEST_BYTES)
         if lead.priority == Priority.BACKGROUND:
             if not self._fill_may_start(host, queue, on_quiet):
                 return None

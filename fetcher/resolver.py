@@ -18,6 +18,14 @@ A transport has two resolvers:
   addresses. It refuses a name if any address it resolves to is non-public, before a
   connection is attempted.
 
+Through an HTTP proxy (`fetcher.proxy_env`) the proxy resolves the names and connects;
+the connection's peer is the proxy, which no resolver here judges. What is left to
+this side is the node's own view of a name, taken by a lookup of its own: which rule a
+proxied registry's delegates follow (`RegistryResolver.learn`), and whether a proxied
+delegate's name is public (`PublicOnlyResolver.check_name`). Best effort by nature:
+the proxy's answer may differ, so the proxy's own rules are the last word there, as
+they are for containerd.
+
 Lookups run on threads of their own, not on the loop's default executor: that one also
 runs file-system walks that can wait behind overlayfs, and a fetch that such a walk
 waits for must not queue behind it.
@@ -26,6 +34,7 @@ waits for must not queue behind it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
@@ -91,6 +100,7 @@ class RegistryResolver(AbstractResolver):
 
     def __init__(self) -> None:
         self._had_public: dict[str, bool] = {}
+        self._unresolved: set[str] = set()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -109,12 +119,28 @@ class RegistryResolver(AbstractResolver):
         connections it serves. A name never looked up counts as public."""
         return written_non_public(host) or self._had_public.get(_key(host)) is False
 
+    async def learn(self, host: str) -> None:
+        """Look up a registry name that a proxy connects to, only to learn whether it is
+        public; once per name, so that a node whose names resolve only at the proxy
+        pays one failed lookup, not one per request. A name the node cannot resolve
+        teaches nothing (it stays public, the stricter rule for its delegates)."""
+        key = _key(host)
+        if key in self._had_public or key in self._unresolved:
+            return
+        try:
+            await self.resolve(host, 0, socket.AF_UNSPEC)
+        except OSError:
+            self._unresolved.add(key)
+
     async def close(self) -> None:
         """Nothing to release: lookups run on a shared pool."""
 
 
 class PublicOnlyResolver(AbstractResolver):
     """Resolves names only to public addresses: any other answer refuses the name."""
+
+    def __init__(self) -> None:
+        self._checked: set[str] = set()
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -131,3 +157,15 @@ class PublicOnlyResolver(AbstractResolver):
 
     async def close(self) -> None:
         """Nothing to release: lookups run on a shared pool."""
+
+    async def check_name(self, host: str) -> None:
+        """Hold a delegate's name that a proxy resolves to the rule, by the node's own
+        answer: DelegationRefusedError if it has a non-public address. A name the node
+        cannot resolve is left to the proxy. Either way the name is not looked up again
+        (a redirect is followed for every range read)."""
+        key = _key(host)
+        if key in self._checked:
+            return
+        with contextlib.suppress(OSError):
+            await self.resolve(host, 0, socket.AF_UNSPEC)
+        self._checked.add(key)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import AsyncGenerator, Iterator, Sequence
 
 from common.logging import get_logger
 from fetcher.chunks import (
@@ -38,6 +39,9 @@ from fetcher.warming import RangeWarmer
 from fetcher.write_behind import WriteBehindCache
 
 log = get_logger(__name__)
+DEMAND_SPARE_CONNECTIONS = 1
+"""Connections per host that prefetch and fill leave free for demand reads (when the
+host is allowed more than this)."""
 
 
 class ChunkFetcher:
@@ -61,6 +65,7 @@ class ChunkFetcher:
         ``memory`` bounds the bytes warmed ahead (see ``warm``)."""
         if max_connections_per_registry < 1:
             raise ValueError("max_connections_per_registry must be at least 1")
+        self._client = client
         self._store = store
         self._queues = queues
         self._max_connections = max_connections_per_registry
@@ -147,6 +152,35 @@ class ChunkFetcher:
                 for host in self._queues:
                     self._pump(host)
 
+    async def background_stream(self, blob: BlobSource) -> AsyncGenerator[bytes, None]:
+        """The whole blob as one background request (a fill audit's), counted as fill.
+
+        It runs outside the queues, so it yields to a start by itself: it begins only
+        once no demand or prefetch request has run for the fill's idle time, and pauses
+        (stops reading its socket, which TCP turns into the sender pausing) whenever
+        they run again, as queued fill chunks wait. Close it (``contextlib.aclosing``)
+        when done early, so its bytes are booked as it ends.
+        """
+        started = time.monotonic()
+        received = 0
+        try:
+            await self._until_quiet()
+            async for data in self._client.iter_blob(blob.ref, blob.digest):
+                received += len(data)
+                self.stats.stream_received(Priority.BACKGROUND, len(data))
+                yield data
+                await self._until_quiet()
+        finally:
+            self.stats.stream_ended(Priority.BACKGROUND, received, time.monotonic() - started)
+
+    async def _until_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self._queues.quiet_wait(loop.time())
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)  # an estimate while urgent work runs: ask again
+
     async def wait_idle(self) -> None:
         """Until nothing is queued, in flight or waiting to be written to the cache."""
         await self._idle.wait()
@@ -212,11 +246,14 @@ class ChunkFetcher:
     def _pump(self, host: str) -> None:
         """Start requests for the host's most urgent work while connections are free."""
         queue = self._queues.of(host)
+        spare = DEMAND_SPARE_CONNECTIONS if self._max_connections > DEMAND_SPARE_CONNECTIONS else 0
         while not self._closed and sum(queue.in_flight.values()) < self._max_connections:
             taken = self._queues.next_batch(
                 host,
                 self._gap,
                 self._max_request,
+                free=self._max_connections - sum(queue.in_flight.values()),
+                spare_for_demand=spare,
                 demand_only=bool(self._demand_only),
                 on_quiet=self._pump,
             )

@@ -5,8 +5,9 @@ host gave: an upload's, a next page), so there is one place that knows how to an
 401 challenge, when a failure is worth retrying, that a blob redirect (e.g. a pre-signed
 storage URL) can be reused until it expires instead of costing a registry round trip
 per range request, which registries may be contacted at all (`fetcher.registry_policy`),
-and where the realms and redirects a registry names may lead (`fetcher.delegation`,
-enforced at connect time by `fetcher.resolver`).
+where the realms and redirects a registry names may lead (`fetcher.delegation`, enforced
+at connect time by `fetcher.resolver`), and which requests go through an HTTP proxy
+(`fetcher.proxy_env`, containerd's rules).
 
 Which hosts answer for a registry is the node's containerd configuration
 (`fetcher.hosts_config`): a request goes to the first host, in the configured order,
@@ -38,7 +39,7 @@ from common.logging import get_logger
 from fetcher.auth import Challenge, TokenCache, basic_header, parse_challenge, repository_scope
 from fetcher.bodies import SMALL_BODY, json_capped
 from fetcher.credentials import CredentialStore
-from fetcher.delegation import delegate_allowed, may_send_credentials, registry_host
+from fetcher.delegation import delegate_allowed, host_of_url, may_send_credentials, registry_host
 from fetcher.errors import (
     BodyInterruptedError,
     DelegationRefusedError,
@@ -52,6 +53,7 @@ from fetcher.errors import (
 )
 from fetcher.hosts_config import Capability, HostsConfig, RegistryHost, split_roots
 from fetcher.http_errors import TRANSIENT_ERRORS, malformed
+from fetcher.proxy_env import ProxySelector, process_proxies
 from fetcher.registry_policy import RegistryPolicy
 from fetcher.resolver import PublicOnlyResolver, RegistryResolver
 from fetcher.retry import RETRYABLE_STATUS, RetryPolicy
@@ -198,7 +200,12 @@ class RegistryTransport:
         self._redirect_ttl = redirect_ttl
         self._session: aiohttp.ClientSession | None = None
         self._public_session: aiohttp.ClientSession | None = None
+        self._proxied_session: aiohttp.ClientSession | None = None
         self._registry_resolver = RegistryResolver()
+        self._public_resolver = PublicOnlyResolver()
+        self.proxies: ProxySelector = process_proxies()
+        """Which requests go through a proxy: by the rules of this process's environment,
+        read once (`process_proxies`), unless replaced (a test's own settings)."""
         self._challenges: dict[str, Challenge] = {}
         self._tokens = TokenCache()
         self._redirects: dict[tuple[str, str, str], tuple[str, float]] = {}
@@ -207,7 +214,9 @@ class RegistryTransport:
         """Create the pooled sessions (they must be created inside the running loop)."""
         if self._session is None:
             self._session = self._new_session(self._registry_resolver)
-            self._public_session = self._new_session(PublicOnlyResolver())
+            self._public_session = self._new_session(self._public_resolver)
+            # Its resolver only ever sees proxies' names: the proxy resolves the rest.
+            self._proxied_session = self._new_session(RegistryResolver())
 
     def _new_session(self, resolver: AbstractResolver) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -222,10 +231,10 @@ class RegistryTransport:
 
     async def close(self) -> None:
         """Close every pooled connection."""
-        for session in (self._session, self._public_session):
+        for session in (self._session, self._public_session, self._proxied_session):
             if session is not None:
                 await session.close()
-        self._session = self._public_session = None
+        self._session = self._public_session = self._proxied_session = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -247,6 +256,29 @@ class RegistryTransport:
         if self._public_session is None:
             raise RuntimeError("RegistryTransport used before open()")
         return self._public_session
+
+    async def _route(
+        self, host: str, url: str, delegate: bool
+    ) -> tuple[aiohttp.ClientSession, str | None]:
+        """The session and the proxy (None: direct) for a request to ``url``, one of
+        registry host ``host`` (``delegate`` False) or of a realm or redirect it named.
+
+        Through a proxy the proxy resolves the name and connects, so the rules meet the
+        name instead of the peer (`fetcher.resolver`): a registry's name is looked up
+        here to learn which rule its delegates follow, and a delegate's is held to that
+        rule by the node's own answer. The registry policy and the written-address rule
+        apply to the URL as before, whichever way it goes.
+        """
+        proxy = self.proxies.proxy_for(url)
+        if proxy is None:
+            return (self._delegate_session(host) if delegate else self.session), None
+        if self._proxied_session is None:
+            raise RuntimeError("RegistryTransport used before open()")
+        if not delegate:
+            await self._registry_resolver.learn(host_of_url(url))
+        elif self._registry_public(host):
+            await self._public_resolver.check_name(host_of_url(url))
+        return self._proxied_session, proxy
 
     def _check_delegate(self, host: str, url: str, what: str) -> None:
         """Refuse a realm or redirect written as a non-public address (a name is judged
@@ -306,8 +338,9 @@ class RegistryTransport:
                 log.warning("registry.realm_credentials_withheld", registry=host)
                 credential = None
             scope = repository_scope(target.repository, target.push)
+            session, proxy = await self._route(host, realm, delegate=True)
             token = await self._tokens.fetch(
-                self._delegate_session(host), challenge, scope, credential, self.timeout
+                session, challenge, scope, credential, self.timeout, proxy=proxy
             )
             return f"Bearer {token}"
         raise UnauthorizedError(f"unsupported auth scheme {challenge.scheme!r}", status=401)
@@ -530,14 +563,17 @@ class RegistryTransport:
             request_headers["Authorization"] = auth
         ssl = self.hosts.ssl_for(target.registry, host)
 
+        session, proxy = await self._route(host.host, url, delegate=False)
+
         async def send() -> aiohttp.ClientResponse:
-            return await self.session.request(
+            return await session.request(
                 method,
                 url,
                 headers=request_headers,
                 data=body() if body else None,
                 allow_redirects=False,
                 ssl=ssl,
+                proxy=proxy,
             )
 
         resp = await send()
@@ -575,8 +611,9 @@ class RegistryTransport:
     ) -> aiohttp.ClientResponse:
         """Follow a redirect without our registry credentials (they are not the CDN's)
         nor the host's configured headers (they are the host's)."""
-        resp = await self._delegate_session(host).request(
-            method, url, headers=dict(headers or {}), allow_redirects=False
+        session, proxy = await self._route(host, url, delegate=True)
+        resp = await session.request(
+            method, url, headers=dict(headers or {}), allow_redirects=False, proxy=proxy
         )
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers and hops > 0:
             location = urljoin(url, resp.headers["Location"])

@@ -644,21 +644,31 @@ class _TocValidator:
                     needed[chunk.offset] = wanted
         for offset, wanted in needed.items():
             ends[offset] = min(ends[offset], offset + member_bound(wanted))
+        add = self.chunks.add
         for open_file in self.files:
             name = open_file.entry.name
-            refs = [  # positional: a big TOC builds tens of thousands
-                ChunkRef(
-                    name,
-                    chunk.file_offset,
-                    chunk.size,
-                    chunk.offset,
-                    ends[chunk.offset],
-                    chunk.inner_offset,
-                    chunk.digest,
-                )
-                for chunk in open_file.chunks
-            ]
-            self.chunks.add(open_file.entry, refs)
+            chunks = open_file.chunks
+            # Positional, and no comprehension for the usual one chunk (a frame per file
+            # was the larger part of this loop): a big TOC builds tens of thousands.
+            if len(chunks) == 1:
+                (c,) = chunks
+                refs = [
+                    ChunkRef(name, 0, c.size, c.offset, ends[c.offset], c.inner_offset, c.digest)
+                ]
+            else:
+                refs = [
+                    ChunkRef(
+                        name,
+                        c.file_offset,
+                        c.size,
+                        c.offset,
+                        ends[c.offset],
+                        c.inner_offset,
+                        c.digest,
+                    )
+                    for c in chunks
+                ]
+            add(open_file.entry, refs)
 
 
 def _is_plain_shaped(record: Any) -> bool:

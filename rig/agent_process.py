@@ -32,8 +32,10 @@ class AgentProcess:
         plain_http: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         settings: Mapping[str, object] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
-        """``settings`` become the agent's YAML config file (keys of AgentConfig)."""
+        """``settings`` become the agent's YAML config file (keys of AgentConfig);
+        ``env`` is added to the environment it inherits (a node's proxy variables)."""
         self.workdir = workdir
         self.settings = dict(settings or {})
         self.root = workdir / "root"
@@ -42,6 +44,7 @@ class AgentProcess:
         self.log_path = workdir / "acceld.log"
         self.plain_http = list(plain_http)
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,7 +98,7 @@ class AgentProcess:
         ]
         for host in self.plain_http:
             command += ["--plain-http", host]
-        env = dict(os.environ, ACCELD_LOG_FORMAT="json")
+        env = {**os.environ, **self.env, "ACCELD_LOG_FORMAT": "json"}
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -19,7 +19,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class ContainerdServer:
     declares the `stargz` proxy snapshotter too (stargz-snapshotter's daemon there).
     ``hosts_dir`` is the CRI plugin's registry ``config_path`` (default: one of its own),
     given when an agent is to read the same hosts.toml files.
+    ``env`` is added to the environment the daemon inherits (a node's proxy variables).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class ContainerdServer:
         tmpfs_size: str = "8g",
         log_level: str = "info",
         hosts_dir: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = workdir.resolve()
         self.namespace = namespace
@@ -88,6 +90,7 @@ class ContainerdServer:
         self.sandbox_image = sandbox_image
         self.tmpfs_size = tmpfs_size
         self.log_level = log_level
+        self.env = dict(env or {})
         self.root = self.workdir / "root"
         self.state = self.workdir / "state"
         self.runc_root = self.state / "runc"
@@ -120,6 +123,7 @@ class ContainerdServer:
             with self.log_path.open("ab") as log_file:
                 self._process = subprocess.Popen(
                     ["containerd", "--config", str(self.config_path)],
+                    env={**os.environ, **self.env},
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,

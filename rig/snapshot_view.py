@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.digest import chain_id
 from rig.containerd import ContainerdServer
+from rig.rootfs_digest import FileFacts, describe_tree
 
 
 def image_chain_id(config_json: bytes) -> str:
@@ -53,3 +54,16 @@ def mounted_view(
             subprocess.run(["umount", str(target)], check=False, capture_output=True)
     finally:
         containerd.ctr(*common, "rm", key, namespace=namespace, check=False)
+
+
+def view_tree(
+    containerd: ContainerdServer,
+    parent_chain_id: str,
+    target: Path,
+    snapshotter: str = "overlayfs",
+    namespace: str | None = None,
+) -> dict[str, FileFacts]:
+    """Every entry of the root file system a container of ``parent_chain_id`` would see
+    (`mounted_view`, described by `describe_tree`), for comparing snapshotters."""
+    with mounted_view(containerd, parent_chain_id, target, snapshotter, namespace) as root:
+        return describe_tree(root)

@@ -8,6 +8,7 @@ synchronous start/stop that sync fixtures and async tests can both call.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -20,18 +21,22 @@ log = get_logger(__name__)
 
 
 class ThreadedServer:
-    """Serve ``app_factory()`` on 127.0.0.1:<free port> until ``stop()``."""
+    """Serve ``app_factory()`` on ``host`` (127.0.0.1) and ``port`` (a free one) until
+    ``stop()``; over TLS with ``ssl_context``."""
 
     def __init__(
         self,
         app_factory: Callable[[], Awaitable[web.Application]],
         name: str,
         host: str = "127.0.0.1",
+        port: int | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._app_factory = app_factory
         self.name = name
         self.bind_host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
+        self.ssl_context = ssl_context
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -46,7 +51,7 @@ class ThreadedServer:
     @property
     def url(self) -> str:
         """Base URL of the server."""
-        return f"http://{self.host}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}"
 
     def start(self) -> None:
         """Start serving; returns once the port accepts connections."""
@@ -103,7 +108,8 @@ class ThreadedServer:
         # a moment, not awaited for aiohttp's default minute.
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.bind_host, self.port).start()
+        site = web.TCPSite(self._runner, self.bind_host, self.port, ssl_context=self.ssl_context)
+        await site.start()
         log.info("rig.server_started", server=self.name, port=self.port)
 
     async def _cleanup(self) -> None:

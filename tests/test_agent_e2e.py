@@ -14,8 +14,8 @@ from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from rig.agent_process import AgentProcess
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE
-from rig.rootfs_digest import describe_tree, tree_differences
-from rig.snapshot_view import image_chain_id, mounted_view
+from rig.rootfs_digest import tree_differences
+from rig.snapshot_view import image_chain_id, view_tree
 
 SMALL = {"chunk_size": 256 << 10, "span": 1 << 20}
 
@@ -84,22 +84,11 @@ async def test_lazy_rootfs_equals_overlayfs(
     containerd.ctr("images", "pull", "--plain-http", pushed.reference)
     top = image_chain_id(built_features.config_bytes)
 
-    def reference_tree() -> dict:
-        with mounted_view(containerd, top, tmp_path / "reference") as root:
-            return describe_tree(root)
-
     def lazy_tree() -> dict:
         lazy_containerd.cri_pull_image(pushed.reference)
-        with mounted_view(
-            lazy_containerd,
-            top,
-            tmp_path / "lazy",
-            snapshotter=ACCELD_SNAPSHOTTER,
-            namespace=CRI_NAMESPACE,
-        ) as root:
-            return describe_tree(root)
+        return view_tree(lazy_containerd, top, tmp_path / "lazy", ACCELD_SNAPSHOTTER, CRI_NAMESPACE)
 
-    expected = await asyncio.to_thread(reference_tree)
+    expected = await asyncio.to_thread(view_tree, containerd, top, tmp_path / "reference")
     actual = await asyncio.to_thread(lazy_tree)
     problems = tree_differences(expected, actual)
     assert problems == [], "\n".join(problems)

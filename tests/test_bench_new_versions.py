@@ -21,6 +21,7 @@ from matplotlib import image as mpimg
 
 from accelctl.main import cli
 from bench import catalog
+from bench.compressed_limit import RangeCost
 from bench.learning import Learned
 from bench.new_versions import (
     VersionOutcome,
@@ -53,7 +54,10 @@ def _run(
 
 
 def test_rows_hold_the_ratios_the_issue_sets_targets_for() -> None:
-    learned = Learned("index", 1, 10, 40_000_000, {}, 1.0)
+    cost = RangeCost(
+        read_bytes=40_000_000, limit_bytes=30_000_000, span_bytes=36_000_000, piece_bytes=33_000_000
+    )
+    learned = Learned("index", 1, 10, 40_000_000, {}, 1.0, cost=cost)
     outcome = VersionOutcome(
         "v2",
         "app layer",
@@ -70,7 +74,8 @@ def test_rows_hold_the_ratios_the_issue_sets_targets_for() -> None:
         ],
     )
     (row,) = version_rows("app", [outcome], [0.2, 0.3, 0.4], {"index": V1}, 300.0)
-    limit = 0.3 + 40_000_000 * 8 / 300e6
+    # The compressed bytes holding what the start read, not the bytes it read.
+    limit = 0.3 + 30_000_000 * 8 / 300e6
     assert row.runs == 2 and row.inherited_seconds == pytest.approx(1.3)
     assert row.limit_seconds == pytest.approx(limit)
     assert row.inherited_vs_own == pytest.approx(1.3)

@@ -12,8 +12,6 @@ below run there, in a child process, and the tests judge what they report."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import json
 import os
 import stat
@@ -32,25 +30,18 @@ from fetcher.delegation import (
     registry_host,
     written_non_public,
 )
-from fetcher.errors import RegistryError
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
+from rig.delegating_registry import (
+    MANIFEST,
+    DelegatingRegistry,
+    StorageDelegate,
+    read_outcome,
+    serving,
+)
 from rig.dns_server import DnsServer
 from rig.isolated_net import run_isolated
 from rig.threaded_server import ThreadedServer
-
-MANIFEST = json.dumps(
-    {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": "sha256:" + "b" * 64,
-            "size": 2,
-        },
-        "layers": [],
-    }
-).encode()
 
 
 class _TokenRegistry:
@@ -145,107 +136,13 @@ def test_the_redirect_rule(registry: str, location: str, allowed: bool) -> None:
 PUBLIC_REGISTRY = "11.0.0.10"
 PUBLIC_STORAGE = "11.0.0.20"
 """Public addresses that exist only inside a test's own network namespace."""
-BLOB = bytes(range(256)) * 16
-BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
-RANGE = (100, 1000)
-
-
-class _Delegate(ThreadedServer):
-    """Storage and token service on every address at once, recording the address each
-    request reached: the one the client actually connected to."""
-
-    def __init__(self) -> None:
-        super().__init__(self._app, name="delegate", host="0.0.0.0")
-        self.reached: list[str] = []
-
-    async def _app(self) -> web.Application:
-        def record(request: web.Request) -> None:
-            assert request.transport is not None
-            self.reached.append(request.transport.get_extra_info("sockname")[0])
-
-        async def blob(request: web.Request) -> web.Response:
-            record(request)
-            first, last = request.http_range.start, request.http_range.stop
-            headers = {"Content-Range": f"bytes {first}-{last - 1}/{len(BLOB)}"}
-            return web.Response(status=206, body=BLOB[first:last], headers=headers)
-
-        async def token(request: web.Request) -> web.Response:
-            record(request)
-            return web.json_response({"token": "t0ken", "expires_in": 300})
-
-        app = web.Application()
-        app.router.add_get("/blob", blob)
-        app.router.add_get("/token", token)
-        return app
-
-
-class _DelegatingRegistry(ThreadedServer):
-    """A registry stand-in on ``address`` that sends each repository's blob GETs to
-    ``redirects[repository]`` and its manifest GETs for a token to ``realms[repository]``
-    (URL templates; ``{port}`` is the delegate's)."""
-
-    def __init__(
-        self,
-        address: str,
-        delegate: _Delegate,
-        redirects: dict[str, str] | None = None,
-        realms: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(self._app, name="delegating-registry", host=address)
-        self.delegate = delegate
-        self.redirects = redirects or {}
-        self.realms = realms or {}
-
-    async def _app(self) -> web.Application:
-        port = self.delegate.port
-
-        async def blob(request: web.Request) -> web.Response:
-            location = self.redirects[request.match_info["repo"]].format(port=port)
-            return web.Response(status=307, headers={"Location": location})
-
-        async def manifest(request: web.Request) -> web.Response:
-            if request.headers.get("Authorization") != "Bearer t0ken":
-                realm = self.realms[request.match_info["repo"]].format(port=port)
-                challenge = f'Bearer realm="{realm}",service="svc"'
-                return web.Response(status=401, headers={"WWW-Authenticate": challenge})
-            media = "application/vnd.oci.image.manifest.v1+json"
-            return web.Response(body=MANIFEST, headers={"Content-Type": media})
-
-        app = web.Application()
-        app.router.add_get("/v2/{repo}/blobs/{digest}", blob)
-        app.router.add_get("/v2/{repo}/manifests/{reference}", manifest)
-        return app
-
-
-async def _outcome(registry: str, repository: str, what: str) -> str:
-    """What one read by a fresh client came to: ``ok`` or the error's class name."""
-    reference = ImageReference.parse(f"{registry}/{repository}:v1")
-    try:
-        async with RegistryClient(plain_http_hosts={registry}) as client:
-            if what == "blob":
-                data = await client.get_range(reference, BLOB_DIGEST, RANGE[0], RANGE[1])
-                assert data == BLOB[RANGE[0] : RANGE[0] + RANGE[1]]
-            else:
-                assert (await client.get_manifest(reference)).body == MANIFEST
-    except RegistryError as exc:
-        return type(exc).__name__
-    return "ok"
-
-
-@contextlib.contextmanager
-def _serving(*servers: ThreadedServer) -> Iterator[None]:
-    with contextlib.ExitStack() as stack:
-        for server in servers:
-            server.start()
-            stack.callback(server.stop)
-        yield
 
 
 async def _public_registry_delegates_to_names() -> dict[str, Any]:
     """A registry on a public address redirects, and names token realms, by name: to
     names that resolve to loopback and to names that resolve to a public address."""
-    delegate = _Delegate()
-    registry = _DelegatingRegistry(
+    delegate = StorageDelegate()
+    registry = DelegatingRegistry(
         PUBLIC_REGISTRY,
         delegate,
         redirects={
@@ -257,10 +154,10 @@ async def _public_registry_delegates_to_names() -> dict[str, Any]:
             "public": "http://auth.public.test:{port}/token",
         },
     )
-    with _serving(delegate, registry):
+    with serving(delegate, registry):
         name = f"registry.public.test:{registry.port}"
         outcomes = {
-            f"{what} {repository}": await _outcome(name, repository, what)
+            f"{what} {repository}": await read_outcome(name, repository, what)
             for what in ("blob", "manifest")
             for repository in ("private", "public")
         }
@@ -308,14 +205,16 @@ async def _rebinding_storage() -> dict[str, Any]:
         answers += 1
         return [PUBLIC_STORAGE] if answers % 2 else ["127.0.0.1"]
 
-    delegate = _Delegate()
-    registry = _DelegatingRegistry(
+    delegate = StorageDelegate()
+    registry = DelegatingRegistry(
         PUBLIC_REGISTRY,
         delegate,
         redirects={"app": "http://storage.rebinding.test:{port}/blob"},
     )
-    with DnsServer(answer), _serving(delegate, registry):
-        outcomes = [await _outcome(registry.host, "app", "blob") for _ in range(REBINDING_READS)]
+    with DnsServer(answer), serving(delegate, registry):
+        outcomes = [
+            await read_outcome(registry.host, "app", "blob") for _ in range(REBINDING_READS)
+        ]
     return {"outcomes": outcomes, "reached": delegate.reached}
 
 
@@ -336,16 +235,16 @@ def test_a_name_rebound_to_loopback_between_lookups_never_gets_a_connection(
 async def _private_registry_delegates_to_names() -> dict[str, Any]:
     """A registry known by a name that resolves to loopback redirects and names its
     realm by names that resolve to loopback too."""
-    delegate = _Delegate()
-    registry = _DelegatingRegistry(
+    delegate = StorageDelegate()
+    registry = DelegatingRegistry(
         "127.0.0.1",
         delegate,
         redirects={"app": "http://storage.corp.test:{port}/blob"},
         realms={"app": "http://auth.corp.test:{port}/token"},
     )
-    with _serving(delegate, registry):
+    with serving(delegate, registry):
         name = f"registry.corp.test:{registry.port}"
-        outcomes = [await _outcome(name, "app", what) for what in ("blob", "manifest")]
+        outcomes = [await read_outcome(name, "app", what) for what in ("blob", "manifest")]
     return {"outcomes": outcomes, "reached": delegate.reached}
 
 

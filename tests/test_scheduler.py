@@ -8,6 +8,7 @@ proxy saw them, so single flight and coalescing are measured on the wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import os
@@ -38,6 +39,7 @@ from fetcher.read_path import ReadPath
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from fetcher.retry import RetryPolicy
+from fetcher.scheduler import DEMAND_SPARE_CONNECTIONS
 from formats.estargz_toc import ChunkDigestError
 from rig.fault_proxy import Fault, FaultProxy
 
@@ -275,7 +277,7 @@ async def test_demand_reads_overtake_queued_background_fill(push, make_fetcher):
 async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     """Fill shares the link and CPUs with a starting container: none of it starts while
     prefetch (or demand) requests run, nor until they have been quiet for fill_idle_s;
-    then it may use every connection."""
+    then it may use every connection but the one kept for demand reads."""
     prefetch = await push(16, size=32 << 10)
     background = await push(24, size=32 << 10)
     parts = make_fetcher(max_connections_per_registry=4, fill_idle_s=0.2, max_request_bytes=1)
@@ -298,9 +300,89 @@ async def test_background_fill_waits_for_a_quiet_link(push, make_fetcher):
     await fetcher.wait_idle()
     assert len(samples) == 40
     assert all(s[Priority.BACKGROUND] == 0 for s in samples if s[Priority.PREFETCH])
-    assert max(s[Priority.BACKGROUND] for s in samples) == 4
+    assert max(s[Priority.BACKGROUND] for s in samples) == 4 - DEMAND_SPARE_CONNECTIONS
     assert min(background_starts) >= max(prefetch_ends) + 0.15
     assert all(_cached(parts, background.blob, c) for c in background.chunks)
+
+
+async def test_a_demand_read_never_waits_for_a_connection_behind_prefetch(
+    push, make_fetcher, fault_proxy
+):
+    """Prefetch leaves a connection free: a read that arrives while stalled prefetch
+    requests hold the others goes on the wire at once, and prefetch never takes it."""
+    ahead = await push(12, size=32 << 10)
+    wanted = await push(2, size=32 << 10)
+    parts = make_fetcher(max_connections_per_registry=3, max_request_bytes=1)
+    fetcher = parts.fetcher
+    fault_proxy.add(
+        Fault("stall", path_contains=ahead.blob.digest, after_bytes=0, stall_seconds=1.5, times=12)
+    )
+    fetcher.enqueue(ahead.blob, ahead.chunks, Priority.PREFETCH)
+    await _until_in_flight(parts, Priority.PREFETCH)
+    await asyncio.sleep(0.1)  # every request prefetch may start is on the wire
+    assert fetcher.stats.in_flight[Priority.PREFETCH] == 3 - DEMAND_SPARE_CONNECTIONS
+    started = time.monotonic()
+    content = await _read_one(parts, wanted.blob, wanted.chunks[1])
+    assert content == wanted.contents[1]
+    assert time.monotonic() - started < 1.0
+    await fetcher.wait_idle()
+
+
+async def _until_in_flight(parts: ReadPath, priority: Priority) -> None:
+    for _ in range(2000):
+        if parts.fetcher.stats.in_flight[priority]:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"no {priority.name} request went on the wire")
+
+
+async def test_a_background_stream_runs_only_while_the_link_is_quiet(
+    push, make_fetcher, fault_proxy
+):
+    """A fill audit streams a whole blob outside the queues: it must not begin while a
+    demand request is on the wire, nor before the link has been quiet for fill_idle_s,
+    and it pauses while a later demand request runs; it still delivers the whole blob,
+    counted as fill."""
+    demand = await push(4, size=32 << 10)
+    streamed = await push(48, size=64 << 10)
+    parts = make_fetcher(fill_idle_s=0.3)
+    fetcher = parts.fetcher
+    loop = asyncio.get_running_loop()
+    stall = partial(
+        Fault, "stall", path_contains=demand.blob.digest, after_bytes=0, stall_seconds=0.8
+    )
+    demand_ends: list[float] = []
+
+    async def demand_read(chunk: ChunkSpec) -> None:
+        await _read_one(parts, demand.blob, chunk)
+        demand_ends.append(loop.time())
+
+    fault_proxy.add(stall())
+    first = asyncio.create_task(demand_read(demand.chunks[0]))
+    await _until_in_flight(parts, Priority.DEMAND)
+    arrivals: list[float] = []
+    received = 0
+    second: asyncio.Task[None] | None = None
+    paused_from = 0.0
+    async with contextlib.aclosing(fetcher.background_stream(streamed.blob)) as stream:
+        async for data in stream:
+            arrivals.append(loop.time())
+            received += len(data)
+            if second is None:
+                fault_proxy.add(stall())
+                second = asyncio.create_task(demand_read(demand.chunks[2]))
+                await _until_in_flight(parts, Priority.DEMAND)
+                paused_from = loop.time()
+    assert second is not None
+    await asyncio.gather(first, second)
+    assert received == streamed.blob.size
+    assert len(arrivals) > 2
+    assert arrivals[0] >= demand_ends[0] + 0.25, (arrivals[0], demand_ends)
+    # Nothing more arrived while the second demand read was on the wire, nor until the
+    # link had been quiet again.
+    resumed = arrivals[1]
+    assert resumed >= demand_ends[1] + 0.25 > paused_from + 0.5, (resumed, demand_ends)
+    assert fetcher.stats.stream_bytes[Priority.BACKGROUND] == streamed.blob.size
 
 
 class _FedMember:

@@ -30,8 +30,8 @@ from formats.estargz_writer import DEFAULT_MIN_CHUNK_SIZE
 from rig.containerd import CRI_NAMESPACE, STARGZ_SNAPSHOTTER, ContainerdError, ContainerdServer
 from rig.images import BuiltImage
 from rig.registry import RegistryServer
-from rig.rootfs_digest import FileFacts, describe_tree, tree_differences
-from rig.snapshot_view import image_chain_id, mounted_view
+from rig.rootfs_digest import FileFacts, tree_differences
+from rig.snapshot_view import image_chain_id, view_tree
 from rig.stargz_process import RemoteSnapshots, StargzDaemon, missing_binary_message
 from tests.fixtures.containerd import ContainerdFactory
 from tests.fixtures.images import ImagePusher
@@ -153,24 +153,16 @@ async def test_acceld_estargz_starts_lazily_and_exactly_in_stargz_snapshotter(
     containerd.ctr("images", "pull", "--plain-http", pushed.reference)
     views = tmp_path_factory.mktemp("views")
 
-    def reference_tree() -> dict[str, FileFacts]:
-        top = image_chain_id(built_features.config_bytes)
-        with mounted_view(containerd, top, views / "reference") as root:
-            return describe_tree(root)
-
-    def peer_tree() -> dict[str, FileFacts]:
-        top = image_chain_id(platform.config_body)
-        with mounted_view(
-            peer_containerd,
-            top,
-            views / "peer",
-            snapshotter=STARGZ_SNAPSHOTTER,
-            namespace=CRI_NAMESPACE,
-        ) as root:
-            return describe_tree(root)
-
-    expected = await asyncio.to_thread(reference_tree)
-    actual = await asyncio.to_thread(peer_tree)
+    reference_top = image_chain_id(built_features.config_bytes)
+    expected = await asyncio.to_thread(view_tree, containerd, reference_top, views / "reference")
+    actual = await asyncio.to_thread(
+        view_tree,
+        peer_containerd,
+        image_chain_id(platform.config_body),
+        views / "peer",
+        STARGZ_SNAPSHOTTER,
+        CRI_NAMESPACE,
+    )
     problems = tree_differences(expected, _without_trusted_xattrs(actual))
     assert problems == [], "\n".join(problems)
     assert stargz.remote_snapshots().fallback == 0
