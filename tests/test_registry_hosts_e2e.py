@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent.config import AgentConfig
 from converter.convert import ConvertOptions, convert_image
 from fetcher.errors import RangeNotSupportedError
 from fetcher.reference import ImageReference
@@ -257,10 +258,14 @@ async def test_pull_through_cache_serves_range_reads_and_its_death_mid_start_is_
     lines = _acceld_lines(cache, since)
     ranged = [r for r in lines if r.status == 206]
     assert ranged, "the cache's log shows no range reads"
-    # Its log and the agent's count agree: every answer it logged the agent counted,
-    # and what it answered but never logged is what the kill cut short.
+    # Its log and the agent's count agree: every answer it logged the agent counted;
+    # what the agent counted and the log lacks is what the kill cut short, mid-body (a
+    # "body" skip) or between a body's end and its log line, which distribution writes
+    # after the response: at most one such request per connection the agent had open.
     answered = [r for r in lines if r.status < 400]
-    assert served_by_mirror - skips.get("body", 0) <= len(answered) <= served_by_mirror
+    assert len(answered) <= served_by_mirror
+    unlogged = served_by_mirror - skips.get("body", 0) - len(answered)
+    assert unlogged <= AgentConfig().max_connections_per_registry, (served_by_mirror, skips)
 
 
 def _lazy_view_only(lazy: ContainerdServer, top: str, at: Path) -> dict[str, Any]:
