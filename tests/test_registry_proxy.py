@@ -38,6 +38,7 @@ from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdServer
 from rig.delegating_registry import DelegatingRegistry, StorageDelegate, read_outcome, serving
 from rig.hosts_toml import write_https_hosts
 from rig.http_proxy import HttpProxy, ProxiedRequest
+from rig.images import BuiltImage
 from rig.isolated_net import run_isolated
 from rig.netns import Netns, create_netns, delete_netns, remove_orphaned_namespaces
 from rig.registry import RegistryServer
@@ -282,6 +283,16 @@ def _connects(proxy: HttpProxy, registry: RegistryServer) -> list[ProxiedRequest
     return [r for r in proxy.requests() if r.authority == registry.host]
 
 
+async def _publish_https(
+    tmp_path: Path, registry: RegistryServer, built: BuiltImage
+) -> tuple[Path, str]:
+    """A hosts dir in which the node trusts ``registry``'s CA (and nowhere else), and the
+    reference of ``built`` with its index-only form, published there through it."""
+    hosts = tmp_path / "certs.d"
+    write_https_hosts(hosts, registry)
+    return hosts, await _publish(hosts, built, registry)
+
+
 async def test_a_lazy_start_from_an_https_registry_goes_through_connect_tunnels(
     tls_registry: RegistryServer,
     built_features: Any,
@@ -290,9 +301,7 @@ async def test_a_lazy_start_from_an_https_registry_goes_through_connect_tunnels(
     http_proxy: HttpProxy,
     tmp_path: Path,
 ) -> None:
-    hosts = tmp_path / "certs.d"
-    write_https_hosts(hosts, tls_registry)
-    reference = await _publish(hosts, built_features, tls_registry)
+    hosts, reference = await _publish_https(tmp_path, tls_registry, built_features)
     top = image_chain_id(built_features.config_bytes)
     expected = await asyncio.to_thread(
         _reference_tree,
@@ -342,9 +351,7 @@ async def test_no_proxy_naming_the_https_registry_bypasses_the_proxy(
     http_proxy: HttpProxy,
     tmp_path: Path,
 ) -> None:
-    hosts = tmp_path / "certs.d"
-    write_https_hosts(hosts, tls_registry)
-    reference = await _publish(hosts, built_busybox, tls_registry)
+    hosts, reference = await _publish_https(tmp_path, tls_registry, built_busybox)
     env = _node_env(http_proxy, no_proxy=tls_registry.bind_host)
     with _node(tmp_path, tls_registry, containerd_factory, env, hosts=hosts) as (agent, lazy):
         assert await asyncio.to_thread(_run_busybox, lazy, reference) == "hello from acceld"
