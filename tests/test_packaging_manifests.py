@@ -27,6 +27,7 @@ from accelctl.webhook.command import webhook as webhook_command
 from accelctl.webhook.labels import NODE_LABEL, ON_DEMAND_LABEL
 from accelctl.webhook.server import NAMESPACE_LABEL_PATH, POD_LABEL_PATH
 from agent.config import AgentConfig
+from fetcher.proxy_env import ProxyEnvironment, ProxySelector
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "packaging" / "helm" / "acceld"
@@ -38,6 +39,11 @@ FULL_VALUES: dict[str, Any] = {
     "webhook": {"pullSecretName": "acceld-pull", "plainHttp": ["registry.lan:5000"]},
     "agent": {"tolerations": [{"operator": "Exists"}], "plainHttp": ["registry.lan:5000"]},
     "imagePullSecrets": [{"name": "acceld-pull"}],
+    "proxy": {
+        "httpProxy": "http://proxy.lan:3128",
+        "httpsProxy": "http://node:secret@proxy.lan:3128",
+        "noProxy": "registry.lan,10.0.0.0/8",
+    },
     "registryHosts": {
         "files": {
             "registry.lan_5000_": '[host."http://mirror.lan:5000"]\ncapabilities = ["pull"]\n'
@@ -316,6 +322,42 @@ def test_webhook_command_line_is_one_accelctl_accepts(
     assert context.params["plain_http"] == ("registry.lan:5000",)
     assert context.params["hosts_dir"] == "/etc/acceld/certs.d"
     assert container["ports"][0]["containerPort"] == 8443
+
+
+def _proxy_env(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """The proxy variables (either case) of the agent's and the webhook's containers."""
+    agent = next(
+        c
+        for c in one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "acceld"
+    )
+    webhook = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return {
+        name: {e["name"]: e["value"] for e in c["env"] if e["name"].upper().endswith("_PROXY")}
+        for name, c in (("agent", agent), ("webhook", webhook))
+    }
+
+
+def test_proxy_values_reach_the_agent_and_the_webhook_as_containerd_reads_them(
+    default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]]
+) -> None:
+    expected = {
+        "HTTP_PROXY": "http://proxy.lan:3128",
+        "HTTPS_PROXY": "http://node:secret@proxy.lan:3128",
+        "NO_PROXY": "registry.lan,10.0.0.0/8",
+    }
+    assert _proxy_env(full_docs) == {"agent": expected, "webhook": expected}
+    # The names are the ones the code reads: https goes through the proxy, except to
+    # what NO_PROXY names.
+    selector = ProxySelector(ProxyEnvironment.from_environ(expected))
+    assert selector.proxy_for("https://registry.example.com/v2/") == expected["HTTPS_PROXY"]
+    assert selector.proxy_for("http://registry.example.com/v2/") == expected["HTTP_PROXY"]
+    assert selector.proxy_for("https://registry.lan/v2/") is None
+    assert selector.proxy_for("https://10.1.2.3:5000/v2/") is None
+    # Unset by default: no variable at all.
+    assert _proxy_env(default_docs) == {"agent": {}, "webhook": {}}
+    one_only = _proxy_env(render({"proxy": {"httpsProxy": "http://proxy.lan:3128"}}))
+    assert one_only["agent"] == one_only["webhook"] == {"HTTPS_PROXY": "http://proxy.lan:3128"}
 
 
 def test_disabled_webhook_renders_no_webhook_objects() -> None:

@@ -4,10 +4,11 @@ the registry, chosen by HTTP_PROXY / HTTPS_PROXY / NO_PROXY (`fetcher.proxy_env`
 
 Go never proxies loopback, so the registry must be somewhere else: in a network
 namespace of the test's own, at its private address, for the starts through the real
-agent and containerd (plain http, so HTTP_PROXY and absolute-URI requests, as
-containerd does for an http registry); on "public" addresses of a throwaway namespace
-(`rig.isolated_net`) for https through CONNECT tunnels, token realms and redirects to
-storage, driven through the registry client itself.
+agent and containerd: a plain-http registry (HTTP_PROXY and absolute-URI requests, as
+containerd does for an http registry) and an https one whose CA both trust only
+through a hosts.toml (HTTPS_PROXY and CONNECT tunnels); on "public" addresses of a
+throwaway namespace (`rig.isolated_net`) for https through CONNECT tunnels, token realms
+and redirects to storage, driven through the registry client itself.
 """
 
 from __future__ import annotations
@@ -32,43 +33,75 @@ from fetcher.proxy_env import ProxyEnvironment, ProxySelector
 from fetcher.reference import ImageReference
 from fetcher.registry import RegistryClient
 from rig.agent_process import AgentProcess
-from rig.certificates import write_self_signed
+from rig.certificates import RigCA, write_self_signed
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE, ContainerdServer
 from rig.delegating_registry import DelegatingRegistry, StorageDelegate, read_outcome, serving
-from rig.http_proxy import HttpProxy
+from rig.hosts_toml import write_https_hosts
+from rig.http_proxy import HttpProxy, ProxiedRequest
+from rig.images import BuiltImage
 from rig.isolated_net import run_isolated
-from rig.netns import create_netns, delete_netns, remove_orphaned_namespaces
+from rig.netns import Netns, create_netns, delete_netns, remove_orphaned_namespaces
 from rig.registry import RegistryServer
 from rig.rootfs_digest import FileFacts, tree_differences
 from rig.snapshot_view import image_chain_id, view_tree
-from tests.fixtures.registry import running
+from tests.fixtures.registry import registry_tls, running
+from tests.test_registry_hosts_e2e import _publish
 
 SETTLE_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
-    """This module's registry (the image fixtures push here): in a namespace of its own,
-    at the namespace's private address, which is not loopback and so is proxied."""
+def registry_netns() -> Iterator[Netns]:
+    """A network namespace of this module's own for its registries: its private address
+    is not loopback and so is proxied."""
     remove_orphaned_namespaces()
     netns = create_netns()
     try:
-        server = RegistryServer(
-            tmp_path_factory.mktemp("registry"),
-            host=netns.ns_address,
-            command_prefix=netns.command_prefix,
-        )
-        with running(server):
-            yield server
+        yield netns
     finally:
         delete_netns(netns)
 
 
-@pytest.fixture
-def http_proxy(tmp_path: Path) -> Iterator[HttpProxy]:
+@pytest.fixture(scope="module")
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, registry_netns: Netns
+) -> Iterator[RegistryServer]:
+    """This module's plain-http registry (the image fixtures push here), in the namespace."""
+    server = RegistryServer(
+        tmp_path_factory.mktemp("registry"),
+        host=registry_netns.ns_address,
+        command_prefix=registry_netns.command_prefix,
+    )
+    with running(server):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def tls_registry(
+    tmp_path_factory: pytest.TempPathFactory, registry_netns: Netns, rig_ca: RigCA
+) -> Iterator[RegistryServer]:
+    """This module's HTTPS registry, in the namespace too, with a certificate from the rig
+    CA (which no trust store holds: the node trusts it only through a hosts.toml)."""
+    server = RegistryServer(
+        tmp_path_factory.mktemp("tls-registry"),
+        host=registry_netns.ns_address,
+        tls=registry_tls(rig_ca, address=registry_netns.ns_address),
+        command_prefix=registry_netns.command_prefix,
+    )
+    with running(server):
+        yield server
+
+
+def _new_proxy(work_dir: Path) -> HttpProxy:
     """tinyproxy on loopback, asking for Basic credentials (so that a client that does
     not send the ones in the proxy URL is refused)."""
-    with running(HttpProxy(tmp_path / "proxy", credentials=("node", secrets.token_hex(8)))) as p:
+    return HttpProxy(work_dir, credentials=("node", secrets.token_hex(8)))
+
+
+@pytest.fixture
+def http_proxy(tmp_path: Path) -> Iterator[HttpProxy]:
+    """The node's proxy."""
+    with running(_new_proxy(tmp_path / "proxy")) as p:
         yield p
 
 
@@ -82,6 +115,18 @@ def _node_env(proxy: HttpProxy, no_proxy: str = "") -> dict[str, str]:
 def _through(proxy: HttpProxy, registry: RegistryServer) -> list[tuple[str, str]]:
     """(method, path) of each request the proxy was asked to pass to the registry."""
     return [(r.method, r.path) for r in proxy.requests() if r.authority == registry.host]
+
+
+def _control_request(proxy: HttpProxy, registry: RegistryServer) -> None:
+    """GET the registry's /v2/ through ``proxy`` (a CONNECT tunnel for https), so that a
+    proxy log empty of the registry is shown to be empty for want of requests."""
+    handlers: list[urllib.request.BaseHandler] = [
+        urllib.request.ProxyHandler({"http": proxy.url, "https": proxy.url})
+    ]
+    if registry.tls is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=registry.tls.client_context()))
+    with urllib.request.build_opener(*handlers).open(f"{registry.url}/v2/", timeout=10) as answer:
+        assert answer.status == 200
 
 
 def _registry_saw(registry: RegistryServer, since: int) -> list[tuple[str, str]]:
@@ -110,18 +155,61 @@ async def _convert(registry: RegistryServer, reference: str) -> None:
 
 @contextlib.contextmanager
 def _node(
-    tmp_path: Path, registry: RegistryServer, containerd_factory: Any, env: dict[str, str]
+    tmp_path: Path,
+    registry: RegistryServer,
+    containerd_factory: Any,
+    env: dict[str, str],
+    *,
+    hosts: Path | None = None,
+    containerd_env: dict[str, str] | None = None,
 ) -> Iterator[tuple[AgentProcess, ContainerdServer]]:
-    """A node whose agent and containerd both have ``env`` and reach ``registry`` over
-    plain http."""
+    """A node whose agent has ``env`` and containerd ``containerd_env`` (``env`` unless
+    given), and which reaches ``registry`` over plain http, or, with ``hosts``, as that
+    hosts dir (read by both, as on a node) says: an https registry's CA."""
+    settings = {} if hosts is None else {"hosts_dir": str(hosts)}
+    plain_http = [registry.host] if hosts is None else []
     with AgentProcess(
-        tmp_path / "agent", plain_http=[registry.host], extra_args=["--no-background-fill"], env=env
+        tmp_path / "agent",
+        plain_http=plain_http,
+        settings=settings,
+        extra_args=["--no-background-fill"],
+        env=env,
     ) as agent:
         lazy = containerd_factory(
-            snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket, env=env
+            snapshotter=ACCELD_SNAPSHOTTER,
+            acceld_socket=agent.socket,
+            env=env if containerd_env is None else containerd_env,
+            hosts_dir=hosts,
         )
-        lazy.allow_insecure_registry(registry.host)
+        if hosts is None:
+            lazy.allow_insecure_registry(registry.host)
         yield agent, lazy
+
+
+def _reference_tree(
+    containerd: ContainerdServer, reference: str, top: str, at: Path, *pull_options: str
+) -> dict[str, FileFacts]:
+    """The image's root file system as containerd's own pull and overlayfs make it."""
+    containerd.ctr("images", "pull", *pull_options, reference)
+    return view_tree(containerd, top, at)
+
+
+def _lazy_tree(lazy: ContainerdServer, reference: str, top: str, at: Path) -> dict[str, FileFacts]:
+    """The same through a CRI pull with the acceld snapshotter."""
+    lazy.cri_pull_image(reference)
+    return view_tree(lazy, top, at, ACCELD_SNAPSHOTTER, CRI_NAMESPACE)
+
+
+def _run_busybox(lazy: ContainerdServer, reference: str) -> str:
+    """What busybox says when started lazily (pulled through CRI first)."""
+    lazy.cri_pull_image(reference)
+    out = lazy.run_container(
+        reference,
+        f"proxy-{uuid.uuid4().hex[:8]}",
+        snapshotter=ACCELD_SNAPSHOTTER,
+        namespace=CRI_NAMESPACE,
+    )
+    return str(out.stdout).strip()
 
 
 async def test_a_lazy_start_goes_through_the_proxy(
@@ -136,22 +224,14 @@ async def test_a_lazy_start_goes_through_the_proxy(
     pushed = await image_pusher.push(built_features)
     await _convert(registry, pushed.reference)
     top = image_chain_id(built_features.config_bytes)
-
-    def reference_tree() -> dict[str, FileFacts]:
-        containerd.ctr("images", "pull", "--plain-http", pushed.reference)
-        return view_tree(containerd, top, tmp_path / "reference")
-
-    expected = await asyncio.to_thread(reference_tree)
+    expected = await asyncio.to_thread(
+        _reference_tree, containerd, pushed.reference, top, tmp_path / "reference", "--plain-http"
+    )
     env = _node_env(http_proxy)
     layer_digests = {layer.digest for layer in built_features.layers}
     since = len(registry.requests())
     with _node(tmp_path, registry, containerd_factory, env) as (agent, lazy):
-
-        def lazy_tree() -> dict[str, FileFacts]:
-            lazy.cri_pull_image(pushed.reference)
-            return view_tree(lazy, top, tmp_path / "lazy", ACCELD_SNAPSHOTTER, CRI_NAMESPACE)
-
-        actual = await asyncio.to_thread(lazy_tree)
+        actual = await asyncio.to_thread(_lazy_tree, lazy, pushed.reference, top, tmp_path / "lazy")
         assert tree_differences(expected, actual) == []
         assert agent.metric("acceld_fallbacks_total") == 0
         assert agent.metric("acceld_range_requests_total") > 0
@@ -184,24 +264,104 @@ async def test_no_proxy_naming_the_registry_bypasses_the_proxy(
     await _convert(registry, pushed.reference)
     env = _node_env(http_proxy, no_proxy=registry.bind_host)
     with _node(tmp_path, registry, containerd_factory, env) as (agent, lazy):
-        await asyncio.to_thread(lazy.cri_pull_image, pushed.reference)
-        out = await asyncio.to_thread(
-            lazy.run_container,
-            pushed.reference,
-            f"no-proxy-{uuid.uuid4().hex[:8]}",
-            snapshotter=ACCELD_SNAPSHOTTER,
-            namespace=CRI_NAMESPACE,
-        )
-        assert out.stdout.strip() == "hello from acceld"
+        assert await asyncio.to_thread(_run_busybox, lazy, pushed.reference) == "hello from acceld"
         assert agent.metric("acceld_fallbacks_total") == 0
         assert agent.metric("acceld_range_requests_total") > 0
         assert '"event": "registry.proxy"' in agent.log_path.read_text()
     assert http_proxy.requests() == []
     # The proxy was there and logging all along: one request sent through it shows.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": http_proxy.url}))
-    with opener.open(f"{registry.url}/v2/", timeout=10) as response:
-        assert response.status == 200
+    _control_request(http_proxy, registry)
     assert _through(http_proxy, registry) == [("GET", "/v2/")]
+
+
+# --- an https registry whose CA the node trusts only through its hosts.toml: HTTPS_PROXY
+# and CONNECT tunnels, from the real agent and containerd
+
+
+def _connects(proxy: HttpProxy, registry: RegistryServer) -> list[ProxiedRequest]:
+    """Every request the proxy was asked for the registry's address."""
+    return [r for r in proxy.requests() if r.authority == registry.host]
+
+
+async def _publish_https(
+    tmp_path: Path, registry: RegistryServer, built: BuiltImage
+) -> tuple[Path, str]:
+    """A hosts dir in which the node trusts ``registry``'s CA (and nowhere else), and the
+    reference of ``built`` with its index-only form, published there through it."""
+    hosts = tmp_path / "certs.d"
+    write_https_hosts(hosts, registry)
+    return hosts, await _publish(hosts, built, registry)
+
+
+async def test_a_lazy_start_from_an_https_registry_goes_through_connect_tunnels(
+    tls_registry: RegistryServer,
+    built_features: Any,
+    containerd: ContainerdServer,
+    containerd_factory: Any,
+    http_proxy: HttpProxy,
+    tmp_path: Path,
+) -> None:
+    hosts, reference = await _publish_https(tmp_path, tls_registry, built_features)
+    top = image_chain_id(built_features.config_bytes)
+    expected = await asyncio.to_thread(
+        _reference_tree,
+        containerd,
+        reference,
+        top,
+        tmp_path / "reference",
+        "--hosts-dir",
+        str(hosts),
+    )
+    # containerd gets a proxy of its own, so that each proxy's log speaks for one process.
+    with running(_new_proxy(tmp_path / "containerd-proxy")) as containerd_proxy:
+        node = _node(
+            tmp_path,
+            tls_registry,
+            containerd_factory,
+            _node_env(http_proxy),
+            hosts=hosts,
+            containerd_env=_node_env(containerd_proxy),
+        )
+        with node as (agent, lazy):
+            since = len(tls_registry.requests())
+            actual = await asyncio.to_thread(_lazy_tree, lazy, reference, top, tmp_path / "lazy")
+            assert tree_differences(expected, actual) == []
+            assert agent.metric("acceld_fallbacks_total") == 0
+            assert agent.metric("acceld_range_requests_total") > 0
+        by_containerd = _connects(containerd_proxy, tls_registry)
+    by_agent = _connects(http_proxy, tls_registry)
+    # The agent's range reads and containerd's manifest reads each went through a
+    # CONNECT tunnel to the registry's address, and only that way: nothing was sent to
+    # either proxy as a plain request.
+    assert len(by_agent) > 0
+    assert len(by_containerd) > 0
+    assert {r.method for r in by_agent + by_containerd} == {"CONNECT"}
+    ranged = [
+        r
+        for r in tls_registry.requests()[since:]
+        if r.status == 206 and r.user_agent.startswith("acceld")
+    ]
+    assert ranged, "the layers were not read by range over HTTPS"
+
+
+async def test_no_proxy_naming_the_https_registry_bypasses_the_proxy(
+    tls_registry: RegistryServer,
+    built_busybox: Any,
+    containerd_factory: Any,
+    http_proxy: HttpProxy,
+    tmp_path: Path,
+) -> None:
+    hosts, reference = await _publish_https(tmp_path, tls_registry, built_busybox)
+    env = _node_env(http_proxy, no_proxy=tls_registry.bind_host)
+    with _node(tmp_path, tls_registry, containerd_factory, env, hosts=hosts) as (agent, lazy):
+        assert await asyncio.to_thread(_run_busybox, lazy, reference) == "hello from acceld"
+        assert agent.metric("acceld_fallbacks_total") == 0
+        assert agent.metric("acceld_range_requests_total") > 0
+        assert '"event": "registry.proxy"' in agent.log_path.read_text()
+    assert _connects(http_proxy, tls_registry) == []
+    # The proxy was there and logging all along: one tunnel asked of it shows.
+    _control_request(http_proxy, tls_registry)
+    assert [r.method for r in _connects(http_proxy, tls_registry)] == ["CONNECT"]
 
 
 # --- https through CONNECT tunnels, token realms and redirects, in a throwaway network

@@ -49,6 +49,17 @@ app.kubernetes.io/component: webhook
       {{- end }}
 {{- end -}}
 
+{{- /* HTTP_PROXY / HTTPS_PROXY / NO_PROXY from proxy.*, each only when set: upper-case,
+the names containerd reads, so registry traffic goes the way the node's does. */ -}}
+{{- define "acceld.proxyEnv" -}}
+{{- range $name, $key := dict "HTTP_PROXY" "httpProxy" "HTTPS_PROXY" "httpsProxy" "NO_PROXY" "noProxy" }}
+{{- with index $.Values.proxy $key }}
+- name: {{ $name }}
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "acceld.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
