@@ -1,6 +1,5 @@
-"""Read-ahead after a miss: near neighbours always, the full budget only while a layer's
-misses run in blob order (agent/fs/read_ahead.py), on a real eStargz layer made by the
-converter."""
+"""Read-ahead after a miss only while a layer's misses run in blob order
+(agent/fs/read_ahead.py), on a real eStargz layer made by the converter."""
 
 from __future__ import annotations
 
@@ -24,9 +23,8 @@ def test_misses_read_ahead_only_once_they_follow_one_another() -> None:
     members = layer.all_chunks()
     assert len(members) >= 16
     budget = ReadAheadBudget(sum(m.fetch_length for m in members[9:12]), 1 << 40)
-    nothing = ReadAheadBudget(0, 0)
-    ahead = SequentialReadAhead(layer, budget, nothing)
-    # A first miss, then one elsewhere: no order yet, only neighbours (none here).
+    ahead = SequentialReadAhead(layer, budget)
+    # A first miss, then one elsewhere: no order yet, nothing fetched ahead.
     assert ahead.after_miss(members[3]) == []
     assert ahead.after_miss(members[7]) == []
     # The chunk right after the last miss: the order shows, what follows comes along.
@@ -42,17 +40,5 @@ def test_misses_read_ahead_only_once_they_follow_one_another() -> None:
     assert ahead.after_miss(members[2]) == []
     assert ahead.after_miss(members[5]) == []
     # Each layer keeps its own order.
-    other = SequentialReadAhead(layer, budget, nothing)
+    other = SequentialReadAhead(layer, budget)
     assert other.after_miss(members[6]) == []
-
-
-def test_a_miss_out_of_order_still_brings_its_near_neighbours() -> None:
-    layer = _layer()
-    members = layer.all_chunks()
-    neighbours = ReadAheadBudget(members[4].fetch_length, 1 << 40)
-    full = ReadAheadBudget(1 << 20, 1 << 40)
-    ahead = SequentialReadAhead(layer, full, neighbours)
-    assert ahead.after_miss(members[3]) == [members[4]]
-    # The neighbour was foreseen; the one after it is in order and gets the full budget.
-    assert ahead.after_miss(members[4]) == []
-    assert ahead.after_miss(members[5]) == layer.chunks_after(members[5], full)

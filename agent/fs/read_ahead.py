@@ -1,16 +1,13 @@
-"""Which chunks to fetch ahead of a read miss: the near neighbours always, more only
-while a layer's misses run in order.
+"""Which chunks to fetch ahead of a read miss: only while a layer's misses run in order.
 
 A start often reads the files of one directory one after another, and they sit next to
 each other in the layer, so fetching the chunks after a miss turns one round trip per
 file into one per group. But as often it reads here and there (a Python start imports
-modules from all over site-packages), and then a full read-ahead after every miss is
-mostly bytes nobody reads, sharing the link with the reads that wait (and with the
-other containers starting on the node). So every miss brings its near neighbours (a
-small budget: the next few small-file members, never a whole index-only span), and, as
-the kernel does within a file, the full budget only once a layer's misses show an
-order: a miss at the chunk right after the previous miss, or after what was fetched
-ahead of it.
+modules from all over site-packages), and then the chunks fetched ahead of every miss
+are bytes nobody reads, which share the link with the reads that wait. So, as the
+kernel does within a file, the agent reads ahead only once a layer's misses show an
+order: a miss at the chunk right after the previous miss (or after what was fetched
+ahead of it) reads ahead; a miss anywhere else does not.
 """
 
 from __future__ import annotations
@@ -18,20 +15,13 @@ from __future__ import annotations
 from agent.layers.lazy_layer import LazyLayer, ReadAheadBudget
 from fetcher.chunks import ChunkSpec
 
-NEIGHBOURS = ReadAheadBudget(fetch_bytes=256 << 10, decoded_bytes=1 << 20)
-"""What any miss fetches ahead: sibling files' members, not a whole span."""
-
 
 class SequentialReadAhead:
     """Per mounted layer: what to fetch ahead of each read miss. Use within one loop."""
 
-    def __init__(
-        self, layer: LazyLayer, budget: ReadAheadBudget, neighbours: ReadAheadBudget = NEIGHBOURS
-    ) -> None:
-        """``budget`` is what a miss in order fetches ahead, ``neighbours`` any other."""
+    def __init__(self, layer: LazyLayer, budget: ReadAheadBudget) -> None:
         self._layer = layer
         self._budget = budget
-        self._neighbours = neighbours
         self._last: ChunkSpec | None = None
         """The chunk the last miss ended at, or the last one fetched ahead of it."""
         self._ahead: frozenset[str] = frozenset()
@@ -39,12 +29,10 @@ class SequentialReadAhead:
         as a miss, and is in order (it was foreseen), not a new start."""
 
     def after_miss(self, missed: ChunkSpec) -> list[ChunkSpec]:
-        """The chunks to fetch ahead of ``missed``: its neighbours, or the whole budget's
-        worth if it follows the last."""
+        """The chunks to fetch ahead of ``missed`` (none unless it follows the last)."""
         if missed.key in self._ahead:
             return []
-        budget = self._budget if self._follows(missed) else self._neighbours
-        ahead = self._layer.chunks_after(missed, budget)
+        ahead = self._layer.chunks_after(missed, self._budget) if self._follows(missed) else []
         self._last = ahead[-1] if ahead else missed
         self._ahead = frozenset(chunk.key for chunk in ahead)
         return ahead
