@@ -21,7 +21,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import pyfuse3
@@ -29,7 +29,6 @@ import pyfuse3
 from agent import metrics
 from agent.fs.in_flight import InFlightRequests
 from agent.fs.inode_slots import InodeSlots
-from agent.fs.read_ahead import SequentialReadAhead
 from agent.layers.distrust import DistrustedMetadata
 from agent.layers.lazy_layer import ChunkSlice, LazyLayer, ReadAheadBudget
 from common.gc_pause import gc_paused
@@ -45,8 +44,10 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 IMMUTABLE_TIMEOUT = 86400.0
+# After a read misses, the chunks that follow it in the blob are fetched too, in the
+# background: a start reads files of one directory one after another, and these sit
+# next to each other in the layer, so one round trip per file becomes one per group.
 READ_AHEAD = ReadAheadBudget(fetch_bytes=1 << 20, decoded_bytes=4 << 20)
-"""How much a miss that follows the previous one fetches ahead (agent/fs/read_ahead.py)."""
 ROOT_TIMEOUT = 1.0
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
@@ -70,10 +71,6 @@ class MountedLayer:
     tree: LayerTree
     mounted_at: float
     first_byte_seen: bool = False
-    read_ahead: SequentialReadAhead = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.read_ahead = SequentialReadAhead(self.layer, READ_AHEAD)
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -333,7 +330,9 @@ class LayerFS(pyfuse3.Operations):
         """The bytes of every slice of ``plan`` (EIO if a fetch fails)."""
         layer = mounted.layer
         try:
-            return await self.reader.read(layer.blob, plan, mounted.read_ahead.after_miss)
+            return await self.reader.read(
+                layer.blob, plan, lambda missed: layer.chunks_after(missed, READ_AHEAD)
+            )
         except (ChunkFetchError, RegistryError, ValueError, OSError) as exc:
             log.error(
                 "fs.read_failed",
