@@ -27,11 +27,8 @@ class ReadAheadBudget:
     decoded_bytes: int
 
     def take(self, following: Iterable[ChunkSpec]) -> list[ChunkSpec]:
-        """The leading chunks that fit both budgets.
-
-        Index-only spans (about 1.4 MB of blob, 4 MiB inflated) never fit: reading the
-        next span ahead on every miss fetches a span per scattered read that the start
-        never needs, which costs more link time than it saves."""
+        """The leading chunks that fit both budgets (with 1 MiB index-only spans, the
+        next span or two fit: a miss reads ahead in both forms)."""
         taken: list[ChunkSpec] = []
         fetched = decoded = 0
         for spec in following:
