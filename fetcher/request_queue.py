@@ -6,7 +6,7 @@ batches (a lead and the neighbours one Range GET should fetch with it, see
 fetcher/coalesce.py). Background fill starts only once no demand or prefetch request
 has run for a moment, in small requests, so a starting container finds the link, a
 connection and the CPUs free; the cache's write-behind asks the same question before
-it fsyncs (``quiet_wait``).
+it fsyncs (``until_quiet``).
 """
 
 from __future__ import annotations
@@ -204,6 +204,16 @@ class RequestQueues:
         if None in lefts or any(_urgent(queue.peek()) for queue in queues):
             return max(self._fill_idle, 0.05)
         return max((left for left in lefts if left is not None), default=0.0)
+
+    async def until_quiet(self) -> None:
+        """Until ``quiet_wait`` says quiet: what work outside the queues waits for (the
+        cache's write-behind, a fill audit's blob stream)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self.quiet_wait(loop.time())
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)  # an estimate while urgent work runs: ask again
 
     def cancel_wakes(self) -> None:
         """Drop pending fill timers (the fetcher closes)."""

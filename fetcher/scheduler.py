@@ -164,22 +164,14 @@ class ChunkFetcher:
         started = time.monotonic()
         received = 0
         try:
-            await self._until_quiet()
+            await self._queues.until_quiet()
             async for data in self._client.iter_blob(blob.ref, blob.digest):
                 received += len(data)
                 self.stats.stream_received(Priority.BACKGROUND, len(data))
                 yield data
-                await self._until_quiet()
+                await self._queues.until_quiet()
         finally:
             self.stats.stream_ended(Priority.BACKGROUND, received, time.monotonic() - started)
-
-    async def _until_quiet(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            wait = self._queues.quiet_wait(loop.time())
-            if wait <= 0:
-                return
-            await asyncio.sleep(wait)  # an estimate while urgent work runs: ask again
 
     async def wait_idle(self) -> None:
         """Until nothing is queued, in flight or waiting to be written to the cache."""

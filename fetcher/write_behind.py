@@ -34,8 +34,8 @@ Chunks = list[tuple[str, bytes]]
 class Link(Protocol):
     """When fetching has paused long enough for writes not to get in a start's way."""
 
-    def quiet_wait(self, now: float) -> float:
-        """Seconds to wait before it is quiet (zero or less: quiet now)."""
+    async def until_quiet(self) -> None:
+        """Return once it is quiet."""
 
 
 class WriteBehindCache:
@@ -116,12 +116,8 @@ class WriteBehindCache:
         await asyncio.to_thread(self._writer.shutdown, wait=True, cancel_futures=True)
 
     async def _write_held_when_quiet(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._held:
-            wait = self._link.quiet_wait(loop.time())
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
+            await self._link.until_quiet()
             await self._write_held()
 
     async def _write_held(self) -> None:
