@@ -223,7 +223,7 @@ class StartupRecorder:
                 tracer.collect,
                 quiet_s=self.settings.quiet_s,
                 deadline_s=self.settings.deadline_s,
-                active_at=window.last_event_ns / 1e9,
+                activity=lambda: window.last_event_ns / 1e9,
             )
         finally:
             tracer.remove_target(mntns_id=mntns)

@@ -26,9 +26,9 @@ from profiles.format import Profile
 log = get_logger(__name__)
 
 PROFILE_SUFFIX = "+profile"
-PROFILE_WAIT_S = 120.0
-"""Longest wait for a recorded start's profile to show up in the registry: the agent's
-trace window (quiet period, or its 60 s deadline) plus its publish settle time."""
+PROFILE_SETTLE_S = 60.0
+"""How long after its trace window may close a recorded start's profile may take to
+show up in the registry (the window's quiet period, the merge and the push)."""
 
 ProgressCallback = Callable[[str], None]
 """Told the label of each step as it begins (``bench_command`` shows it with rich)."""
@@ -148,7 +148,10 @@ def _recorded_start(
         run = timed_lazy_start(setup, node, reference, mode, start)
         try:
             profile = asyncio.run(
-                wait_for_profile(setup.registry_host, reference, start, PROFILE_WAIT_S)
+                # The window closes by the bench's timeout at the latest (lazy_node).
+                wait_for_profile(
+                    setup.registry_host, reference, start, setup.timeout + PROFILE_SETTLE_S
+                )
             )
         except LearnError:
             log.error("bench.learn_failed", agent_log=str(node[0].log_path))

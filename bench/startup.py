@@ -345,6 +345,11 @@ def lazy_node(
         "record_profiles": record_profiles,
         "background_fill": setup.background_fill,
     }
+    if record_profiles:
+        # A recording must cover the whole start however long it takes here (a start
+        # with read-ahead off on a big image outlasts the agent's default window);
+        # a window cut at the deadline teaches nothing.
+        settings["trace_deadline_s"] = setup.timeout
     if read_ahead_kib is not None:
         settings["read_ahead_kib"] = read_ahead_kib
     with (

@@ -312,6 +312,24 @@ def test_deadline_ends_a_window_with_no_activity(tracer: Tracer) -> None:
     assert 0.5 <= took < 1.5
 
 
+def test_activity_only_the_caller_sees_keeps_a_window_open(tracer: Tracer) -> None:
+    """A program faulting in a mapped library makes no system call for as long as that
+    takes: the reads it makes through FUSE, which only the caller sees, must keep the
+    window open (a window closed on syscalls alone cut python-torch's start short)."""
+    tracer.add_target(mntns_id=1)  # no namespace has inode number 1: no events at all
+    started = time.monotonic()
+    busy_until = started + 1.5
+    trace = tracer.collect(
+        quiet_s=0.5, deadline_s=10, activity=lambda: min(time.monotonic(), busy_until)
+    )
+    took = time.monotonic() - started
+    tracer.remove_target(mntns_id=1)
+    assert trace.ended_by == "quiet"
+    assert trace.events == []
+    # Not before the caller's last activity plus the quiet period.
+    assert 2.0 <= took < 4.0
+
+
 @pytest.mark.parametrize(
     ("script", "status"),
     [

@@ -207,7 +207,7 @@ class Tracer:
         *,
         quiet_s: float = 1.0,
         deadline_s: float = 30.0,
-        active_at: float | None = None,
+        activity: Callable[[], float | None] | None = None,
         stop: Callable[[], bool] | None = None,
     ) -> Trace:
         """Gather one startup window.
@@ -215,17 +215,25 @@ class Tracer:
         It ends `quiet_s` after the last event (the container has settled), or at
         `deadline_s` after the call. Before the first event only the deadline counts,
         so a container that is slow to start is still waited for, unless the caller saw
-        activity itself (`active_at`, time.monotonic() seconds): a start that ran while
-        the program was still loading must not be waited for until the deadline.
+        activity itself: ``activity`` returns when it last did (time.monotonic()
+        seconds, None for never), and is asked again each time the window could close.
+        A program faulting in a mapped library makes no system call for as long as that
+        takes; the reads that reach FUSE then are the only sign it is still starting,
+        and without them a slow link would end the window mid-start. Likewise a start
+        that ran while the program was still loading is not waited for until the
+        deadline.
         With ``stop`` the window ends when it returns True (checked at least every
         100 ms) or at the deadline, never on a quiet period: a start that says itself
         when it is complete (a readiness line) may well pause before it says so.
         """
         start = time.monotonic()
-        last_event: float | None = active_at
+        last_event: float | None = None
         ended_by: EndedBy = "deadline"
         while True:
             now = time.monotonic()
+            seen = activity() if activity is not None else None
+            if seen is not None and (last_event is None or seen > last_event):
+                last_event = seen
             if stop is not None and stop():
                 # Everything queued up to now belongs to this window. Read the ring
                 # directly: its wake-up comes later (irq_work), so a poll can find it
