@@ -27,8 +27,8 @@ log = get_logger(__name__)
 
 PROFILE_SUFFIX = "+profile"
 PROFILE_SETTLE_S = 60.0
-"""How long after its trace window may close a recorded start's profile may take to
-show up in the registry (the window's quiet period, the merge and the push)."""
+"""Time for a recorded start's profile to reach the registry once its trace window
+closes at the latest (the window's quiet period, the merge and the push)."""
 
 ProgressCallback = Callable[[str], None]
 """Told the label of each step as it begins (``bench_command`` shows it with rich)."""
