@@ -27,6 +27,8 @@ from rig.agent_process import AgentProcess
 from rig.chaos import CheckableImage, checkable_image
 from rig.containerd import ACCELD_SNAPSHOTTER, CRI_NAMESPACE
 from rig.images import build_image, push_image
+from rig.ports import free_port
+from rig.registry import RegistryServer
 
 ROUNDS = 1000
 """md5sum passes of the container over its four files."""
@@ -197,3 +199,64 @@ async def test_without_an_agent_readers_get_eio_after_the_grace_period(
         assert not is_mounted(agent.mountpoint)
     finally:
         agent.stop()
+
+
+def _until_containerd_reaches_the_agent(containerd, timeout: float = 30.0) -> None:
+    """containerd redials a restarted proxy snapshotter after a backoff of its own."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = containerd.ctr(
+            "snapshots",
+            "--snapshotter",
+            ACCELD_SNAPSHOTTER,
+            "ls",
+            namespace=CRI_NAMESPACE,
+            check=False,
+        )
+        if listed.returncode == 0 or time.monotonic() > deadline:
+            assert listed.returncode == 0, listed.stderr
+            return
+        time.sleep(0.2)
+
+
+async def test_layers_not_restored_while_the_registry_was_down_come_back_when_it_does(
+    tmp_path, containerd_factory
+):
+    """The agent restarts while the registry is down, so it cannot serve the pulled
+    image's lazy layers again. A container of the image then fails with the reason
+    (not containerd's bare "no such file or directory"); once the registry is back,
+    the next container starts with the image's bytes, with no new pull."""
+    with RegistryServer(tmp_path / "registry", port=free_port()) as registry:
+        image, reference = await _publish(registry, tmp_path)
+        agent = _agent(tmp_path).start()
+        containerd = containerd_factory(snapshotter=ACCELD_SNAPSHOTTER, acceld_socket=agent.socket)
+        try:
+            await asyncio.to_thread(containerd.cri_pull_image, reference)
+            agent.stop()
+            registry.stop()
+            agent = await asyncio.to_thread(_agent(tmp_path).start)
+            await asyncio.to_thread(_until_containerd_reaches_the_agent, containerd)
+            refused = await asyncio.to_thread(
+                containerd.run_container,
+                reference,
+                f"down-{uuid.uuid4().hex[:8]}",
+                snapshotter=ACCELD_SNAPSHOTTER,
+                namespace=CRI_NAMESPACE,
+                check=False,
+            )
+            assert refused.returncode != 0
+            assert "is not served: the agent could not serve it again" in refused.stderr
+            registry.start()
+            run = await asyncio.to_thread(
+                containerd.run_container,
+                reference,
+                f"back-{uuid.uuid4().hex[:8]}",
+                "md5sum",
+                *sorted(image.expected),
+                snapshotter=ACCELD_SNAPSHOTTER,
+                namespace=CRI_NAMESPACE,
+            )
+        finally:
+            agent.stop()
+    assert dict(_sums(run.stdout)) == image.expected
+    assert "snapshotter.remote_restored" in agent.log_tail(400)

@@ -21,6 +21,7 @@ import pytest
 from google.protobuf import empty_pb2, field_mask_pb2
 from google.protobuf.message import Message
 
+from agent.snapshotter import snapshotter as snapshotter_module
 from agent.snapshotter.proto import mount_pb2
 from agent.snapshotter.proto import snapshots_pb2 as pb
 from agent.snapshotter.remote import REMOTE_REF_LABEL, NoRemoteLayers, RemoteLayers
@@ -124,6 +125,7 @@ class DirectoryLayers:
     serve: bool = True
     fail: bool = False
     fail_release: bool = False
+    restorable: bool = True
     prepared: list[str] = field(default_factory=list)
     released: list[Path] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
@@ -152,7 +154,7 @@ class DirectoryLayers:
 
     async def restore_layer(self, labels: dict[str, str]) -> Path | None:
         self.restored.append(labels[REMOTE_REF_LABEL])
-        return self._tree(labels)
+        return self._tree(labels) if self.restorable else None
 
     def layer_usage(self, path: Path) -> tuple[int, int]:
         return 4096 * 3, 3
@@ -614,6 +616,64 @@ async def test_restart_restores_remote_layers_before_serving(
     await client.prepare("ns/2/container", "sha256:r")
     (mount,) = await client.view("ns/3/view", "sha256:r")
     assert mount.source == str(layers.top / "gen1" / "sha256-r")
+
+
+async def test_a_layer_not_restored_after_a_restart_is_retried_when_a_snapshot_needs_it(
+    harness: Harness, layers: DirectoryLayers
+) -> None:
+    """The registry was unreachable while the agent restarted: a snapshot on the layer
+    is refused by name (UNAVAILABLE), and nothing is left behind; once the hook can
+    serve it again, the next Prepare, View and Mounts work on the layer's new path."""
+    await expect_code(
+        grpc.StatusCode.ALREADY_EXISTS,
+        harness.client.prepare_labelled("ns/1/x", "", remote_labels("sha256:r")),
+    )
+    (mount,) = await harness.client.prepare("ns/2/before", "sha256:r")
+    layers.generation, layers.restorable = 1, False
+    client = await harness.restart()
+
+    for refused in (
+        client.prepare("ns/3/container", "sha256:r"),
+        client.view("ns/4/view", "sha256:r"),
+        client.mounts("ns/2/before"),
+    ):
+        details = await expect_code(grpc.StatusCode.UNAVAILABLE, refused)
+        assert "layer sha256:r is not served" in details
+    assert sorted(i.name for i in await client.list()) == ["ns/2/before", "sha256:r"]
+    assert layers.restored == ["sha256:r"] * 4  # the restart, then each refused call
+
+    layers.restorable = True
+    served = str(layers.top / "gen1" / "sha256-r")
+    (view,) = await client.view("ns/4/view", "sha256:r")
+    assert view.source == served
+    (again,) = await client.mounts("ns/2/before")
+    assert f"lowerdir={served}" in again.options
+    await client.prepare("ns/3/container", "sha256:r")
+    assert layers.restored == ["sha256:r"] * 5  # served from then on: asked once more
+    assert mount.options != again.options
+
+
+async def test_a_layer_not_restored_after_a_restart_comes_back_unasked(
+    harness: Harness, layers: DirectoryLayers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running containers read a layer through nodes the kernel kept, with no Prepare
+    to trigger a retry: the layer is tried again in the background until it is back."""
+    monkeypatch.setattr(snapshotter_module, "RETRY_UNSERVED_S", 0.05)
+    await expect_code(
+        grpc.StatusCode.ALREADY_EXISTS,
+        harness.client.prepare_labelled("ns/1/x", "", remote_labels("sha256:r")),
+    )
+    layers.generation, layers.restorable = 1, False
+    client = await harness.restart()
+    await asyncio.sleep(0.3)
+    tries = len(layers.restored)
+    assert tries >= 3  # the restart's, then the background's
+    layers.restorable = True
+    await asyncio.sleep(0.3)
+    assert len(layers.restored) == tries + 1  # back, and then left alone
+    (view,) = await client.view("ns/2/view", "sha256:r")
+    assert view.source == str(layers.top / "gen1" / "sha256-r")
+    assert len(layers.restored) == tries + 1
 
 
 async def test_without_remote_layers_every_layer_is_local(short_dir: Path) -> None:

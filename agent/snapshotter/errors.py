@@ -39,3 +39,9 @@ class FailedPreconditionError(SnapshotError):
     """The snapshot exists but is of the wrong kind or still has children."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class UnavailableError(SnapshotError):
+    """A remote layer under the snapshot is not served now (not restored after a restart)."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -236,6 +236,13 @@ class Metastore:
         ).fetchone()[0]
         return Snapshot(found.id, found.info.kind, self._chain(parent_id))
 
+    def layers_of(self, name: str) -> tuple[Layer, ...]:
+        """The committed snapshot ``name`` and its ancestors: what a snapshot on it
+        would mount ("" has none)."""
+        if not name:
+            return ()
+        return self._chain(self.record(name).id)
+
     def commit_active(
         self, key: str, name: str, labels: dict[str, str], usage: tuple[int, int]
     ) -> Record:

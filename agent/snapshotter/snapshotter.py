@@ -10,6 +10,7 @@ removed snapshot's id is never reused, so nothing can race with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -17,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from agent.snapshotter.errors import AlreadyExistsError, InvalidArgumentError
+from agent.snapshotter.errors import AlreadyExistsError, InvalidArgumentError, UnavailableError
 from agent.snapshotter.filters import parse_filters
-from agent.snapshotter.metastore import Info, Kind, Metastore, validate_labels
+from agent.snapshotter.metastore import Info, Kind, Layer, Metastore, Record, validate_labels
 from agent.snapshotter.overlay import (
     Mount,
     SnapshotDirs,
@@ -33,6 +34,11 @@ from common.logging import get_logger
 log = get_logger(__name__)
 
 T = TypeVar("T")
+
+RESTORE_CONCURRENCY = 8
+"""Remote layers restored at once after a restart."""
+RETRY_UNSERVED_S = 30.0
+"""How often layers not restored after a restart are tried again in the background."""
 
 
 class Snapshotter:
@@ -50,9 +56,18 @@ class Snapshotter:
         self._ref_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._unserved: dict[int, Record] = {}
+        """Remote snapshots the hook could not serve again after a restart (say, their
+        registry was unreachable then), by id: retried whenever a mount needs one."""
+        self._restoring = asyncio.Lock()
+        self._retrying: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
         """Finish pending metadata work and close the database."""
+        if self._retrying is not None:
+            self._retrying.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retrying
         await self._in_db_thread(self._store.close)
         self._db_thread.shutdown()
 
@@ -66,15 +81,19 @@ class Snapshotter:
         ref = labels.get(REMOTE_REF_LABEL)
         if ref:
             await self._commit_remote_if_served(key, parent, labels, ref)
+        await self._serve_parents(parent)
         return await self._in_db_thread(self._create, Kind.ACTIVE, key, parent, labels)
 
     async def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         """A read-only snapshot of ``parent``."""
+        await self._serve_parents(parent)
         return await self._in_db_thread(self._create, Kind.VIEW, key, parent, labels)
 
     async def mounts(self, key: str) -> list[Mount]:
         """The mounts of an active snapshot or view, again."""
         snapshot = await self._in_db_thread(self._store.snapshot, key)
+        if await self._serve_again(snapshot.parents):
+            snapshot = await self._in_db_thread(self._store.snapshot, key)  # paths moved
         return mounts(snapshot, self.dirs, self._index_off)
 
     async def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
@@ -89,6 +108,7 @@ class Snapshotter:
         """
         removed = await self._in_db_thread(self._transaction, self._store.remove, key)
         log.info("snapshotter.removed", key=key, id=removed.id, remote=removed.remote)
+        self._unserved.pop(removed.id, None)
         if removed.remote_path is None:
             await asyncio.to_thread(
                 shutil.rmtree, self.dirs.snapshot_dir(removed.id), ignore_errors=True
@@ -142,25 +162,77 @@ class Snapshotter:
         """After a restart: have the hook serve every committed remote snapshot again.
 
         A layer the hook cannot serve keeps its record: containerd still references it
-        and decides what to do with its images; mounting it fails loudly meanwhile.
+        and decides what to do with its images. It is retried in the background, and
+        whenever a snapshot on it is prepared or mounted (refused with UNAVAILABLE while
+        it still fails).
         """
         records = await self._in_db_thread(self._store.records)
-        for record in records:
-            if record.remote_path is None:
-                continue
-            try:
-                path = await self.remote.restore_layer(record.info.labels)
-            except Exception:
-                log.exception("snapshotter.remote_restore_failed", name=record.info.name)
-                continue
+        # Side by side: containerd cannot reach the snapshotter until this is done, and
+        # a layer whose registry is down takes its retries' worth of seconds to fail.
+        turns = asyncio.Semaphore(RESTORE_CONCURRENCY)
+
+        async def restore(record: Record) -> None:
+            async with turns:
+                await self._restore(record)
+
+        await asyncio.gather(*(restore(r) for r in records if r.remote_path is not None))
+        if self._unserved:
+            self._retrying = asyncio.get_running_loop().create_task(self._retry_unserved())
+
+    async def _retry_unserved(self) -> None:
+        """Try the layers the restart left unserved again until all are back: running
+        containers read them through nodes the kernel kept, with no Prepare to ask."""
+        while self._unserved:
+            await asyncio.sleep(RETRY_UNSERVED_S)
+            async with self._restoring:
+                for record in list(self._unserved.values()):
+                    if record.id in self._unserved:  # not removed meanwhile
+                        await self._restore(record)
+
+    async def _restore(self, record: Record) -> bool:
+        """Ask the hook to serve ``record``'s layer again; False (and kept for a later
+        try) when it cannot."""
+        try:
+            path = await self.remote.restore_layer(record.info.labels)
+        except Exception:
+            log.exception("snapshotter.remote_restore_failed", name=record.info.name)
+            path = None
+        else:
             if path is None:
                 log.error("snapshotter.remote_unavailable", name=record.info.name)
-                continue
-            if path != record.remote_path:
-                await self._in_db_thread(
-                    self._transaction, self._store.set_remote_path, record.id, path
-                )
-            log.info("snapshotter.remote_restored", name=record.info.name, path=str(path))
+        if path is None:
+            self._unserved[record.id] = record
+            return False
+        self._unserved.pop(record.id, None)
+        if path != record.remote_path:
+            await self._in_db_thread(
+                self._transaction, self._store.set_remote_path, record.id, path
+            )
+        log.info("snapshotter.remote_restored", name=record.info.name, path=str(path))
+        return True
+
+    async def _serve_parents(self, parent: str) -> None:
+        """Before a snapshot is stacked on ``parent``: its remote layers are served."""
+        if self._unserved:
+            await self._serve_again(await self._in_db_thread(self._store.layers_of, parent))
+
+    async def _serve_again(self, layers: tuple[Layer, ...]) -> bool:
+        """Retry the layers among ``layers`` that were not served after the restart;
+        True if any was. Handing out their mounts would fail in containerd with a bare
+        "no such file or directory", so one that still fails is refused by name."""
+        if not any(layer.id in self._unserved for layer in layers):
+            return False
+        async with self._restoring:  # one hook call per layer, however many ask
+            for layer in layers:
+                record = self._unserved.get(layer.id)
+                if record is not None and not await self._restore(record):
+                    raise UnavailableError(
+                        f"layer {record.info.name} is not served: the agent could not serve"
+                        " it again after it restarted (its registry unreachable, or the"
+                        " image gone; see snapshotter.remote_unavailable in its log). It is"
+                        " retried each time a container needs it."
+                    )
+        return True
 
     async def _commit_remote_if_served(
         self, key: str, parent: str, labels: dict[str, str], ref: str
