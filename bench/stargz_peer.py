@@ -257,4 +257,5 @@ def run_peer(setup: Setup, mode: str, repetition: int, run_dir: Path) -> RunResu
         agent_stats=dict(
             zip(("agent_user_seconds", "agent_system_seconds"), start.daemon_cpu, strict=True)
         ),
+        steal_seconds=start.steal_seconds,
     )

@@ -226,6 +226,8 @@ class SuiteRow:
     """Median user + system CPU of the agent over the start (lazy modes)."""
     over_fetch_mb: dict[str, float] | None = None
     """Median MB before readiness per cause (bench/overfetch.py; lazy modes)."""
+    steal_seconds: float | None = None
+    """Median seconds the host took from this machine's vCPUs during a start."""
 
 
 @dataclass
@@ -428,6 +430,7 @@ def _row(
     limit = compressed_limit(outcome, summary.mode, rate_mbit)
     cost = outcome.cost(summary.mode)
     cpu, causes = _mode_figures(outcome, summary.mode)
+    runs = [r for r in outcome.runs if r.mode == summary.mode]
     return SuiteRow(
         outcome.name,
         summary.mode,
@@ -445,6 +448,7 @@ def _row(
         None if old_limit is None else summary.ready_seconds / old_limit,
         cpu,
         causes,
+        statistics.median(r.steal_seconds for r in runs) if runs else None,
     )
 
 
@@ -501,7 +505,9 @@ def summary_line(rows: Sequence[SuiteRow], images: int) -> str:
         + ", ".join(parts)
         + "; limit = local start + the compressed bytes holding what the app read"
         " / link bandwidth (first limit: those bytes uncompressed); agent CPU = the lazy"
-        " daemon's, from the pull's start to readiness" + _versus_peer(rows)
+        " daemon's, from the pull's start to readiness; host steal = CPU time the host"
+        " took from this virtual machine over a start (seconds of it slow a start for the"
+        " host's reasons)" + _versus_peer(rows)
     )
 
 
@@ -540,6 +546,7 @@ def suite_table(rows: Sequence[SuiteRow]) -> str:
         "MB read by app",
         "MB limit (compressed)",
         "agent CPU s",
+        "host steal s",
         "speedup vs full pull",
         "x first limit",
         "x limit",
@@ -556,6 +563,7 @@ def suite_table(rows: Sequence[SuiteRow]) -> str:
             _figure(r.mb_read_by_app, ".1f"),
             _figure(r.mb_limit, ".1f"),
             _figure(r.agent_cpu_seconds, ".2f"),
+            _figure(r.steal_seconds, ".2f"),
             f"{r.speedup:.1f}x",
             _figure(r.times_limit_old, ".2f", "x"),
             _figure(r.times_limit, ".2f", "x"),

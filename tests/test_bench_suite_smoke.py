@@ -83,6 +83,9 @@ def test_suite_runs_every_mode_and_writes_its_report(tmp_path: Path) -> None:
         parts = sum(v for k, v in causes.items() if k != "before_ready")
         assert parts == pytest.approx(causes["before_ready"]), causes
         assert rows[mode]["agent_cpu_seconds"] > 0, rows[mode]
+    for mode in MODES:
+        assert rows[mode]["steal_seconds"] >= 0, rows[mode]  # a number for every mode
+    assert all(run["steal_seconds"] >= 0 for run in image["runs"])
 
     table = path.with_suffix(".md").read_text()
     for mode in MODES:
