@@ -58,7 +58,8 @@ class Snapshotter:
         )
         self._unserved: dict[int, Record] = {}
         """Remote snapshots the hook could not serve again after a restart (say, their
-        registry was unreachable then), by id: retried whenever a mount needs one."""
+        registry was unreachable then), by id: retried in the background and whenever a
+        mount needs one."""
         self._restoring = asyncio.Lock()
         self._retrying: asyncio.Task[None] | None = None
 
