@@ -201,24 +201,6 @@ async def test_without_an_agent_readers_get_eio_after_the_grace_period(
         agent.stop()
 
 
-def _until_containerd_reaches_the_agent(containerd, timeout: float = 30.0) -> None:
-    """containerd redials a restarted proxy snapshotter after a backoff of its own."""
-    deadline = time.monotonic() + timeout
-    while True:
-        listed = containerd.ctr(
-            "snapshots",
-            "--snapshotter",
-            ACCELD_SNAPSHOTTER,
-            "ls",
-            namespace=CRI_NAMESPACE,
-            check=False,
-        )
-        if listed.returncode == 0 or time.monotonic() > deadline:
-            assert listed.returncode == 0, listed.stderr
-            return
-        time.sleep(0.2)
-
-
 async def test_layers_not_restored_while_the_registry_was_down_come_back_when_it_does(
     tmp_path, containerd_factory
 ):
@@ -235,7 +217,7 @@ async def test_layers_not_restored_while_the_registry_was_down_come_back_when_it
             agent.stop()
             registry.stop()
             agent = await asyncio.to_thread(_agent(tmp_path).start)
-            await asyncio.to_thread(_until_containerd_reaches_the_agent, containerd)
+            await asyncio.to_thread(containerd.wait_for_snapshotter)
             refused = await asyncio.to_thread(
                 containerd.run_container,
                 reference,
